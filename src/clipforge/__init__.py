@@ -1,0 +1,12 @@
+"""clipforge: CLIP models, checkpoint interop, training, evaluation and search in one tool."""
+from clipforge.checkpoint import get_tokenizer, load, save_pretrained
+from clipforge.data.transforms import EvalTransform, TrainTransform, image_transform
+from clipforge.model import CLIP, CLIPConfig, TextConfig, VisionConfig, create_model, get_model_config, list_models
+from clipforge.text import CLIPTokenizer, tokenize
+
+__version__ = "0.1.0"
+__all__ = [
+    "CLIP", "CLIPConfig", "CLIPTokenizer", "EvalTransform", "TextConfig", "TrainTransform", "VisionConfig",
+    "create_model", "get_model_config", "get_tokenizer", "image_transform", "list_models", "load",
+    "save_pretrained", "tokenize",
+]

@@ -1,0 +1,80 @@
+"""The CLIP model: image tower + causal text tower projected into one space, with a learned temperature."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.model.config import CLIPConfig
+from clipforge.model.resnet import ModifiedResNet
+from clipforge.model.transformer import Transformer, VisionTransformer
+
+
+class CLIP(nn.Module):
+    """CLIP with OpenAI's state-dict layout (visual.*, transformer.*, token_embedding, ...)."""
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        v, t = config.vision, config.text
+        self.visual: nn.Module = (
+            ModifiedResNet(v, config.embed_dim) if v.is_resnet else VisionTransformer(v, config.embed_dim)
+        )
+        self.context_length = t.context_length
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, t.quick_gelu, t.layer_norm_eps)
+        self.ln_final = nn.LayerNorm(t.width, eps=t.layer_norm_eps)
+        self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self._init_text()
+
+    def _init_text(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=self.config.text.width**-0.5)
+        self.transformer.init_weights()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights (inputs are cast to it)."""
+        return self.token_embedding.weight.dtype
+
+    @property
+    def image_size(self) -> int:
+        """Input resolution of the image tower."""
+        return self.config.vision.image_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute transformer blocks in backward to save activation memory."""
+        self.transformer.grad_checkpointing = enable
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.transformer.grad_checkpointing = enable
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Image embeddings [B, embed_dim] from normalised pixels [B, 3, H, W]."""
+        features = self.visual(pixels)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Text embeddings [B, embed_dim] from token ids [B, L], pooled at the EOT (highest id) token."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
+        eot = tokens.argmax(dim=-1)
+        # The mask is causal and pooling reads the EOT position, so positions after the longest
+        # EOT never influence the output: dropping them is exact and saves most of the compute.
+        length = int(eot.max()) + 1 if tokens.numel() else 0
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length].to(self.dtype)
+        x = self.transformer(x, causal=True)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        features = self.ln_final(x) @ self.text_projection
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_per_image, logits_per_text): scaled cosine similarities, as OpenAI's CLIP returns."""
+        image = self.encode_image(pixels, normalize=True)
+        text = self.encode_text(tokens, normalize=True)
+        logits_per_image = self.logit_scale.exp() * image @ text.t()
+        return logits_per_image, logits_per_image.t()

@@ -1,0 +1,127 @@
+"""Architecture configs (dataclasses) and the JSON registry of named architectures."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+_ARCH_PACKAGE = "clipforge.model"
+_ARCH_DIR = "architectures"
+
+
+@dataclass
+class VisionConfig:
+    """Image tower: a ViT when `layers` is an int, OpenAI's ModifiedResNet when it is 4 ints."""
+
+    image_size: int = 224
+    layers: int | tuple[int, int, int, int] = 12
+    width: int = 768
+    heads: int | None = None  # None: width // 64 (ViT) or width * 32 // 64 (ResNet), as OpenAI infers
+    patch_size: int = 32
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            self.layers = tuple(self.layers)
+        if self.is_resnet and len(self.layers) != 4:
+            raise ValueError(f"ResNet vision layers must be 4 ints, got {self.layers}")
+        if self.heads is None:
+            self.heads = self.width * 32 // 64 if self.is_resnet else max(1, self.width // 64)
+        if not self.is_resnet and self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def is_resnet(self) -> bool:
+        """True for the ModifiedResNet tower."""
+        return isinstance(self.layers, tuple)
+
+
+@dataclass
+class TextConfig:
+    """Causal text Transformer pooled at the EOT (highest id) token."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int | None = None  # None: width // 64
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.heads is None:
+            self.heads = max(1, self.width // 64)
+        if self.width % self.heads:
+            raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
+
+
+@dataclass
+class CLIPConfig:
+    """A whole CLIP: two towers projected into an `embed_dim` space."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float = 2.659260036932778  # ln(1/0.07)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        if isinstance(d["vision"]["layers"], tuple):
+            d["vision"]["layers"] = list(d["vision"]["layers"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+        """Build from `to_dict` output or a registry entry; unknown keys are an error."""
+        d = dict(d)
+        vision = _make(VisionConfig, d.pop("vision", {}), "vision")
+        text = _make(TextConfig, d.pop("text", {}), "text")
+        d.pop("name", None)
+        return _make(cls, {**d, "vision": vision, "text": text}, "top level")
+
+
+def _make(kind: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {where} config keys {sorted(unknown)}; known: {sorted(known)}")
+    return kind(**values)
+
+
+def apply_overrides(config: CLIPConfig, overrides: dict[str, Any]) -> CLIPConfig:
+    """Return a copy with overrides applied; keys are top-level names or 'vision.x' / 'text.x'."""
+    d = config.to_dict()
+    for key, value in overrides.items():
+        part, _, name = key.rpartition(".")
+        if part in ("vision", "text"):
+            d[part][name] = value
+        elif not part and key in ("vision", "text") and isinstance(value, dict):
+            d[key].update(value)
+        elif not part:
+            d[key] = value
+        else:
+            raise ValueError(f"bad override key {key!r}: use 'embed_dim', 'vision.width', 'text.layers', ...")
+    if "quick_gelu" in d:  # convenience: one switch for both towers
+        q = d.pop("quick_gelu")
+        d["vision"]["quick_gelu"] = d["text"]["quick_gelu"] = q
+    return CLIPConfig.from_dict(d)
+
+
+def list_models() -> list[str]:
+    """Names of the architectures in the JSON registry."""
+    files = resources.files(_ARCH_PACKAGE).joinpath(_ARCH_DIR).iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".json"))
+
+
+def get_model_config(name: str) -> CLIPConfig:
+    """Registry config by name; an unknown name lists the known ones."""
+    path = resources.files(_ARCH_PACKAGE).joinpath(_ARCH_DIR, f"{name}.json")
+    if not path.is_file():
+        raise ValueError(f"unknown model name {name!r}; known: {', '.join(list_models())}")
+    return CLIPConfig.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,138 @@
+"""Transformer blocks and the ViT image tower; parameter names follow OpenAI's CLIP layout."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from clipforge.model.config import VisionConfig
+
+
+class QuickGELU(nn.Module):
+    """OpenAI's sigmoid approximation of GELU, which their released weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(quick_gelu: bool) -> nn.Module:
+    """QuickGELU or exact GELU."""
+    return QuickGELU() if quick_gelu else nn.GELU()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection (nn.MultiheadAttention's names)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        batch, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward block."""
+
+    def __init__(self, width: int, hidden: int, quick_gelu: bool) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = activation(quick_gelu)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm attention + MLP block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool, eps: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks on batch-first [B, L, D] tensors."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool, eps: float) -> None:
+        super().__init__()
+        self.width = width
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, eps) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
+        return x
+
+    def init_weights(self) -> None:
+        """OpenAI's initialisation: residual output projections scaled down by depth."""
+        attn_std = self.width**-0.5
+        proj_std = attn_std * (2 * len(self.resblocks)) ** -0.5
+        fc_std = (2 * self.width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            for bias in (block.attn.in_proj_bias, block.attn.out_proj.bias, block.mlp.c_fc.bias, block.mlp.c_proj.bias):
+                nn.init.zeros_(bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patchify, class token, pre-norm, transformer, post-norm on the class token, project."""
+
+    def __init__(self, config: VisionConfig, output_dim: int) -> None:
+        super().__init__()
+        width, grid = config.width, config.image_size // config.patch_size
+        self.image_size = config.image_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+        scale = width**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.transformer = Transformer(
+            width, config.layers, config.heads, config.mlp_ratio, config.quick_gelu, config.layer_norm_eps
+        )
+        self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.transformer.init_weights()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pixels.to(self.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        if x.shape[1] + 1 != self.positional_embedding.shape[0]:
+            side = int(math.isqrt(x.shape[1]))
+            raise ValueError(
+                f"image of {pixels.shape[-2]}x{pixels.shape[-1]} px gives a {side}x{side} patch grid, "
+                f"but this model takes {self.image_size}x{self.image_size} px"
+            )
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
