@@ -1,0 +1,38 @@
+"""Shared test helpers: fixture location and tiny models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("CLIPFORGE_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not (FIXTURES / "openai-vit-tiny").is_dir():
+        pytest.skip(f"reference fixtures not found at {FIXTURES} (set CLIPFORGE_FIXTURES)")
+    return FIXTURES
+
+
+def random_tokens(batch: int, length: int, lengths: list[int], vocab: int = 49408, seed: int = 0) -> torch.Tensor:
+    """SOT + random ids + EOT (the highest id) + zero padding, one row per entry of `lengths`."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(batch, length, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens[row, 0] = vocab - 2
+        tokens[row, 1 : n + 1] = torch.randint(1, vocab - 2, (n,), generator=gen)
+        tokens[row, n + 1] = vocab - 1
+    return tokens
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch.nn.Module:
+    """Add noise to every parameter and float buffer so a wrong weight mapping cannot pass by accident."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+            tensor.add_(scale * torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype))
+    return module

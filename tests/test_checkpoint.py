@@ -1,0 +1,124 @@
+"""Checkpoint interop: reference fixtures, open_clip/TorchScript/HF formats, round trips and bad input."""
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import clipforge
+from conftest import perturb_, random_tokens
+
+FIXTURE_NAMES = ["openai-vit-tiny", "openai-rn-tiny"]
+
+
+def _expected(fixtures_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(fixtures_dir / name / "expected.safetensors"))
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+@pytest.mark.parametrize("weights", ["openai_state_dict.safetensors", "openai_state_dict.pt"])
+def test_fixture_reproduced_from_pngs_and_captions(fixtures_dir, name, weights):
+    folder = fixtures_dir / name
+    if not (folder / weights).exists():
+        pytest.skip(f"{name} has no {weights}")
+    expected = _expected(fixtures_dir, name)
+    meta = json.loads((folder / "meta.json").read_text())
+    model, preprocess = clipforge.load(folder / weights)
+    pixels = torch.stack([preprocess(folder / image) for image in meta["images"]])
+    tokens = clipforge.get_tokenizer(folder / weights)(meta["captions"])
+    assert torch.allclose(pixels, expected["pixels"], atol=1e-6)
+    assert torch.equal(tokens, expected["tokens"])
+    with torch.no_grad():
+        image, text = model.encode_image(pixels), model.encode_text(tokens)
+    assert (image - expected["image_features"]).abs().max() < 1e-4
+    assert (text - expected["text_features"]).abs().max() < 1e-4
+    assert abs(model.logit_scale.exp().item() - expected["logit_scale"].item()) < 1e-4
+
+
+def _roundtrip_features(model, other, size):
+    pixels = torch.randn(2, 3, size, size)
+    tokens = random_tokens(3, model.context_length, [2, 6, 11])
+    with torch.no_grad():
+        for a, b in ((model.encode_image(pixels), other.encode_image(pixels)),
+                     (model.encode_text(tokens), other.encode_text(tokens))):
+            assert (a - b).abs().max() < 1e-5
+
+
+def test_open_clip_training_checkpoint(tmp_path, fixtures_dir):
+    ref, _ = clipforge.load(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors")
+    wrapped = {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "epoch_3.pt")
+    model, _ = clipforge.load(tmp_path / "epoch_3.pt")
+    _roundtrip_features(ref, model, 32)
+
+
+def test_torchscript_archive_read_without_running_code(tmp_path, fixtures_dir):
+    ref, _ = clipforge.load(fixtures_dir / "openai-rn-tiny" / "openai_state_dict.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(ref, {"encode_image": (torch.randn(1, 3, 64, 64),)})
+    torch.jit.save(traced, str(tmp_path / "RN-tiny.pt"))
+    model, _ = clipforge.load(tmp_path / "RN-tiny.pt")
+    _roundtrip_features(ref, model, 64)
+
+
+@pytest.mark.parametrize("name", ["cpu-vit-tiny-32", "cpu-rn-tiny-64"])
+def test_clipforge_format_roundtrip(tmp_path, name):
+    model = perturb_(clipforge.create_model(name, seed=0)).eval()
+    clipforge.save_pretrained(model, tmp_path / "m")
+    loaded, preprocess = clipforge.load(tmp_path / "m")
+    assert loaded.config == model.config and preprocess.image_size == model.image_size
+    _roundtrip_features(model, loaded, model.image_size)
+    assert clipforge.get_tokenizer(tmp_path / "m").context_length == model.context_length
+
+
+def test_pickles_never_execute_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"state_dict": Evil()}))
+    with pytest.raises(ValueError, match="evil.pt"):
+        clipforge.load(tmp_path / "evil.pt")
+
+
+def test_bad_inputs_have_clear_errors(tmp_path, fixtures_dir):
+    source = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
+    state = load_file(str(source))
+    with pytest.raises(ValueError, match="known names: .*ViT-B-32"):
+        clipforge.load("ViT-Q-1")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no clipforge.json"):
+        clipforge.load(tmp_path / "empty")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(source.read_bytes()[: 100_000])
+    with pytest.raises(ValueError, match="truncated.safetensors"):
+        clipforge.load(truncated)
+    (tmp_path / "zero.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        clipforge.load(tmp_path / "zero.pt")
+    missing = dict(state)
+    missing.pop("ln_final.bias")
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match=r"missing\.safetensors.*missing keys: ln_final\.bias"):
+        clipforge.load(tmp_path / "missing.safetensors")
+    bad_shape = dict(state)
+    bad_shape["visual.ln_pre.weight"] = torch.zeros(7)
+    save_file(bad_shape, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ValueError, match=r"visual\.ln_pre\.weight: file \(7,\)"):
+        clipforge.load(tmp_path / "shape.safetensors")
+    save_file({"foo": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an OpenAI-layout CLIP state dict"):
+        clipforge.load(tmp_path / "other.safetensors")
+
+
+def test_resnet_refuses_hf_format(tmp_path):
+    model = clipforge.create_model("cpu-rn-tiny-64")
+    with pytest.raises(ValueError, match="no CLIP ResNet"):
+        clipforge.save_pretrained(model, tmp_path / "hf", format="hf")
+    assert not (tmp_path / "hf").exists()
