@@ -1,0 +1,104 @@
+"""Inference throughput: clipforge vs HF transformers CLIPModel on the same random ViT-B-32 weights.
+
+Run:  python benchmarks/inference.py [--repeats 7] [--threads N]
+Prints images/s and texts/s (median of repeats) for fp32 and bf16, and clipforge/HF ratios.
+HF bf16 is measured both with weights cast to bf16 and with CPU autocast; the ratio uses the faster.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+import clipforge
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of fn() after one warm-up call."""
+    with torch.inference_mode():
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def realistic_captions(n: int) -> list[str]:
+    """Captions of typical alt-text length (roughly 8-20 BPE tokens)."""
+    subjects = ["a dog", "two cats", "a red rocket", "an old man", "a bowl of soup", "the city skyline",
+                "a child on a bicycle", "a wooden table", "three birds", "a snowy mountain road"]
+    scenes = ["sitting on a sofa", "at sunset", "in the rain near a river", "on a white background",
+              "photographed from above", "in a busy street market", "next to a blue car"]
+    return [f"a photo of {subjects[i % 10]} {scenes[i % 7]}, high quality picture number {i}" for i in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    parser.add_argument("--image-batch", type=int, default=16)
+    parser.add_argument("--text-batch", type=int, default=64)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    model = clipforge.create_model("ViT-B-32").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        clipforge.save_pretrained(model, tmp, format="hf")
+        hf = CLIPModel.from_pretrained(tmp, attn_implementation="sdpa").eval()
+    tokens = clipforge.tokenize(realistic_captions(args.text_batch))
+    pixels = torch.randn(args.image_batch, 3, 224, 224)
+    real_len = int(tokens.argmax(-1).float().mean()) + 1
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ViT-B-32 random weights; "
+          f"images b{args.image_batch}@224, texts b{args.text_batch}x77 (mean {real_len} real tokens); "
+          f"median of {args.repeats}")
+
+    def hf_image(m, x):
+        return lambda: m.get_image_features(pixel_values=x)
+
+    def hf_text(m):
+        return lambda: m.get_text_features(input_ids=tokens)
+
+    rows = []
+    for precision in ("fp32", "bf16"):
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        ours = model.to(dtype)
+        x = pixels.to(dtype)
+        ours_img = median_seconds(lambda: ours.encode_image(x), args.repeats)
+        ours_txt = median_seconds(lambda: ours.encode_text(tokens), args.repeats)
+        hf_variants = {}
+        if precision == "fp32":
+            hf_variants["HF fp32"] = (median_seconds(hf_image(hf, pixels), args.repeats),
+                                      median_seconds(hf_text(hf), args.repeats))
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hf_variants["HF autocast"] = (median_seconds(hf_image(hf, pixels), args.repeats),
+                                              median_seconds(hf_text(hf), args.repeats))
+            hf_cast = hf.to(torch.bfloat16)
+            hf_variants["HF cast"] = (median_seconds(hf_image(hf_cast, x), args.repeats),
+                                      median_seconds(hf_text(hf_cast), args.repeats))
+            hf.float()
+        model.float()
+        best_img = min(v[0] for v in hf_variants.values())
+        best_txt = min(v[1] for v in hf_variants.values())
+        for label, (img_s, txt_s) in hf_variants.items():
+            rows.append((precision, label, img_s, txt_s, "", ""))
+        rows.append((precision, "clipforge", ours_img, ours_txt, f"{best_img / ours_img:.2f}x", f"{best_txt / ours_txt:.2f}x"))
+
+    print(f"\n| precision | impl | ms / {args.image_batch} images | images/s | ms / {args.text_batch} texts | texts/s "
+          "| image ratio vs best HF | text ratio vs best HF |")
+    print("|---|---|---|---|---|---|---|---|")
+    for precision, label, img_s, txt_s, r_img, r_txt in rows:
+        print(f"| {precision} | {label} | {img_s * 1e3:.0f} | {args.image_batch / img_s:.1f} | {txt_s * 1e3:.0f} "
+              f"| {args.text_batch / txt_s:.0f} | {r_img} | {r_txt} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a .venv with clipforge (editable), the CPU torch pin and the test-only references.
+# GPU users: skip this script; `pip install torch` for your CUDA version first, then `pip install -e ".[test]"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[test]"
+# open_clip is only a tokenizer reference for the tests: its BPE file and tokenizer.py, loaded by path.
+.venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
+.venv/bin/python -c "import clipforge, torch; print('clipforge', clipforge.__version__, 'torch', torch.__version__)"

@@ -1,0 +1,91 @@
+"""`clipforge` command line: one sub-command per job; flags map onto library arguments one-to-one."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clipforge.cli import demo as demo_cmd
+
+
+def _models(args: argparse.Namespace) -> None:
+    import clipforge
+
+    for name in clipforge.list_models():
+        print(name)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    import clipforge
+
+    model, _ = clipforge.load(args.src)
+    tokenizer = clipforge.get_tokenizer(args.src, context_length=model.context_length)
+    out = clipforge.save_pretrained(model, args.out, format=args.format, tokenizer=tokenizer)
+    print(f"wrote {args.format} checkpoint to {out}")
+
+
+def _classify(args: argparse.Namespace) -> None:
+    import torch
+
+    import clipforge
+    from clipforge.evaluate import OPENAI_TEMPLATES_7, build_classifier, classify
+
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    model, preprocess = clipforge.load(args.model)
+    tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
+    templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template,)
+    classifier = build_classifier(model, tokenizer, labels, templates)
+    probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier)
+    results = []
+    for path, row in zip(args.images, probs):
+        top = row.topk(min(args.top, len(labels)))
+        results.append({"image": str(path), "top": [[labels[i], round(p, 4)] for p, i in zip(top.values.tolist(), top.indices.tolist())]})
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            print(f"{r['image']}: " + ", ".join(f"{label} {p:.3f}" for label, p in r["top"]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for all sub-commands."""
+    parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: load, convert, classify, demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list registry architectures")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (OpenAI/open_clip/HF/clipforge) to hf or clipforge format")
+    p.add_argument("src", help="checkpoint file or directory, or a registry name")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--format", choices=["hf", "clipforge"], default="clipforge")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("classify", help="zero-shot classify images against comma-separated labels")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", required=True, help="checkpoint or registry name")
+    p.add_argument("--labels", required=True, help="comma-separated class names")
+    p.add_argument("--template", default="a photo of a {}.", help="prompt template (without --ensemble)")
+    p.add_argument("--ensemble", action="store_true", help="average OpenAI's 7 ImageNet templates")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_classify)
+
+    demo_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `clipforge` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"clipforge {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The real `clipforge` CLI, run as a subprocess."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import clipforge
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipforge.cli.main", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_models_lists_registry():
+    result = run_cli("models")
+    assert result.returncode == 0 and "ViT-B-32" in result.stdout.split()
+
+
+def test_convert_to_hf_and_back(tmp_path, fixtures_dir):
+    source = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
+    assert run_cli("convert", str(source), str(tmp_path / "hf"), "--format", "hf").returncode == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "cf")).returncode == 0
+    a, _ = clipforge.load(source)
+    b, _ = clipforge.load(tmp_path / "cf")
+    tokens = clipforge.tokenize(["a photo of a cat"])
+    with torch.no_grad():
+        assert (a.encode_text(tokens) - b.encode_text(tokens)).abs().max() < 1e-6
+
+
+def test_classify_json(fixtures_dir):
+    folder = fixtures_dir / "openai-rn-tiny"
+    result = run_cli("classify", str(folder / "image0.png"), str(folder / "image1.png"), "--model",
+                     str(folder / "openai_state_dict.pt"), "--labels", "cat,dog,rocket", "--ensemble", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 2 and abs(sum(p for _, p in rows[0]["top"]) - 1) < 1e-3
+
+
+def test_bad_input_gives_clear_error_and_exit_2(tmp_path):
+    result = run_cli("convert", str(tmp_path / "missing.pt"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "missing.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = run_cli("demo", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(diff < 1e-5 for diff in results["roundtrip_max_abs_diff"].values())
+    assert (tmp_path / "report.md").read_text().startswith("# clipforge demo")

@@ -1,0 +1,58 @@
+"""Pillow preprocessing: fixture pixels exactly, train crops, transparency handling, bad files."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from clipforge.data.transforms import EvalTransform, TrainTransform, composite_on_white
+
+
+@pytest.mark.parametrize("name,size", [("openai-vit-tiny", 32), ("openai-rn-tiny", 64)])
+def test_eval_transform_matches_reference_pixels(fixtures_dir, name, size):
+    expected = load_file(str(fixtures_dir / name / "expected.safetensors"))["pixels"]
+    transform = EvalTransform(size)
+    for i in range(4):
+        assert (transform(fixtures_dir / name / f"image{i}.png") - expected[i]).abs().max() <= 1e-6
+
+
+def test_eval_transform_small_image_is_padded_then_cropped():
+    out = EvalTransform(64)(Image.new("RGB", (10, 200), "white"))
+    assert out.shape == (3, 64, 64)
+
+
+def test_train_transform_shape_and_determinism():
+    image = Image.new("RGB", (120, 80), "red")
+    transform = TrainTransform(48)
+    a = transform(image, random.Random(3))
+    b = transform(image, random.Random(3))
+    assert a.shape == (3, 48, 48) and torch.equal(a, b)
+    boxes = {transform.crop_box((100, 100), random.Random(s)) for s in range(20)}
+    assert len(boxes) > 1
+    for left, top, w, h in boxes:  # scale 0.9-1.0 of the area, inside the image
+        assert 0.85 * 100 * 100 <= w * h <= 1.01 * 100 * 100 and left + w <= 100 and top + h <= 100
+    # 3:2 admits no 0.9-area crop within ratio 4:3, so torchvision's fallback: the largest 4:3 center crop.
+    assert transform.crop_box((120, 80), random.Random(0)) == (6, 0, 107, 80)
+
+
+def test_composite_on_white_vs_clip_convert():
+    transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert composite_on_white(transparent).getpixel((0, 0)) == (255, 255, 255)
+    assert transparent.convert("RGB").getpixel((0, 0)) == (255, 0, 0)  # CLIP's default keeps the colour
+    white = EvalTransform(8, composite_white=True)(transparent)
+    plain = EvalTransform(8)(transparent)
+    assert not torch.equal(white, plain)
+    half = Image.new("LA", (4, 4), (0, 128))
+    assert composite_on_white(half).getpixel((0, 0))[0] in (127, 128)
+
+
+def test_unreadable_image_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png"):
+        EvalTransform(32)(bad)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        EvalTransform(32)(tmp_path / "nope.png")
