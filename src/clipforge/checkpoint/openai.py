@@ -121,9 +121,14 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: a zip archive without data.pkl is not a TorchScript or torch.save file")
         prefix = data_pkl[: -len("data.pkl")]
 
+        storages: dict[str, torch.UntypedStorage] = {}  # tensors that share a record share its storage
+
         def storage(record: str, dtype: torch.dtype, numel: int) -> torch.UntypedStorage:
-            raw = bytearray(archive.read(f"{prefix}data/{record}"))
-            return torch.frombuffer(raw, dtype=dtype, count=numel).untyped_storage() if numel else torch.UntypedStorage(0)
+            if record not in storages:
+                raw = bytearray(archive.read(f"{prefix}data/{record}"))
+                storages[record] = (torch.frombuffer(raw, dtype=dtype, count=numel).untyped_storage()
+                                    if numel else torch.UntypedStorage(0))
+            return storages[record]
 
         class Unpickler(pickle.Unpickler):
             def find_class(self, module: str, name: str) -> Any:
