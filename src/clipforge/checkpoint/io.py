@@ -77,7 +77,7 @@ def _load_directory(directory: Path, overrides: dict[str, Any]) -> tuple[CLIP, d
         raise ValueError(f"{directory}: no {CONFIG_FILE} (clipforge) or config.json (HF) with weights in this directory")
     if overrides:
         config = apply_overrides(config, overrides)
-    model = CLIP(config)
+    model = CLIP(config, pretrained_text=False)  # the file holds every weight
     load_into(model, state_dict, str(weights_path))
     return model, preprocess
 
@@ -121,6 +121,12 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
         raise ValueError(f"unknown format {format!r}: use 'clipforge' or 'hf'")
     if format == "hf" and model.config.vision.is_resnet:
         raise ValueError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
+    if format == "hf" and model.config.text_tower != "clip":
+        raise ValueError(f"HF CLIPModel has no {model.config.text_tower!r} text tower: save with format='clipforge'")
+    if tokenizer is None and model.config.text_tower == "minilm":
+        from clipforge.model.minilm import WordPieceTokenizer
+
+        tokenizer = WordPieceTokenizer(context_length=model.context_length)
     if tokenizer is None:
         if model.config.text.vocab_size != 49408:
             raise ValueError(f"model has a {model.config.text.vocab_size}-token vocabulary: pass its tokenizer")
@@ -129,9 +135,7 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                   if not k.endswith("num_batches_tracked")}
     if format == "clipforge":
-        save_file(state_dict, str(out / WEIGHTS_FILE))
-        (out / CONFIG_FILE).write_text(json.dumps({"format": "clipforge", "model": model.config.to_dict()}, indent=1))
-        tokenizer.save(out)
+        write_clipforge_dir(out, state_dict, model.config, tokenizer)
     else:
         save_file(hf.state_dict_to_hf(state_dict, model.config), str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(hf.hf_config(model.config, tokenizer.eot_token_id), indent=1))
@@ -141,6 +145,14 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     return out
 
 
+def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPConfig, tokenizer: Any) -> None:
+    """Write a clipforge model directory: safetensors weights, config JSON and the tokenizer files."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps({"format": "clipforge", "model": config.to_dict()}, indent=1))
+    tokenizer.save(out)
+
+
 def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | None = None) -> Any:
     """Tokenizer for a registry name or checkpoint: its own vocab file if it ships one, else CLIP's BPE."""
     from clipforge.text import CLIPTokenizer
@@ -148,13 +160,24 @@ def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | 
     path = Path(name_or_path) if name_or_path is not None else None
     if path is not None and path.is_dir():
         if (path / CONFIG_FILE).is_file():
+            model_config = json.loads((path / CONFIG_FILE).read_text())["model"]
+            if model_config.get("text_tower", "clip") == "minilm":
+                from clipforge.model.minilm import TOKENIZER_FILE, WordPieceTokenizer
+
+                length = context_length or model_config["text"].get("context_length", 32)
+                return WordPieceTokenizer(path / TOKENIZER_FILE, context_length=length)
             return CLIPTokenizer.from_directory(path)
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             hf_cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
             length = context_length or (hf_cfg.get("text_config") or {}).get("max_position_embeddings", 77)
             return CLIPTokenizer.from_hf_files(path / "vocab.json", path / "merges.txt", context_length=length)
-    if context_length is None and isinstance(name_or_path, str) and name_or_path in list_models():
+    if isinstance(name_or_path, str) and name_or_path in list_models():
         from clipforge.model.config import get_model_config
 
-        context_length = get_model_config(name_or_path).text.context_length
+        config = get_model_config(name_or_path)
+        if config.text_tower == "minilm":
+            from clipforge.model.minilm import WordPieceTokenizer
+
+            return WordPieceTokenizer(context_length=context_length or config.text.context_length)
+        context_length = context_length or config.text.context_length
     return CLIPTokenizer(context_length=context_length or 77)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.model.config import CLIPConfig
+from clipforge.model.minilm import MiniLMTextTower
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.transformer import Transformer, VisionTransformer
 
@@ -13,7 +14,7 @@ from clipforge.model.transformer import Transformer, VisionTransformer
 class CLIP(nn.Module):
     """CLIP with OpenAI's state-dict layout (visual.*, transformer.*, token_embedding, ...)."""
 
-    def __init__(self, config: CLIPConfig) -> None:
+    def __init__(self, config: CLIPConfig, pretrained_text: bool = True) -> None:
         super().__init__()
         self.config = config
         v, t = config.vision, config.text
@@ -21,12 +22,16 @@ class CLIP(nn.Module):
             ModifiedResNet(v, config.embed_dim) if v.is_resnet else VisionTransformer(v, config.embed_dim)
         )
         self.context_length = t.context_length
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        if config.text_tower == "minilm":
+            # A pretrained sentence encoder replaces the causal text transformer (LiT-style).
+            self.text_tower = MiniLMTextTower(config.embed_dim, pretrained=pretrained_text)
+            return
         self.token_embedding = nn.Embedding(t.vocab_size, t.width)
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
         self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, t.quick_gelu, t.layer_norm_eps)
         self.ln_final = nn.LayerNorm(t.width, eps=t.layer_norm_eps)
         self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
         self._init_text()
 
     def _init_text(self) -> None:
@@ -38,7 +43,7 @@ class CLIP(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the weights (inputs are cast to it)."""
-        return self.token_embedding.weight.dtype
+        return next(self.visual.parameters()).dtype
 
     @property
     def image_size(self) -> int:
@@ -47,7 +52,8 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute transformer blocks in backward to save activation memory."""
-        self.transformer.grad_checkpointing = enable
+        if hasattr(self, "transformer"):
+            self.transformer.grad_checkpointing = enable
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enable
 
@@ -62,6 +68,9 @@ class CLIP(nn.Module):
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
+        if self.config.text_tower == "minilm":
+            features = self.text_tower(tokens)
+            return F.normalize(features, dim=-1) if normalize else features
         eot = tokens.argmax(dim=-1)
         # The mask is causal and pooling reads the EOT position, so positions after the longest
         # EOT never influence the output: dropping them is exact and saves most of the compute.

@@ -68,6 +68,11 @@ class CLIPConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     logit_scale_init: float = 2.659260036932778  # ln(1/0.07)
+    text_tower: str = "clip"  # "clip": causal transformer; "minilm": pretrained all-MiniLM-L6-v2 + projection
+
+    def __post_init__(self) -> None:
+        if self.text_tower not in ("clip", "minilm"):
+            raise ValueError(f"text_tower must be 'clip' or 'minilm', got {self.text_tower!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (tuples become lists)."""

