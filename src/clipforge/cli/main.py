@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from clipforge.cli import demo as demo_cmd
+from clipforge.cli import train as train_cmd
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_classify)
 
+    train_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     return parser
 
@@ -84,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"clipforge {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if not getattr(error, "user_facing", False):  # a bug: keep the traceback
+            raise
+        print(f"clipforge {args.command}: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

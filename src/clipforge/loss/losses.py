@@ -1,0 +1,150 @@
+"""CLIP's symmetric InfoNCE loss (plain or tiled), SigLIP's pairwise sigmoid loss and the temperature clamp.
+
+Distributed convention (both losses): features are all-gathered with gradients and each rank computes
+the loss of its own rows against the whole global batch ("local loss"), averaged over its local rows.
+The mean of the per-rank losses is then the single-process loss of the global batch, and because the
+gather's backward sums every rank's contribution, DDP's gradient averaging yields exactly the
+single-process gradient of the global batch. (The feature gradient seen on one rank is world_size times
+the full-batch gradient of those rows; DDP's division by world_size cancels it.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.loss.distributed import all_gather_with_grad, gather_features, world_info
+from clipforge.loss.tiled import tiled_contrastive_loss
+
+# Chosen with benchmarks/loss_memory.py on CPU: 512-1024 ran fastest (a 4 MiB block and its softmaxes
+# stay in cache across the several passes made over them; 4096 was 2x slower), and the tiled step then
+# beats the plain one while its memory is O(batch * chunk).
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _as_tensor(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    return value if torch.is_tensor(value) else torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
+def _check_pair(image: torch.Tensor, text: torch.Tensor) -> None:
+    if image.dim() != 2 or image.shape != text.shape:
+        shapes = f"{tuple(image.shape)} and {tuple(text.shape)}"
+        raise ValueError(f"image and text features must both be [B, D], got {shapes}")
+
+
+def contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    offset: int = 0,
+    rows: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE of rows [offset, offset+rows) of full-batch features (all rows by default)."""
+    _check_pair(image, text)
+    rows = image.shape[0] - offset if rows is None else rows
+    scale = _as_tensor(logit_scale, image)
+    if chunk_size is not None:
+        return tiled_contrastive_loss(image, text, scale, chunk_size, offset, rows)
+    local = slice(offset, offset + rows)
+    labels = torch.arange(offset, offset + rows, device=image.device)
+    logits_per_image = scale * image[local] @ text.t()
+    if rows == image.shape[0]:
+        logits_per_text = logits_per_image.t()  # one matmul when this process owns the whole batch
+    else:
+        logits_per_text = scale * text[local] @ image.t()
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class ContrastiveLoss(nn.Module):
+    """CLIP's symmetric cross-entropy over scaled cosine similarities, optionally tiled and all-gathered."""
+
+    def __init__(
+        self, chunk_size: int | None = None, gather: bool = True, group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.gather = gather
+        self.group = group
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
+    ) -> torch.Tensor:
+        """Scalar loss of L2-normalised features [B, D] with the exponentiated logit scale."""
+        _check_pair(image_features, text_features)
+        world, rank = world_info(self.group) if self.gather else (1, 0)
+        rows = image_features.shape[0]
+        if world > 1:
+            image_features, text_features = gather_features(image_features, text_features, self.group)
+        return contrastive_loss(image_features, text_features, logit_scale, rank * rows, rows, self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, gather={self.gather}"
+
+
+class SigLIPLoss(nn.Module):
+    """Pairwise sigmoid loss (Zhai et al. 2023): -sum(logsigmoid(z_ij * (s * I_i.T_j + b))) / B.
+
+    SigLIP initialises the log logit scale to log(10) (`SIGLIP_INIT_LOGIT_SCALE`) and the bias to -10.
+    The bias is a parameter of this module unless `logit_bias` is passed to forward. Under DDP, a bias
+    living here is not averaged by DDP (the loss is not inside the wrapped model): either keep the bias in
+    the model and pass it in, or all-reduce-average `logit_bias.grad` yourself.
+    """
+
+    SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+
+    def __init__(
+        self,
+        init_logit_bias: float = -10.0,
+        learn_bias: bool = True,
+        gather: bool = True,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        bias = torch.tensor(float(init_logit_bias))
+        if learn_bias:
+            self.logit_bias = nn.Parameter(bias)
+        else:
+            self.register_buffer("logit_bias", bias)
+        self.gather = gather
+        self.group = group
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Scalar loss of this rank's images against every rank's texts, normalised by the local batch."""
+        _check_pair(image_features, text_features)
+        world, rank = world_info(self.group) if self.gather else (1, 0)
+        rows = image_features.shape[0]
+        if world > 1:
+            text_features = all_gather_with_grad(text_features, self.group)
+        bias = self.logit_bias if logit_bias is None else logit_bias
+        logits = _as_tensor(logit_scale, image_features) * image_features @ text_features.t() + bias
+        signs = torch.full_like(logits, -1.0)
+        index = torch.arange(rows, device=logits.device)
+        signs[index, index + rank * rows] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / rows
+
+    def extra_repr(self) -> str:
+        return f"gather={self.gather}"
+
+
+@torch.no_grad()
+def clamp_logit_scale_(model_or_param: nn.Module | torch.Tensor, max_value: float = 100.0) -> torch.Tensor:
+    """Clamp a log logit scale (a model's `logit_scale`, DDP-wrapped or not) in place to log(max_value)."""
+    param = model_or_param
+    if isinstance(param, nn.Module):
+        module = getattr(param, "module", param)  # DistributedDataParallel / DataParallel wrap the model
+        param = getattr(module, "logit_scale", None)
+        if not torch.is_tensor(param):
+            raise ValueError(f"{type(module).__name__} has no logit_scale tensor to clamp")
+    return param.clamp_(max=math.log(max_value))

@@ -1,0 +1,101 @@
+"""Training configuration: one dataclass, loadable from JSON, with CLI flags generated one-to-one."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `clipforge train --config run.json --lr 1e-3` overrides fields."""
+
+    # model
+    model: str = "cpu-vit-small-64"  # registry name or checkpoint to start from
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"embed_dim": 128, "vision.layers": 4}
+    text_tower: str = "clip"  # "clip" (causal transformer) or "minilm" (pretrained sentence encoder)
+    lock_image: bool = False  # LiT: freeze the image tower
+    lock_text: bool = False  # freeze the text tower (a pretrained one, typically)
+    grad_checkpointing: bool = False
+    # data
+    train_data: str = ""  # caption CSV/TSV or webdataset shard pattern ("shards/{000..009}.tar")
+    val_data: str = ""  # held-out caption CSV/TSV (optional)
+    image_column: str = "image"
+    caption_column: str = "caption"
+    key_column: str = ""  # concept key column: batches then never hold two samples with the same key
+    caption_separator: str = ""  # split one caption cell into several captions
+    composite_white: bool = False  # blend transparent images onto white
+    workers: int = 2
+    # optimisation
+    batch_size: int = 64  # per process, per optimizer step
+    accum_steps: int = 1  # micro-batches per step (features cached: exact large-batch gradient)
+    steps: int = 0  # optimizer steps (0: use epochs)
+    epochs: int = 1
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup: int = 100
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 0.0  # max grad norm (0: off)
+    precision: str = "fp32"  # "fp32" or "bf16" (bf16 weights/activations, fp32 master weights)
+    loss: str = "contrastive"  # "contrastive" or "siglip"
+    loss_chunk_size: int = 0  # >0: tiled loss that never materialises the BxB logits
+    seed: int = 0
+    # bookkeeping
+    output_dir: str = "runs/train"
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3
+    resume: str = ""  # "latest" or a checkpoint directory
+    log_every: int = 1
+    val_every: int = 0  # steps between validation runs (0: only at the end when val_data is set)
+    max_steps_this_run: int = 0  # stop after this many steps (simulates a pre-emption; 0: off)
+
+    def validate(self) -> None:
+        """Reject inconsistent settings with a message naming the field."""
+        choices = {"precision": ("fp32", "bf16"), "loss": ("contrastive", "siglip"), "text_tower": ("clip", "minilm")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.train_data:
+            raise ValueError("train_data is required (a caption CSV/TSV or a shard pattern)")
+        if self.batch_size < 1 or self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of accum_steps {self.accum_steps}")
+        if self.lock_image and self.lock_text:
+            raise ValueError("lock_image and lock_text together leave nothing to train")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        """Load a JSON config file; unknown keys are an error."""
+        values = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--batch-size for batch_size), defaults left to the config."""
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif kind is dict:
+            parser.add_argument(flag, type=json.loads, default=None, help="JSON object")
+        else:
+            parser.add_argument(flag, type=kind, default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from --config JSON (if any) with explicit flags applied on top."""
+    config = TrainConfig.from_json(args.config) if getattr(args, "config", None) else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(config, **overrides)

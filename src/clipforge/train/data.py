@@ -1,0 +1,60 @@
+"""Training and validation data for a TrainConfig (maps its fields onto the data pipeline's DataConfig)."""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch.utils.data import DataLoader
+
+from clipforge.data.captions import CaptionDataset
+from clipforge.data.loader import DataConfig, SkipCounter, TrainLoader, build_from_config, collate_samples
+from clipforge.train.config import TrainConfig
+from clipforge.train.distributed import DistInfo
+
+
+@dataclass
+class TrainData:
+    """The resumable loader, its skip accounting, and the epoch length when it is known."""
+
+    loader: TrainLoader
+    skips: SkipCounter
+    steps_per_epoch: int | None  # None for streamed shards
+
+
+def build_train_data(config: TrainConfig, transform: Callable, tokenizer: Callable, info: DistInfo) -> TrainData:
+    """Loader over the caption CSV/TSV or shards, split across ranks."""
+    data_config = DataConfig(
+        train_data=config.train_data, image_column=config.image_column, caption_column=config.caption_column,
+        key_column=config.key_column or None, caption_separator=config.caption_separator or None,
+        batch_size=config.batch_size, workers=config.workers, seed=config.seed, image_size=transform.image_size,
+        composite_white=config.composite_white, unique_keys=bool(config.key_column) and ".tar" not in config.train_data,
+    )
+    loader = build_from_config(data_config, tokenizer, rank=info.rank, world_size=info.world_size, transform=transform)
+    if data_config.is_shards and not config.steps:
+        raise ValueError("webdataset shards have no length: set steps (--steps N)")
+    steps = None if data_config.is_shards else len(loader)
+    if steps == 0:
+        raise ValueError(f"{config.train_data}: fewer samples than one global batch "
+                         f"({config.batch_size} x {info.world_size} processes)")
+    return TrainData(loader, SkipCounter(), steps)
+
+
+def build_val_data(config: TrainConfig, transform: Callable, tokenizer: Callable, batch_size: int = 256) -> DataLoader:
+    """Held-out pairs (eval transform; caption choice fixed by the seed)."""
+    if _truncates(tokenizer):
+        tokenizer = functools.partial(tokenizer, truncate=True)
+    dataset = CaptionDataset(
+        config.val_data, transform, tokenizer,
+        image_column=config.image_column, caption_column=config.caption_column,
+        caption_separator=config.caption_separator or None, seed=config.seed,
+    )
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
+
+
+def _truncates(tokenizer: Any) -> bool:
+    try:
+        return "truncate" in inspect.signature(tokenizer).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,98 @@
+"""One optimizer step's compute: exact gradient accumulation, bf16 with fp32 master weights, grad sync."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipforge.train.distributed import DistInfo, average_gradients
+
+PROJECTIONS = ("visual.proj", "text_projection", "text_tower.projection")
+
+
+def lock_tower(model: nn.Module, tower: str) -> int:
+    """Freeze the image or text tower's body (its projection into the shared space stays trainable)."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        in_image = name.startswith("visual.")
+        if name == "logit_scale" or name.startswith(PROJECTIONS) or in_image != (tower == "image"):
+            continue
+        param.requires_grad_(False)
+        frozen += param.numel()
+    return frozen
+
+
+class TrainStep:
+    """Forward + backward of one (possibly accumulated) batch; grads land on `optim_params()`.
+
+    Accumulation embeds every micro-batch without grad, takes the loss and its feature
+    gradients on the whole batch, then recomputes one micro-batch at a time with grad and
+    back-propagates its slice: the gradient equals the large-batch gradient (plain
+    accumulation would change the contrastive objective).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, precision: str, accum_steps: int,
+                 grad_clip: float, dist_info: DistInfo) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.accum_steps, self.grad_clip, self.dist = accum_steps, grad_clip, dist_info
+        self.trainable = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+        self.master: list[torch.Tensor] | None = None
+        if precision == "bf16":
+            # Measured on this CPU: bf16 weights run 2x faster than fp32 while CPU autocast is
+            # slower than fp32; the fp32 master copies keep small updates from rounding away.
+            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.trainable]
+            model.to(torch.bfloat16)
+            model.logit_scale.data = model.logit_scale.data.float()  # the temperature stays fp32
+
+    def optim_params(self) -> list[torch.Tensor]:
+        """What the optimizer updates: fp32 master weights in bf16 mode, the parameters otherwise."""
+        return self.master if self.master is not None else self.trainable
+
+    def sync_model(self) -> None:
+        """Copy updated master weights back into the bf16 model."""
+        if self.master is not None:
+            with torch.no_grad():
+                for param, master in zip(self.trainable, self.master):
+                    param.copy_(master)
+
+    def _features(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.model.encode_image(pixels, normalize=True).float()
+        text = self.model.encode_text(tokens, normalize=True).float()
+        return image, text
+
+    def __call__(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
+        """Accumulate gradients for one optimizer step; returns the loss value."""
+        for p in self.trainable:
+            p.grad = None
+        scale = self.model.logit_scale.exp()
+        if self.accum_steps == 1:
+            loss = self.loss_fn(*self._features(pixels, tokens), scale)
+            loss.backward()
+            value = loss.item()
+        else:
+            micro = list(zip(pixels.chunk(self.accum_steps), tokens.chunk(self.accum_steps)))
+            with torch.no_grad():
+                cached = [self._features(p, t) for p, t in micro]
+            # Loss once on detached full-batch features: exact grads for temperature/bias and
+            # for every feature; then each micro-batch is recomputed and back-propagated.
+            images = torch.cat([c[0] for c in cached]).requires_grad_(True)
+            texts = torch.cat([c[1] for c in cached]).requires_grad_(True)
+            loss = self.loss_fn(images, texts, scale)
+            loss.backward()
+            value = loss.item()
+            start = 0
+            for p, t in micro:
+                image, text = self._features(p, t)
+                rows = slice(start, start + len(p))
+                torch.autograd.backward([image, text], [images.grad[rows], texts.grad[rows]])
+                start += len(p)
+        self._finish_grads()
+        return value
+
+    def _finish_grads(self) -> None:
+        if self.master is not None:
+            for param, master in zip(self.trainable, self.master):
+                master.grad = None if param.grad is None else param.grad.float()
+        params = self.optim_params()
+        average_gradients(params, self.dist.world_size)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)

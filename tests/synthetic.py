@@ -1,0 +1,51 @@
+"""A learnable synthetic caption set: coloured shapes with their names as captions."""
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (230, 210, 20),
+          "purple": (140, 40, 170), "black": (10, 10, 10)}
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def draw(color: tuple[int, int, int], shape: str, rng: random.Random, size: int = 40) -> Image.Image:
+    """One shape of random size and position on a lightly tinted background."""
+    image = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
+    d = ImageDraw.Draw(image)
+    r = rng.randint(size // 4, size // 2 - 2)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        d.ellipse(box, fill=color)
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=color)
+    else:
+        w = max(2, r // 3)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+    return image
+
+
+def make_caption_set(root: Path, per_concept: int, seed: int = 0, name: str = "train.csv") -> Path:
+    """Write PNGs and a CSV (image, caption, key) with `per_concept` images of each colour-shape pair."""
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for color, rgb in COLORS.items():
+        for shape in SHAPES:
+            for i in range(per_concept):
+                path = f"images/{name[:-4]}_{color}_{shape}_{i}.png"
+                draw(rgb, shape, rng).save(root / path)
+                rows.append((path, f"a {color} {shape}", f"{color}-{shape}"))
+    rng.shuffle(rows)
+    with open(root / name, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption", "key"])
+        writer.writerows(rows)
+    return root / name
