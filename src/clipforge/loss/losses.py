@@ -19,10 +19,11 @@ from torch import nn
 from clipforge.loss.distributed import all_gather_with_grad, gather_features, world_info
 from clipforge.loss.tiled import tiled_contrastive_loss
 
-# Chosen with benchmarks/loss_memory.py on CPU: 512-1024 ran fastest (a 4 MiB block and its softmaxes
-# stay in cache across the several passes made over them; 4096 was 2x slower), and the tiled step then
-# beats the plain one while its memory is O(batch * chunk).
-DEFAULT_CHUNK_SIZE = 1024
+# Chosen with benchmarks/loss_memory.py on 2 shared CPU cores: on an idle machine 512-2048 ran about
+# as fast as the plain loss or faster (4096 was up to 2x slower: its blocks fall out of cache across
+# the passes made over them), and when other processes compete for the cores 1024 fell behind (each
+# small op waits on a descheduled thread) while 2048 kept pace. A 2048 block is 16 MiB.
+DEFAULT_CHUNK_SIZE = 2048
 
 
 def _as_tensor(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:

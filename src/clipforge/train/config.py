@@ -17,6 +17,7 @@ class TrainConfig:
     model: str = "cpu-vit-small-64"  # registry name or checkpoint to start from
     model_overrides: dict = field(default_factory=dict)  # e.g. {"embed_dim": 128, "vision.layers": 4}
     text_tower: str = "clip"  # "clip" (causal transformer) or "minilm" (pretrained sentence encoder)
+    bpe_vocab: str = ""  # a smaller BPE vocab file (clipforge.text.train_bpe) for a from-scratch text tower
     lock_image: bool = False  # LiT: freeze the image tower
     lock_text: bool = False  # freeze the text tower (a pretrained one, typically)
     grad_checkpointing: bool = False
@@ -65,6 +66,8 @@ class TrainConfig:
             raise ValueError("train_data is required (a caption CSV/TSV or a shard pattern)")
         if self.batch_size < 1 or self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of accum_steps {self.accum_steps}")
+        if self.bpe_vocab and self.text_tower != "clip":
+            raise ValueError("bpe_vocab applies to the 'clip' text tower only")
         if self.lock_image and self.lock_text:
             raise ValueError("lock_image and lock_text together leave nothing to train")
 

@@ -7,6 +7,7 @@ from typing import Any
 from clipforge.checkpoint.io import get_tokenizer, load
 from clipforge.model import CLIP, create_model, list_models
 from clipforge.model.minilm import WordPieceTokenizer
+from clipforge.text import CLIPTokenizer
 from clipforge.train.config import TrainConfig
 
 
@@ -18,6 +19,15 @@ def build_model_and_tokenizer(config: TrainConfig, resume_from: Path | None) -> 
     if resume_from is not None:
         model, _ = load(resume_from)
         return model, get_tokenizer(resume_from)
+    if config.bpe_vocab:
+        context = overrides.get("text.context_length")
+        tokenizer = CLIPTokenizer(config.bpe_vocab, **({"context_length": context} if context else {}))
+        overrides["text.vocab_size"] = tokenizer.vocab_size
+        if config.model not in list_models():
+            raise ValueError("bpe_vocab needs a registry model (a new text tower), not a checkpoint")
+        model = create_model(config.model, seed=config.seed, **overrides)
+        tokenizer = CLIPTokenizer(config.bpe_vocab, context_length=model.context_length)
+        return model, tokenizer
     if config.model in list_models():
         model = create_model(config.model, seed=config.seed, **overrides)
     else:
