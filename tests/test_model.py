@@ -130,3 +130,16 @@ def test_grad_checkpointing_gives_same_gradients():
         logits.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_compiled_towers_match_eager():
+    model = perturb_(clipforge.create_model("cpu-vit-tiny-32", seed=0)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        reference = (model.encode_image(pixels), model.encode_text(random_tokens(2, 32, [3, 9])))
+        model.compile_for_inference()
+        for lengths in ([3, 9], [5, 20]):  # a new trimmed length must not break the compiled text tower
+            text = model.encode_text(random_tokens(2, 32, lengths))
+        assert torch.allclose(model.encode_image(pixels), reference[0], atol=1e-4)
+        assert torch.allclose(model.encode_text(random_tokens(2, 32, [3, 9])), reference[1], atol=1e-4)
+        assert text.shape == (2, 64)

@@ -57,6 +57,13 @@ class CLIP(nn.Module):
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enable
 
+    def compile_for_inference(self) -> "CLIP":
+        """torch.compile both towers (first calls compile: tens of seconds on CPU; exact up to rounding)."""
+        self.visual.compile()
+        if hasattr(self, "transformer"):
+            self.transformer.compile(dynamic=True)  # text length varies with the longest caption
+        return self
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Image embeddings [B, embed_dim] from normalised pixels [B, 3, H, W]."""
         features = self.visual(pixels)

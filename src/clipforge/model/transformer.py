@@ -70,6 +70,20 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """Output at position 0 only: every token still serves as key/value, but queries, the
+        output projection and the MLP run for one token (exact; the ViT reads only its class token)."""
+        h = self.ln_1(x)
+        attn = self.attn
+        batch, length, width = x.shape
+        head = width // attn.heads
+        q = F.linear(h[:, :1], attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+        kv = F.linear(h, attn.in_proj_weight[width:], attn.in_proj_bias[width:])
+        k, v = kv.view(batch, length, 2, attn.heads, head).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q.view(batch, 1, attn.heads, head).transpose(1, 2), k, v)
+        y = x[:, :1] + attn.out_proj(out.transpose(1, 2).reshape(batch, 1, width))
+        return y + self.mlp(self.ln_2(y))
+
 
 class Transformer(nn.Module):
     """A stack of residual blocks on batch-first [B, L, D] tensors."""
@@ -82,8 +96,11 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, eps) for _ in range(layers)
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, first_token_only: bool = False) -> torch.Tensor:
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            if first_token_only and i == last:
+                return block.forward_first_token(x)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:
@@ -134,5 +151,5 @@ class VisionTransformer(nn.Module):
             )
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        x = self.transformer(self.ln_pre(x), first_token_only=True)
         return self.ln_post(x[:, 0]) @ self.proj
