@@ -61,7 +61,7 @@ def test_accumulation_equals_large_batch_update(dtype):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         optimizer.step()
         updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert (grads[0] - grads[1]).abs().max() < 1e-6
+    assert (grads[0] - grads[1]).abs().max() < (1e-5 if dtype == torch.float32 else 1e-12)
     # fp32 summation order differs between one batch and four micro-batches; float64 shows the
     # algorithm itself is exact (Adam's first step divides by |g|, magnifying rounding of tiny grads).
     assert (updated[0] - updated[1]).abs().max() < (1e-4 if dtype == torch.float32 else 1e-9)

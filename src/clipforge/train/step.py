@@ -92,6 +92,7 @@ class TrainStep:
         if self.master is not None:
             for param, master in zip(self.trainable, self.master):
                 master.grad = None if param.grad is None else param.grad.float()
+                param.grad = None  # free the bf16 copy at once: lowers peak memory
         params = self.optim_params()
         average_gradients(params, self.dist.world_size)
         if self.grad_clip > 0:
