@@ -52,7 +52,10 @@ def measure(model, batch: int, steps: int, mode: str, device: torch.device, text
     tokens = torch.randint(1, 49000, (batch, 77), device=device)
     tokens[:, 0], tokens[:, text_len - 1], tokens[:, text_len:] = 49406, 49407, 0
     loss_fn = ContrastiveLoss().to(device)
-    if mode == "bf16-weights":
+    if mode.endswith("+compile"):
+        model.visual.compile()
+        model.transformer.compile()
+    if mode.startswith("bf16-weights"):
         step = TrainStep(model, loss_fn, "bf16", 1, 0.0, DistInfo(device=device))
         opt = torch.optim.AdamW(step.optim_params(), lr=1e-4, fused=True)
 
@@ -88,7 +91,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--text-len", type=int, default=20, help="real tokens per caption incl. SOT/EOT")
-    parser.add_argument("--modes", nargs="+", default=["bf16-weights", "autocast"])
+    parser.add_argument("--modes", nargs="+", default=["bf16-weights", "autocast"],
+                        help="bf16-weights, autocast, or either with +compile (torch.compile'd towers)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks: larger batches fit")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -96,12 +101,14 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
     peak = peak_tflops(name)
-    print(f"{name}; torch {torch.__version__}; ViT-B-16 CLIP; text {args.text_len} tokens; peak bf16 {peak} TFLOP/s")
+    print(f"{name}; torch {torch.__version__}; ViT-B-16 CLIP; text {args.text_len} tokens; peak bf16 {peak} TFLOP/s; "
+          f"grad checkpointing {'on (recompute not counted in MFU)' if args.grad_checkpointing else 'off'}")
     print("| mode | batch | ms/step | pairs/s | TFLOP/s | MFU | peak mem GiB |\n|---|---|---|---|---|---|---|")
     for mode in args.modes:
         for batch in args.batches:
             torch.manual_seed(0)
             model = clipforge.create_model("ViT-B-16").to(device).train()
+            model.set_grad_checkpointing(args.grad_checkpointing)
             flops = 3 * clip_flops_per_pair(model, args.text_len) * batch
             torch.cuda.reset_peak_memory_stats()
             try:

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
 from clipforge.cli import train as train_cmd
 
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_classify)
 
+    data_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     return parser

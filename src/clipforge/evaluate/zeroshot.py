@@ -1,10 +1,26 @@
-"""Zero-shot classification with prompt engineering and OpenAI's prompt ensembling."""
+"""Zero-shot classification with prompt engineering and OpenAI's prompt ensembling.
+
+Classifier cache: `build_classifier` keeps the last `CACHE_SIZE` classifiers in an LRU dict keyed on
+(id(model), weights fingerprint, id(tokenizer), precision, classnames, templates). The fingerprint is every
+parameter's and buffer's (autograd version counter, data_ptr, dtype, device): optimizer steps,
+`load_state_dict`, in-place updates under `no_grad` and `.to(...)` all change it, so a stale classifier
+is never returned. Each entry holds only a weak reference to the model (a dead model's id can be reused,
+so hits check identity) and a strong one to the tokenizer (keeping its id unique while cached). Writes
+through `param.data` bypass version counters: call `clear_classifier_cache()` after such edits. Cached
+classifiers are shared, read-only inference tensors (in-place edits outside inference mode raise).
+"""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import itertools
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from clipforge.evaluate.features import iter_text_features, model_device
+from clipforge.evaluate.metrics import classification_metrics
 from clipforge.model.clip import CLIP
 
 # The 7-template subset OpenAI found best on ImageNet (CLIP prompt-engineering notebook).
@@ -18,26 +34,87 @@ OPENAI_TEMPLATES_7 = (
     "a photo of the small {}.",
 )
 
+CACHE_SIZE = 8
+_CACHE: OrderedDict[Hashable, tuple[weakref.ref, Any, torch.Tensor]] = OrderedDict()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> tuple | None:
+    """Cheap fingerprint that changes whenever the weights change in place or move; None if untrackable."""
+    try:
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device)
+                     for t in itertools.chain(model.parameters(), model.buffers()))
+    except RuntimeError:  # weights created under inference_mode carry no version counter
+        return None
+
+
+def clear_classifier_cache() -> None:
+    """Drop every cached zero-shot classifier."""
+    _CACHE.clear()
+
+
+def _encode_classes(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
+                    templates: Sequence[str], batch_size: int, precision: str) -> torch.Tensor:
+    prompts = [template.replace("{}", name) for name in classnames for template in templates]
+    tokens = tokenizer(prompts)
+    sums: torch.Tensor | None = None
+    # Per-class sums of normalised embeddings, streamed: memory is O(classes x dim), not O(prompts x dim).
+    for rows, features in iter_text_features(model, tokens, batch_size, precision):
+        if sums is None:
+            sums = torch.zeros(len(classnames), features.shape[1], device=features.device)
+        sums.index_add_(0, (rows // len(templates)).to(features.device), F.normalize(features, dim=-1))
+    # mean then renormalise == renormalised sum: the 1/len(templates) factor cancels.
+    return F.normalize(sums / len(templates), dim=-1).t().contiguous()
+
 
 @torch.inference_mode()
 def build_classifier(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
-                     templates: Sequence[str] = ("a photo of a {}.",), batch_size: int = 256) -> torch.Tensor:
+                     templates: Sequence[str] = ("a photo of a {}.",), batch_size: int = 256, *,
+                     cache: bool = True, precision: str = "fp32") -> torch.Tensor:
     """[embed_dim, n_classes] weights: per class, mean of L2-normalised template embeddings, renormalised."""
     if not classnames:
         raise ValueError("no class names given")
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(f"every template needs a '{{}}' placeholder, got {list(templates)}")
-    prompts = [template.format(name) for name in classnames for template in templates]
-    device = next(model.parameters()).device
-    chunks = [model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device), normalize=True).float()
-              for i in range(0, len(prompts), batch_size)]
-    per_prompt = torch.cat(chunks).view(len(classnames), len(templates), -1)
-    return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1).t()
+    fingerprint = weights_fingerprint(model) if cache else None
+    key = (id(model), fingerprint, id(tokenizer), precision, tuple(classnames), tuple(templates))
+    if fingerprint is not None and key in _CACHE:
+        model_ref, _, weights = _CACHE[key]
+        if model_ref() is model:
+            _CACHE.move_to_end(key)
+            return weights
+    was_training = model.training
+    model.eval()  # dropout (e.g. a MiniLM text tower) would make the classifier random
+    try:
+        weights = _encode_classes(model, tokenizer, classnames, templates, batch_size, precision)
+    finally:
+        model.train(was_training)
+    if fingerprint is not None:
+        _CACHE[key] = (weakref.ref(model), tokenizer, weights)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return weights
+
+
+def _logit_scale(model: torch.nn.Module | None) -> torch.Tensor:
+    scale = getattr(model, "logit_scale", None)
+    return torch.tensor(100.0) if scale is None else scale.detach().float().exp()
+
+
+@torch.inference_mode()
+def zero_shot_predict(model: CLIP | None, image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Logits [N, n_classes]: the model's logit scale times cosine similarity (scale 100 without a model)."""
+    image = F.normalize(image_features.float(), dim=-1)
+    return _logit_scale(model).to(image.device) * image @ classifier.to(image.device, torch.float32)
+
+
+def evaluate_zero_shot(model: CLIP | None, image_features: torch.Tensor, labels: torch.Tensor,
+                       classifier: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """{"top1", "top5", "mean_per_class_recall", "samples"} of zero-shot predictions on image features."""
+    return classification_metrics(zero_shot_predict(model, image_features, classifier), labels, ks)
 
 
 @torch.inference_mode()
 def classify(model: CLIP, pixels: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """Class probabilities [B, n_classes] (softmax of scaled cosine similarity)."""
-    device = next(model.parameters()).device
-    image = model.encode_image(pixels.to(device), normalize=True).float()
-    return (model.logit_scale.exp().float() * image @ classifier).softmax(dim=-1)
+    image = model.encode_image(pixels.to(model_device(model)), normalize=True).float()
+    return zero_shot_predict(model, image, classifier).softmax(dim=-1)

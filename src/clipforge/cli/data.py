@@ -1,0 +1,62 @@
+"""`clipforge data {emoji,tuxpaint} --root DIR`: build the offline-real image-text datasets."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def _summary(name: str, manifest: dict, folder: Path, seconds: float) -> str:
+    if manifest.get("up_to_date"):
+        return (f"{name}: {folder} is up to date (manifest.json has the same options); nothing to do "
+                f"({seconds:.1f} s). Pass --force to rebuild.")
+    if name == "emoji":
+        return (f"emoji: wrote {manifest['images']} images ({manifest['concepts']} concepts x "
+                f"{len(manifest['styles'])} styles: {', '.join(manifest['styles'])}; {manifest['seen']} seen / "
+                f"{manifest['unseen']} unseen, seed {manifest['split_seed']}; {manifest['concepts_in_all_styles']} "
+                f"concepts exist in all six styles) at {manifest['image_size']} px to {folder} in {seconds:.1f} s")
+    return (f"tuxpaint: wrote {manifest['stamps']} stamps in {manifest['categories']} categories at "
+            f"{manifest['image_size']} px to {folder} in {seconds:.1f} s (source: {manifest['source']['kind']})")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Build the dataset named by the sub-sub-command and print a one-line summary."""
+    from clipforge.datasets import build_emoji, build_tuxpaint
+
+    start = time.perf_counter()
+    common = {"root": args.root, "size": args.size, "limit": args.limit, "cache": args.cache, "force": args.force,
+              "progress": not args.quiet}
+    if args.dataset == "emoji":
+        manifest = build_emoji(styles=args.styles, seed=args.seed, **common)
+    else:
+        manifest = build_tuxpaint(stamps=args.stamps, **common)
+    print(_summary(args.dataset, manifest, Path(args.root) / args.dataset, time.perf_counter() - start))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", type=Path, required=True, help="output folder (the dataset goes to ROOT/<name>)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N concepts/stamps (fast tests, CI)")
+    p.add_argument("--cache", type=Path, default=None, help="folder for downloaded archives (default ROOT/.cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the manifest shows the same options")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `clipforge data` with its `emoji` and `tuxpaint` sub-commands."""
+    from clipforge.datasets.emoji import STYLES
+
+    p = sub.add_parser("data", help="build offline-real image-text datasets (emoji, tuxpaint)",
+                       description="Fetch pinned packages with npm / apt-get, render and write a training-ready "
+                                   "dataset folder with captions.csv, labels.csv and manifest.json.")
+    datasets = p.add_subparsers(dest="dataset", required=True)
+    e = datasets.add_parser("emoji", help="six emoji styles x 1,594 concepts, CLDR captions, seen/unseen split")
+    _common(e)
+    e.add_argument("--styles", nargs="+", default=None, metavar="STYLE",
+                   help=f"subset of styles, space- or comma-separated (default all: {','.join(STYLES)})")
+    e.add_argument("--seed", type=int, default=0, help="seen/unseen concept split seed (default 0)")
+    t = datasets.add_parser("tuxpaint", help="Tux Paint stamps with English sentences, 16 categories")
+    _common(t)
+    t.add_argument("--stamps", type=Path, default=None,
+                   help="an unpacked tuxpaint stamps folder to read instead of the Debian package")

@@ -1,0 +1,151 @@
+"""Batched, frozen feature extraction: image embeddings from paths / PIL images / datasets, text embeddings."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def autocast_context(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device for precision "bf16", a no-op for "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    # Measured on this CPU (ViT-B-32, batch 32): autocast 3.3 s vs fp32 4.3 s vs bf16 weights 3.5 s, and it
+    # leaves the caller's fp32 weights untouched.
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _split_item(item: Any) -> tuple[Any, Any]:
+    """(image, label or None) from a dataset item: an image, (image, label, ...) or a dict."""
+    if isinstance(item, dict):
+        return item.get("pixels", item.get("image")), item.get("labels", item.get("label"))
+    if isinstance(item, (tuple, list)):
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
+
+
+def _to_pixels(image: Any, preprocess: Callable | None) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image
+    if isinstance(image, (str, Path, Image.Image)):
+        if preprocess is None:
+            raise ValueError("paths and PIL images need a `preprocess` transform (e.g. clipforge.image_transform)")
+        return preprocess(image)
+    raise TypeError(f"cannot turn {type(image).__name__} into pixels")
+
+
+def _stack_labels(labels: list[Any]) -> torch.Tensor | None:
+    if any(label is None for label in labels):
+        return None
+    return torch.cat([torch.as_tensor(label).long().reshape(-1) for label in labels])
+
+
+def iter_image_batches(images: Any, preprocess: Callable | None = None,
+                       batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(pixels [B, 3, H, W], labels [B] or None) batches from a pixel tensor, a DataLoader or a sequence."""
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size], None
+        return
+    if isinstance(images, DataLoader):
+        # A loader already batches (and may decode in workers): take its batches as they come.
+        for batch in images:
+            pixels, labels = _split_item(batch)
+            yield _to_pixels(pixels, None), (None if labels is None else torch.as_tensor(labels).long())
+        return
+    # Map-style datasets are read by index: plain iteration over one without __iter__ relies on
+    # __getitem__ raising IndexError at the end, which many custom datasets never do.
+    items = (images[i] for i in range(len(images))) if hasattr(images, "__getitem__") and \
+        hasattr(images, "__len__") and not isinstance(images, (str, dict)) else images
+    pixels, labels = [], []
+    for item in items:
+        image, label = _split_item(item)
+        pixels.append(_to_pixels(image, preprocess))
+        labels.append(label)
+        if len(pixels) == batch_size:
+            yield torch.stack(pixels), _stack_labels(labels)
+            pixels, labels = [], []
+    if pixels:
+        yield torch.stack(pixels), _stack_labels(labels)
+
+
+@torch.inference_mode()
+def extract_labeled_image_features(model: torch.nn.Module, images: Any, preprocess: Callable | None = None,
+                                   batch_size: int = 64, device: torch.device | str | None = None,
+                                   normalize: bool = True, precision: str = "fp32"
+                                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fp32 CPU features [N, D], labels [N] or None when items carry no labels), in input order."""
+    device = torch.device(device) if device is not None else model_device(model)
+    dtype = next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    try:
+        for pixels, batch_labels in iter_image_batches(images, preprocess, batch_size):
+            with autocast_context(device, precision):
+                out = model.encode_image(pixels.to(device, dtype))
+            features.append(out.float().cpu())
+            labels.append(batch_labels)
+    finally:
+        model.train(was_training)
+    if not features:
+        raise ValueError("no images given")
+    out = torch.cat(features)
+    return (F.normalize(out, dim=-1) if normalize else out), _stack_labels(labels)
+
+
+def extract_image_features(model: torch.nn.Module, images: Any, preprocess: Callable | None = None,
+                           batch_size: int = 64, device: torch.device | str | None = None,
+                           normalize: bool = True, precision: str = "fp32") -> torch.Tensor:
+    """fp32 CPU image embeddings [N, D] of paths, PIL images, a pixel tensor, a Dataset or a DataLoader."""
+    return extract_labeled_image_features(model, images, preprocess, batch_size, device, normalize, precision)[0]
+
+
+def iter_text_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 256,
+                       precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices, unnormalised fp32 features) batches of `tokens`, shortest texts first."""
+    device = model_device(model)
+    # encode_text trims padding after the batch's longest text, so batching similar lengths together
+    # saves most of the compute while every row's embedding stays exactly the same.
+    order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        with autocast_context(device, precision):
+            out = model.encode_text(tokens[rows].to(device))
+        yield rows, out.float()
+
+
+@torch.inference_mode()
+def extract_text_features(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
+                          texts: Sequence[str] | Iterable[str], batch_size: int = 256, normalize: bool = True,
+                          precision: str = "fp32") -> torch.Tensor:
+    """fp32 CPU text embeddings [N, D], in input order."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts given")
+    tokens = tokenizer(texts)
+    was_training = model.training
+    model.eval()
+    try:
+        out: torch.Tensor | None = None
+        for rows, features in iter_text_features(model, tokens, batch_size, precision):
+            if out is None:
+                out = torch.empty(len(texts), features.shape[1])
+            out[rows] = features.cpu()
+    finally:
+        model.train(was_training)
+    return F.normalize(out, dim=-1) if normalize else out

@@ -1,0 +1,163 @@
+"""Supervised baseline: the CLIP image tower plus a linear head, trained end to end with cross-entropy.
+
+Training uses AdamW (no weight decay on gains, biases and embeddings, as CLIP trains) with a linear-warmup
+cosine schedule. precision="bf16" runs the forward pass under bf16 autocast: the weights, gradients and
+optimizer state stay fp32 (the master copies), only matmuls and convolutions run in bf16. Measured on
+this 2-core CPU for one fwd+bwd step: ViT-B-32 (batch 16) fp32 9.1 s, autocast 7.3 s, bf16 weights 7.3 s.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.evaluate.features import autocast_context
+from clipforge.evaluate.metrics import classification_metrics
+
+Batches = Iterable[Any] | tuple[torch.Tensor, torch.Tensor]
+
+
+class LinearClassifier(nn.Module):
+    """An image tower producing `embed_dim` features followed by a linear head."""
+
+    def __init__(self, visual: nn.Module, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, num_classes]."""
+        return self.head(self.visual(pixels))
+
+
+def _batch(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(item, dict):
+        return item["pixels"], item.get("labels", item.get("label"))
+    pixels, labels = item[0], item[1]
+    return pixels, torch.as_tensor(labels)
+
+
+def _is_tensor_pair(data: Any) -> bool:
+    return (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+            and data[0].dim() == 4)
+
+
+def iter_batches(data: Batches, batch_size: int, shuffle: bool, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over (pixels, labels) tensors in (shuffled) batches, or over an iterable of batches."""
+    if _is_tensor_pair(data):
+        pixels, labels = data
+        if len(pixels) != len(labels):
+            raise ValueError(f"{len(pixels)} images but {len(labels)} labels")
+        order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed)) if shuffle \
+            else torch.arange(len(pixels))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            yield pixels[rows], labels[rows]
+        return
+    for item in data:
+        yield _batch(item)
+
+
+def _steps_per_epoch(data: Batches, batch_size: int) -> int:
+    if _is_tensor_pair(data):
+        return math.ceil(len(data[0]) / batch_size)
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError("this iterable has no length: pass `steps` instead of `epochs`") from None
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        # CLIP's rule: decay only matrices and conv kernels, not gains, biases, embeddings or tokens.
+        skip = param.dim() < 2 or "embedding" in name
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_supervised(visual: nn.Module, embed_dim: int, data: Batches, num_classes: int, *,
+                     epochs: int | None = None, steps: int | None = None, lr: float = 1e-3,
+                     weight_decay: float = 0.1, warmup_steps: int = 0, batch_size: int = 64,
+                     device: torch.device | str = "cpu", precision: str = "fp32", grad_clip: float = 1.0,
+                     seed: int = 0, on_step: Callable[[int, float, float], None] | None = None) -> LinearClassifier:
+    """Train `visual` + a new linear head with cross-entropy; returns the classifier in eval mode.
+
+    `data` is (pixels [N, 3, H, W], labels [N]) tensors (shuffled into `batch_size` batches each epoch) or a
+    re-iterable of (pixels, labels) / {"pixels", "labels"} batches. Give `epochs` or `steps` (default 1 epoch).
+    """
+    if epochs is not None and steps is not None:
+        raise ValueError("give epochs or steps, not both")
+    total = steps if steps is not None else (epochs or 1) * _steps_per_epoch(data, batch_size)
+    if total < 1:
+        raise ValueError("nothing to train: zero steps")
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LinearClassifier(visual, embed_dim, num_classes).to(device).float()
+    model.train()
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+    def epochs_of_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for epoch in itertools.count():
+            empty = True
+            for batch in iter_batches(data, batch_size, shuffle=True, seed=seed + epoch):
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("the training data yielded no batches")
+
+    for step, (pixels, labels) in enumerate(itertools.islice(epochs_of_batches(), total)):
+        pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
+        with autocast_context(device, precision):
+            logits = model(pixels)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        schedule.step()
+        if on_step is not None:
+            on_step(step, loss.item(), optimizer.param_groups[0]["lr"])
+    return model.eval()
+
+
+@torch.inference_mode()
+def evaluate_classifier(classifier: nn.Module, data: Batches, num_classes: int | None = None,
+                        batch_size: int = 256, device: torch.device | str | None = None,
+                        precision: str = "fp32") -> dict[str, float]:
+    """{"top1", "top5", "mean_per_class_recall", "loss", "samples"} of a pixels -> logits classifier."""
+    device = torch.device(device) if device is not None else next(classifier.parameters()).device
+    was_training = classifier.training
+    classifier.eval()
+    logits, labels = [], []
+    try:
+        for pixels, batch_labels in iter_batches(data, batch_size, shuffle=False, seed=0):
+            with autocast_context(device, precision):
+                logits.append(classifier(pixels.to(device)).float().cpu())
+            labels.append(torch.as_tensor(batch_labels).long().reshape(-1).cpu())
+    finally:
+        classifier.train(was_training)
+    if not logits:
+        raise ValueError("no evaluation batches")
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    if num_classes is not None and all_logits.shape[1] != num_classes:
+        raise ValueError(f"classifier has {all_logits.shape[1]} outputs, expected {num_classes}")
+    metrics = classification_metrics(all_logits, all_labels)
+    metrics["loss"] = F.cross_entropy(all_logits, all_labels).item()
+    return metrics
