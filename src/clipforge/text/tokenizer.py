@@ -231,9 +231,9 @@ class CLIPTokenizer:
         cache = self._cache
         missing = list({w: None for words in word_lists for w in words if w not in cache})
         if missing:
-            encodings = self._rust.encode_batch(
-                [[w] for w in missing], is_pretokenized=True, add_special_tokens=False
-            )
+            # encode_batch_fast skips offset tracking, which ids do not need.
+            encode = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)
+            encodings = encode([[w] for w in missing], is_pretokenized=True, add_special_tokens=False)
             cache.update(zip(missing, (e.ids for e in encodings)))
         lookup = cache.__getitem__
         out = [list(chain.from_iterable(map(lookup, words))) for words in word_lists]
