@@ -8,6 +8,7 @@ from pathlib import Path
 
 from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
+from clipforge.cli import evaluate as eval_cmd
 from clipforge.cli import train as train_cmd
 
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
+    eval_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     return parser
 

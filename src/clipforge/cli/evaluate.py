@@ -1,0 +1,69 @@
+"""`clipforge eval`: zero-shot, retrieval, linear probe, robustness and bias, with a Markdown report."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run one task and write results.json + report.md (+ PNG plots) into --out."""
+    import clipforge
+    from clipforge.evaluate.report import Section, markdown_table, write_report
+    from clipforge.evaluate.tasks import EvalContext, linear_probe_vs_zeroshot, load_for_eval, retrieval, robustness, zeroshot
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, preprocess = clipforge.load(args.model)
+    preprocess.composite_white = args.composite_white
+    tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
+    ctx = EvalContext(model, tokenizer, preprocess, out, args.templates, args.batch_size)
+    styles = [s for s in args.styles.split(",") if s]
+    if args.task == "zeroshot":
+        results = zeroshot(ctx, load_for_eval(args.data, args.styles, args.split), confusion=args.confusion)
+    elif args.task == "retrieval":
+        results = retrieval(ctx, args.data, styles or None, args.split or None)
+    elif args.task == "linear-probe":
+        train_styles = [s for s in args.id_styles.split(",") if s] or None
+        results = linear_probe_vs_zeroshot(ctx, load_for_eval(args.data, args.styles, args.split), train_styles)
+    elif args.task == "robustness":
+        id_styles = [s for s in args.id_styles.split(",") if s]
+        if not id_styles:
+            raise ValueError("--task robustness needs --id-styles (the styles the model was trained on)")
+        extra = {"tuxpaint": load_for_eval(args.tuxpaint)} if args.tuxpaint else None
+        results = robustness(ctx, load_for_eval(args.data, args.styles, args.split), id_styles, extra_zero_shot=extra)
+    else:
+        from clipforge.evaluate.bias import bias_probe
+
+        results = bias_probe(model, tokenizer, Path(args.data), styles or ["google", "twitter"], preprocess,
+                             template=args.bias_template, batch_size=args.batch_size)
+        ctx.sections.append(Section("bias probe", "Gendered variants of one concept (man / woman / person).",
+                                    results.get("rows", [])))
+    report = write_report(out, f"clipforge eval: {args.task}", ctx.sections,
+                          {"task": args.task, "model": str(args.model), "data": str(args.data), **results})
+    for section in ctx.sections:
+        print(f"\n## {section.title}\n{section.text}\n")
+        if section.rows:
+            print(markdown_table(section.rows, section.columns))
+    print(f"\nwrote {report} and {out / 'results.json'}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `clipforge eval`."""
+    p = sub.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe, robustness, bias")
+    p.add_argument("--model", required=True, help="checkpoint (any format clipforge.load reads) or registry name")
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--data", required=True,
+                   help="labels CSV, a dataset folder with labels.csv/captions.csv, or an image folder per class")
+    p.add_argument("--styles", default="", help="comma-separated styles (domains) to keep")
+    p.add_argument("--split", default="", help="keep one split (e.g. seen / unseen)")
+    p.add_argument("--id-styles", default="", help="robustness / linear probe: the training styles")
+    p.add_argument("--tuxpaint", default="", help="robustness: also zero-shot on this Tux Paint dataset")
+    p.add_argument("--templates", default="openai_7", help="template set: openai_80, openai_7, simple, emoji, tuxpaint")
+    p.add_argument("--bias-template", default="an emoji of {}.")
+    p.add_argument("--confusion", action="store_true", help="zero-shot: add a confusion matrix")
+    p.add_argument("--composite-white", action="store_true", help="blend transparent images onto white")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", default="runs/eval")
+    p.set_defaults(func=run)

@@ -1,0 +1,149 @@
+"""Evaluation data: labelled images (a labels CSV or an image folder per class) and caption sets."""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from clipforge.evaluate.features import extract_image_features
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+
+@dataclass
+class LabelledImages:
+    """Images with class indices into `classnames`, plus each image's domain (style) and split."""
+
+    paths: list[Path]
+    labels: torch.Tensor
+    classnames: list[str]
+    domains: list[str]
+    splits: list[str]
+    source: str
+    skipped: Counter = field(default_factory=Counter)
+
+    def subset(self, keep: Sequence[bool]) -> "LabelledImages":
+        """Rows where `keep` is true, with classes re-indexed to those still present."""
+        rows = [i for i, k in enumerate(keep) if k]
+        present = sorted({int(self.labels[i]) for i in rows})
+        remap = {old: new for new, old in enumerate(present)}
+        return LabelledImages([self.paths[i] for i in rows], torch.tensor([remap[int(self.labels[i])] for i in rows]),
+                              [self.classnames[c] for c in present], [self.domains[i] for i in rows],
+                              [self.splits[i] for i in rows], self.source, Counter(self.skipped))
+
+
+def _read_labels_csv(path: Path) -> LabelledImages:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"image", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: unknown class file format: needs columns image,label "
+                             f"(optional class_index, style, split); found {reader.fieldnames}")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    order: dict[str, int] = {}
+    for row in sorted(rows, key=lambda r: int(r["class_index"]) if r.get("class_index", "").isdigit() else 0):
+        order.setdefault(row["label"], len(order))
+    root = path.parent
+    return LabelledImages([root / r["image"] for r in rows], torch.tensor([order[r["label"]] for r in rows]),
+                          list(order), [r.get("style", "") or "" for r in rows], [r.get("split", "") or "" for r in rows],
+                          str(path))
+
+
+def _read_image_folder(root: Path) -> LabelledImages:
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    paths, labels, empty = [], [], []
+    for index, folder in enumerate(classes):
+        files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            empty.append(folder.name)
+        paths += files
+        labels += [index] * len(files)
+    if empty:
+        raise ValueError(f"{root}: empty class folder(s) with no images: {', '.join(empty)}")
+    names = [c.name.replace("_", " ") for c in classes]
+    return LabelledImages(paths, torch.tensor(labels), names, [""] * len(paths), [""] * len(paths), str(root))
+
+
+def load_labelled_images(data: str | Path, domains: Sequence[str] | None = None,
+                         split: str | None = None) -> LabelledImages:
+    """A labels CSV (or a dataset root holding labels.csv) or an image folder per class, filtered."""
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+        images = _read_labels_csv(path)
+    elif path.is_dir() and (path / "labels.csv").is_file():
+        images = _read_labels_csv(path / "labels.csv")
+    elif path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+        images = _read_image_folder(path)
+    elif path.exists():
+        raise ValueError(f"{path}: unknown class file format: give a labels CSV (image,label[,style,split]), "
+                         "a dataset folder holding labels.csv, or a folder with one sub-folder of images per class")
+    else:
+        raise FileNotFoundError(f"evaluation data not found: {path}")
+    if domains:
+        unknown = set(domains) - set(images.domains)
+        if unknown:
+            raise ValueError(f"{path}: no images of style(s) {sorted(unknown)}; styles: {sorted(set(images.domains))}")
+        images = images.subset([d in domains for d in images.domains])
+    if split:
+        images = images.subset([s == split for s in images.splits])
+    if not images.paths:
+        raise ValueError(f"{path}: no images left after filtering (styles={domains}, split={split})")
+    return images
+
+
+def image_features(model: torch.nn.Module, images: LabelledImages, preprocess: Callable,
+                   batch_size: int = 128) -> tuple[torch.Tensor, LabelledImages]:
+    """Normalised features of every readable image; unreadable ones are dropped and counted."""
+    pixels, keep = [], []
+    for path in images.paths:
+        try:
+            pixels.append(preprocess(path))
+            keep.append(True)
+        except (ValueError, FileNotFoundError, OSError):
+            keep.append(False)
+    kept = images.subset(keep) if not all(keep) else images
+    kept.skipped["unreadable_image"] += keep.count(False)
+    if not pixels:
+        raise ValueError(f"{images.source}: none of the {len(images.paths)} images could be read")
+    return extract_image_features(model, torch.stack(pixels), batch_size=batch_size), kept
+
+
+@dataclass
+class CaptionedImages:
+    """Images with one or more captions each (for retrieval)."""
+
+    paths: list[Path]
+    captions: list[str]
+    caption_to_image: torch.Tensor
+
+
+def load_captioned_images(path: str | Path, separator: str = "|", domains: Sequence[str] | None = None,
+                          split: str | None = None) -> CaptionedImages:
+    """A caption CSV (image, caption; several captions split on `separator`), optionally filtered."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "captions.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"caption CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if {"image", "caption"} - set(reader.fieldnames or []):
+            raise ValueError(f"{path}: needs columns image,caption; found {reader.fieldnames}")
+        rows = [r for r in reader if (not domains or r.get("style") in domains) and (not split or r.get("split") == split)]
+    paths, captions, owner = [], [], []
+    for row in rows:
+        texts = [t.strip() for t in (row["caption"].split(separator) if separator else [row["caption"]]) if t.strip()]
+        if not texts:
+            continue
+        paths.append(path.parent / row["image"])
+        captions += texts
+        owner += [len(paths) - 1] * len(texts)
+    if not paths:
+        raise ValueError(f"{path}: no captioned images (after filtering styles={domains}, split={split})")
+    return CaptionedImages(paths, captions, torch.tensor(owner))

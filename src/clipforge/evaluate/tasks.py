@@ -1,0 +1,184 @@
+"""The evaluation tasks behind `clipforge eval`: each returns results and report sections."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from clipforge.evaluate.datasets import LabelledImages, image_features, load_captioned_images, load_labelled_images
+from clipforge.evaluate.features import extract_text_features
+from clipforge.evaluate.metrics import confusion_matrix
+from clipforge.evaluate.report import Section, plot_bars, plot_confusion, plot_robustness
+from clipforge.evaluate.retrieval import retrieval_recall
+from clipforge.evaluate.templates import get_templates
+from clipforge.evaluate.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_predict
+
+
+@dataclass
+class EvalContext:
+    """What every task needs: the model, its tokenizer and preprocessing, where to write plots."""
+
+    model: torch.nn.Module
+    tokenizer: Callable
+    preprocess: Callable
+    out_dir: Path
+    templates: str = "openai_7"
+    batch_size: int = 128
+    sections: list[Section] = field(default_factory=list)
+
+
+def prompt_modes(templates: str) -> dict[str, list[str]]:
+    """The prompt ablation: bare label, the set's first template, the whole ensemble."""
+    names = get_templates(templates)
+    return {"label": ["{}"], "template": names[:1], "ensemble": names}
+
+
+def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", confusion: bool = False,
+             features: torch.Tensor | None = None) -> dict[str, Any]:
+    """Top-1/top-5/mean per-class recall under label, single template and ensemble prompts."""
+    if features is None:
+        features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    results: dict[str, Any] = {"images": len(data.paths), "classes": len(data.classnames),
+                               "skipped": dict(data.skipped)}
+    rows = []
+    for mode, templates in prompt_modes(ctx.templates).items():
+        classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, templates)
+        metrics = evaluate_zero_shot(ctx.model, features, data.labels, classifier)
+        results[mode] = metrics
+        rows.append({"prompts": mode, "templates": len(templates), **metrics})
+    text = (f"{len(data.paths)} images, {len(data.classnames)} classes (chance {1 / len(data.classnames):.4f}); "
+            f"template set `{ctx.templates}`; skipped: {dict(data.skipped) or 'none'}.")
+    images = [plot_bars({name: {r["prompts"]: r["top1"] for r in rows}},
+                        ctx.out_dir / f"{_slug(name)}-ablation.png", f"{name}: prompt ablation", "top-1")]
+    if confusion:
+        classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
+        preds = zero_shot_predict(ctx.model, features, classifier).argmax(-1)
+        matrix = confusion_matrix(preds, data.labels, len(data.classnames))
+        results["confusion_matrix"] = matrix.tolist()
+        images.append(plot_confusion(matrix, data.classnames, ctx.out_dir / f"{_slug(name)}-confusion.png"))
+    ctx.sections.append(Section(name, text, rows, ["prompts", "templates", "top1", "top5", "mean_per_class_recall"], images))
+    return results
+
+
+def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None = None, split: str | None = None,
+              name: str = "retrieval") -> dict[str, Any]:
+    """Image<->text recall@1/5/10 with every caption of every image."""
+    captioned = load_captioned_images(data, domains=domains, split=split)
+    keep, pixels = [], []
+    for path in captioned.paths:
+        try:
+            pixels.append(ctx.preprocess(path))
+            keep.append(True)
+        except (ValueError, FileNotFoundError, OSError):
+            keep.append(False)
+    if not pixels:
+        raise ValueError(f"{data}: none of the images could be read")
+    new_index = torch.cumsum(torch.tensor(keep, dtype=torch.long), 0) - 1
+    caption_keep = torch.tensor(keep)[captioned.caption_to_image]
+    captions = [c for c, k in zip(captioned.captions, caption_keep.tolist()) if k]
+    owners = new_index[captioned.caption_to_image[caption_keep]]
+    from clipforge.evaluate.features import extract_image_features
+
+    images = extract_image_features(ctx.model, torch.stack(pixels), batch_size=ctx.batch_size)
+    texts = extract_text_features(ctx.model, _truncating(ctx.tokenizer), captions, batch_size=256)
+    metrics = retrieval_recall(images, texts, owners)
+    results = {"images": len(pixels), "captions": len(captions), "skipped": {"unreadable_image": keep.count(False)},
+               **metrics}
+    rows = [{"direction": d, **{f"R@{k}": metrics[f"{d}_r{k}"] for k in (1, 5, 10)}}
+            for d in ("image_to_text", "text_to_image")]
+    ctx.sections.append(Section(name, f"{len(pixels)} images, {len(captions)} captions.", rows))
+    return results
+
+
+def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domains: Sequence[str] | None = None,
+                             name: str = "linear probe") -> dict[str, Any]:
+    """Logistic regression on frozen features vs zero-shot on the same test images."""
+    from clipforge.evaluate.linear_probe import evaluate_linear_probe, stratified_split
+
+    features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    if train_domains:
+        train = torch.tensor([d in train_domains for d in data.domains])
+        test = ~train
+    else:
+        train_idx, test_idx = stratified_split(data.labels.numpy(), 0.5, seed=0)
+        train = torch.zeros(len(data.labels), dtype=torch.bool)
+        train[torch.as_tensor(train_idx)] = True
+        test = ~train
+    if not train.any() or not test.any():
+        raise ValueError("linear probe needs both training and test images")
+    probe = evaluate_linear_probe(features[train], data.labels[train], features[test], data.labels[test],
+                                  num_classes=len(data.classnames))
+    classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
+    zs = evaluate_zero_shot(ctx.model, features[test], data.labels[test], classifier)
+    rows = [{"method": "linear probe", "top1": probe["test_top1"], "mean_per_class_recall": probe["test_mean_per_class_recall"],
+             "C": probe["best_C"]},
+            {"method": "zero-shot (ensemble)", "top1": zs["top1"], "mean_per_class_recall": zs["mean_per_class_recall"], "C": ""}]
+    ctx.sections.append(Section(name, f"train {int(train.sum())} / test {int(test.sum())} images.", rows))
+    return {"linear_probe": probe, "zero_shot": zs, "train_images": int(train.sum()), "test_images": int(test.sum())}
+
+
+def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str], supervised: Any = None,
+               extra_zero_shot: dict[str, LabelledImages] | None = None, name: str = "robustness") -> dict[str, Any]:
+    """Accuracy per domain for CLIP zero-shot, a CLIP linear probe and (optionally) a supervised model.
+
+    In-distribution = the domains the models were trained on; every other domain is a shift.
+    `supervised(paths) -> logits` classifies images into `data.classnames`.
+    """
+    from clipforge.evaluate.linear_probe import evaluate_linear_probe, fit_logistic_regression
+
+    features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    domains = sorted(set(data.domains))
+    missing = set(id_domains) - set(domains)
+    if missing:
+        raise ValueError(f"in-distribution style(s) {sorted(missing)} not in the data ({domains})")
+    in_id = torch.tensor([d in id_domains for d in data.domains])
+    classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
+    predictions = {"CLIP zero-shot": zero_shot_predict(ctx.model, features, classifier).argmax(-1)}
+    # C by the paper's sweep on a split of the in-distribution features, then refit on all of them.
+    sweep = evaluate_linear_probe(features[in_id], data.labels[in_id], features[in_id], data.labels[in_id],
+                                  num_classes=len(data.classnames))
+    probe, _ = fit_logistic_regression(features[in_id].numpy(), data.labels[in_id].numpy(), C=sweep["best_C"])
+    probe_classes = torch.as_tensor(probe.classes_)
+    predictions["CLIP linear probe"] = probe_classes[torch.as_tensor(probe.predict_proba(features.numpy())).argmax(-1)]
+    if supervised is not None:
+        predictions["supervised"] = supervised(data.paths).argmax(-1)
+    rows, points, results = [], [], {"domains": {}, "id_domains": list(id_domains)}
+    for method, pred in predictions.items():
+        correct = (pred == data.labels).float()
+        per_domain = {d: correct[torch.tensor([x == d for x in data.domains])].mean().item() for d in domains}
+        id_acc = correct[in_id].mean().item()
+        shifted = [d for d in domains if d not in id_domains]
+        ood_acc = sum(per_domain[d] for d in shifted) / max(1, len(shifted))
+        results["domains"][method] = {"in_distribution": id_acc, "shifted_mean": ood_acc, "per_domain": per_domain,
+                                      "retained": ood_acc / id_acc if id_acc else 0.0}
+        rows.append({"method": method, "in-dist": id_acc, "shifted (mean)": ood_acc,
+                     "retained": results["domains"][method]["retained"], **per_domain})
+        points += [{"name": method, "domain": d, "id_acc": id_acc, "ood_acc": per_domain[d]} for d in shifted]
+    for label, extra in (extra_zero_shot or {}).items():
+        results[label] = zeroshot(ctx, extra, name=f"{label} (zero-shot)")
+    plot = plot_robustness(points, ctx.out_dir / f"{_slug(name)}.png", "shifted vs in-distribution top-1")
+    ctx.sections.append(Section(name, f"in-distribution styles: {', '.join(id_domains)}; {len(data.classnames)} classes.",
+                                rows, None, [plot]))
+    return results
+
+
+def _truncating(tokenizer: Callable) -> Callable:
+    import inspect
+
+    try:
+        if "truncate" in inspect.signature(tokenizer).parameters:
+            return lambda texts: tokenizer(texts, truncate=True)
+    except (TypeError, ValueError):
+        pass
+    return tokenizer
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def load_for_eval(data: str | Path, styles: str = "", split: str = "") -> LabelledImages:
+    """CLI helper: comma-separated styles and an optional split name."""
+    return load_labelled_images(data, [s for s in styles.split(",") if s] or None, split or None)

@@ -1,0 +1,105 @@
+"""`clipforge eval` end to end on small data, including bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from synthetic import COLORS, SHAPES, draw, make_caption_set
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipforge.cli.main", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """An image folder per class (ImageNet layout) with one undecodable file."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = random.Random(0)
+    for shape in SHAPES:
+        (root / f"{shape}_shape").mkdir()
+        for i, rgb in enumerate(COLORS.values()):
+            draw(rgb, shape, rng).save(root / f"{shape}_shape" / f"{i}.png")
+    (root / "circle_shape" / "broken.png").write_bytes(b"not a png at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory) -> Path:
+    """A labels CSV with two 'styles' (plain and inverted colours) and captions."""
+    root = tmp_path_factory.mktemp("styled")
+    make_caption_set(root, per_concept=4, seed=3)
+    from PIL import ImageOps, Image
+
+    rows = []
+    for line in list(csv.DictReader(open(root / "train.csv"))):
+        key = line["key"]
+        color, shape = key.split("-")
+        rows.append({"image": line["image"], "label": f"{color} {shape}", "style": "plain", "split": "seen"})
+        inverted = line["image"].replace(".png", "_inv.png")
+        ImageOps.invert(Image.open(root / line["image"]).convert("RGB")).save(root / inverted)
+        rows.append({"image": inverted, "label": f"{color} {shape}", "style": "inverted", "split": "seen"})
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["image", "label", "style", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_zeroshot_on_fixture_model_and_image_folder(fixtures_dir, folder, tmp_path):
+    model = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
+    result = run_cli("eval", "--model", str(model), "--task", "zeroshot", "--data", str(folder), "--confusion",
+                     "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["images"] == 24 and results["classes"] == 4
+    assert results["skipped"] == {"unreadable_image": 1}  # counted, not silently dropped
+    assert {"label", "template", "ensemble"} <= set(results) and len(results["confusion_matrix"]) == 4
+    report = (tmp_path / "report.md").read_text()
+    assert "ensemble" in report and ".png" in report
+    import re
+
+    embedded = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert embedded and all((tmp_path / p).stat().st_size > 0 for p in embedded)
+
+
+def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
+    out = tmp_path / "r"
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "retrieval", "--data", str(styled / "train.csv"),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["images"] == 96 and 0 <= results["image_to_text_r1"] <= results["image_to_text_r10"] <= 1
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "linear-probe", "--data", str(styled),
+                     "--styles", "plain", "--out", str(tmp_path / "lp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "lp" / "results.json").read_text())
+    assert results["test_images"] > 0 and "best_C" in results["linear_probe"]
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "robustness", "--data", str(styled),
+                     "--id-styles", "plain", "--out", str(tmp_path / "rb"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "rb" / "results.json").read_text())
+    assert set(results["domains"]) == {"CLIP zero-shot", "CLIP linear probe"}
+    assert (tmp_path / "rb" / "robustness.png").stat().st_size > 0
+
+
+def test_bad_inputs_are_clear(folder, tmp_path):
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("path,name\na.png,cat\n")
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "zeroshot", "--data", str(bad_csv), "--out", str(tmp_path))
+    assert result.returncode == 2 and "unknown class file format" in result.stderr
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    (tmp_path / "classes" / "dog").mkdir()
+    draw((0, 0, 0), "circle", random.Random(0)).save(tmp_path / "classes" / "cat" / "a.png")
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "zeroshot", "--data", str(tmp_path / "classes"),
+                     "--out", str(tmp_path))
+    assert result.returncode == 2 and "empty class" in result.stderr and "dog" in result.stderr
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "robustness", "--data", str(folder), "--out", str(tmp_path))
+    assert result.returncode == 2 and "--id-styles" in result.stderr
