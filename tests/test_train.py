@@ -193,11 +193,18 @@ def test_ddp_two_processes_equal_one(shapes, tmp_path):
 
 
 def test_learns_synthetic_captions(shapes, tmp_path):
+    labels = tmp_path / "val_labels.csv"
+    rows = [line.split(",") for line in (shapes / "val.csv").read_text().splitlines()[1:]]
+    labels.write_text("image,label\n" + "".join(f"{shapes / image},{caption[2:]}\n" for image, caption, _ in rows))
     summary = train(config(shapes, tmp_path / "run", val_data=str(shapes / "val.csv"), batch_size=24, steps=100,
-                           warmup=10, lr=2e-3, key_column="key"))
+                           warmup=10, lr=2e-3, key_column="key", val_zeroshot=str(labels),
+                           val_zeroshot_templates="label"))
     val = summary["validation"]
     chance = 1 / val["pairs"]
     assert val["image_to_text_r1"] > 8 * chance and val["text_to_image_r1"] > 8 * chance, val
+    assert val["zeroshot_top1"] > 4 * chance, val  # zero-shot with bare class names ("red circle")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_zeroshot_top1" in record for record in logged)
 
 
 def test_lit_minilm_locked_text_tower(shapes, tmp_path):

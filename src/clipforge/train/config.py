@@ -29,6 +29,10 @@ class TrainConfig:
     key_column: str = ""  # concept key column: batches then never hold two samples with the same key
     caption_separator: str = ""  # split one caption cell into several captions
     composite_white: bool = False  # blend transparent images onto white
+    val_zeroshot: str = ""  # labels CSV / dataset folder: zero-shot top-1 at each validation
+    val_zeroshot_styles: str = ""  # comma-separated styles to keep from val_zeroshot
+    val_zeroshot_split: str = ""  # split to keep from val_zeroshot (e.g. "seen")
+    val_zeroshot_templates: str = "simple"  # template set (clipforge.evaluate.get_templates)
     workers: int = 2
     # optimisation
     batch_size: int = 64  # per process, per optimizer step

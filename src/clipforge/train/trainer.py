@@ -21,7 +21,7 @@ from clipforge.train.data import build_train_data, build_val_data
 from clipforge.train.distributed import DistInfo, barrier, init_distributed
 from clipforge.train.models import build_model_and_tokenizer
 from clipforge.train.step import TrainStep, lock_tower
-from clipforge.train.validate import validate
+from clipforge.train.validate import ZeroShotProbe, validate
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,8 +120,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.write_json(run_dir / "config.json", dataclasses.asdict(config))
     log = MetricsLog(run_dir, info.is_main)
-    val_data = build_val_data(config, EvalTransform(model.image_size, composite_white=config.composite_white),
-                              tokenizer) if config.val_data else None
+    eval_transform = EvalTransform(model.image_size, composite_white=config.composite_white)
+    val_data = build_val_data(config, eval_transform, tokenizer) if config.val_data else None
+    if config.val_zeroshot and info.is_main:
+        probe = ZeroShotProbe(config.val_zeroshot, config.val_zeroshot_styles, config.val_zeroshot_split,
+                              config.val_zeroshot_templates, eval_transform, tokenizer)
+        val_data = Validation(val_data, probe)
+    elif val_data is not None:
+        val_data = Validation(val_data, None)
+    elif config.val_zeroshot:
+        val_data = Validation(None, None)  # other ranks only keep the schedule of validation calls
 
     def save() -> Path | None:
         state = {"step": step, "epoch": epoch, "data": data.loader.state_dict(), "optimizer": optimizer.state_dict(),
@@ -223,8 +231,19 @@ def _groups(model: torch.nn.Module, loss_fn: torch.nn.Module, step_fn: TrainStep
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _validate_and_log(model, val_data, log: MetricsLog, step: int, info: DistInfo) -> dict[str, float]:
-    metrics = validate(model, val_data, info.device) if info.is_main else {}
+class Validation:
+    """The held-out pairs (loss, R@1) and/or a zero-shot probe, run together."""
+
+    def __init__(self, pairs: Any, zeroshot: ZeroShotProbe | None) -> None:
+        self.pairs, self.zeroshot = pairs, zeroshot
+
+    def __call__(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        metrics = validate(model, self.pairs, device) if self.pairs is not None else {}
+        return {**metrics, **(self.zeroshot(model, device) if self.zeroshot is not None else {})}
+
+
+def _validate_and_log(model, val_data: Validation, log: MetricsLog, step: int, info: DistInfo) -> dict[str, float]:
+    metrics = val_data(model, info.device) if info.is_main else {}
     if info.is_main:
         log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
         tqdm.write(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -33,3 +33,36 @@ def validate(model: torch.nn.Module, batches: Iterable[dict], device: torch.devi
         "text_to_image_r1": (logits.argmax(dim=0) == labels).float().mean().item(),
         "pairs": float(len(images)),
     }
+
+
+class ZeroShotProbe:
+    """Zero-shot top-1 on a labelled image set; images are decoded once, at start-up."""
+
+    def __init__(self, data: str, styles: str, split: str, templates: str, preprocess, tokenizer) -> None:
+        from clipforge.evaluate.datasets import load_labelled_images
+        from clipforge.evaluate.templates import get_templates
+
+        images = load_labelled_images(data, [s for s in styles.split(",") if s] or None, split or None)
+        keep, pixels = [], []
+        for path in images.paths:
+            try:
+                pixels.append(preprocess(path))
+                keep.append(True)
+            except (ValueError, OSError):
+                keep.append(False)
+        self.images = images.subset(keep)
+        self.pixels = torch.stack(pixels)
+        self.templates = get_templates(templates)
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """{"zeroshot_top1", "zeroshot_top5"} with the model as it is now."""
+        from clipforge.evaluate.zeroshot import build_classifier, evaluate_zero_shot
+
+        model.eval()
+        features = torch.cat([model.encode_image(self.pixels[i : i + 256].to(device), normalize=True).float().cpu()
+                              for i in range(0, len(self.pixels), 256)])
+        classifier = build_classifier(model, self.tokenizer, self.images.classnames, self.templates, cache=False)
+        metrics = evaluate_zero_shot(model, features, self.images.labels, classifier)
+        return {"zeroshot_top1": metrics["top1"], "zeroshot_top5": metrics.get("top5", float("nan"))}
