@@ -83,10 +83,11 @@ def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
     results = json.loads((tmp_path / "lp" / "results.json").read_text())
     assert results["test_images"] > 0 and "best_C" in results["linear_probe"]
     result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "robustness", "--data", str(styled),
-                     "--id-styles", "plain", "--out", str(tmp_path / "rb"))
+                     "--id-styles", "plain", "--supervised-steps", "30", "--out", str(tmp_path / "rb"))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "rb" / "results.json").read_text())
-    assert set(results["domains"]) == {"CLIP zero-shot", "CLIP linear probe"}
+    assert set(results["domains"]) == {"CLIP zero-shot", "CLIP linear probe", "supervised"}
+    assert results["domains"]["supervised"]["in_distribution"] > 0.2  # it learned the training style
     assert (tmp_path / "rb" / "robustness.png").stat().st_size > 0
 
 

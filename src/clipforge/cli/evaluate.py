@@ -11,7 +11,8 @@ def run(args: argparse.Namespace) -> None:
     """Run one task and write results.json + report.md (+ PNG plots) into --out."""
     import clipforge
     from clipforge.evaluate.report import Section, markdown_table, write_report
-    from clipforge.evaluate.tasks import EvalContext, linear_probe_vs_zeroshot, load_for_eval, retrieval, robustness, zeroshot
+    from clipforge.evaluate.tasks import (EvalContext, linear_probe_vs_zeroshot, load_for_eval, retrieval, robustness,
+                                          supervised_baseline, zeroshot)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -32,7 +33,9 @@ def run(args: argparse.Namespace) -> None:
         if not id_styles:
             raise ValueError("--task robustness needs --id-styles (the styles the model was trained on)")
         extra = {"tuxpaint": load_for_eval(args.tuxpaint)} if args.tuxpaint else None
-        results = robustness(ctx, load_for_eval(args.data, args.styles, args.split), id_styles, extra_zero_shot=extra)
+        data = load_for_eval(args.data, args.styles, args.split)
+        baseline = supervised_baseline(ctx, data, id_styles, args.supervised_steps) if args.supervised_steps else None
+        results = robustness(ctx, data, id_styles, supervised=baseline, extra_zero_shot=extra)
     else:
         from clipforge.evaluate.bias import bias_probe
 
@@ -60,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="", help="keep one split (e.g. seen / unseen)")
     p.add_argument("--id-styles", default="", help="robustness / linear probe: the training styles")
     p.add_argument("--tuxpaint", default="", help="robustness: also zero-shot on this Tux Paint dataset")
+    p.add_argument("--supervised-steps", type=int, default=0,
+                   help="robustness: train a supervised baseline (same image tower, cross-entropy) this many steps")
     p.add_argument("--templates", default="openai_7", help="template set: openai_80, openai_7, simple, emoji, tuxpaint")
     p.add_argument("--bias-template", default="an emoji of {}.")
     p.add_argument("--confusion", action="store_true", help="zero-shot: add a confusion matrix")

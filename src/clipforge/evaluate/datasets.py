@@ -100,18 +100,24 @@ def load_labelled_images(data: str | Path, domains: Sequence[str] | None = None,
 def image_features(model: torch.nn.Module, images: LabelledImages, preprocess: Callable,
                    batch_size: int = 128) -> tuple[torch.Tensor, LabelledImages]:
     """Normalised features of every readable image; unreadable ones are dropped and counted."""
+    pixels, keep = decode_all(images.paths, preprocess)
+    kept = images.subset(keep) if not all(keep) else images
+    kept.skipped["unreadable_image"] += keep.count(False)
+    if not len(pixels):
+        raise ValueError(f"{images.source}: none of the {len(images.paths)} images could be read")
+    return extract_image_features(model, pixels, batch_size=batch_size), kept
+
+
+def decode_all(paths: Sequence[Path], preprocess: Callable) -> tuple[torch.Tensor, list[bool]]:
+    """Pixels of every readable image and which ones were readable (the others are left out)."""
     pixels, keep = [], []
-    for path in images.paths:
+    for path in paths:
         try:
             pixels.append(preprocess(path))
             keep.append(True)
         except (ValueError, FileNotFoundError, OSError):
             keep.append(False)
-    kept = images.subset(keep) if not all(keep) else images
-    kept.skipped["unreadable_image"] += keep.count(False)
-    if not pixels:
-        raise ValueError(f"{images.source}: none of the {len(images.paths)} images could be read")
-    return extract_image_features(model, torch.stack(pixels), batch_size=batch_size), kept
+    return (torch.stack(pixels) if pixels else torch.empty(0)), keep
 
 
 @dataclass

@@ -7,8 +7,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from clipforge.evaluate.datasets import LabelledImages, image_features, load_captioned_images, load_labelled_images
-from clipforge.evaluate.features import extract_text_features
+from clipforge.evaluate.datasets import (LabelledImages, decode_all, image_features, load_captioned_images,
+                                         load_labelled_images)
+from clipforge.evaluate.features import extract_image_features, extract_text_features
 from clipforge.evaluate.metrics import confusion_matrix
 from clipforge.evaluate.report import Section, plot_bars, plot_confusion, plot_robustness
 from clipforge.evaluate.retrieval import retrieval_recall
@@ -66,22 +67,14 @@ def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None 
               name: str = "retrieval") -> dict[str, Any]:
     """Image<->text recall@1/5/10 with every caption of every image."""
     captioned = load_captioned_images(data, domains=domains, split=split)
-    keep, pixels = [], []
-    for path in captioned.paths:
-        try:
-            pixels.append(ctx.preprocess(path))
-            keep.append(True)
-        except (ValueError, FileNotFoundError, OSError):
-            keep.append(False)
-    if not pixels:
+    pixels, keep = decode_all(captioned.paths, ctx.preprocess)
+    if not len(pixels):
         raise ValueError(f"{data}: none of the images could be read")
     new_index = torch.cumsum(torch.tensor(keep, dtype=torch.long), 0) - 1
     caption_keep = torch.tensor(keep)[captioned.caption_to_image]
     captions = [c for c, k in zip(captioned.captions, caption_keep.tolist()) if k]
     owners = new_index[captioned.caption_to_image[caption_keep]]
-    from clipforge.evaluate.features import extract_image_features
-
-    images = extract_image_features(ctx.model, torch.stack(pixels), batch_size=ctx.batch_size)
+    images = extract_image_features(ctx.model, pixels, batch_size=ctx.batch_size)
     texts = extract_text_features(ctx.model, _truncating(ctx.tokenizer), captions, batch_size=256)
     metrics = retrieval_recall(images, texts, owners)
     results = {"images": len(pixels), "captions": len(captions), "skipped": {"unreadable_image": keep.count(False)},
@@ -143,7 +136,7 @@ def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str]
     probe_classes = torch.as_tensor(probe.classes_)
     predictions["CLIP linear probe"] = probe_classes[torch.as_tensor(probe.predict_proba(features.numpy())).argmax(-1)]
     if supervised is not None:
-        predictions["supervised"] = supervised(data.paths).argmax(-1)
+        predictions["supervised"] = supervised(data.paths).argmax(-1)  # paths were all readable above
     rows, points, results = [], [], {"domains": {}, "id_domains": list(id_domains)}
     for method, pred in predictions.items():
         correct = (pred == data.labels).float()
@@ -162,6 +155,31 @@ def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str]
     ctx.sections.append(Section(name, f"in-distribution styles: {', '.join(id_domains)}; {len(data.classnames)} classes.",
                                 rows, None, [plot]))
     return results
+
+
+def supervised_baseline(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str], steps: int,
+                        lr: float = 1e-3, batch_size: int = 64) -> Callable[[Sequence[Path]], torch.Tensor]:
+    """Train a fresh image tower of the evaluated architecture with cross-entropy on the in-distribution
+    styles (the analogue of the paper's ImageNet-trained ResNet); returns paths -> logits."""
+    from clipforge.evaluate.supervised import train_supervised
+    from clipforge.model.resnet import ModifiedResNet
+    from clipforge.model.transformer import VisionTransformer
+
+    config = ctx.model.config
+    torch.manual_seed(0)
+    visual = (ModifiedResNet if config.vision.is_resnet else VisionTransformer)(config.vision, config.embed_dim)
+    rows = [i for i, d in enumerate(data.domains) if d in id_domains]
+    pixels, keep = decode_all([data.paths[i] for i in rows], ctx.preprocess)
+    labels = data.labels[[i for i, k in zip(rows, keep) if k]]
+    classifier = train_supervised(visual, config.embed_dim, (pixels, labels), len(data.classnames), steps=steps,
+                                  lr=lr, batch_size=batch_size, precision="bf16")
+
+    @torch.inference_mode()
+    def predict(paths: Sequence[Path]) -> torch.Tensor:
+        images, _ = decode_all(paths, ctx.preprocess)
+        return torch.cat([classifier(images[i : i + 256]).float() for i in range(0, len(images), 256)])
+
+    return predict
 
 
 def _truncating(tokenizer: Callable) -> Callable:

@@ -39,19 +39,14 @@ class ZeroShotProbe:
     """Zero-shot top-1 on a labelled image set; images are decoded once, at start-up."""
 
     def __init__(self, data: str, styles: str, split: str, templates: str, preprocess, tokenizer) -> None:
-        from clipforge.evaluate.datasets import load_labelled_images
+        from clipforge.evaluate.datasets import decode_all, load_labelled_images
         from clipforge.evaluate.templates import get_templates
 
         images = load_labelled_images(data, [s for s in styles.split(",") if s] or None, split or None)
-        keep, pixels = [], []
-        for path in images.paths:
-            try:
-                pixels.append(preprocess(path))
-                keep.append(True)
-            except (ValueError, OSError):
-                keep.append(False)
+        self.pixels, keep = decode_all(images.paths, preprocess)
+        if not len(self.pixels):
+            raise ValueError(f"val_zeroshot {data}: no readable images")
         self.images = images.subset(keep)
-        self.pixels = torch.stack(pixels)
         self.templates = get_templates(templates)
         self.tokenizer = tokenizer
 
