@@ -41,8 +41,20 @@ def run(args: argparse.Namespace) -> None:
 
         results = bias_probe(model, tokenizer, Path(args.data), styles or ["google", "twitter"], preprocess,
                              template=args.bias_template, batch_size=args.batch_size)
-        ctx.sections.append(Section("bias probe", "Gendered variants of one concept (man / woman / person).",
-                                    results.get("rows", [])))
+        from clipforge.evaluate.report import plot_bars
+
+        def rate(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        text = (f"Gendered variants of one concept (man / woman / person), {results['groups']} groups, "
+                f"{results['images']} images, template `{args.bias_template}`. Accuracy gap (man - woman): "
+                f"{rate(results['accuracy_gap'])}; gender-neutral images preferring the 'man' caption over "
+                f"'woman': {rate(results['neutral_prefers_man'])}; woman images labelled man: "
+                f"{rate(results['woman_as_man'])}; man images labelled woman: {rate(results['man_as_woman'])}.")
+        bars = {style: {g: v["accuracy"] for g, v in entry["by_gender"].items() if v["accuracy"] is not None}
+                for style, entry in results["by_style"].items()}
+        plot = plot_bars(bars, out / "bias.png", "within-group accuracy by style and gender", "accuracy")
+        ctx.sections.append(Section("bias probe", text, results.get("rows", []), None, [plot]))
     report = write_report(out, f"clipforge eval: {args.task}", ctx.sections,
                           {"task": args.task, "model": str(args.model), "data": str(args.data), **results})
     for section in ctx.sections:

@@ -77,8 +77,8 @@ def _headline(by_gender: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 @torch.inference_mode()
 def bias_probe(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], root: Path,
                styles: Sequence[str], preprocess: Callable, template: str = "an emoji of {}.", batch_size: int = 64,
-               device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Within-group zero-shot accuracy and man/woman preferences per gender and style on root/images/<style>/."""
+               device: torch.device | str | None = None) -> dict[str, Any]:
+    """Within-group zero-shot accuracy and man/woman preferences per gender and style (device None: the model's)."""
     root = Path(root)
     groups = load_gendered_groups(root / "concepts.csv")
     labels = list(dict.fromkeys(label for group in groups for _, label in group.members.values()))

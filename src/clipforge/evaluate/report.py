@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import quote
 
 DPI = 100
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
@@ -125,7 +126,8 @@ def write_report(out_dir: Path, title: str, sections: list[Section], results: di
             parts.append(markdown_table(section.rows, section.columns))
         for image in section.images:
             alt = Path(image).stem.replace("_", " ").replace("-", " ")
-            parts.append(f"![{alt}]({_image_link(Path(image), out_dir)})")
+            # Percent-encoded: a space or parenthesis in a file name would end the Markdown link.
+            parts.append(f"![{alt}]({quote(_image_link(Path(image), out_dir))})")
     report = out_dir / "report.md"
     _atomic_write(report, "\n\n".join(parts) + "\n")
     _atomic_write(out_dir / "results.json", json.dumps(_finite(results), indent=2, default=str) + "\n")
@@ -195,8 +197,9 @@ def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabe
         bars = ax.bar(xs, ys, width, label=name, color=COLORS[i % len(COLORS)])
         if len(groups) * len(series) <= 40:
             ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=1)
+    slanted = max(map(len, groups)) > 12  # long names would overlap their neighbours
     ax.set_xticks(range(len(groups)), [_short(g, 20) for g in groups],
-                  rotation=30 if max(map(len, groups)) > 12 else 0, ha="right" if max(map(len, groups)) > 12 else "center")
+                  rotation=30 if slanted else 0, ha="right" if slanted else "center")
     if values and all(0 <= v <= 1 for v in values if math.isfinite(v)):
         ax.set_ylim(0, 1.08)  # room for the value labels over a 1.0 bar
     ax.set(title=title, ylabel=ylabel)
