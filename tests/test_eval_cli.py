@@ -104,3 +104,20 @@ def test_bad_inputs_are_clear(folder, tmp_path):
     assert result.returncode == 2 and "empty class" in result.stderr and "dog" in result.stderr
     result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "robustness", "--data", str(folder), "--out", str(tmp_path))
     assert result.returncode == 2 and "--id-styles" in result.stderr
+
+
+def test_retrieval_from_webdataset_shards(styled, tmp_path):
+    import tarfile
+
+    rows = list(csv.DictReader(open(styled / "train.csv")))[:12]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for i, row in enumerate(rows):
+            tar.add(styled / row["image"], arcname=f"s{i:03d}.png")
+            (tmp_path / "c.txt").write_text(row["caption"])
+            tar.add(tmp_path / "c.txt", arcname=f"s{i:03d}.txt")
+    out = tmp_path / "out"
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "retrieval", "--data",
+                     str(tmp_path / "shard-{000..000}.tar"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["images"] == 12 and results["captions"] == 12

@@ -50,15 +50,15 @@ def test_markdown_table_formats_cells_and_alignment():
 def test_write_report_writes_markdown_json_and_embeds_images(tmp_path):
     out = tmp_path / "run"
     inside = plot_bars({"a": {"x": 0.2}}, out / "bars.png", "t", "y")
-    outside = plot_bars({"b": {"x": 0.4}}, tmp_path / "elsewhere" / "other.png", "t", "y")
+    outside = plot_bars({"b": {"x": 0.4}}, tmp_path / "elsewhere" / "other (1).png", "t", "y")
     sections = [Section("Summary", "Plain *text*."),
                 Section("Table", rows=[{"k": "a", "v": 1.0}], images=[inside, outside])]
     report = write_report(out, "My report", sections, {"acc": 0.5, "bad": math.nan, "path": out})
     text = report.read_text()
     assert report == out / "report.md"
     assert text.startswith("# My report\n\n## Summary\n\nPlain *text*.\n\n## Table\n\n| k | v |")
-    assert "![bars](bars.png)" in text and "![other](other.png)" in text
-    assert (out / "other.png").read_bytes() == outside.read_bytes()  # copied in: the report is self-contained
+    assert "![bars](bars.png)" in text and "![other (1)](other%20%281%29.png)" in text
+    assert (out / "other (1).png").read_bytes() == outside.read_bytes()  # copied in: the report is self-contained
     assert json.loads((out / "results.json").read_text()) == {"acc": 0.5, "bad": None, "path": str(out)}
     assert not list(out.glob(".*.tmp"))
 
@@ -69,7 +69,8 @@ def test_write_report_writes_markdown_json_and_embeds_images(tmp_path):
 @needs_mpl
 def test_plots_write_png(tmp_path):
     points = [{"name": m, "domain": d, "id_acc": a, "ood_acc": a * f}
-              for m, a in [("CLIP zero-shot", 0.6), ("linear probe", 0.8)] for d, f in [("twitter", 0.9), ("fluent", 0.5)]]
+              for m, a in [("CLIP zero-shot", 0.6), ("linear probe", 0.8)]
+              for d, f in [("twitter", 0.9), ("fluent", 0.5)]]
     assert_png(plot_robustness(points, tmp_path / "robust.png"))
     assert_png(plot_bars({"held-out colour": {"label": 0.2, "template": 0.3, "ensemble": 0.35},
                           "seen": {"label": 0.5, "ensemble": 0.6}}, tmp_path / "bars.png", "Prompts", "top-1"))

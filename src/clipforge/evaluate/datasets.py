@@ -122,9 +122,9 @@ def decode_all(paths: Sequence[Path], preprocess: Callable) -> tuple[torch.Tenso
 
 @dataclass
 class CaptionedImages:
-    """Images with one or more captions each (for retrieval)."""
+    """Images (paths, or encoded bytes from shards) with one or more captions each (for retrieval)."""
 
-    paths: list[Path]
+    paths: list
     captions: list[str]
     caption_to_image: torch.Tensor
 
@@ -132,6 +132,8 @@ class CaptionedImages:
 def load_captioned_images(path: str | Path, separator: str = "|", domains: Sequence[str] | None = None,
                           split: str | None = None) -> CaptionedImages:
     """A caption CSV (image, caption; several captions split on `separator`), optionally filtered."""
+    if ".tar" in str(path):
+        return _load_captioned_shards(str(path), separator)
     path = Path(path)
     if path.is_dir():
         path = path / "captions.csv"
@@ -153,3 +155,48 @@ def load_captioned_images(path: str | Path, separator: str = "|", domains: Seque
     if not paths:
         raise ValueError(f"{path}: no captioned images (after filtering styles={domains}, split={split})")
     return CaptionedImages(paths, captions, torch.tensor(owner))
+
+
+def _load_captioned_shards(pattern: str, separator: str) -> CaptionedImages:
+    """Images (kept as encoded bytes) and captions from webdataset tar shards: NAME.{jpg,png,webp} + NAME.{txt,json}."""
+    import io
+    import json
+    import tarfile
+
+    from clipforge.data.shards import expand_shards
+
+    images: list = []
+    captions: list[str] = []
+    owner: list[int] = []
+    for shard in expand_shards(pattern):
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    folder, _, base = member.name.rpartition("/")
+                    if member.isfile() and "." in base:  # webdataset: key = path up to the basename's first dot
+                        stem, ext = base.split(".", 1)
+                        samples.setdefault(f"{folder}/{stem}", {})[ext.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError) as error:
+            raise ValueError(f"{shard}: unreadable shard: {error}") from None
+        for key, parts in samples.items():
+            image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            if image is None:
+                continue
+            if "txt" in parts:
+                text = parts["txt"].decode("utf-8", errors="replace")
+                texts = text.split(separator) if separator else [text]
+            elif "json" in parts:
+                meta = json.loads(parts["json"])
+                value = meta.get("caption", meta.get("text", "")) if isinstance(meta, dict) else ""
+                texts = value if isinstance(value, list) else [value]
+            else:
+                continue
+            texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+            if texts:
+                images.append(io.BytesIO(image))
+                captions += texts
+                owner += [len(images) - 1] * len(texts)
+    if not images:
+        raise ValueError(f"{pattern}: no captioned images in the shards")
+    return CaptionedImages(images, captions, torch.tensor(owner))
