@@ -1,7 +1,7 @@
 """The evaluation tasks behind `clipforge eval`: each returns results and report sections."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -13,7 +13,7 @@ from clipforge.evaluate.features import extract_image_features, extract_text_fea
 from clipforge.evaluate.metrics import confusion_matrix
 from clipforge.evaluate.report import Section, plot_bars, plot_confusion, plot_robustness
 from clipforge.evaluate.retrieval import retrieval_recall
-from clipforge.evaluate.templates import get_templates
+from clipforge.evaluate.templates import get_templates, list_templates
 from clipforge.evaluate.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_predict
 
 
@@ -37,8 +37,10 @@ def prompt_modes(templates: str) -> dict[str, list[str]]:
 
 
 def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", confusion: bool = False,
-             features: torch.Tensor | None = None) -> dict[str, Any]:
+             features: torch.Tensor | None = None, templates: str | None = None) -> dict[str, Any]:
     """Top-1/top-5/mean per-class recall under label, single template and ensemble prompts."""
+    if templates and templates != ctx.templates:
+        return zeroshot(replace(ctx, templates=templates), data, name, confusion, features)
     if features is None:
         features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
     results: dict[str, Any] = {"images": len(data.paths), "classes": len(data.classnames),
@@ -150,7 +152,9 @@ def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str]
                      "retained": results["domains"][method]["retained"], **per_domain})
         points += [{"name": method, "domain": d, "id_acc": id_acc, "ood_acc": per_domain[d]} for d in shifted]
     for label, extra in (extra_zero_shot or {}).items():
-        results[label] = zeroshot(ctx, extra, name=f"{label} (zero-shot)")
+        # A domain with its own template set (e.g. "tuxpaint") is prompted with it.
+        own = label if label in list_templates() else None
+        results[label] = zeroshot(ctx, extra, name=f"{label} (zero-shot)", templates=own)
     plot = plot_robustness(points, ctx.out_dir / f"{_slug(name)}.png", "shifted vs in-distribution top-1")
     ctx.sections.append(Section(name, f"in-distribution styles: {', '.join(id_domains)}; {len(data.classnames)} classes.",
                                 rows, None, [plot]))
