@@ -7,25 +7,13 @@ HF bf16 is measured both with weights cast to bf16 and with CPU autocast; the ra
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
 import torch
 
 import clipforge
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of fn() after one warm-up call."""
-    with torch.inference_mode():
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from clipforge.timing import median_seconds
 
 
 def realistic_captions(n: int) -> list[str]:

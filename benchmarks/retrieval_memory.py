@@ -46,8 +46,8 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     seconds = time.perf_counter() - start
     dense = args.n * args.n * 4
-    print(f"| N images = N texts | dim | chunk | device | time (s) | extra peak (MiB) | dense matrix (MiB) |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| N images = N texts | dim | chunk | device | time (s) | extra peak (MiB) | dense matrix (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {args.n} | {args.dim} | {args.chunk} | {device} | {seconds:.1f} | {peak / 2**20:.0f} "
           f"| {dense / 2**20:.0f} |")
     print("recall (random features, so near chance):", {k: round(v, 6) for k, v in result.items()})

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from clipforge.timing import median_seconds
 
 LABELS = ["dog", "cat", "rocket", "red circle", "blue square", "green triangle", "thermometer", "coffee cup",
           "bicycle", "mountain", "emoji face", "letter A"]
@@ -43,17 +44,8 @@ def synthetic_images(out: Path) -> list[Path]:
 
 
 def _throughput(model, pixels, tokens, repeats: int = 5) -> tuple[float, float]:
-    def median(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    with torch.inference_mode():
-        return len(pixels) / median(lambda: model.encode_image(pixels)), len(tokens) / median(lambda: model.encode_text(tokens))
+    return (len(pixels) / median_seconds(lambda: model.encode_image(pixels), repeats),
+            len(tokens) / median_seconds(lambda: model.encode_text(tokens), repeats))
 
 
 def run(args: argparse.Namespace) -> None:
