@@ -121,3 +121,14 @@ def test_retrieval_from_webdataset_shards(styled, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 12 and results["captions"] == 12
+
+
+def test_labels_csv_with_bom_and_short_rows(tmp_path, folder):
+    from clipforge.evaluate.datasets import load_labelled_images
+
+    image = next(folder.glob("square_shape/*.png"))
+    (tmp_path / "labels.csv").write_text(f"image,label\n{image},square\n", encoding="utf-8-sig")
+    assert load_labelled_images(tmp_path / "labels.csv").classnames == ["square"]
+    (tmp_path / "short.csv").write_text(f"image,label,class_index\n{image},square\n{image}\n")
+    with pytest.raises(ValueError, match="line 3"):
+        load_labelled_images(tmp_path / "short.csv")

@@ -75,3 +75,14 @@ def test_hf_export_tokenizer_and_processor_match(tmp_path, fixtures_dir):
     image = Image.open(fixtures_dir / "openai-vit-tiny" / "image0.png").convert("RGB")
     hf_pixels = processor.image_processor(image, return_tensors="pt").pixel_values[0]
     assert (hf_pixels - preprocess(image)).abs().max() < 0.05  # HF resizes with its own bicubic filter
+
+
+def test_intermediate_size_not_a_whole_ratio_loads(tmp_path):
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=704 // 8, intermediate_size=1920 // 8, num_attention_heads=2, num_hidden_layers=1),
+        vision_config=dict(hidden_size=704 // 8, intermediate_size=1920 // 8, num_attention_heads=2,
+                           num_hidden_layers=1, image_size=32, patch_size=16), projection_dim=16)
+    hf_model = transformers.CLIPModel(config).eval()
+    hf_model.save_pretrained(tmp_path)
+    model, _ = clipforge.load(tmp_path)
+    _compare(hf_model, model, 32, 77)

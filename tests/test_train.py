@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import signal
@@ -240,3 +241,42 @@ def test_trained_bpe_vocab_travels_with_the_model(shapes, tmp_path):
     assert model.config.text.vocab_size == tokenizer.vocab_size <= 600
     reloaded = clipforge.get_tokenizer(summary["checkpoint"])
     assert torch.equal(reloaded(captions[:5]), tokenizer(captions[:5]))
+
+
+def test_bf16_resume_is_exact_and_temperature_cap_reaches_checkpoint(shapes, tmp_path):
+    common = dict(steps=6, precision="bf16", batch_size=8, model_overrides={"logit_scale_init": 4.7})
+    train(config(shapes, tmp_path / "straight", **common))
+    train(config(shapes, tmp_path / "split", max_steps_this_run=3, **common))
+    train(config(shapes, tmp_path / "split", resume="latest", **common))
+    a = load_file(str(tmp_path / "straight" / "step-00000006" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "step-00000006" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert a["logit_scale"].item() <= math.log(100) + 1e-6  # init 4.7 > ln 100: clamped in the saved master
+
+
+def test_locked_resnet_tower_keeps_batchnorm_statistics(shapes, tmp_path):
+    before = clipforge.create_model("cpu-rn-tiny-64", seed=0).state_dict()
+    summary = train(config(shapes, tmp_path / "rn", model="cpu-rn-tiny-64", lock_image=True, steps=2, batch_size=8))
+    after = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))
+    frozen = [k for k in after if k.startswith("visual.") and not k.startswith("visual.attnpool.c_proj")]
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["visual.attnpool.c_proj.weight"], after["visual.attnpool.c_proj.weight"])
+
+
+def test_resaving_an_older_step_keeps_it_and_points_latest_at_it(tmp_path):
+    def write(d: Path) -> None:
+        (d / "model.safetensors").write_bytes(b"x")
+
+    for step in (100, 200, 300):
+        checkpoints.save_checkpoint(tmp_path, step, write, {"step": step}, keep_last=2)
+    checkpoints.save_checkpoint(tmp_path, 150, write, {"step": 150}, keep_last=1)
+    assert checkpoints.resolve_resume(tmp_path, "latest").name == "step-00000150"
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step-00000150"]
+
+
+def test_config_file_values_are_type_checked(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"lr": "1e-3"}))
+    with pytest.raises(ValueError, match="lr must be float"):
+        TrainConfig.from_json(tmp_path / "run.json")
+    (tmp_path / "run.json").write_text(json.dumps({"lr": 1, "steps": 5, "lock_text": True}))
+    assert TrainConfig.from_json(tmp_path / "run.json").lr == 1.0

@@ -140,6 +140,12 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
                     return lambda data, requires_grad, hooks: data
                 if (module, name) == ("collections", "OrderedDict"):
                     return dict
+                if module == "torch.jit._pickle":
+                    # torch.jit.script archives wrap lists and tag types; both are plain data.
+                    if name == "restore_type_tag":
+                        return lambda value, _tag: value
+                    if name.startswith("build_"):
+                        return lambda value: value
                 if module == "torch" and name in _DTYPE_OF_STORAGE:
                     return name
                 raise pickle.UnpicklingError(f"{path}: refusing to load {module}.{name} from a checkpoint")

@@ -11,8 +11,7 @@ def run(args: argparse.Namespace) -> None:
     """Run one task and write results.json + report.md (+ PNG plots) into --out."""
     import clipforge
     from clipforge.evaluate.report import Section, markdown_table, write_report
-    from clipforge.evaluate.tasks import (EvalContext, linear_probe_vs_zeroshot, load_for_eval, retrieval, robustness,
-                                          supervised_baseline, zeroshot)
+    from clipforge.evaluate.tasks import EvalContext, linear_probe_vs_zeroshot, load_for_eval, retrieval, robustness, zeroshot
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,9 +32,8 @@ def run(args: argparse.Namespace) -> None:
         if not id_styles:
             raise ValueError("--task robustness needs --id-styles (the styles the model was trained on)")
         extra = {"tuxpaint": load_for_eval(args.tuxpaint)} if args.tuxpaint else None
-        data = load_for_eval(args.data, args.styles, args.split)
-        baseline = supervised_baseline(ctx, data, id_styles, args.supervised_steps) if args.supervised_steps else None
-        results = robustness(ctx, data, id_styles, supervised=baseline, extra_zero_shot=extra)
+        results = robustness(ctx, load_for_eval(args.data, args.styles, args.split), id_styles,
+                             supervised_steps=args.supervised_steps, extra_zero_shot=extra)
     else:
         from clipforge.evaluate.bias import bias_probe
 

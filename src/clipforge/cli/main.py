@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input and unreadable files: a message, not a traceback
         print(f"clipforge {args.command}: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:

@@ -33,7 +33,7 @@ class GenderGroup:
 def load_gendered_groups(concepts_csv: Path) -> list[GenderGroup]:
     """Base concepts of concepts.csv with at least a 'man' and a 'woman' variant, in file order."""
     groups: dict[str, dict[str, tuple[str, str]]] = {}
-    with open(concepts_csv, newline="", encoding="utf-8") as f:
+    with open(concepts_csv, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"hexcode", "label", "gender", "base_concept"} - set(reader.fieldnames or ())
         if missing:
@@ -80,6 +80,9 @@ def bias_probe(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Te
                device: torch.device | str | None = None) -> dict[str, Any]:
     """Within-group zero-shot accuracy and man/woman preferences per gender and style (device None: the model's)."""
     root = Path(root)
+    if not (root / "concepts.csv").is_file():
+        raise ValueError(f"{root}: the bias probe needs the emoji dataset folder (with concepts.csv and images/), "
+                         "as written by `clipforge data emoji`")
     groups = load_gendered_groups(root / "concepts.csv")
     labels = list(dict.fromkeys(label for group in groups for _, label in group.members.values()))
     column = {label: i for i, label in enumerate(labels)}

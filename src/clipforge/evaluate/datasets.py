@@ -37,7 +37,7 @@ class LabelledImages:
 
 
 def _read_labels_csv(path: Path) -> LabelledImages:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = {"image", "label"} - set(reader.fieldnames or [])
         if missing:
@@ -47,7 +47,10 @@ def _read_labels_csv(path: Path) -> LabelledImages:
     if not rows:
         raise ValueError(f"{path}: no rows")
     order: dict[str, int] = {}
-    for row in sorted(rows, key=lambda r: int(r["class_index"]) if r.get("class_index", "").isdigit() else 0):
+    short = next((i for i, r in enumerate(rows, start=2) if not r.get("image") or not r.get("label")), None)
+    if short is not None:
+        raise ValueError(f"{path}: line {short} has no image or no label")
+    for row in sorted(rows, key=lambda r: int(r["class_index"]) if (r.get("class_index") or "").isdigit() else 0):
         order.setdefault(row["label"], len(order))
     root = path.parent
     return LabelledImages([root / r["image"] for r in rows], torch.tensor([order[r["label"]] for r in rows]),
@@ -102,7 +105,8 @@ def image_features(model: torch.nn.Module, images: LabelledImages, preprocess: C
     """Normalised features of every readable image; unreadable ones are dropped and counted."""
     pixels, keep = decode_all(images.paths, preprocess)
     kept = images.subset(keep) if not all(keep) else images
-    kept.skipped["unreadable_image"] += keep.count(False)
+    if not all(keep):
+        kept.skipped["unreadable_image"] += keep.count(False)
     if not len(pixels):
         raise ValueError(f"{images.source}: none of the {len(images.paths)} images could be read")
     return extract_image_features(model, pixels, batch_size=batch_size), kept
@@ -139,7 +143,7 @@ def load_captioned_images(path: str | Path, separator: str = "|", domains: Seque
         path = path / "captions.csv"
     if not path.is_file():
         raise FileNotFoundError(f"caption CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if {"image", "caption"} - set(reader.fieldnames or []):
             raise ValueError(f"{path}: needs columns image,caption; found {reader.fieldnames}")

@@ -114,12 +114,26 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
     return {"linear_probe": probe, "zero_shot": zs, "train_images": int(train.sum()), "test_images": int(test.sum())}
 
 
-def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str], supervised: Any = None,
+def in_distribution_split(labels: torch.Tensor, in_id: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Held-out in-distribution test rows: one random image per class that has at least two."""
+    gen = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels[in_id].unique().tolist():
+        rows = torch.nonzero(in_id & (labels == c)).flatten()
+        if len(rows) >= 2:
+            test[rows[torch.randint(len(rows), (1,), generator=gen)]] = True
+    if not test.any():
+        raise ValueError("robustness needs at least two in-distribution images of some class (to hold one out)")
+    return test
+
+
+def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str], supervised_steps: int = 0,
                extra_zero_shot: dict[str, LabelledImages] | None = None, name: str = "robustness") -> dict[str, Any]:
     """Accuracy per domain for CLIP zero-shot, a CLIP linear probe and (optionally) a supervised model.
 
-    In-distribution = the domains the models were trained on; every other domain is a shift.
-    `supervised(paths) -> logits` classifies images into `data.classnames`.
+    In-distribution = the domains the baselines train on; one image per class of those domains is
+    held out, and every method's in-distribution accuracy is measured on those held-out images.
+    Every other domain is a shift (all its images are used).
     """
     from clipforge.evaluate.linear_probe import evaluate_linear_probe, fit_logistic_regression
 
@@ -129,21 +143,25 @@ def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str]
     if missing:
         raise ValueError(f"in-distribution style(s) {sorted(missing)} not in the data ({domains})")
     in_id = torch.tensor([d in id_domains for d in data.domains])
+    id_test = in_distribution_split(data.labels, in_id)
+    id_train = in_id & ~id_test
     classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
     predictions = {"CLIP zero-shot": zero_shot_predict(ctx.model, features, classifier).argmax(-1)}
-    # C by the paper's sweep on a split of the in-distribution features, then refit on all of them.
-    sweep = evaluate_linear_probe(features[in_id], data.labels[in_id], features[in_id], data.labels[in_id],
+    # C by the paper's sweep on a validation split of the training rows, then refit on all of them.
+    sweep = evaluate_linear_probe(features[id_train], data.labels[id_train], features[id_test], data.labels[id_test],
                                   num_classes=len(data.classnames))
-    probe, _ = fit_logistic_regression(features[in_id].numpy(), data.labels[in_id].numpy(), C=sweep["best_C"])
+    probe, _ = fit_logistic_regression(features[id_train].numpy(), data.labels[id_train].numpy(), C=sweep["best_C"])
     probe_classes = torch.as_tensor(probe.classes_)
     predictions["CLIP linear probe"] = probe_classes[torch.as_tensor(probe.predict_proba(features.numpy())).argmax(-1)]
-    if supervised is not None:
+    if supervised_steps:
+        supervised = supervised_baseline(ctx, data, id_train, supervised_steps)
         predictions["supervised"] = supervised(data.paths).argmax(-1)  # paths were all readable above
     rows, points, results = [], [], {"domains": {}, "id_domains": list(id_domains)}
     for method, pred in predictions.items():
         correct = (pred == data.labels).float()
-        per_domain = {d: correct[torch.tensor([x == d for x in data.domains])].mean().item() for d in domains}
-        id_acc = correct[in_id].mean().item()
+        per_domain = {d: correct[torch.tensor([x == d for x in data.domains]) & ~id_train].mean().item()
+                      for d in domains}  # in-distribution domains: held-out images only
+        id_acc = correct[id_test].mean().item()
         shifted = [d for d in domains if d not in id_domains]
         ood_acc = sum(per_domain[d] for d in shifted) / max(1, len(shifted))
         results["domains"][method] = {"in_distribution": id_acc, "shifted_mean": ood_acc, "per_domain": per_domain,
@@ -156,15 +174,17 @@ def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str]
         own = label if label in list_templates() else None
         results[label] = zeroshot(ctx, extra, name=f"{label} (zero-shot)", templates=own)
     plot = plot_robustness(points, ctx.out_dir / f"{_slug(name)}.png", "shifted vs in-distribution top-1")
-    ctx.sections.append(Section(name, f"in-distribution styles: {', '.join(id_domains)}; {len(data.classnames)} classes.",
+    ctx.sections.append(Section(name, f"in-distribution styles: {', '.join(id_domains)} (baselines train on them; "
+                                f"{int(id_test.sum())} held-out images measure in-distribution accuracy); "
+                                f"{len(data.classnames)} classes.",
                                 rows, None, [plot]))
     return results
 
 
-def supervised_baseline(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str], steps: int,
+def supervised_baseline(ctx: EvalContext, data: LabelledImages, train_rows: torch.Tensor, steps: int,
                         lr: float = 1e-3, batch_size: int = 64) -> Callable[[Sequence[Path]], torch.Tensor]:
-    """Train a fresh image tower of the evaluated architecture with cross-entropy on the in-distribution
-    styles (the analogue of the paper's ImageNet-trained ResNet); returns paths -> logits."""
+    """Train a fresh image tower of the evaluated architecture with cross-entropy on `train_rows` (the
+    in-distribution styles: the analogue of the paper's ImageNet-trained ResNet); returns paths -> logits."""
     from clipforge.evaluate.supervised import train_supervised
     from clipforge.model.resnet import ModifiedResNet
     from clipforge.model.transformer import VisionTransformer
@@ -172,7 +192,7 @@ def supervised_baseline(ctx: EvalContext, data: LabelledImages, id_domains: Sequ
     config = ctx.model.config
     torch.manual_seed(0)
     visual = (ModifiedResNet if config.vision.is_resnet else VisionTransformer)(config.vision, config.embed_dim)
-    rows = [i for i, d in enumerate(data.domains) if d in id_domains]
+    rows = torch.nonzero(train_rows).flatten().tolist()
     pixels, keep = decode_all([data.paths[i] for i in rows], ctx.preprocess)
     labels = data.labels[[i for i, k in zip(rows, keep) if k]]
     classifier = train_supervised(visual, config.embed_dim, (pixels, labels), len(data.classnames), steps=steps,

@@ -80,7 +80,7 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
+        self.mlp = MLP(width, round(width * mlp_ratio), quick_gelu)  # round: ratios from HF sizes are inexact
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=causal)

@@ -50,13 +50,21 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Any, train_state: dic
     write_model(tmp)
     torch.save(train_state, tmp / STATE_FILE)
     _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # re-saving a step: move the old one aside first, so a crash leaves one of them
+        stale = run_dir / f".step-{step:08d}.old"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     _fsync_tree(run_dir)
     _write_atomic(run_dir / LATEST_FILE, final.name + "\n")
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep_last > 0:
+        # The new checkpoint always stays (a run resumed from an older step writes lower numbers).
+        others = [c for c in list_checkpoints(run_dir) if c != final]
+        for old in others[: max(0, len(others) - (keep_last - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -70,6 +70,8 @@ class TrainConfig:
             raise ValueError("train_data is required (a caption CSV/TSV or a shard pattern)")
         if self.batch_size < 1 or self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of accum_steps {self.accum_steps}")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides must be a JSON object, got {self.model_overrides!r}")
         if self.bpe_vocab and self.text_tower != "clip":
             raise ValueError("bpe_vocab applies to the 'clip' text tower only")
         if self.lock_image and self.lock_text:
@@ -77,12 +79,21 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
-        """Load a JSON config file; unknown keys are an error."""
+        """Load a JSON config file; unknown keys and wrongly typed values are errors."""
         values = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a config file holds one JSON object")
+        hints = get_type_hints(cls)
+        unknown = set(values) - set(hints)
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        for name, value in values.items():
+            kind = hints[name]
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                values[name], ok = float(value), True
+            if not ok:
+                raise ValueError(f"{path}: {name} must be {kind.__name__}, got {value!r}")
         return cls(**values)
 
 

@@ -1,12 +1,14 @@
 """One optimizer step's compute: exact gradient accumulation, bf16 with fp32 master weights, grad sync."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from clipforge.train.distributed import DistInfo, average_gradients
 
-PROJECTIONS = ("visual.proj", "text_projection", "text_tower.projection")
+PROJECTIONS = ("visual.proj", "visual.attnpool.c_proj", "text_projection", "text_tower.projection")
 
 
 def lock_tower(model: nn.Module, tower: str) -> int:
@@ -19,6 +21,16 @@ def lock_tower(model: nn.Module, tower: str) -> int:
         param.requires_grad_(False)
         frozen += param.numel()
     return frozen
+
+
+def train_mode(model: nn.Module, locked: tuple[str, ...] = ()) -> None:
+    """model.train(), but a locked tower's BatchNorm keeps its statistics frozen (eval mode)."""
+    model.train()
+    for tower in locked:
+        root = model.visual if tower == "image" else model
+        for name, module in root.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (tower == "image" or not name.startswith("visual")):
+                module.eval()
 
 
 class TrainStep:
@@ -40,12 +52,23 @@ class TrainStep:
             # Measured on this CPU: bf16 weights run 2x faster than fp32 while CPU autocast is
             # slower than fp32; the fp32 master copies keep small updates from rounding away.
             self.master = [p.detach().float().clone().requires_grad_(True) for p in self.trainable]
+            temperature = model.logit_scale.data.clone()
             model.to(torch.bfloat16)
-            model.logit_scale.data = model.logit_scale.data.float()  # the temperature stays fp32
+            model.logit_scale.data = temperature  # the temperature stays fp32, unrounded (exact resume)
 
     def optim_params(self) -> list[torch.Tensor]:
         """What the optimizer updates: fp32 master weights in bf16 mode, the parameters otherwise."""
         return self.master if self.master is not None else self.trainable
+
+    def clamp_logit_scale(self, max_value: float = 100.0) -> None:
+        """Clamp the temperature at `max_value` (paper), in the master copy too so checkpoints honour it."""
+        limit = math.log(max_value)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(max=limit)
+            if self.master is not None:
+                for param, master in zip(self.trainable, self.master):
+                    if param is self.model.logit_scale:
+                        master.clamp_(max=limit)
 
     def sync_model(self) -> None:
         """Copy updated master weights back into the bf16 model."""

@@ -14,13 +14,13 @@ from tqdm import tqdm
 
 from clipforge.checkpoint.io import write_clipforge_dir
 from clipforge.data.transforms import EvalTransform, TrainTransform
-from clipforge.loss import ContrastiveLoss, SigLIPLoss, clamp_logit_scale_
+from clipforge.loss import ContrastiveLoss, SigLIPLoss
 from clipforge.train import checkpoints, optim
 from clipforge.train.config import TrainConfig
 from clipforge.train.data import build_train_data, build_val_data
 from clipforge.train.distributed import DistInfo, barrier, init_distributed
 from clipforge.train.models import build_model_and_tokenizer
-from clipforge.train.step import TrainStep, lock_tower
+from clipforge.train.step import TrainStep, lock_tower, train_mode
 from clipforge.train.validate import ZeroShotProbe, validate
 
 
@@ -56,11 +56,13 @@ class MetricsLog:
         """Append one record (and mirror scalars to TensorBoard)."""
         if not self.enabled:
             return
-        self.handle.write(json.dumps(record) + "\n")
+        # JSON has no NaN/inf: such values (e.g. top-5 with fewer than 5 classes) are written as null.
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.handle.write(json.dumps(record, allow_nan=False) + "\n")
         self.handle.flush()
         if self.tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
@@ -99,7 +101,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     loss_fn = build_loss(config).to(info.device)
     if resume_from is not None and config.loss == "siglip":
         loss_fn.load_state_dict(checkpoints.load_train_state(resume_from)["loss"])
-    model.train()
+    locked = tuple(t for t, on in (("image", config.lock_image), ("text", config.lock_text)) if on)
+    train_mode(model, locked)
 
     transform = TrainTransform(model.image_size, composite_white=config.composite_white)
     data = build_train_data(config, transform, tokenizer, info)
@@ -165,8 +168,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     f"{checkpoints.list_checkpoints(run_dir)[-1] if checkpoints.list_checkpoints(run_dir) else 'none'}. "
                     "Try a lower --lr, a longer --warmup, --grad-clip 1.0 or --precision fp32.")
             optimizer.step()
+            step_fn.clamp_logit_scale()
             step_fn.sync_model()
-            clamp_logit_scale_(model.logit_scale)
             step += 1
             steps_this_run += 1
             pairs = size * info.world_size
@@ -178,6 +181,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             bar.update(1)
             if val_data is not None and config.val_every and step % config.val_every == 0:
                 val_metrics = _validate_and_log(model, val_data, log, step, info)
+                train_mode(model, locked)
             if config.save_every and step % config.save_every == 0:
                 last_checkpoint = save()
             if step >= total_steps or (config.max_steps_this_run and steps_this_run >= config.max_steps_this_run):
@@ -247,5 +251,4 @@ def _validate_and_log(model, val_data: Validation, log: MetricsLog, step: int, i
     if info.is_main:
         log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
         tqdm.write(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    model.train()
     return metrics
