@@ -280,3 +280,11 @@ def test_config_file_values_are_type_checked(tmp_path):
         TrainConfig.from_json(tmp_path / "run.json")
     (tmp_path / "run.json").write_text(json.dumps({"lr": 1, "steps": 5, "lock_text": True}))
     assert TrainConfig.from_json(tmp_path / "run.json").lr == 1.0
+
+
+def test_siglip_training_runs_with_its_own_temperature(shapes, tmp_path):
+    summary = train(config(shapes, tmp_path / "siglip", loss="siglip", steps=3, batch_size=8))
+    logged = [json.loads(line) for line in (tmp_path / "siglip" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(logged[0]["logit_scale"] - 10.0) < 0.1 and math.isfinite(summary["final_loss"])
+    state = checkpoints.load_train_state(Path(summary["checkpoint"]))
+    assert "logit_bias" in state["loss"]  # the learned bias is kept with the training state

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from clipforge.checkpoint.io import write_clipforge_dir
 from clipforge.data.transforms import EvalTransform, TrainTransform
 from clipforge.loss import ContrastiveLoss, SigLIPLoss
+from clipforge.model import list_models
 from clipforge.train import checkpoints, optim
 from clipforge.train.config import TrainConfig
 from clipforge.train.data import build_train_data, build_val_data
@@ -92,6 +93,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     random.seed(config.seed)
 
     model, tokenizer = build_model_and_tokenizer(config, resume_from)
+    if config.loss == "siglip" and resume_from is None and config.model in list_models() \
+            and "logit_scale_init" not in config.model_overrides:
+        with torch.no_grad():  # SigLIP's initial temperature (log 10), not CLIP's log(1/0.07)
+            model.logit_scale.fill_(SigLIPLoss.SIGLIP_INIT_LOGIT_SCALE)
     model.to(info.device)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
