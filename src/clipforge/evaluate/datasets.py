@@ -94,6 +94,8 @@ def load_labelled_images(data: str | Path, domains: Sequence[str] | None = None,
             raise ValueError(f"{path}: no images of style(s) {sorted(unknown)}; styles: {sorted(set(images.domains))}")
         images = images.subset([d in domains for d in images.domains])
     if split:
+        if split not in images.splits:
+            raise ValueError(f"{path}: no images in split {split!r}; splits: {sorted(set(images.splits) - {''})}")
         images = images.subset([s == split for s in images.splits])
     if not images.paths:
         raise ValueError(f"{path}: no images left after filtering (styles={domains}, split={split})")

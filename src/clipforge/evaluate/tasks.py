@@ -94,6 +94,9 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
 
     features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
     if train_domains:
+        unknown = set(train_domains) - set(data.domains)
+        if unknown:
+            raise ValueError(f"training style(s) {sorted(unknown)} not in the data ({sorted(set(data.domains))})")
         train = torch.tensor([d in train_domains for d in data.domains])
         test = ~train
     else:
