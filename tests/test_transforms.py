@@ -56,3 +56,14 @@ def test_unreadable_image_errors_name_the_file(tmp_path):
         EvalTransform(32)(bad)
     with pytest.raises(FileNotFoundError, match="nope.png"):
         EvalTransform(32)(tmp_path / "nope.png")
+
+
+def test_colour_augmentation_is_deterministic_per_rng_and_changes_pixels():
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+    plain = TrainTransform(32)(image, random.Random(1))
+    jitter = TrainTransform(32, color_jitter=0.4, grayscale_prob=1.0)
+    a, b = jitter(image, random.Random(1)), jitter(image, random.Random(1))
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    gray = a * torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1) + torch.tensor(
+        [0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    assert (gray[0] - gray[1]).abs().max() < 1e-5  # grayscale: equal channels

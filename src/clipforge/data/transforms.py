@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,20 +77,32 @@ class EvalTransform:
 
 @dataclass
 class TrainTransform:
-    """Random resized crop (scale 0.9-1.0, bicubic) then the eval normalisation, as open_clip trains."""
+    """Random resized crop (scale 0.9-1.0, bicubic) then the eval normalisation, as open_clip trains.
+
+    Optional colour augmentation (off by default): brightness/contrast/saturation jitter of strength
+    `color_jitter` and grayscale with probability `grayscale_prob`, drawn from the same `rng`.
+    """
 
     image_size: int = 224
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     composite_white: bool = False
+    color_jitter: float = 0.0
+    grayscale_prob: float = 0.0
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
     def __call__(self, image: Image.Image | str | Path, rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng or random
         image = load_image(image)
         image = composite_on_white(image) if self.composite_white else image.convert("RGB")
-        left, top, width, height = self.crop_box(image.size, rng or random)
+        left, top, width, height = self.crop_box(image.size, rng)
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=(left, top, left + width, top + height))
+        if self.color_jitter > 0:
+            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                image = enhance(image).enhance(rng.uniform(1 - self.color_jitter, 1 + self.color_jitter))
+        if self.grayscale_prob > 0 and rng.random() < self.grayscale_prob:
+            image = image.convert("L").convert("RGB")
         return to_tensor(image, self.mean, self.std)
 
     def crop_box(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:

@@ -29,6 +29,9 @@ class TrainConfig:
     key_column: str = ""  # concept key column: batches then never hold two samples with the same key
     caption_separator: str = ""  # split one caption cell into several captions
     composite_white: bool = False  # blend transparent images onto white
+    aug_scale_min: float = 0.9  # random resized crop keeps this much of the area at least
+    aug_color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (0: off)
+    aug_grayscale: float = 0.0  # probability of a grayscale training image
     val_zeroshot: str = ""  # labels CSV / dataset folder: zero-shot top-1 at each validation
     val_zeroshot_styles: str = ""  # comma-separated styles to keep from val_zeroshot
     val_zeroshot_split: str = ""  # split to keep from val_zeroshot (e.g. "seen")

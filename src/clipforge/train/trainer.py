@@ -109,7 +109,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     locked = tuple(t for t, on in (("image", config.lock_image), ("text", config.lock_text)) if on)
     train_mode(model, locked)
 
-    transform = TrainTransform(model.image_size, composite_white=config.composite_white)
+    transform = TrainTransform(model.image_size, scale=(config.aug_scale_min, 1.0), composite_white=config.composite_white,
+                               color_jitter=config.aug_color_jitter, grayscale_prob=config.aug_grayscale)
     data = build_train_data(config, transform, tokenizer, info)
     total_steps = config.steps or config.epochs * data.steps_per_epoch
     step_fn = TrainStep(model, loss_fn, config.precision, config.accum_steps, config.grad_clip, info)
