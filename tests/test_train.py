@@ -288,3 +288,27 @@ def test_siglip_training_runs_with_its_own_temperature(shapes, tmp_path):
     assert abs(logged[0]["logit_scale"] - 10.0) < 0.1 and math.isfinite(summary["final_loss"])
     state = checkpoints.load_train_state(Path(summary["checkpoint"]))
     assert "logit_bias" in state["loss"]  # the learned bias is kept with the training state
+
+
+def test_locked_text_cache_gives_the_uncached_gradients():
+    """A locked text tower's cached features give the same loss and grads as running the tower."""
+    from clipforge.train.step import lock_tower
+
+    model = clipforge.create_model("cpu-vit-tiny-32", seed=0)
+    lock_tower(model, "text")
+    pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = clipforge.tokenize(["a cat", "a dog", "a cat", "a red car", "a dog", "tea"], context_length=model.context_length)
+    step = TrainStep(model, ContrastiveLoss(), "fp32", 1, 0.0, DistInfo())
+    cache = step.text_cache
+    assert cache is not None
+    results = []
+    for use_cache in (True, False, True):
+        step.text_cache = cache if use_cache else None
+        loss = step(pixels, tokens)
+        results.append((loss, [p.grad.clone() for p in step.trainable]))
+    assert cache.misses == 4 and cache.hits == 8  # 4 distinct captions, each encoded once
+    assert model.text_projection.grad is not None and model.text_projection.grad.abs().sum() > 0
+    for loss, grads in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-6
+        for a, b in zip(results[0][1], grads):
+            assert torch.allclose(a, b, atol=1e-6)

@@ -71,22 +71,30 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Text embeddings [B, embed_dim] from token ids [B, L], pooled at the EOT (highest id) token."""
+        features = self.project_text(self.text_body(tokens))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def text_body(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled text features before the projection: what a locked text tower computes (cacheable)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
         if self.config.text_tower == "minilm":
-            features = self.text_tower(tokens)
-            return F.normalize(features, dim=-1) if normalize else features
+            return self.text_tower.sentence_embedding(tokens)
         eot = tokens.argmax(dim=-1)
         # The mask is causal and pooling reads the EOT position, so positions after the longest
         # EOT never influence the output: dropping them is exact and saves most of the compute.
         length = int(eot.max()) + 1 if tokens.numel() else 0
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length].to(self.dtype)
         x = self.transformer(x, causal=True)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
-        features = self.ln_final(x) @ self.text_projection
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The text projection into the shared space (trainable even when the text tower is locked)."""
+        if self.config.text_tower == "minilm":
+            return self.text_tower.projection(pooled)
+        return pooled @ self.text_projection
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text): scaled cosine similarities, as OpenAI's CLIP returns."""
