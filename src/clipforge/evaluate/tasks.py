@@ -131,22 +131,34 @@ def in_distribution_split(labels: torch.Tensor, in_id: torch.Tensor, seed: int =
 
 
 def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str], supervised_steps: int = 0,
-               extra_zero_shot: dict[str, LabelledImages] | None = None, name: str = "robustness") -> dict[str, Any]:
+               extra_zero_shot: dict[str, LabelledImages] | None = None, name: str = "robustness",
+               id_test: Sequence[bool] | None = None,
+               predictors: dict[str, Callable[[Sequence[Path]], torch.Tensor]] | None = None) -> dict[str, Any]:
     """Accuracy per domain for CLIP zero-shot, a CLIP linear probe and (optionally) a supervised model.
 
-    In-distribution = the domains the baselines train on; one image per class of those domains is
-    held out, and every method's in-distribution accuracy is measured on those held-out images.
-    Every other domain is a shift (all its images are used).
+    In-distribution = the domains the baselines train on; images of those domains are held out (one
+    per class, or the `id_test` rows: images no model trained on), and every method's in-distribution
+    accuracy is measured on them. Every other domain is a shift (all its images are used).
+    `predictors` adds already-trained models (paths -> logits over data.classnames).
     """
     from clipforge.evaluate.linear_probe import evaluate_linear_probe, fit_logistic_regression
 
+    if id_test is not None:
+        if len(id_test) != len(data.paths):
+            raise ValueError(f"id_test has {len(id_test)} entries for {len(data.paths)} images")
+        data = replace(data, splits=["id-test" if t else s for s, t in zip(data.splits, id_test)])
     features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
     domains = sorted(set(data.domains))
     missing = set(id_domains) - set(domains)
     if missing:
         raise ValueError(f"in-distribution style(s) {sorted(missing)} not in the data ({domains})")
     in_id = torch.tensor([d in id_domains for d in data.domains])
-    id_test = in_distribution_split(data.labels, in_id)
+    if id_test is not None:  # carried through image_features' subset via the split column
+        id_test = torch.tensor([s == "id-test" for s in data.splits]) & in_id
+        if not id_test.any():
+            raise ValueError("id_test marks no in-distribution image")
+    else:
+        id_test = in_distribution_split(data.labels, in_id)
     id_train = in_id & ~id_test
     classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
     predictions = {"CLIP zero-shot": zero_shot_predict(ctx.model, features, classifier).argmax(-1)}
@@ -159,6 +171,8 @@ def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str]
     if supervised_steps:
         supervised = supervised_baseline(ctx, data, id_train, supervised_steps)
         predictions["supervised"] = supervised(data.paths).argmax(-1)  # paths were all readable above
+    for method, predict in (predictors or {}).items():
+        predictions[method] = predict(data.paths).argmax(-1)
     rows, points, results = [], [], {"domains": {}, "id_domains": list(id_domains)}
     for method, pred in predictions.items():
         correct = (pred == data.labels).float()

@@ -1,0 +1,78 @@
+"""DemoConfig: what `clipforge demo` trains and evaluates; CLI flags map onto its fields one-to-one."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import get_type_hints
+
+
+@dataclass
+class DemoConfig:
+    """The demo run. Step counts of 0 are derived from `minutes` (see `budget`) so one flag scales the run."""
+
+    out: str = "runs/demo"
+    data_root: str = ""  # where the datasets are built ("": ~/.cache/clipforge/datasets)
+    minutes: float = 10.0  # wall-time target on 2 CPU cores (training steps scale with it)
+    seed: int = 0
+    model: str = "demo-rn-64"  # image tower + from-scratch text tower (registry name)
+    train_styles: str = "google,openmoji-color,fluent-flat,fluent-3d"
+    held_out_styles: str = "twitter,openmoji-black"  # one colour style and the line-art style
+    clip_steps: int = 0
+    lit_steps: int = 0
+    supervised_steps: int = 0
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 30
+    precision: str = "bf16"
+    templates: str = "emoji"  # zero-shot prompt ensemble (clipforge.evaluate.get_templates)
+    limit: int = 0  # >0: only the first N concepts (a fast smoke run: tests, CI)
+    workers: int = 1
+
+    def validate(self) -> None:
+        """Reject settings that cannot run, naming the field."""
+        if self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if set(self.styles("train")) & set(self.styles("held_out")):
+            raise ValueError("train_styles and held_out_styles overlap")
+        if not self.styles("train") or not self.styles("held_out"):
+            raise ValueError("train_styles and held_out_styles must each name at least one style")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (a contrastive batch needs negatives)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    def styles(self, which: str) -> list[str]:
+        """The train or held-out styles as a list."""
+        value = self.train_styles if which == "train" else self.held_out_styles
+        return [s.strip() for s in value.split(",") if s.strip()]
+
+    def data_dir(self) -> Path:
+        """Folder holding emoji/ and tuxpaint/."""
+        return Path(self.data_root).expanduser() if self.data_root else Path.home() / ".cache" / "clipforge" / "datasets"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per DemoConfig field (--clip-steps for clip_steps)."""
+    hints = get_type_hints(DemoConfig)
+    for f in dataclasses.fields(DemoConfig):
+        help_text = f"default {f.default!r}"
+        parser.add_argument("--" + f.name.replace("_", "-"), type=hints[f.name], default=None, help=help_text)
+    parser.add_argument("--config", default=None, help="JSON file with DemoConfig fields (flags override it)")
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """DemoConfig from --config JSON (if any) with explicit flags on top."""
+    values = {}
+    if getattr(args, "config", None):
+        values = json.loads(Path(args.config).read_text())
+        unknown = set(values) - {f.name for f in dataclasses.fields(DemoConfig)}
+        if not isinstance(values, dict) or unknown:
+            raise ValueError(f"{args.config}: not a DemoConfig JSON object (unknown keys: {sorted(unknown)})")
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
+                   if getattr(args, f.name, None) is not None})
+    config = DemoConfig(**values)
+    config.validate()
+    return config

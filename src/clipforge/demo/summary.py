@@ -1,0 +1,83 @@
+"""The demo's headline table: the claims, this run's numbers and the targets they are checked against."""
+from __future__ import annotations
+
+from typing import Any
+
+HELD_OUT_TARGET = 0.50  # held-out colour style, seen concepts, top-1 zero-shot (CLIP)
+UNSEEN_TARGET = 0.30  # unseen concepts with the MiniLM text tower (LiT), top-1
+
+
+def _get(tree: dict, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "not met")
+
+
+def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: list[str]) -> list[dict[str, str]]:
+    """Rows of (claim, CLIP, LiT, supervised, target, verdict) from the demo's results."""
+    colour, rows = held_out[0], []
+    zs, rob = results["zero_shot"], results["robustness"]["domains"]
+
+    def zero_shot(model: str, split: str, style: str, k: str = "top1") -> Any:
+        return _get(zs, model, split, style, k)
+
+    clip_colour, lit_unseen = zero_shot("CLIP", "seen", colour), zero_shot("LiT", "unseen", colour)
+    rows.append({"claim": f"zero-shot, held-out style {colour}, seen concepts: top-1 (top-5)",
+                 "CLIP": f"{_fmt(clip_colour)} ({_fmt(zero_shot('CLIP', 'seen', colour, 'top5'))})",
+                 "LiT": f"{_fmt(zero_shot('LiT', 'seen', colour))} ({_fmt(zero_shot('LiT', 'seen', colour, 'top5'))})",
+                 "supervised": _fmt(_get(rob, "supervised", "per_domain", colour)),
+                 "target": f"CLIP >= {HELD_OUT_TARGET}", "verdict": _verdict(None if clip_colour is None else clip_colour >= HELD_OUT_TARGET)})
+    for style in held_out[1:]:
+        rows.append({"claim": f"zero-shot, held-out style {style}, seen concepts: top-1",
+                     "CLIP": _fmt(zero_shot("CLIP", "seen", style)), "LiT": _fmt(zero_shot("LiT", "seen", style)),
+                     "supervised": _fmt(_get(rob, "supervised", "per_domain", style)), "target": "", "verdict": ""})
+    unseen_mean = {m: _mean([zero_shot(m, "unseen", s) for s in train_styles + held_out]) for m in ("CLIP", "LiT")}
+    rows.append({"claim": f"zero-shot, unseen concepts, {colour}: top-1 (mean over all styles)",
+                 "CLIP": f"{_fmt(zero_shot('CLIP', 'unseen', colour))} ({_fmt(unseen_mean['CLIP'])})",
+                 "LiT": f"{_fmt(lit_unseen)} ({_fmt(unseen_mean['LiT'])})", "supervised": "cannot",
+                 "target": f"LiT >= {UNSEEN_TARGET}", "verdict": _verdict(None if lit_unseen is None else lit_unseen >= UNSEEN_TARGET)})
+    ablation = {m: _get(results, "prompt_ablation", m, colour) for m in ("CLIP", "LiT")}
+    cell = {m: "n/a" if not a else f"{a['label']:.3f} / {a['best single template']:.3f} / {a['ensemble']:.3f}"
+            for m, a in ablation.items()}
+    ordered = all(a and a["ensemble"] >= a["best single template"] >= a["label"] for a in ablation.values())
+    rows.append({"claim": f"prompts on {colour}: label / best single template / ensemble", "CLIP": cell["CLIP"],
+                 "LiT": cell["LiT"], "supervised": "", "target": "ensemble >= template >= label",
+                 "verdict": _verdict(ordered)})
+    retained = {m: _get(rob, m, "retained") for m in ("CLIP zero-shot", "LiT zero-shot", "supervised")}
+    id_acc = {m: _get(rob, m, "in_distribution") for m in retained}
+    rows.append({"claim": "in-distribution top-1 (held-out images of the training styles)",
+                 "CLIP": _fmt(id_acc["CLIP zero-shot"]), "LiT": _fmt(id_acc["LiT zero-shot"]),
+                 "supervised": _fmt(id_acc["supervised"]), "target": "", "verdict": ""})
+    robust = None if None in (retained["CLIP zero-shot"], retained["supervised"]) else \
+        retained["CLIP zero-shot"] > retained["supervised"]
+    rows.append({"claim": "share of in-distribution accuracy kept on held-out styles",
+                 "CLIP": _fmt(retained["CLIP zero-shot"]), "LiT": _fmt(retained["LiT zero-shot"]),
+                 "supervised": _fmt(retained["supervised"]), "target": "CLIP > supervised (effective robustness)",
+                 "verdict": _verdict(robust)})
+    probe = _get(rob, "CLIP linear probe", "per_domain", colour)
+    rows.append({"claim": f"linear probe on CLIP features (fit on training styles), {colour} top-1", "CLIP": _fmt(probe),
+                 "LiT": "", "supervised": "", "target": "", "verdict": ""})
+    tux = _get(results, "robustness", "tuxpaint", "ensemble", "top1")
+    classes = _get(results, "robustness", "tuxpaint", "classes")
+    rows.append({"claim": f"zero-shot Tux Paint stamps ({classes}-way categories, photos and clip art)", "CLIP": _fmt(tux),
+                 "LiT": "", "supervised": "cannot", "target": "", "verdict": ""})
+    ret = results.get("retrieval", {})
+    rows.append({"claim": f"retrieval R@1 image->text / text->image ({colour}, seen)",
+                 **{m: f"{_fmt(_get(ret, m, 'image_to_text_r1'))} / {_fmt(_get(ret, m, 'text_to_image_r1'))}" for m in ("CLIP", "LiT")},
+                 "supervised": "", "target": "", "verdict": ""})
+    return rows
+
+
+def _mean(values: list[Any]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
