@@ -10,6 +10,7 @@ from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
 from clipforge.cli import evaluate as eval_cmd
 from clipforge.cli import export as export_cmd
+from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
 
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
+    serve_cmd.add_parser(sub)
     return parser
 
 
