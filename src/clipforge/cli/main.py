@@ -9,6 +9,7 @@ from pathlib import Path
 from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
 from clipforge.cli import evaluate as eval_cmd
+from clipforge.cli import search as search_cmd
 from clipforge.cli import train as train_cmd
 
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
+    search_cmd.add_parser(sub)
     return parser
 
 
