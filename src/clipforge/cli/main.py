@@ -11,6 +11,7 @@ from clipforge.cli import demo as demo_cmd
 from clipforge.cli import evaluate as eval_cmd
 from clipforge.cli import export as export_cmd
 from clipforge.cli import serve as serve_cmd
+from clipforge.cli import search as search_cmd
 from clipforge.cli import train as train_cmd
 
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
+    search_cmd.add_parser(sub)
     return parser
 
 
