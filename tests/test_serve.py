@@ -224,3 +224,27 @@ def test_micro_batcher_batches_and_propagates_errors():
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(1)
+
+
+def test_images_inside_a_shard_are_served(tmp_path, client, built):
+    import tarfile
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for path in built[1][:3]:
+            tar.add(path, arcname=f"sample/{path.stem}.png")
+            caption = tmp_path / f"{path.stem}.txt"
+            caption.write_text(f"a {path.stem} picture")
+            tar.add(caption, arcname=f"sample/{path.stem}.txt")
+    from clipforge.search import build_index
+
+    build_index(str(shard), tmp_path / "index", model=client.app.state.index.model, progress=False)
+    with TestClient(create_app(tmp_path / "index", encoder=client.app.state.encoder)) as shards:
+        results = shards.get("/search", params={"q": "a picture", "k": 5}).json()["results"]
+        assert len(results) == 3 and all(r["caption"].endswith("picture") for r in results)
+        by_name = {p.name: p for p in built[1]}
+        for result in results:
+            image = shards.get(result["url"])
+            assert image.status_code == 200 and image.content == by_name[result["name"]].read_bytes()
+        shard.unlink()
+        assert_error(shards.get(results[0]["url"]), 404, "gone")

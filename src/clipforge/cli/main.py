@@ -10,8 +10,8 @@ from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
 from clipforge.cli import evaluate as eval_cmd
 from clipforge.cli import export as export_cmd
-from clipforge.cli import serve as serve_cmd
 from clipforge.cli import search as search_cmd
+from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
 
 

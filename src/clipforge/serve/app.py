@@ -101,13 +101,16 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def _read_tar_member(path: str) -> bytes | None:
     """Bytes of an image inside a webdataset shard (`/abs/shard.tar#member`), or None if gone."""
-    tar_path, _, member = path.partition(".tar#")
+    from clipforge.search.sources import ItemReader
+
+    reader = ItemReader()
     try:
-        with tarfile.open(f"{tar_path}.tar") as tar:
-            handle = tar.extractfile(member)
-            return handle.read() if handle is not None else None
+        data = reader.read(path)
+        return data if isinstance(data, bytes) else None
     except (OSError, KeyError, tarfile.TarError):
         return None
+    finally:
+        reader.close()
 
 
 def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder: Any = None) -> FastAPI:
@@ -172,7 +175,9 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
     async def search(vector: np.ndarray, k: int) -> list[dict[str, Any]]:
         scores, ids = await anyio.to_thread.run_sync(index.search, vector[None].astype(np.float32), k)
         results = []
-        for rank, (score, image_id) in enumerate(zip(scores[0].tolist(), ids[0].tolist()), 1):
+        # Approximate backends pad with id -1 (score -inf) when they find fewer than k: not results.
+        found = [(score, image_id) for score, image_id in zip(scores[0].tolist(), ids[0].tolist()) if image_id >= 0]
+        for rank, (score, image_id) in enumerate(found, 1):
             record = index.record(int(image_id))
             # The file name only: absolute paths on the server are none of the client's business.
             name = record["path"].rsplit("#", 1)[-1].replace("\\", "/").rsplit("/", 1)[-1]
