@@ -248,3 +248,16 @@ def test_images_inside_a_shard_are_served(tmp_path, client, built):
             assert image.status_code == 200 and image.content == by_name[result["name"]].read_bytes()
         shard.unlink()
         assert_error(shards.get(results[0]["url"]), 404, "gone")
+
+
+def test_index_removed_under_a_running_server(tmp_path, client, built):
+    import shutil
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(built[0], index_dir)
+    app = create_app(index_dir, encoder=client.app.state.encoder)
+    shutil.rmtree(index_dir)  # vectors stay in memory; metadata lookups from a new thread fail
+    with TestClient(app) as orphan:
+        assert_error(orphan.get("/search", params={"q": "x", "k": 2}), 503, "restart")
+        assert_error(orphan.get("/images/1"), 503, "unavailable")
+        assert orphan.get("/healthz").status_code == 200

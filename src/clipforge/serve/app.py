@@ -10,6 +10,7 @@ import asyncio
 import io
 import logging
 import mimetypes
+import sqlite3
 import tarfile
 import time
 from dataclasses import asdict, dataclass
@@ -172,13 +173,19 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
             raise HTTPException(413, f"upload too large: the limit is {cfg.max_upload_bytes} bytes")
         return await anyio.to_thread.run_sync(decode_image, data, cfg.max_image_pixels)
 
+    def lookup(image_id: int) -> dict[str, Any]:
+        try:
+            return index.record(image_id)
+        except sqlite3.Error as error:  # the index folder was removed or replaced under a running server
+            raise HTTPException(503, f"the index metadata is unavailable ({error}): restart the server") from None
+
     async def search(vector: np.ndarray, k: int) -> list[dict[str, Any]]:
         scores, ids = await anyio.to_thread.run_sync(index.search, vector[None].astype(np.float32), k)
         results = []
         # Approximate backends pad with id -1 (score -inf) when they find fewer than k: not results.
         found = [(score, image_id) for score, image_id in zip(scores[0].tolist(), ids[0].tolist()) if image_id >= 0]
         for rank, (score, image_id) in enumerate(found, 1):
-            record = index.record(int(image_id))
+            record = lookup(int(image_id))
             # The file name only: absolute paths on the server are none of the client's business.
             name = record["path"].rsplit("#", 1)[-1].replace("\\", "/").rsplit("/", 1)[-1]
             results.append({"rank": rank, "id": int(image_id), "score": round(float(score), 6),
@@ -226,7 +233,7 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
     @app.get("/images/{image_id}", summary="An indexed image, by id", response_class=Response)
     async def image(image_id: int) -> Response:
         try:
-            record = index.record(image_id)
+            record = lookup(image_id)
         except (KeyError, IndexError, ValueError):
             raise HTTPException(404, f"no image with id {image_id} in this index") from None
         except OSError:
