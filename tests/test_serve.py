@@ -105,7 +105,8 @@ def test_search_text_returns_ranked_servable_results(client, built):
 
 def test_search_rejects_bad_parameters(client):
     for params, word in [({"q": "x", "k": 0}, "k"), ({"q": "x", "k": 101}, "k"), ({"q": "x", "k": "ten"}, "k"),
-                         ({}, "q"), ({"q": ""}, "q"), ({"q": "   "}, "blank"), ({"q": "x" * 501}, "q")]:
+                         ({}, "q"), ({"q": ""}, "q"), ({"q": "   "}, "blank"), ({"q": "x" * 501}, "q"),
+                         ({"q": "word " * 40}, "context")]:
         assert_error(client.get("/search", params=params), 422, word)
 
 
@@ -117,7 +118,8 @@ def test_embed_text(client):
     direct = client.app.state.encoder.embed_texts(["a red square", "a blue square"])
     assert np.abs(vectors - direct).max() < 1e-5  # batching with other requests changes nothing
     for body, word in [({"texts": []}, "texts"), ({"texts": ["x"] * 33}, "texts"), ({"texts": [""]}, "texts"),
-                       ({"texts": ["x" * 501]}, "texts"), ({"texts": [3]}, "texts"), ({"text": "x"}, "texts")]:
+                       ({"texts": ["x" * 501]}, "texts"), ({"texts": [3]}, "texts"), ({"text": "x"}, "texts"),
+                       ({"texts": ["fine", "word " * 40]}, "context")]:
         assert_error(client.post("/embed/text", json=body), 422, word)
     assert_error(client.post("/embed/text", content=b"{not json", headers={"content-type": "application/json"}), 422)
 
@@ -160,6 +162,7 @@ def test_upload_limits(client, built):
 def test_images_serves_only_indexed_files(client, built):
     assert_error(client.get("/images/999999"), 404, "999999")
     assert_error(client.get("/images/-1"), 404)
+    assert_error(client.get("/images/2448997821753227486890557440"), 404)  # beyond SQLite's integers
     for attempt in ("/images/..%2F..%2Fetc%2Fpasswd", "/images/abc", "/images/1.5"):
         response = client.get(attempt)
         assert response.status_code in (404, 422) and "error" in response.json()
@@ -213,6 +216,11 @@ def test_micro_batcher_batches_and_propagates_errors():
         assert max(sizes) <= 8 and len(sizes) < 20  # batched, never over the cap
         with pytest.raises(ValueError, match="bad item"):
             batcher.submit(-1).result(5)
+        # A bad item fails only its own caller, not the others in its batch.
+        mixed = [batcher.submit(i) for i in (1, 2, -1, 3)]
+        assert [int(f.result(5)[0]) for f in (mixed[0], mixed[1], mixed[3])] == [2, 4, 6]
+        with pytest.raises(ValueError, match="bad item"):
+            mixed[2].result(5)
         results = []
         threads = [threading.Thread(target=lambda i=i: results.append(batcher.submit(i).result(5))) for i in range(10)]
         for thread in threads:

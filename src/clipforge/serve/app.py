@@ -28,6 +28,8 @@ from pydantic import BaseModel, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipforge.serve.batching import MicroBatcher
+from clipforge.serve.schemas import (EmbedImageResponse, EmbedTextResponse, HealthResponse, SearchResponse,
+                                     errors)
 
 log = logging.getLogger("clipforge.serve")
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an upload
@@ -173,9 +175,17 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
             raise HTTPException(413, f"upload too large: the limit is {cfg.max_upload_bytes} bytes")
         return await anyio.to_thread.run_sync(decode_image, data, cfg.max_image_pixels)
 
+    async def embed(batcher: MicroBatcher, item: Any) -> np.ndarray:
+        try:
+            return await batcher.embed(item)
+        except ValueError as error:  # e.g. a text longer than the model's context: the caller's to fix
+            raise HTTPException(422, "invalid request: " + str(error).split("; pass truncate")[0]) from None
+
     def lookup(image_id: int) -> dict[str, Any]:
         try:
             return index.record(image_id)
+        except OverflowError:  # an id beyond SQLite's 64-bit integers cannot be in the index
+            raise KeyError(image_id) from None
         except sqlite3.Error as error:  # the index folder was removed or replaced under a running server
             raise HTTPException(503, f"the index metadata is unavailable ({error}): restart the server") from None
 
@@ -196,41 +206,46 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
     async def home() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/healthz", summary="Liveness and index facts")
+    @app.get("/healthz", summary="Liveness and index facts", response_model=HealthResponse)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "images": len(index), "dim": index.dim, "model": Path(str(index.model)).name,
                 "limits": asdict(cfg),
                 "batches": {n: {"batches": b.batches, "items": b.items} for n, b in app.state.batchers.items()}}
 
-    @app.post("/embed/text", summary="Embed texts (L2-normalised)")
+    @app.post("/embed/text", summary="Embed texts (L2-normalised)", response_model=EmbedTextResponse,
+              responses=errors(400, 413, 422))
     async def embed_text(body: EmbedTextRequest) -> dict[str, Any]:
         start = time.perf_counter()
-        rows = await asyncio.gather(*(texts.embed(text) for text in body.texts))
+        rows = await asyncio.gather(*(embed(texts, text) for text in body.texts))
         return {"dim": index.dim, "embeddings": np.asarray(rows, dtype=np.float32).tolist(),
                 "took_ms": round(1000 * (time.perf_counter() - start), 3)}
 
-    @app.post("/embed/image", summary="Embed an uploaded image (L2-normalised)")
+    @app.post("/embed/image", summary="Embed an uploaded image (L2-normalised)", response_model=EmbedImageResponse,
+              responses=errors(400, 413, 415, 422))
     async def embed_image(file: UploadFile = File(description="an image file")) -> dict[str, Any]:
         start = time.perf_counter()
-        row = await images.embed(await read_upload(file))
+        row = await embed(images, await read_upload(file))
         return {"dim": index.dim, "embedding": row.astype(np.float32).tolist(),
                 "took_ms": round(1000 * (time.perf_counter() - start), 3)}
 
-    @app.get("/search", summary="Search the index with a text query")
+    @app.get("/search", summary="Search the index with a text query", response_model=SearchResponse,
+             responses=errors(422, 503))
     async def search_text(q: QueryText, k: K = cfg.default_k) -> dict[str, Any]:
         start = time.perf_counter()
         if not q.strip():
             raise HTTPException(422, "invalid request: q: the query is blank")
-        results = await search(await texts.embed(q), k)
+        results = await search(await embed(texts, q), k)
         return {"query": q, "k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - start), 3)}
 
-    @app.post("/search/image", summary="Search the index with an uploaded image")
+    @app.post("/search/image", summary="Search the index with an uploaded image", response_model=SearchResponse,
+              responses=errors(400, 413, 415, 422, 503))
     async def search_image(file: UploadFile = File(description="an image file"), k: K = cfg.default_k) -> dict[str, Any]:
         start = time.perf_counter()
-        results = await search(await images.embed(await read_upload(file)), k)
+        results = await search(await embed(images, await read_upload(file)), k)
         return {"k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - start), 3)}
 
-    @app.get("/images/{image_id}", summary="An indexed image, by id", response_class=Response)
+    @app.get("/images/{image_id}", summary="An indexed image, by id", response_class=Response,
+             responses={200: {"content": {"image/*": {}}, "description": "the image file"}, **errors(404, 422, 503)})
     async def image(image_id: int) -> Response:
         try:
             record = lookup(image_id)

@@ -81,13 +81,21 @@ class MicroBatcher(Generic[T]):
             batch = [(item, f) for item, f in batch if f.set_running_or_notify_cancel()]
             if not batch:
                 continue
-            try:
-                out = self.fn([item for item, _ in batch])
-            except BaseException as error:  # every waiter sees the failure instead of hanging
-                for _, future in batch:
-                    future.set_exception(error)
-                continue
-            self.batches += 1
-            self.items += len(batch)
-            for row, (_, future) in zip(out, batch):
-                future.set_result(row)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[T, Future]]) -> None:
+        try:
+            out = self.fn([item for item, _ in batch])
+        except Exception as error:
+            if len(batch) == 1:  # the waiter sees its own failure instead of hanging
+                batch[0][1].set_exception(error)
+                return
+            # One bad item (an over-long text, say) must not fail the requests it happened to share a
+            # batch with: retry one at a time so only its own caller gets the error.
+            for entry in batch:
+                self._run_batch([entry])
+            return
+        self.batches += 1
+        self.items += len(batch)
+        for row, (_, future) in zip(out, batch):
+            future.set_result(row)
