@@ -27,6 +27,7 @@ from clipforge.evaluate.retrieval import chunked_topk
 EXACT_MAX = 50_000
 KINDS = ("auto", "exact", "faiss-ivf", "faiss-hnsw")
 RECALL_K = 10
+MIN_FAISS = 40
 SMALL_BATCH = 8  # up to this many queries, FAISS runs on one thread: OpenMP start-up costs more than it saves
 
 
@@ -98,8 +99,10 @@ def build_backend(vectors: np.ndarray, kind: str = "auto", target_recall: float 
                   seed: int = 0) -> Backend:
     """A tuned backend for the normalised rows of `vectors` (parameters and measured recall in `params`)."""
     kind = choose_kind(len(vectors), kind)
-    if kind == "exact" or len(vectors) <= RECALL_K:
+    if kind == "exact":
         return Backend("exact", {}, vectors)
+    if len(vectors) < MIN_FAISS:  # too few points to train 16 PQ centroids per sub-space; exact is instant
+        return Backend("exact", {"requested": kind, "reason": f"fewer than {MIN_FAISS} vectors"}, vectors)
     faiss = _faiss()
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -122,10 +125,14 @@ def _build_ivf(faiss: Any, vectors: np.ndarray, rng: np.random.Generator) -> tup
     n, dim = vectors.shape
     if dim % 4:
         raise ValueError(f"faiss-ivf needs an embedding size divisible by 4, got {dim}")
-    nlist = int(min(max(16, round(np.sqrt(n))), 65536))
+    # ~sqrt(n) lists, each with at least 39 training points (FAISS warns below that).
+    nlist = int(max(1, min(round(np.sqrt(n)), n // 39, 65536)))
     pq_m = dim // 4  # 4 dimensions per 4-bit sub-quantiser: 16 centroids each, 0.5 byte a dimension
     factory = f"IVF{nlist},PQ{pq_m}x4fs"
     base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    # 16 centroids per sub-space train fine on fewer than FAISS's advised 39 x 16 points (the tuner
+    # measures the result anyway); this only silences its warning on small collections.
+    faiss.downcast_index(base).pq.cp.min_points_per_centroid = 1
     # 40 points per centroid is above FAISS's own warning threshold (39) and keeps k-means short.
     train = vectors[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))]
     base.train(train)
@@ -148,9 +155,10 @@ def _build_hnsw(faiss: Any, vectors: np.ndarray) -> tuple[Any, dict, list[dict]]
 
 def attach_refine(faiss: Any, base: Any, vectors: np.ndarray) -> Any:
     """`base` wrapped in an exact re-ranking stage over `vectors` (the rows `base` holds, in order)."""
-    index = faiss.IndexRefineFlat(base)
-    faiss.downcast_index(index.refine_index).add(vectors)
-    index.ntotal = base.ntotal
+    flat = faiss.IndexFlatIP(base.d)
+    flat.add(vectors)
+    index = faiss.IndexRefine(base, flat)
+    index.referenced_objects = [base, flat]  # the C++ object does not own them: keep them alive with it
     return index
 
 

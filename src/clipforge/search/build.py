@@ -299,7 +299,9 @@ def _prepare(index_dir: Path, con: Any, source: Any, name: str, separator: str,
     registered = {n for (n,) in con.execute("SELECT name FROM shards")}
     _ingest(index_dir, con, [n for n in store.shard_files(index_dir) if n not in registered], scan, stats)
     stats.resumed = stats.added + stats.updated
-    return scan, _diff(con, scan, stats)
+    todo = _diff(con, scan, stats)
+    stats.unchanged -= stats.resumed  # the diff sees the adopted rows as indexed already
+    return scan, todo
 
 
 def _lock(index_dir: Path) -> Any:
