@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def run_index(args: argparse.Namespace) -> None:
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
                         shard_size=args.shard_size, precision=args.precision, target_recall=args.target_recall)
-    if stats is None:  # a torchrun rank other than 0
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
         return
     if args.json:
         print(json.dumps(asdict(stats), indent=1))

@@ -115,10 +115,8 @@ def _diff(con: Any, scan: dict[str, Item], stats: BuildStats) -> list[Item]:
 
 
 def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: int, precision: str,
-           progress: bool) -> tuple[list[Item], np.ndarray | None, Counter]:
+           bar: Any) -> tuple[list[Item], np.ndarray | None, Counter]:
     """Embeddings of the readable `items` (which ones, the [n, d] array) and skips by reason."""
-    from tqdm import tqdm
-
     from clipforge.evaluate.features import extract_image_features
 
     reader, skipped = ItemReader(), Counter()
@@ -133,7 +131,8 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: 
             pixels.clear()
 
     try:
-        for item in tqdm(items, unit="img", disable=not progress, desc="embedding"):
+        for item in items:
+            bar.update()
             try:
                 pixels.append(preprocess(decode_image(reader.read(item.path), name=item.path)))
             except SampleError as error:
@@ -157,15 +156,16 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: 
 def _write_shards(index_dir: Path, prefix: str, items: Sequence[Item], model: Any, preprocess: Callable,
                   args: dict[str, Any], on_shard: Callable[[str], None], skipped: Counter) -> int:
     """Embed `items` shard by shard (each written atomically, then `on_shard(name)`); return the dim."""
+    from tqdm import tqdm
+
     dim = 0
     shard_size = args["shard_size"]
+    bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not args["progress"])
     for number, start in enumerate(range(0, len(items), shard_size)):
         chunk = items[start : start + shard_size]
-        if args["progress"] and len(items) > shard_size:
-            print(f"shard {number + 1}/{-(-len(items) // shard_size)}", flush=True)
-        kept, embeddings, skips = _embed(chunk, model, preprocess, args["batch_size"], args["precision"],
-                                         args["progress"])
+        kept, embeddings, skips = _embed(chunk, model, preprocess, args["batch_size"], args["precision"], bar)
         skipped.update(skips)
+        bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
         if embeddings is None:
             continue
         dim = embeddings.shape[1]
@@ -174,6 +174,7 @@ def _write_shards(index_dir: Path, prefix: str, items: Sequence[Item], model: An
             embeddings, [i.path for i in kept], np.array([i.size for i in kept]),
             np.array([i.mtime_ns for i in kept]), [i.caption for i in kept]))
         on_shard(name)
+    bar.close()
     return dim
 
 
@@ -299,7 +300,9 @@ def _prepare(index_dir: Path, con: Any, source: Any, name: str, separator: str,
     registered = {n for (n,) in con.execute("SELECT name FROM shards")}
     _ingest(index_dir, con, [n for n in store.shard_files(index_dir) if n not in registered], scan, stats)
     stats.resumed = stats.added + stats.updated
-    return scan, _diff(con, scan, stats)
+    todo = _diff(con, scan, stats)
+    stats.unchanged -= stats.resumed  # the diff sees the adopted rows as indexed already
+    return scan, todo
 
 
 def _lock(index_dir: Path) -> Any:
