@@ -8,4 +8,11 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[test]"
 # open_clip is only a tokenizer reference for the tests: its BPE file and tokenizer.py, loaded by path.
 .venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
+# The browser test (tests/test_serve_browser.py) drives Debian's Chromium; it skips when none is found.
+# As root, install it if missing (a no-op when present); never fatal, and CLIPFORGE_NO_BROWSER=1 opts out.
+if [ -z "${CLIPFORGE_NO_BROWSER:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+    || echo "setup.sh: could not install chromium + chromium-driver; the browser test will be skipped" >&2
+fi
 .venv/bin/python -c "import clipforge, torch; print('clipforge', clipforge.__version__, 'torch', torch.__version__)"

@@ -9,6 +9,9 @@ from pathlib import Path
 from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
 from clipforge.cli import evaluate as eval_cmd
+from clipforge.cli import export as export_cmd
+from clipforge.cli import search as search_cmd
+from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
 
 
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
+    serve_cmd.add_parser(sub)
+    search_cmd.add_parser(sub)
     return parser
 
 

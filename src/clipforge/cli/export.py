@@ -1,0 +1,34 @@
+"""`clipforge export onnx`: image and text towers as ONNX graphs, checked against PyTorch with onnxruntime."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run_onnx(args: argparse.Namespace) -> None:
+    """Export, verify and print where the graphs went and how close they are to PyTorch."""
+    try:
+        from clipforge.export.onnx import export_onnx
+    except ImportError as error:  # onnx / onnxruntime / onnxscript are an extra
+        raise ValueError(f"ONNX export needs the onnx extra (pip install 'clipforge[onnx]'): {error}") from error
+
+    config = export_onnx(args.checkpoint, args.out_dir, opset=args.opset, verify=not args.no_verify, atol=args.atol)
+    print(f"wrote {args.out_dir / config['image_encoder']} and {args.out_dir / config['text_encoder']} "
+          f"(opset {config['opset']}, embed dim {config['embed_dim']}) with tokenizer and onnx_config.json")
+    if "parity" in config:
+        parity = config["parity"]
+        print(f"onnxruntime vs PyTorch: max abs diff {parity['max_abs_diff']:.3g} (limit {parity['atol']:g}) "
+              f"over batch 1 and 3, int32 and int64 tokens")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `clipforge export onnx`."""
+    p = sub.add_parser("export", help="export a model to another runtime (onnx)")
+    formats = p.add_subparsers(dest="format", required=True)
+    o = formats.add_parser("onnx", help="image and text encoders as two ONNX graphs with a dynamic batch")
+    o.add_argument("checkpoint", help="checkpoint (any format clipforge.load reads) or registry name")
+    o.add_argument("out_dir", type=Path, help="output folder (graphs, tokenizer, onnx_config.json)")
+    o.add_argument("--opset", type=int, default=18)
+    o.add_argument("--atol", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| (fp32)")
+    o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime parity check")
+    o.set_defaults(func=run_onnx)

@@ -1,0 +1,90 @@
+"""`clipforge index` (embed a collection, incrementally) and `clipforge search` (query it by text or image)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def run_index(args: argparse.Namespace) -> None:
+    """Build or update an index and print what changed."""
+    from dataclasses import asdict
+
+    from clipforge.search import build_index
+
+    stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
+                        progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
+                        shard_size=args.shard_size, precision=args.precision, target_recall=args.target_recall)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
+        return
+    if args.json:
+        print(json.dumps(asdict(stats), indent=1))
+        return
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(stats.skipped.items())) or "none"
+    resumed = f" ({stats.resumed} from an interrupted run)" if stats.resumed else ""
+    print(f"{args.out}: {stats.total} images; added {stats.added}, updated {stats.updated}{resumed}, "
+          f"removed {stats.removed}, unchanged {stats.unchanged}; skipped: {skipped}")
+    backend = stats.backend
+    detail = ", ".join(f"{k}={v}" for k, v in backend.items() if k != "kind")
+    print(f"search backend: {backend['kind']}" + (f" ({detail})" if detail else "") + f"; {stats.seconds:.1f} s")
+
+
+def run_search(args: argparse.Namespace) -> None:
+    """Print the k best matches of a text or image query."""
+    from clipforge.data.transforms import load_image
+    from clipforge.search import ImageIndex, QueryEncoder
+
+    if (args.text is None) == (args.image is None):
+        raise ValueError("give a text query or --image, not both")
+    index = ImageIndex.open(args.index)
+    encoder = QueryEncoder(args.model or index.model)
+    if args.image is not None:
+        query = encoder.embed_images([load_image(args.image)])
+    else:
+        query = encoder.embed_texts([args.text])
+    if query.shape[1] != index.dim:
+        raise ValueError(f"the model embeds into {query.shape[1]} dimensions, the index holds {index.dim}")
+    scores, ids = index.search(query, args.k)
+    results = []
+    for rank, (score, id_) in enumerate(zip(scores[0].tolist(), ids[0].tolist()), start=1):
+        if id_ < 0:
+            continue
+        record = index.record(id_)
+        results.append({"rank": rank, "score": round(score, 6), **record})
+    if args.json:
+        query_desc = {"image": str(args.image)} if args.image is not None else {"text": args.text}
+        print(json.dumps({"query": query_desc, "backend": index.backend["kind"], "results": results}, indent=1))
+        return
+    for r in results:
+        print(f"{r['rank']:>3}  {r['score']:.4f}  {r['path']}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `clipforge index` and `clipforge search`."""
+    from clipforge.search.backend import KINDS
+
+    p = sub.add_parser("index", help="embed an image folder / caption CSV / webdataset into a search index",
+                       description="Re-running updates the index: only new or changed images are embedded, deleted "
+                                   "ones are dropped, and a killed run resumes. Runs under torchrun too.")
+    p.add_argument("source", help="image folder, caption CSV (image[,caption]) or webdataset shard(s) (.tar, {a..b})")
+    p.add_argument("--model", required=True, help="checkpoint (any format clipforge.load reads)")
+    p.add_argument("--out", required=True, type=Path, help="index folder (created or updated)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=4096, help="embeddings per shard file (the unit of resuming)")
+    p.add_argument("--backend", choices=KINDS, default="auto", help="auto: exact up to 50k images, else faiss-ivf")
+    p.add_argument("--target-recall", type=float, default=0.97, help="FAISS: tune to this recall@10 against exact")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the build statistics as JSON")
+    p.set_defaults(func=run_index)
+
+    p = sub.add_parser("search", help="search an index by text or by image")
+    p.add_argument("index", type=Path, help="index folder written by `clipforge index`")
+    p.add_argument("text", nargs="?", help="text query")
+    p.add_argument("--image", type=Path, help="image query instead of a text")
+    p.add_argument("-k", type=int, default=10, help="number of results")
+    p.add_argument("--model", default=None, help="query model (default: the one the index was built with)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_search)

@@ -1,0 +1,34 @@
+"""`clipforge serve INDEX_DIR`: the search API and web page over one image index (FastAPI + uvicorn)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the index and model once, then serve until interrupted."""
+    import uvicorn
+
+    from clipforge.serve import ServeConfig, create_app
+
+    config = ServeConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    app = create_app(args.index_dir, config)  # a missing or broken index fails here: exit 2 with a message
+    index = app.state.index
+    print(f"serving {len(index)} images from {args.index_dir} at http://{args.host}:{args.port}/ "
+          f"(API docs: /docs, spec: /openapi.json)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `clipforge serve`."""
+    p = sub.add_parser("serve", help="serve an image index: search API + web page")
+    p.add_argument("index_dir", type=Path, help="folder written by `clipforge index`")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default: no auth is built in)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload")
+    p.add_argument("--max-batch", type=int, default=32, help="micro-batch size for query embedding")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)

@@ -1,0 +1,1 @@
+"""Model export to other runtimes (ONNX)."""

@@ -1,0 +1,253 @@
+"""ONNX export: the image and text towers as two graphs with a dynamic batch, checked against PyTorch.
+
+The output folder is usable without the checkpoint: beside the graphs it holds the tokenizer files and
+`onnx_config.json` (preprocessing, input/output names, dimensions), which `OnnxCLIP` reads back.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from clipforge.data.transforms import center_crop, load_image, resize_short_side
+from clipforge.model.clip import CLIP
+
+IMAGE_FILE = "image_encoder.onnx"
+TEXT_FILE = "text_encoder.onnx"
+CONFIG_FILE = "onnx_config.json"
+DEFAULT_OPSET = 18
+PARITY_ATOL = 1e-4  # fp32: the graphs run the same ops, so anything larger is an export bug
+
+
+class UserFacingError(RuntimeError):
+    """A failed check the user should see as a message (the CLI exits 3), not a traceback."""
+
+    user_facing = True
+
+
+class ImageEncoder(nn.Module):
+    """pixels [B, 3, S, S] -> (features, L2-normalised embeddings)."""
+
+    def __init__(self, model: CLIP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.encode_image(pixels)
+        return features, F.normalize(features, dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """tokens [B, L] -> (features, L2-normalised embeddings), without encode_text's data-dependent trim.
+
+    encode_text cuts the sequence after the longest EOT, a shape that depends on the token values and
+    so cannot be traced; running the full length is exact because the mask is causal and pooling reads
+    the EOT position only.
+    """
+
+    def __init__(self, model: CLIP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        tokens = tokens.long()
+        if m.config.text_tower == "minilm":
+            features = _minilm_untrimmed(m.text_tower, tokens)
+        else:
+            length = tokens.shape[1]
+            x = m.token_embedding(tokens) + m.positional_embedding[:length]
+            x = m.transformer(x, causal=True)
+            x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+            features = m.ln_final(x) @ m.text_projection
+        return features, F.normalize(features, dim=-1)
+
+
+def _minilm_untrimmed(tower: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """MiniLMTextTower.forward without its trim of trailing padding (masked anyway, so exact)."""
+    keep = tokens != 0
+    x = tower.embeddings(tokens)
+    for layer in tower.encoder.layer:
+        x = layer(x, keep[:, None, None, :])
+    weights = keep.unsqueeze(-1).to(x.dtype)
+    pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    return tower.projection(F.normalize(pooled, dim=-1))
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, seq_dim: bool, opset: int) -> None:
+    """Export one tower with the torch.export-based exporter; batch (and sequence) dimensions stay dynamic."""
+    shapes: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=65536)}
+    if seq_dim:
+        shapes[1] = torch.export.Dim("length", min=2, max=int(example.shape[1]))
+    # The exporter prints its progress and warns about deprecations and torchvision ops: not the user's concern.
+    chatter = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=[input_name],
+                          output_names=["features", "embeddings"], dynamic_shapes=(shapes,),
+                          opset_version=opset, dynamo=True, verbose=False, optimize=True)
+
+
+def example_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """Random token rows of different lengths: SOT, ids, the highest id as EOT, zero padding."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(batch, length, dtype=torch.long)
+    for row in range(batch):
+        n = int(torch.randint(1, max(2, length - 1), (1,), generator=gen))
+        tokens[row, 0] = vocab - 2
+        tokens[row, 1:n] = torch.randint(1, vocab - 2, (n - 1,), generator=gen)
+        tokens[row, n] = vocab - 1
+    return tokens
+
+
+def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
+                atol: float = PARITY_ATOL) -> dict[str, Any]:
+    """Write image/text ONNX graphs, tokenizer and config into out_dir; return the config (with parity results)."""
+    import clipforge
+
+    source = None
+    if not isinstance(model, nn.Module):
+        source = str(model)
+        model, _ = clipforge.load(model)
+    tokenizer = clipforge.get_tokenizer(source, context_length=model.context_length) if source else None
+    model = model.float().eval()  # fp32 graphs: half precision on CPU runtimes is slow or missing
+    if tokenizer is None and model.config.text_tower == "minilm":
+        from clipforge.model.minilm import WordPieceTokenizer
+
+        tokenizer = WordPieceTokenizer(context_length=model.context_length)
+    elif tokenizer is None:
+        from clipforge.text import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer(context_length=model.context_length)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = model.image_size
+    vocab = tokenizer.vocab_size
+    with torch.no_grad():
+        _export(ImageEncoder(model), torch.randn(2, 3, size, size), out / IMAGE_FILE, "pixels", False, opset)
+        _export(TextEncoder(model), example_tokens(2, model.context_length, vocab), out / TEXT_FILE, "tokens",
+                True, opset)
+    tokenizer.save(out)
+    config: dict[str, Any] = {
+        "format": "clipforge-onnx",
+        "image_encoder": IMAGE_FILE,
+        "text_encoder": TEXT_FILE,
+        "embed_dim": model.config.embed_dim,
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "inputs": {"image": {"name": "pixels", "dtype": "float32", "shape": ["batch", 3, size, size]},
+                   "text": {"name": "tokens", "dtype": "int64", "shape": ["batch", "length"]}},
+        "outputs": ["features", "embeddings"],
+        "preprocess": {"image_size": size, "resize": "bicubic, short side to image_size", "crop": "center",
+                       "mean": list(clipforge.EvalTransform().mean), "std": list(clipforge.EvalTransform().std),
+                       "scale": 1 / 255, "layout": "NCHW"},
+        "tokenizer": {"kind": "wordpiece" if model.config.text_tower == "minilm" else "clip",
+                      "context_length": model.context_length, "vocab_size": vocab,
+                      "pooling": "masked mean" if model.config.text_tower == "minilm" else "EOT (highest id)"},
+        "opset": opset,
+    }
+    if verify:
+        config["parity"] = verify_onnx(model, out, vocab, atol=atol)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    return config
+
+
+def verify_onnx(model: CLIP, out_dir: str | Path, vocab: int, atol: float = PARITY_ATOL,
+                batches: Sequence[int] = (1, 3)) -> dict[str, Any]:
+    """Max |ONNX - PyTorch| of both towers over the given batch sizes, int32 and int64 tokens; raises above atol."""
+    import onnxruntime as ort
+
+    out = Path(out_dir)
+    image = ort.InferenceSession(str(out / IMAGE_FILE), providers=["CPUExecutionProvider"])
+    text = ort.InferenceSession(str(out / TEXT_FILE), providers=["CPUExecutionProvider"])
+    diffs: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for batch in batches:
+            pixels = torch.randn(batch, 3, model.image_size, model.image_size, generator=gen)
+            want = model.encode_image(pixels).numpy()
+            got = image.run(["features"], {"pixels": pixels.numpy()})[0]
+            diffs[f"image_b{batch}"] = float(np.abs(got - want).max())
+            tokens = example_tokens(batch, model.context_length, vocab, seed=batch)
+            want = model.encode_text(tokens).numpy()  # the real (trimming) path: the reference
+            for dtype in (np.int64, np.int32):
+                got = text.run(["features"], {"tokens": as_token_array(tokens.numpy().astype(dtype))})[0]
+                diffs[f"text_b{batch}_{np.dtype(dtype).name}"] = float(np.abs(got - want).max())
+    worst = max(diffs.values())
+    if not worst <= atol:  # `not <=` also catches NaN
+        raise UserFacingError(f"ONNX output differs from PyTorch by {worst:.3g} > {atol:g}: {diffs}")
+    return {"max_abs_diff": worst, "atol": atol, "by_check": diffs}
+
+
+def as_token_array(tokens: Any) -> np.ndarray:
+    """Token ids as the graph's int64 [B, L] (int32 from other tokenizers or runtimes is widened)."""
+    array = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    if array.ndim != 2 or array.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be an integer [batch, length] array, got {array.dtype} {array.shape}")
+    return array.astype(np.int64, copy=False)
+
+
+class OnnxCLIP:
+    """Run an exported folder with onnxruntime alone: preprocess, tokenize, encode (numpy in and out)."""
+
+    def __init__(self, directory: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        if not (self.directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{self.directory} has no {CONFIG_FILE}: not a clipforge ONNX export")
+        self.config = json.loads((self.directory / CONFIG_FILE).read_text())
+        self.image_session = ort.InferenceSession(str(self.directory / self.config["image_encoder"]), providers=list(providers))
+        self.text_session = ort.InferenceSession(str(self.directory / self.config["text_encoder"]), providers=list(providers))
+        tok = self.config["tokenizer"]
+        if tok["kind"] == "wordpiece":
+            from clipforge.model.minilm import TOKENIZER_FILE, WordPieceTokenizer
+
+            self.tokenizer = WordPieceTokenizer(self.directory / TOKENIZER_FILE, context_length=tok["context_length"])
+        else:
+            from clipforge.text import CLIPTokenizer
+
+            self.tokenizer = CLIPTokenizer.from_directory(self.directory)
+
+    def preprocess(self, image: Image.Image | str | Path) -> np.ndarray:
+        """[3, S, S] float32 pixels, the same steps as clipforge's EvalTransform."""
+        pp = self.config["preprocess"]
+        size = pp["image_size"]
+        image = center_crop(resize_short_side(load_image(image), size), size).convert("RGB")
+        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+        mean = np.asarray(pp["mean"], dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(pp["std"], dtype=np.float32).reshape(3, 1, 1)
+        return (array - mean) / std
+
+    def encode_image(self, pixels: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """Embeddings [B, D] of preprocessed pixels [B, 3, S, S]."""
+        name = "embeddings" if normalize else "features"
+        return self.image_session.run([name], {"pixels": np.asarray(pixels, dtype=np.float32)})[0]
+
+    def encode_text(self, tokens: Any, normalize: bool = True) -> np.ndarray:
+        """Embeddings [B, D] of token ids [B, L] (int32 or int64)."""
+        name = "embeddings" if normalize else "features"
+        return self.text_session.run([name], {"tokens": as_token_array(tokens)})[0]
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised embeddings of raw strings."""
+        if self.config["tokenizer"]["kind"] == "wordpiece":
+            return self.encode_text(self.tokenizer(list(texts)))  # truncates itself
+        return self.encode_text(self.tokenizer(list(texts), truncate=True))
+
+    def embed_images(self, images: Sequence[Image.Image | str | Path]) -> np.ndarray:
+        """Normalised embeddings of images or image paths."""
+        return self.encode_image(np.stack([self.preprocess(image) for image in images]))
+
+
+__all__ = ["OnnxCLIP", "TextEncoder", "ImageEncoder", "export_onnx", "verify_onnx"]

@@ -1,0 +1,49 @@
+"""`QueryEncoder`: a model and its tokenizer loaded once, turning texts or images into search queries."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+class QueryEncoder:
+    """Normalised float32 query embeddings of texts or PIL images; safe to share between threads."""
+
+    def __init__(self, model: str | Path, precision: str = "fp32") -> None:
+        import clipforge
+
+        self.model_name = str(model)
+        self.model, self.preprocess = clipforge.load(model)
+        self.tokenizer = clipforge.get_tokenizer(model, context_length=self.model.context_length)
+        self.precision = precision
+        # One call at a time: torch already spreads one batch over every core, and the tokenizer's
+        # cache is not meant for concurrent writers.
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        """Embedding size."""
+        return int(self.model.config.embed_dim)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[n, d] normalised float32 text embeddings."""
+        from clipforge.evaluate.features import extract_text_features
+
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with self._lock:
+            return extract_text_features(self.model, self.tokenizer, texts, precision=self.precision).numpy()
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """[n, d] normalised float32 image embeddings (preprocessed as the index's images were)."""
+        from clipforge.evaluate.features import extract_image_features
+
+        images = list(images)
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        with self._lock:
+            return extract_image_features(self.model, images, self.preprocess, precision=self.precision).numpy()

@@ -1,0 +1,98 @@
+"""`ImageIndex`: a read-only view of a built index (vectors in memory, metadata looked up in SQLite)."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipforge.search import store
+from clipforge.search.backend import Backend, build_backend, load_backend
+from clipforge.search.build import BACKEND_FILE
+
+
+class ImageIndex:
+    """Search an index written by `build_index`: `search` by embedding, `record` for an id's metadata."""
+
+    def __init__(self, index_dir: Path, manifest: dict[str, Any], ids: np.ndarray, backend: Backend) -> None:
+        self.path, self.manifest, self.ids, self._backend = index_dir, manifest, ids, backend
+        self._local = threading.local()  # a sqlite3 connection may only be used by the thread that made it
+
+    @classmethod
+    def open(cls, index_dir: str | Path) -> "ImageIndex":
+        """Load an index folder; FileNotFoundError / ValueError say clearly why it is not one."""
+        index_dir = Path(index_dir)
+        manifest = store.read_manifest(index_dir)
+        if not (index_dir / store.DATABASE).is_file():
+            raise ValueError(f"{index_dir}: the index has no {store.DATABASE}; rebuild it with `clipforge index`")
+        con = _connect_readonly(index_dir)
+        try:
+            ids, vectors = store.load_vectors(index_dir, con, int(manifest["dim"]))
+            generation = int(store.get_meta(con, "generation") or 0)
+        except sqlite3.DatabaseError as error:
+            raise ValueError(f"{index_dir}: unreadable {store.DATABASE}: {error}") from None
+        finally:
+            con.close()
+        described = manifest.get("backend", {"kind": "exact"})
+        if generation != manifest.get("generation"):
+            # A build was interrupted after changing the table: the table and shards are consistent, the
+            # saved FAISS structure may not be, so search exactly until the next `clipforge index` finishes.
+            warnings.warn(f"{index_dir}: changed since its last complete build (interrupted `clipforge index`?); "
+                          "searching exactly until it is re-run", stacklevel=2)
+            described = {"kind": "exact"}
+        backend = load_backend(described, index_dir / BACKEND_FILE, vectors) if len(ids) else build_backend(vectors)
+        return cls(index_dir, manifest, ids, backend)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        """Embedding size."""
+        return int(self.manifest["dim"])
+
+    @property
+    def model(self) -> str:
+        """The model (checkpoint path or registry name) the index was built with."""
+        return str(self.manifest["model"])
+
+    @property
+    def backend(self) -> dict[str, Any]:
+        """{"kind": "exact" | "faiss-ivf" | "faiss-hnsw", **parameters and measured recall}."""
+        return self._backend.describe()
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each [q, min(k, len)], best first, for normalised float32 queries [q, dim]."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [q, {self.dim}], got {list(queries.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        k = min(k, len(self))
+        if k == 0 or len(queries) == 0:
+            return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+        scores, positions = self._backend.search(queries, k)
+        # FAISS marks "fewer than k found" with -1; those slots get id -1 and score -inf.
+        ids = np.where(positions >= 0, self.ids[np.clip(positions, 0, None)], -1)
+        return np.where(positions >= 0, scores, -np.inf).astype(np.float32), ids.astype(np.int64)
+
+    def record(self, id: int) -> dict[str, Any]:
+        """{"id", "path", "size", "mtime", "caption"} of an indexed image; KeyError if the id is unknown."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = _connect_readonly(self.path)
+        row = con.execute("SELECT id, path, size, mtime_ns, caption FROM images WHERE id = ?", (int(id),)).fetchone()
+        if row is None:
+            raise KeyError(id)
+        return {"id": row[0], "path": row[1], "size": row[2], "mtime": row[3] / 1e9, "caption": row[4]}
+
+
+def _connect_readonly(index_dir: Path) -> sqlite3.Connection:
+    """A read-only connection (never creates or changes the database)."""
+    return sqlite3.connect(f"{(index_dir / store.DATABASE).resolve().as_uri()}?mode=ro", uri=True,
+                           check_same_thread=False)

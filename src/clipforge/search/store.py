@@ -1,0 +1,211 @@
+"""The on-disk index: atomic file writes, the manifest, embedding shards and the SQLite metadata table.
+
+Every write is a temp file + `os.replace`, and every metadata change one SQLite transaction, so a kill at
+any point leaves either the old or the new state. Shards are self-describing (embeddings plus each row's
+path, size, mtime and caption), which is what lets a killed or distributed run hand its finished shards
+to the next run / the merge step: a shard on disk that no table row knows yet is "pending".
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+FORMAT = "clipforge-index"
+VERSION = 1
+MANIFEST = "manifest.json"
+DATABASE = "metadata.sqlite"
+SHARD_DIR = "shards"
+SHARD_SUFFIX = ".npz"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a deleted id is never handed out again
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    caption TEXT,
+    shard TEXT NOT NULL,
+    row INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder and a rename (never a torn file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """Atomically write manifest.json."""
+    atomic_write_bytes(index_dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_manifest(index_dir: Path) -> dict[str, Any]:
+    """The manifest of an index folder; FileNotFoundError / ValueError say why it is not an index."""
+    if not index_dir.is_dir():
+        raise FileNotFoundError(f"index folder not found: {index_dir}")
+    path = index_dir / MANIFEST
+    if not path.is_file():
+        hint = " (an interrupted first build? run `clipforge index` again)" if (index_dir / DATABASE).exists() else ""
+        raise FileNotFoundError(f"{index_dir} is not a clipforge index: no {MANIFEST}{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{index_dir} is not a clipforge index: {MANIFEST} has no format {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{index_dir}: index format version {manifest.get('version')} is not supported "
+                         f"(this clipforge reads version {VERSION}); rebuild it with `clipforge index`")
+    return manifest
+
+
+@dataclass
+class ShardRows:
+    """The rows of one shard: embeddings [n, d] float32 and per-row metadata."""
+
+    embeddings: np.ndarray
+    paths: list[str]
+    sizes: np.ndarray
+    mtimes_ns: np.ndarray
+    captions: list[str | None]
+
+
+def write_shard(path: Path, rows: ShardRows) -> None:
+    """Atomically write one shard (.npz, uncompressed: embeddings do not compress)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=rows.embeddings.astype(np.float32, copy=False),
+             paths=np.array(rows.paths, dtype=object), sizes=rows.sizes.astype(np.int64),
+             mtimes_ns=rows.mtimes_ns.astype(np.int64), captions=np.array(rows.captions, dtype=object))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_shard_embeddings(path: Path) -> np.ndarray:
+    """The embeddings of one shard, without unpickling its metadata."""
+    with np.load(path, allow_pickle=False) as data:
+        return data["embeddings"]
+
+
+def read_shard(path: Path) -> ShardRows:
+    """All of one shard (the metadata arrays are pickled object arrays written by `write_shard`)."""
+    with np.load(path, allow_pickle=True) as data:
+        return ShardRows(data["embeddings"], [str(p) for p in data["paths"]], data["sizes"], data["mtimes_ns"],
+                         [None if c is None else str(c) for c in data["captions"]])
+
+
+def shard_files(index_dir: Path) -> dict[str, Path]:
+    """Shard name -> path of every finished shard file in the index."""
+    folder = index_dir / SHARD_DIR
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.glob(f"*{SHARD_SUFFIX}")) if not p.name.startswith(".")}
+
+
+def connect(index_dir: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the metadata database of an index."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: transactions are explicit (`transaction`), so a batch is all-or-nothing.
+    con = sqlite3.connect(index_dir / DATABASE, isolation_level=None, timeout=60)
+    con.executescript(_SCHEMA)
+    return con
+
+
+@contextmanager
+def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN ... COMMIT, rolled back on any error."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def get_meta(con: sqlite3.Connection, key: str) -> str | None:
+    """A value of the key/value `meta` table."""
+    row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else row[0]
+
+
+def set_meta(con: sqlite3.Connection, key: str, value: str) -> None:
+    """Set a value of the `meta` table (inside the caller's transaction, if any)."""
+    con.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value))
+
+
+def known_files(con: sqlite3.Connection) -> dict[str, tuple[int, int, int, str | None]]:
+    """path -> (id, size, mtime_ns, caption) of every indexed image."""
+    return {path: (rowid, size, mtime, caption)
+            for rowid, path, size, mtime, caption in con.execute("SELECT id, path, size, mtime_ns, caption FROM images")}
+
+
+def upsert_rows(con: sqlite3.Connection, entries: Sequence[tuple[str, int, int, str | None, str, int]]) -> None:
+    """Point each (path, size, mtime_ns, caption, shard, row) at its shard row; a known path keeps its id."""
+    con.executemany(
+        "INSERT INTO images(path, size, mtime_ns, caption, shard, row) VALUES(?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+        "caption = excluded.caption, shard = excluded.shard, row = excluded.row", entries)
+
+
+def register_shard(con: sqlite3.Connection, name: str, rows: int) -> None:
+    """Mark a shard as handed to the table (it is no longer pending)."""
+    con.execute("INSERT OR REPLACE INTO shards(name, rows) VALUES(?, ?)", (name, rows))
+
+
+def bump_generation(con: sqlite3.Connection) -> int:
+    """Count one more change of the image table (inside the caller's transaction); the manifest records it."""
+    generation = int(get_meta(con, "generation") or 0) + 1
+    set_meta(con, "generation", str(generation))
+    return generation
+
+
+def live_rows(con: sqlite3.Connection) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """shard name -> (ids, rows) of the images whose current embedding it holds, ids ascending."""
+    out: dict[str, tuple[list[int], list[int]]] = {}
+    for rowid, shard, row in con.execute("SELECT id, shard, row FROM images ORDER BY id"):
+        ids, rows = out.setdefault(shard, ([], []))
+        ids.append(rowid)
+        rows.append(row)
+    return {s: (np.array(i, dtype=np.int64), np.array(r, dtype=np.int64)) for s, (i, r) in out.items()}
+
+
+def load_vectors(index_dir: Path, con: sqlite3.Connection, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n] ascending, embeddings [n, dim] float32) of every live image, gathered from the shards."""
+    live = live_rows(con)
+    total = sum(len(ids) for ids, _ in live.values())
+    ids = np.empty(total, dtype=np.int64)
+    vectors = np.empty((total, dim), dtype=np.float32)
+    start = 0
+    for shard, (shard_ids, rows) in live.items():
+        path = index_dir / SHARD_DIR / shard
+        if not path.is_file():
+            raise ValueError(f"{index_dir}: shard {shard} is missing; rebuild the index with `clipforge index`")
+        embeddings = read_shard_embeddings(path)
+        ids[start : start + len(rows)] = shard_ids
+        vectors[start : start + len(rows)] = embeddings[rows]
+        start += len(rows)
+    order = np.argsort(ids, kind="stable")  # id order: the same vectors give the same matrix however sharded
+    return ids[order], vectors[order]
