@@ -139,6 +139,12 @@ def test_unreadable_images_are_skipped_and_counted(shapes, model_dir, tmp_path):
     assert stats.total == 72 and stats.skipped == {"corrupt_image": 1, "empty_file": 1}
     again = build_index(images, tmp_path / "index", model=model_dir, progress=False)
     assert again.skipped == stats.skipped and again.unchanged == 72
+    victim = sorted(images.glob("captions_*.png"))[0]  # an indexed file that turns unreadable leaves the index
+    victim.write_bytes(b"garbage")
+    third = build_index(images, tmp_path / "index", model=model_dir, progress=False)
+    assert third.total == 71 and third.skipped == {"corrupt_image": 2, "empty_file": 1}
+    index = ImageIndex.open(tmp_path / "index")
+    assert str(victim.absolute()) not in {index.record(int(i))["path"] for i in index.ids}
 
 
 class Killed(BaseException):
