@@ -312,3 +312,15 @@ def test_cli_index_and_search(shapes, model_dir, tmp_path, capsys):
     shutil.rmtree(shapes / "images")
     (shapes / "images").mkdir()
     assert main(["index", str(shapes / "images"), "--model", str(model_dir), "--out", str(tmp_path / "i2")]) == 2
+
+
+def test_query_encoder_is_thread_safe(encoder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"a {color} {shape}" for color in COLORS for shape in ("circle", "square")]
+    serial = [encoder.embed_texts([t]) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda t: encoder.embed_texts([t]), texts))
+    for a, b in zip(serial, parallel):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert encoder.embed_texts([]).shape == (0, encoder.dim)
