@@ -139,6 +139,12 @@ def test_unreadable_images_are_skipped_and_counted(shapes, model_dir, tmp_path):
     assert stats.total == 72 and stats.skipped == {"corrupt_image": 1, "empty_file": 1}
     again = build_index(images, tmp_path / "index", model=model_dir, progress=False)
     assert again.skipped == stats.skipped and again.unchanged == 72
+    victim = sorted(images.glob("captions_*.png"))[0]  # an indexed file that turns unreadable leaves the index
+    victim.write_bytes(b"garbage")
+    third = build_index(images, tmp_path / "index", model=model_dir, progress=False)
+    assert third.total == 71 and third.skipped == {"corrupt_image": 2, "empty_file": 1}
+    index = ImageIndex.open(tmp_path / "index")
+    assert str(victim.absolute()) not in {index.record(int(i))["path"] for i in index.ids}
 
 
 class Killed(BaseException):
@@ -306,3 +312,15 @@ def test_cli_index_and_search(shapes, model_dir, tmp_path, capsys):
     shutil.rmtree(shapes / "images")
     (shapes / "images").mkdir()
     assert main(["index", str(shapes / "images"), "--model", str(model_dir), "--out", str(tmp_path / "i2")]) == 2
+
+
+def test_query_encoder_is_thread_safe(encoder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"a {color} {shape}" for color in COLORS for shape in ("circle", "square")]
+    serial = [encoder.embed_texts([t]) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda t: encoder.embed_texts([t]), texts))
+    for a, b in zip(serial, parallel):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert encoder.embed_texts([]).shape == (0, encoder.dim)

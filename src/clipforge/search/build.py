@@ -115,11 +115,11 @@ def _diff(con: Any, scan: dict[str, Item], stats: BuildStats) -> list[Item]:
 
 
 def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: int, precision: str,
-           bar: Any) -> tuple[list[Item], np.ndarray | None, Counter]:
-    """Embeddings of the readable `items` (which ones, the [n, d] array) and skips by reason."""
+           bar: Any) -> tuple[list[Item], np.ndarray | None, list[tuple[str, str]]]:
+    """Embeddings of the readable `items` (which ones, the [n, d] array) and (path, reason) of the others."""
     from clipforge.evaluate.features import extract_image_features
 
-    reader, skipped = ItemReader(), Counter()
+    reader, failed = ItemReader(), []
     kept: list[Item] = []
     chunks: list[np.ndarray] = []
     pixels: list[torch.Tensor] = []
@@ -136,13 +136,13 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: 
             try:
                 pixels.append(preprocess(decode_image(reader.read(item.path), name=item.path)))
             except SampleError as error:
-                skipped[error.reason] += 1
+                failed.append((item.path, error.reason))
                 continue
             except FileNotFoundError:
-                skipped["missing_file"] += 1
+                failed.append((item.path, "missing_file"))
                 continue
             except (OSError, ValueError):  # a tar that went bad since the listing, or the transform refused it
-                skipped["corrupt_image"] += 1
+                failed.append((item.path, "corrupt_image"))
                 continue
             kept.append(item)
             if len(pixels) == batch_size:
@@ -150,11 +150,11 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: 
         flush()
     finally:
         reader.close()
-    return kept, (np.concatenate(chunks) if chunks else None), skipped
+    return kept, (np.concatenate(chunks) if chunks else None), failed
 
 
 def _write_shards(index_dir: Path, prefix: str, items: Sequence[Item], model: Any, preprocess: Callable,
-                  args: dict[str, Any], on_shard: Callable[[str], None], skipped: Counter) -> int:
+                  args: dict[str, Any], on_shard: Callable[[str], None], failed: list[tuple[str, str]]) -> int:
     """Embed `items` shard by shard (each written atomically, then `on_shard(name)`); return the dim."""
     from tqdm import tqdm
 
@@ -163,9 +163,9 @@ def _write_shards(index_dir: Path, prefix: str, items: Sequence[Item], model: An
     bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not args["progress"])
     for number, start in enumerate(range(0, len(items), shard_size)):
         chunk = items[start : start + shard_size]
-        kept, embeddings, skips = _embed(chunk, model, preprocess, args["batch_size"], args["precision"], bar)
-        skipped.update(skips)
-        bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
+        kept, embeddings, chunk_failed = _embed(chunk, model, preprocess, args["batch_size"], args["precision"], bar)
+        failed += chunk_failed
+        bar.set_postfix(skipped=len(failed), refresh=False)
         if embeddings is None:
             continue
         dim = embeddings.shape[1]
@@ -341,12 +341,16 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
         if world == 1:  # in one process each shard is final at once; under torchrun rank 0 merges at the end
             _ingest(index_dir, state["con"], [shard], state["scan"], stats)
 
-    def merge(skipped: Counter, dim: int) -> BuildStats:
+    def merge(failed: list[tuple[str, str]], dim: int) -> BuildStats:
         con = state["con"]
         if world > 1:
             _ingest(index_dir, con, [n for n in store.shard_files(index_dir) if n.startswith(f"{run_id}-")],
                     state["scan"], stats)
-        stats.skipped = dict(Counter(stats.skipped) + skipped)
+        stats.skipped = dict(Counter(stats.skipped) + Counter(reason for _, reason in failed))
+        if failed:  # a file that changed into an unreadable one: its old embedding no longer stands for it
+            with store.transaction(con):
+                con.executemany("DELETE FROM images WHERE path = ?", [(path,) for path, _ in failed])
+                store.bump_generation(con)
         if dim and store.get_meta(con, "dim") is None:
             with store.transaction(con):
                 store.set_meta(con, "dim", str(dim))
@@ -361,17 +365,17 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
         todo, run_id = _on_rank0(rank, world, prepare)
         mine = todo[rank::world]
         loaded, preprocess = clipforge.load(name) if mine else (None, None)
-        skipped: Counter = Counter()
+        failed: list[tuple[str, str]] = []
         dim = _write_shards(index_dir, f"{run_id}-r{rank}", mine, loaded, preprocess,
-                            {**args, "progress": progress and rank == 0}, on_shard, skipped)
+                            {**args, "progress": progress and rank == 0}, on_shard, failed)
         if world > 1:
             import torch.distributed as dist
 
             gathered: list = [None] * world
-            dist.all_gather_object(gathered, (dict(skipped), dim))
-            skipped = sum((Counter(s) for s, _ in gathered), Counter())
+            dist.all_gather_object(gathered, (failed, dim))
+            failed = [entry for rank_failed, _ in gathered for entry in rank_failed]
             dim = max(d for _, d in gathered)
-        return _on_rank0(rank, world, lambda: merge(skipped, dim))
+        return _on_rank0(rank, world, lambda: merge(failed, dim))
     finally:
         if "con" in state:
             state["con"].close()
