@@ -44,12 +44,3 @@ def test_classify_json(fixtures_dir):
 def test_bad_input_gives_clear_error_and_exit_2(tmp_path):
     result = run_cli("convert", str(tmp_path / "missing.pt"), str(tmp_path / "out"))
     assert result.returncode == 2 and "missing.pt" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    result = run_cli("demo", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert all(diff < 1e-5 for diff in results["roundtrip_max_abs_diff"].values())
-    assert (tmp_path / "report.md").read_text().startswith("# clipforge demo")

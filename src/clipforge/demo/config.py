@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_type_hints
@@ -14,10 +15,11 @@ class DemoConfig:
     """The demo run. Step counts of 0 are derived from `minutes` (see `budget`) so one flag scales the run."""
 
     out: str = "runs/demo"
-    data_root: str = ""  # where the datasets are built ("": ~/.cache/clipforge/datasets)
+    data_root: str = ""  # where the datasets are built ("": ~/.cache/clipforge/data)
+    cache: str = ""  # downloaded npm/apt archives ("": $CLIPFORGE_DATA_CACHE or ~/.cache/clipforge/datasets)
     minutes: float = 10.0  # wall-time target on 2 CPU cores (training steps scale with it)
     seed: int = 0
-    model: str = "demo-rn-64"  # image tower + from-scratch text tower (registry name)
+    model: str = "demo-rn-32"  # image tower + from-scratch text tower (registry name)
     train_styles: str = "google,openmoji-color,fluent-flat,fluent-3d"
     held_out_styles: str = "twitter,openmoji-black"  # one colour style and the line-art style
     clip_steps: int = 0
@@ -51,7 +53,12 @@ class DemoConfig:
 
     def data_dir(self) -> Path:
         """Folder holding emoji/ and tuxpaint/."""
-        return Path(self.data_root).expanduser() if self.data_root else Path.home() / ".cache" / "clipforge" / "datasets"
+        return Path(self.data_root).expanduser() if self.data_root else Path.home() / ".cache" / "clipforge" / "data"
+
+    def cache_dir(self) -> Path:
+        """Folder of the downloaded archives (shared by every data root, and by the tests)."""
+        default = os.environ.get("CLIPFORGE_DATA_CACHE", str(Path.home() / ".cache" / "clipforge" / "datasets"))
+        return Path(self.cache or default).expanduser()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,11 +25,11 @@ class DemoData:
     fetched: bool  # False when both were already built (cache hit)
 
 
-def prepare_datasets(root: Path, limit: int | None = None, progress: bool = True) -> DemoData:
-    """Build (or find, when up to date) ROOT/emoji and ROOT/tuxpaint."""
+def prepare_datasets(root: Path, limit: int | None = None, cache: Path | None = None, progress: bool = True) -> DemoData:
+    """Build (or find, when up to date) ROOT/emoji (first `limit` concepts) and ROOT/tuxpaint (all 950 stamps)."""
     start = time.perf_counter()
-    emoji = build_emoji(root, limit=limit, progress=progress)
-    tux = build_tuxpaint(root, limit=limit, progress=progress)
+    emoji = build_emoji(root, limit=limit, cache=cache, progress=progress)
+    tux = build_tuxpaint(root, cache=cache, progress=progress)  # small; a limit would leave too few categories
     fetched = not (emoji.get("up_to_date") and tux.get("up_to_date"))
     return DemoData(root / "emoji", root / "tuxpaint", time.perf_counter() - start, fetched)
 

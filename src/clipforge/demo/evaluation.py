@@ -48,7 +48,8 @@ def accuracy(ev: Evaluated, split: str, style: str, templates: Sequence[str]) ->
     if subset is None:
         raise ValueError(f"no {split} images of style {style}")
     classifier = build_classifier(ev.model, ev.tokenizer, subset.classnames, templates)
-    return evaluate_zero_shot(ev.model, ev.features[_mask(ev, split, style)], subset.labels, classifier)
+    metrics = evaluate_zero_shot(ev.model, ev.features[_mask(ev, split, style)], subset.labels, classifier)
+    return {**metrics, "classes": len(subset.classnames)}
 
 
 def zero_shot_by_style(models: list[Evaluated], styles: list[str], held_out: list[str], templates: str,

@@ -62,7 +62,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"clipforge demo: seed {cfg.seed}, steps {steps}, output {out}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
     timings: dict[str, float] = {}
 
-    data = prepare_datasets(cfg.data_dir(), limit=cfg.limit or None)
+    data = prepare_datasets(cfg.data_dir(), limit=cfg.limit or None, cache=cfg.cache_dir())
     timings["data (fetch + build)" if data.fetched else "data (cached)"] = data.seconds
     train_styles, held_out = cfg.styles("train"), cfg.styles("held_out")
     concepts = read_concepts(data.emoji)

