@@ -92,6 +92,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": steps, "training_pairs": pairs}
     results["zero_shot"] = zero_shot_by_style(models, styles, held_out, cfg.templates, sections)
     results["prompt_ablation"] = prompt_ablation(models, held_out, cfg.templates, out, sections)
+    timings["zero-shot tables"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     ctx = EvalContext(clip.model, clip.tokenizer, clip.preprocess, out, cfg.templates, 256, sections)
     id_mask = [(Path(p).stem, d) in id_test for p, d in zip(seen.paths, seen.domains)]
     tux = load_labelled_images(data.tuxpaint)
@@ -106,12 +108,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         mctx = EvalContext(model.model, model.tokenizer, model.preprocess, out, cfg.templates, 256, sections)
         results["retrieval"][model.name] = retrieval(mctx, data.emoji / "captions.csv", [held_out[0]], "seen",
                                                      name=f"Retrieval ({model.name}, {held_out[0]}, seen concepts)")
+    timings["retrieval"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     results["bias"] = _bias(clip, data.emoji, sections)
     results["photos"] = photos_and_examples(models, held_out[0], cfg.templates, out, sections, seed=cfg.seed)
     curves = plot_training_curves([clip.metrics, lit.metrics, Path(supervised_info["metrics"])], out / "training-curves.png",
                                   ["CLIP", "LiT", "supervised"])
     sections.insert(0, Section("Training", _training_text(cfg, steps, pairs, clip, lit, supervised_info), None, None, [curves]))
-    timings["evaluate + report"] = time.perf_counter() - tick
+    timings["bias, photos, plots"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     summary = summary_rows(results, held_out, train_styles)
     sections.insert(0, Section("Summary", f"Seed {cfg.seed}; wall time {timings['total'] / 60:.1f} min "
