@@ -234,6 +234,32 @@ def test_linear_probe_picks_sensible_c():
     assert again == result  # deterministic
 
 
+def test_torch_logistic_regression_matches_sklearn():
+    """The fast torch L-BFGS probe minimises sklearn's objective: same predictions, close probabilities."""
+    from clipforge.evaluate.linear_probe import fit_logistic_regression
+
+    gen = torch.Generator().manual_seed(1)
+    centers = torch.randn(7, 16, generator=gen)
+    labels = torch.arange(7).repeat(30)
+    x = (centers[labels] + 0.9 * torch.randn(len(labels), 16, generator=gen)).numpy()
+    y = labels.numpy() * 3 + 2  # class labels need not be 0..K-1
+    for C in (0.01, 1.0, 100.0):
+        fast, fast_ok = fit_logistic_regression(x, y, C, max_iter=2000)
+        ref, ref_ok = fit_logistic_regression(x, y, C, max_iter=2000, backend="sklearn")
+        assert fast_ok and ref_ok
+        assert (fast.classes_ == ref.classes_).all()
+        def objective(model) -> float:  # sklearn's: C x summed cross-entropy + 0.5 ||W||^2
+            rows = np.searchsorted(model.classes_, y)
+            nll = -np.log(model.predict_proba(x)[np.arange(len(y)), rows]).sum()
+            return C * nll + 0.5 * (model.coef_.astype(np.float64) ** 2).sum()
+
+        assert objective(fast) <= objective(ref) * (1 + 1e-5), C  # at least as good a minimum (sklearn stops at tol)
+        assert abs(fast.predict_proba(x) - ref.predict_proba(x)).max() < 1e-2, C
+        assert (fast.predict(x) == ref.predict(x)).mean() > 0.99
+    with pytest.raises(ValueError, match="backend"):
+        fit_logistic_regression(x, y, 1.0, backend="numpy")
+
+
 # ---------------------------------------------------------------- supervised baseline
 
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.15, 0.2, 0.9], [0.9, 0.85, 0.1]])

@@ -19,6 +19,57 @@ from clipforge.evaluate.metrics import classification_metrics
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
 
 
+class TorchLogisticRegression:
+    """Multinomial L2 logistic regression fit by full-batch L-BFGS in torch: sklearn's objective
+    (C x summed cross-entropy + 0.5 ||W||^2, intercept not penalised) and its fitted attributes.
+
+    Why not sklearn's lbfgs: with ~1,000 classes it took 214 s for a 7-value C sweep on 4,900 x 256
+    features here; the same objective through torch's multi-threaded matmuls takes a few seconds.
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4) -> None:
+        self.C, self.max_iter, self.tol = C, max_iter, tol
+        self.coef_: np.ndarray | None = None
+        self.intercept_: np.ndarray | None = None
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> "TorchLogisticRegression":
+        """Fit on [N, D] features and integer labels (warm-starts from coef_/intercept_ when set)."""
+        self.classes_, y = np.unique(labels, return_inverse=True)
+        x = torch.as_tensor(features, dtype=torch.float64)
+        y = torch.as_tensor(y, dtype=torch.long)
+        k, d = len(self.classes_), x.shape[1]
+        warm = self.coef_ is not None and self.coef_.shape == (k, d)
+        weight = torch.tensor(self.coef_, dtype=torch.float64) if warm else torch.zeros(k, d, dtype=torch.float64)
+        bias = torch.tensor(self.intercept_, dtype=torch.float64) if warm else torch.zeros(k, dtype=torch.float64)
+        weight.requires_grad_(True)
+        bias.requires_grad_(True)
+        scale = 1.0 / (self.C * len(x))  # sklearn's objective divided by C*N: same minimiser, O(1) values
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol * scale,
+                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.5 * scale * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        state = optimizer.state[optimizer._params[0]]
+        self.n_iter_ = np.array([state.get("n_iter", 0)])
+        self.converged_ = self.n_iter_[0] < self.max_iter
+        self.coef_, self.intercept_ = weight.detach().numpy(), bias.detach().numpy()
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, n_classes] in the order of `classes_`."""
+        logits = torch.as_tensor(features, dtype=torch.float64) @ torch.from_numpy(self.coef_).T
+        return (logits + torch.from_numpy(self.intercept_)).softmax(-1).numpy()
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """The most probable class label per row."""
+        return self.classes_[self.predict_proba(features).argmax(-1)]
+
+
 def _features(x: torch.Tensor | np.ndarray, normalize: bool) -> np.ndarray:
     x = torch.as_tensor(x).detach().float().cpu()
     if x.dim() != 2:
@@ -50,8 +101,19 @@ def stratified_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 
 
 
 def fit_logistic_regression(features: np.ndarray, labels: np.ndarray, C: float, max_iter: int = 1000,
-                            warm_from: LogisticRegression | None = None) -> tuple[LogisticRegression, bool]:
-    """(fitted multinomial lbfgs LogisticRegression, converged) on ready-made features."""
+                            warm_from: Any = None, backend: str = "torch") -> tuple[Any, bool]:
+    """(fitted multinomial L2 logistic regression, converged) on ready-made features.
+
+    backend "torch" (default, fast) or "sklearn" (the reference: LogisticRegression, lbfgs); same objective.
+    """
+    if backend == "torch":
+        model = TorchLogisticRegression(C=C, max_iter=max_iter)
+        if warm_from is not None:
+            model.coef_, model.intercept_ = warm_from.coef_.copy(), warm_from.intercept_.copy()
+        model.fit(features, labels)
+        return model, bool(model.converged_)
+    if backend != "sklearn":
+        raise ValueError(f"backend must be 'torch' or 'sklearn', got {backend!r}")
     model = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=1e-4,
                                warm_start=warm_from is not None)
     if warm_from is not None:
@@ -64,7 +126,7 @@ def fit_logistic_regression(features: np.ndarray, labels: np.ndarray, C: float, 
     return model, converged
 
 
-def _scores(model: LogisticRegression, features: np.ndarray, num_classes: int) -> torch.Tensor:
+def _scores(model: Any, features: np.ndarray, num_classes: int) -> torch.Tensor:
     """Probabilities [N, num_classes], zero for classes the model never saw."""
     scores = np.zeros((len(features), num_classes), dtype=np.float64)
     scores[:, model.classes_] = model.predict_proba(features)
@@ -75,7 +137,7 @@ def evaluate_linear_probe(train_features: torch.Tensor, train_labels: torch.Tens
                           test_labels: torch.Tensor, val_features: torch.Tensor | None = None,
                           val_labels: torch.Tensor | None = None, Cs: Sequence[float] = DEFAULT_CS,
                           val_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0,
-                          normalize: bool = True, num_classes: int | None = None) -> dict[str, Any]:
+                          normalize: bool = True, num_classes: int | None = None, backend: str = "torch") -> dict[str, Any]:
     """{"best_C", "val_accuracy": {C: acc}, "test_top1", "test_top5" (> 5 classes), "test_mean_per_class_recall", ...}."""
     x_train = _features(train_features, normalize)
     y_train = _labels(train_labels, len(x_train))
@@ -100,13 +162,13 @@ def evaluate_linear_probe(train_features: torch.Tensor, train_labels: torch.Tens
     val_accuracy: dict[float, float] = {}
     previous = None
     for C in sorted(float(c) for c in Cs):
-        previous, _ = fit_logistic_regression(x_fit, y_fit, C, max_iter, warm_from=previous)
+        previous, _ = fit_logistic_regression(x_fit, y_fit, C, max_iter, warm_from=previous, backend=backend)
         val_accuracy[C] = float((previous.predict(x_val) == y_val).mean())
     # Ties go to the smallest C (the strongest regularisation that is as good on validation).
     best_C = max(val_accuracy, key=lambda c: (val_accuracy[c], -c))
 
     final, converged = fit_logistic_regression(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]),
-                                               best_C, max_iter)
+                                               best_C, max_iter, backend=backend)
     metrics = classification_metrics(_scores(final, x_test, num_classes), torch.from_numpy(y_test))
     result: dict[str, Any] = {"best_C": best_C, "val_accuracy": val_accuracy}
     result.update({f"test_{name}": value for name, value in metrics.items()})
