@@ -1,7 +1,7 @@
 """The demo's measurements: zero-shot by style and split, prompt ablation, robustness, retrieval, bias, photos."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,6 +24,23 @@ class Evaluated:
     preprocess: Callable
     images: LabelledImages  # all emoji images (both splits, all styles)
     features: torch.Tensor
+    per_template: dict[tuple[tuple[str, ...], str], torch.Tensor] = field(default_factory=dict)
+
+    def classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Zero-shot weights; an ensemble is built from its single-template weights (each encoded once).
+
+        normalise(mean of per-template normalised class embeddings) is what OpenAI's ensembling
+        computes, so the ablation's single templates and the ensemble share every text forward pass.
+        """
+        names = tuple(classnames)
+        for template in templates:
+            if (names, template) not in self.per_template:
+                self.per_template[(names, template)] = build_classifier(self.model, self.tokenizer, names, [template],
+                                                                        cache=False)
+        if len(templates) == 1:
+            return self.per_template[(names, templates[0])]
+        stacked = torch.stack([self.per_template[(names, t)] for t in templates])
+        return torch.nn.functional.normalize(stacked.mean(0), dim=0)
 
 
 def embed_all(name: str, model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
@@ -47,7 +64,7 @@ def accuracy(ev: Evaluated, split: str, style: str, templates: Sequence[str]) ->
     subset = _rows(ev, split, style)
     if subset is None:
         raise ValueError(f"no {split} images of style {style}")
-    classifier = build_classifier(ev.model, ev.tokenizer, subset.classnames, templates)
+    classifier = ev.classifier(subset.classnames, templates)
     metrics = evaluate_zero_shot(ev.model, ev.features[_mask(ev, split, style)], subset.labels, classifier)
     return {**metrics, "classes": len(subset.classnames)}
 
@@ -101,7 +118,7 @@ def prompt_ablation(models: list[Evaluated], held_out: list[str], templates: str
 def logits_for(ev: Evaluated, templates: Sequence[str]) -> Callable[[Sequence[Path]], torch.Tensor]:
     """paths -> zero-shot logits over the seen concepts (reads the cached features by path)."""
     seen = ev.images.subset([s == "seen" for s in ev.images.splits])
-    classifier = build_classifier(ev.model, ev.tokenizer, seen.classnames, templates)
+    classifier = ev.classifier(seen.classnames, templates)
     row = {p: i for i, p in enumerate(ev.images.paths)}
 
     def predict(paths: Sequence[Path]) -> torch.Tensor:
@@ -123,7 +140,7 @@ def photos_and_examples(models: list[Evaluated], held_out_style: str, templates:
     results: dict[str, Any] = {"photos": {}, "examples": {}}
     images = []
     for ev in models:
-        classifier = build_classifier(ev.model, ev.tokenizer, classnames, ensemble)
+        classifier = ev.classifier(classnames, ensemble)
         photo_features = ev.model.encode_image(torch.stack([ev.preprocess(load_rgb(p)) for p, _ in photos]).to(
             next(ev.model.parameters()).dtype), normalize=True).float() if photos else torch.empty(0)
         for kind, feats, names, titles in (

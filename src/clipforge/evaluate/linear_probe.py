@@ -35,12 +35,12 @@ class TorchLogisticRegression:
     def fit(self, features: np.ndarray, labels: np.ndarray) -> "TorchLogisticRegression":
         """Fit on [N, D] features and integer labels (warm-starts from coef_/intercept_ when set)."""
         self.classes_, y = np.unique(labels, return_inverse=True)
-        x = torch.as_tensor(features, dtype=torch.float64)
+        x = torch.as_tensor(features, dtype=torch.float32)  # float64 was 3x slower; L-BFGS is fine in fp32
         y = torch.as_tensor(y, dtype=torch.long)
         k, d = len(self.classes_), x.shape[1]
         warm = self.coef_ is not None and self.coef_.shape == (k, d)
-        weight = torch.tensor(self.coef_, dtype=torch.float64) if warm else torch.zeros(k, d, dtype=torch.float64)
-        bias = torch.tensor(self.intercept_, dtype=torch.float64) if warm else torch.zeros(k, dtype=torch.float64)
+        weight = torch.tensor(self.coef_, dtype=torch.float32) if warm else torch.zeros(k, d)
+        bias = torch.tensor(self.intercept_, dtype=torch.float32) if warm else torch.zeros(k)
         weight.requires_grad_(True)
         bias.requires_grad_(True)
         scale = 1.0 / (self.C * len(x))  # sklearn's objective divided by C*N: same minimiser, O(1) values
@@ -62,7 +62,7 @@ class TorchLogisticRegression:
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities [N, n_classes] in the order of `classes_`."""
-        logits = torch.as_tensor(features, dtype=torch.float64) @ torch.from_numpy(self.coef_).T
+        logits = torch.as_tensor(features, dtype=torch.float32) @ torch.from_numpy(self.coef_).T
         return (logits + torch.from_numpy(self.intercept_)).softmax(-1).numpy()
 
     def predict(self, features: np.ndarray) -> np.ndarray:
@@ -137,8 +137,10 @@ def evaluate_linear_probe(train_features: torch.Tensor, train_labels: torch.Tens
                           test_labels: torch.Tensor, val_features: torch.Tensor | None = None,
                           val_labels: torch.Tensor | None = None, Cs: Sequence[float] = DEFAULT_CS,
                           val_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0,
-                          normalize: bool = True, num_classes: int | None = None, backend: str = "torch") -> dict[str, Any]:
-    """{"best_C", "val_accuracy": {C: acc}, "test_top1", "test_top5" (> 5 classes), "test_mean_per_class_recall", ...}."""
+                          normalize: bool = True, num_classes: int | None = None, backend: str = "torch",
+                          return_model: bool = False) -> dict[str, Any]:
+    """{"best_C", "val_accuracy": {C: acc}, "test_top1", "test_top5" (> 5 classes), "test_mean_per_class_recall", ...}
+    (+ "model": the final classifier, refit on train + val, when `return_model`)."""
     x_train = _features(train_features, normalize)
     y_train = _labels(train_labels, len(x_train))
     x_test = _features(test_features, normalize)
@@ -174,4 +176,6 @@ def evaluate_linear_probe(train_features: torch.Tensor, train_labels: torch.Tens
     result.update({f"test_{name}": value for name, value in metrics.items()})
     result.update({"converged": converged, "n_iter": int(np.max(final.n_iter_)), "train_samples": len(x_fit),
                    "val_samples": len(x_val)})
+    if return_model:
+        result["model"] = final
     return result

@@ -133,21 +133,27 @@ def in_distribution_split(labels: torch.Tensor, in_id: torch.Tensor, seed: int =
 def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str], supervised_steps: int = 0,
                extra_zero_shot: dict[str, LabelledImages] | None = None, name: str = "robustness",
                id_test: Sequence[bool] | None = None,
-               predictors: dict[str, Callable[[Sequence[Path]], torch.Tensor]] | None = None) -> dict[str, Any]:
+               predictors: dict[str, Callable[[Sequence[Path]], torch.Tensor]] | None = None,
+               probe_cs: Sequence[float] | None = None, features: torch.Tensor | None = None) -> dict[str, Any]:
     """Accuracy per domain for CLIP zero-shot, a CLIP linear probe and (optionally) a supervised model.
 
     In-distribution = the domains the baselines train on; images of those domains are held out (one
     per class, or the `id_test` rows: images no model trained on), and every method's in-distribution
     accuracy is measured on them. Every other domain is a shift (all its images are used).
-    `predictors` adds already-trained models (paths -> logits over data.classnames).
+    `predictors` adds already-trained models (paths -> logits over data.classnames); `probe_cs` the
+    linear probe's C sweep (default: the paper's 1e-3 .. 1e3); `features` the images' features when
+    already computed (every image then counts as readable).
     """
-    from clipforge.evaluate.linear_probe import evaluate_linear_probe, fit_logistic_regression
+    from clipforge.evaluate.linear_probe import DEFAULT_CS, evaluate_linear_probe
 
     if id_test is not None:
         if len(id_test) != len(data.paths):
             raise ValueError(f"id_test has {len(id_test)} entries for {len(data.paths)} images")
         data = replace(data, splits=["id-test" if t else s for s, t in zip(data.splits, id_test)])
-    features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    if features is None:
+        features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    elif len(features) != len(data.paths):
+        raise ValueError(f"{len(features)} feature rows for {len(data.paths)} images")
     domains = sorted(set(data.domains))
     missing = set(id_domains) - set(domains)
     if missing:
@@ -163,9 +169,10 @@ def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str]
     classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
     predictions = {"CLIP zero-shot": zero_shot_predict(ctx.model, features, classifier).argmax(-1)}
     # C by the paper's sweep on a validation split of the training rows, then refit on all of them.
+    # The sweep's final model is refit on all id_train rows (its train + validation split) with the best C.
     sweep = evaluate_linear_probe(features[id_train], data.labels[id_train], features[id_test], data.labels[id_test],
-                                  num_classes=len(data.classnames))
-    probe, _ = fit_logistic_regression(features[id_train].numpy(), data.labels[id_train].numpy(), C=sweep["best_C"])
+                                  num_classes=len(data.classnames), Cs=probe_cs or DEFAULT_CS, return_model=True)
+    probe = sweep.pop("model")
     probe_classes = torch.as_tensor(probe.classes_)
     predictions["CLIP linear probe"] = probe_classes[torch.as_tensor(probe.predict_proba(features.numpy())).argmax(-1)]
     if supervised_steps:
