@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipforge.datasets import build_emoji, build_tuxpaint
+from clipforge.evaluate.templates import get_templates
 
 # Sentences around the label: the training captions hold them (the way web captions are sentences),
-# so zero-shot prompts in the same form match what the text tower saw. Style words stay out.
-TRAIN_TEMPLATES = ("an emoji of {}.", "a {} emoji.", "an icon of {}.", "a drawing of {}.", "a cartoon {}.",
-                   "a picture of {}.")
+# so the zero-shot ensemble (the same "emoji" set) prompts in forms the text tower saw. A first run
+# with 3 of the 8 ensemble templates missing from training had the ensemble below the bare label.
+TRAIN_TEMPLATES = tuple(get_templates("emoji"))
 
 
 @dataclass
