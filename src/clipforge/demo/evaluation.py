@@ -154,7 +154,9 @@ def photos_and_examples(models: list[Evaluated], held_out_style: str, templates:
             preds = [[(classnames[c], p) for p, c in zip(v.tolist(), i.tolist())] for v, i in zip(top.values, top.indices)]
             results[kind][ev.name] = [{"image": n, "shows": t, "top3": p} for n, t, p in zip(names, titles, preds)]
             paths = [Path(n) for n in names]
-            images.append(plot_examples(paths, titles, preds, out_dir / f"{kind}-{ev.name.lower()}.png", cols=4))
+            # Photos carry a description, not an emoji label: titled "shows" (green only if a label matches it).
+            images.append(plot_examples(paths, titles, preds, out_dir / f"{kind}-{ev.name.lower()}.png", cols=4,
+                                        title_prefix="shows" if kind == "photos" else "true"))
     text = (f"Top-3 over all {len(classnames)} emoji labels (prompt ensemble). Photos: {len(photos)} real photos "
             f"shipped in installed wheels (title = what they show, not an emoji label). Examples: {examples} random "
             f"{held_out_style} images (a held-out style).")

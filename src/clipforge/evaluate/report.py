@@ -296,7 +296,7 @@ def plot_training_curves(metrics_jsonl: Path | list[Path], path: Path, labels: l
 
 
 def plot_examples(images: list[Any], titles: list[str], predictions: list[list[tuple[str, float]]], path: Path,
-                  cols: int = 4) -> Path:
+                  cols: int = 4, title_prefix: str = "true") -> Path:
     """Grid of images, each titled with its true label over its top-3 predictions (the correct one green)."""
     if not images or not (len(images) == len(titles) == len(predictions)):
         raise ValueError(f"need equally many images, titles and predictions, got "
@@ -318,7 +318,7 @@ def plot_examples(images: list[Any], titles: list[str], predictions: list[list[t
         with Image.open(image) if isinstance(image, (str, Path)) else contextlib.nullcontext(image) as img:
             # RGBA over a white figure: transparent emoji backgrounds show as white, as in the eval pixels.
             ax.imshow(img.convert("RGBA"))
-        ax.set_title(f"true: {_short(str(title), 28)}", fontsize=9, fontweight="bold")
+        ax.set_title(f"{title_prefix}: {_short(str(title), 28)}", fontsize=9, fontweight="bold")
         for k, (label, score) in enumerate(list(preds)[:3]):
             correct = str(label) == str(title)
             ax.annotate(f"{k + 1}. {_short(str(label), 24)}  {float(score):.2f}", (0.5, 0), xycoords="axes fraction",
