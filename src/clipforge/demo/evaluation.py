@@ -50,22 +50,19 @@ def embed_all(name: str, model: torch.nn.Module, tokenizer: Callable, preprocess
     return Evaluated(name, model, tokenizer, preprocess, kept, features)
 
 
-def _rows(ev: Evaluated, split: str, style: str) -> LabelledImages | None:
-    keep = [s == split and d == style for s, d in zip(ev.images.splits, ev.images.domains)]
-    return ev.images.subset(keep) if any(keep) else None
-
-
-def _mask(ev: Evaluated, split: str, style: str) -> torch.Tensor:
-    return torch.tensor([s == split and d == style for s, d in zip(ev.images.splits, ev.images.domains)])
+def _rows(ev: Evaluated, split: str, style: str) -> tuple[LabelledImages, torch.Tensor]:
+    """The images of one split x style and their row mask into ev.features."""
+    keep = torch.tensor([s == split and d == style for s, d in zip(ev.images.splits, ev.images.domains)])
+    if not keep.any():
+        raise ValueError(f"no {split} images of style {style}")
+    return ev.images.subset(keep.tolist()), keep
 
 
 def accuracy(ev: Evaluated, split: str, style: str, templates: Sequence[str]) -> dict[str, float]:
     """Zero-shot metrics on one split x style, classes = that split's concepts (e.g. 1,282-way for seen)."""
-    subset = _rows(ev, split, style)
-    if subset is None:
-        raise ValueError(f"no {split} images of style {style}")
+    subset, keep = _rows(ev, split, style)
     classifier = ev.classifier(subset.classnames, templates)
-    metrics = evaluate_zero_shot(ev.model, ev.features[_mask(ev, split, style)], subset.labels, classifier)
+    metrics = evaluate_zero_shot(ev.model, ev.features[keep], subset.labels, classifier)
     return {**metrics, "classes": len(subset.classnames)}
 
 
@@ -83,8 +80,8 @@ def zero_shot_by_style(models: list[Evaluated], styles: list[str], held_out: lis
                 results.setdefault(ev.name, {}).setdefault(split, {})[style] = metrics
                 row[style + (" (held out)" if style in held_out else "")] = metrics["top1"]
             rows.append(row)
-    n_seen = len(_rows(models[0], "seen", styles[0]).classnames)
-    n_unseen = len(_rows(models[0], "unseen", styles[0]).classnames)
+    n_seen = len(_rows(models[0], "seen", styles[0])[0].classnames)
+    n_unseen = len(_rows(models[0], "unseen", styles[0])[0].classnames)
     sections.append(Section(
         "Zero-shot top-1 by style", f"Prompt ensemble `{templates}` ({len(ensemble)} templates). Seen concepts: "
         f"{n_seen}-way (chance {1 / n_seen:.4f}); unseen concepts (never in a training caption): {n_unseen}-way "

@@ -95,16 +95,14 @@ def run_supervised(cfg: DemoConfig, paths: list[Path], labels: list[int], classn
                         drop_last=True, num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),
                         persistent_workers=cfg.workers > 0)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "w")
-
-    def on_step(step: int, loss: float, lr: float) -> None:
-        log.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr}) + "\n")
-
     start = time.perf_counter()
-    classifier = train_supervised(visual, embed_dim, loader, len(classnames), steps=steps, lr=cfg.lr,
-                                  warmup_steps=min(cfg.warmup, steps // 4), batch_size=cfg.batch_size,
-                                  precision=cfg.precision, seed=cfg.seed, on_step=on_step)
-    log.close()
+    with open(out / "metrics.jsonl", "w") as log:
+        def on_step(step: int, loss: float, lr: float) -> None:
+            log.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr}) + "\n")
+
+        classifier = train_supervised(visual, embed_dim, loader, len(classnames), steps=steps, lr=cfg.lr,
+                                      warmup_steps=min(cfg.warmup, steps // 4), batch_size=cfg.batch_size,
+                                      precision=cfg.precision, seed=cfg.seed, on_step=on_step)
     seconds = time.perf_counter() - start
     preprocess = EvalTransform(reference.image_size)
 
