@@ -239,6 +239,41 @@ def test_iconify_alias_flip():
     assert emoji.iconify_svg(icon_set, "missing") is None
 
 
+def test_eval_style_index_matches_chars_then_label_slug(tmp_path):
+    concepts = {k: emoji.Concept(k, label, [], "", "", i) for i, (k, label) in enumerate(
+        [("1f600", "grinning face"), ("2764", "red heart"), ("1f170", "A button (blood type)"),
+         ("1f45e", "man’s shoe"), ("1fa85", "piñata"), ("1f431", "cat face")])}
+    icons = {n: {"body": "<path/>"} for n in ("grinning-face", "heart-red", "a-button", "pinata", "cat")}
+    (tmp_path / "icons.json").write_text(json.dumps({"icons": icons, "aliases": {"mans-shoe": {"parent": "cat"}}}))
+    (tmp_path / "chars.json").write_text(json.dumps({"2764-fe0f": "heart-red"}))
+    index = emoji.eval_style_index(tmp_path / "icons.json", tmp_path / "chars.json", concepts)
+    assert set(index) == {"1f600", "2764", "1f170", "1f45e", "1fa85"}  # "cat face" has no icon of that name
+    assert emoji.label_slug("man’s shoe") == "mans-shoe"
+    assert emoji.label_slug("flag: Côte d’Ivoire") == "flag-cote-divoire"
+    without_chars = emoji.eval_style_index(tmp_path / "icons.json", tmp_path / "none.json", concepts)
+    assert without_chars.keys() == index.keys() - {"2764"}
+
+
+def test_eval_styles_are_opt_in_and_keep_the_concepts(tmp_path, fake_cache, resvg, monkeypatch):
+    unpinned = {k: NpmPackage(p.name, p.version) for k, p in emoji.EVAL_PACKAGES.items()}
+    monkeypatch.setattr(emoji, "EVAL_PACKAGES", unpinned)
+    icons = {label.replace(" ", "-"): {"body": '<circle cx="16" cy="16" r="12"/>'} for _, label, *_ in CONCEPTS[:4]}
+    _tar(fake_cache / emoji.EVAL_PACKAGES["noto-v1"].tarball,
+         {"package/icons.json": json.dumps({"prefix": "noto-v1", "icons": icons, "width": 32, "height": 32}).encode(),
+          "package/chars.json": b"{}"})
+    default = build_emoji(tmp_path / "a", cache=fake_cache, styles=["google"], progress=False)
+    manifest = build_emoji(tmp_path / "b", cache=fake_cache, styles=["noto-v1", "google"], progress=False)
+    assert "@iconify-json/noto-v1" not in default["options"]["packages"] and "eval_styles" not in default
+    assert manifest["styles"] == ["google", "noto-v1"] and manifest["eval_styles"] == ["noto-v1"]
+    assert manifest["concepts"] == default["concepts"] == 8
+    assert manifest["images_per_style"] == {"google": 8, "noto-v1": 4}  # only the concepts noto-v1 draws
+    rows = _rows(tmp_path / "b" / "emoji" / "captions.csv")
+    assert sorted(r["key"] for r in rows if r["style"] == "noto-v1") == ["1f3c3", "1f3c3-200d-2642", "1f600", "2764"]
+    assert _rows(tmp_path / "a" / "emoji" / "concepts.csv") == _rows(tmp_path / "b" / "emoji" / "concepts.csv")
+    assert len(_rows(tmp_path / "b" / "emoji" / "labels.csv")) == 12
+    assert "noto-v1" not in emoji.STYLES and set(emoji.EVAL_STYLES) == set(emoji.EVAL_PACKAGES)
+
+
 def _cli(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="clipforge")
     data_cli.add_parser(parser.add_subparsers(dest="command", required=True))

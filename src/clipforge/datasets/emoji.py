@@ -7,7 +7,8 @@ build has the same concepts, class indices and split as the full one.
 
 Layout written under ROOT/emoji (atomically, via ROOT/.emoji.tmp):
 
-    images/<style>/<hexcode>.png  RGB on white, SIZE x SIZE; style in STYLES
+    images/<style>/<hexcode>.png  RGB on white, SIZE x SIZE; style in STYLES, or in EVAL_STYLES when asked
+                                  for (only the concepts that style draws)
     concepts.csv   hexcode, label, tags ('|'-joined, alphabetic only), group, subgroup, split (seen/unseen),
                    gender (man/woman/person/''), base_concept (label of the gender-neutral concept, for a
                    bias probe: "man health worker" -> "health worker")
@@ -28,6 +29,7 @@ import random
 import re
 import tempfile
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -54,6 +56,21 @@ PACKAGES = {
                             "8044210dbf11e016d4de85f15d01a243423bd832457e7e2491df1b751c0e272b"),
     "emojibase": NpmPackage("emojibase-data", "17.0.0",
                             "d01d0e2ca4e22cb402679532155342c71e2e871f25c32223c013b8b166ebdf5a"),
+}
+# Evaluation-only styles: Iconify emoji sets with art none of the six has (fluent-emoji-high-contrast is
+# monochrome line art). Never in the default selection, so default builds (options, outputs, the demo) are
+# unchanged and nothing trains on them; `--styles` asks for them. Matched to concepts by the set's `chars`
+# code points, else by the CLDR label slug ("grinning face" -> grinning-face).
+EVAL_STYLES = ("fluent-high-contrast", "noto-v1", "emojione", "emojione-monotone")
+EVAL_PACKAGES = {
+    "fluent-high-contrast": NpmPackage("@iconify-json/fluent-emoji-high-contrast", "1.2.6",
+                                       "0b92d48c90d2200bd499e3cdd09a127ca6a8c8ddefd34c35eb5a1e4994012ae0"),
+    "noto-v1": NpmPackage("@iconify-json/noto-v1", "1.2.5",
+                          "2bf62c26c2c2884aa99e90aec942cdaee17a5921f05690694f4978ad4b017c37"),
+    "emojione": NpmPackage("@iconify-json/emojione", "1.2.3",
+                           "26a14f44284407e8bcde91799388dca2bfd91dbcd55a97f425524a1c5b73610e"),
+    "emojione-monotone": NpmPackage("@iconify-json/emojione-monotone", "1.2.1",
+                                    "40b90004bafb406b59266155ef9b7e1dd67bf2947fc8db8d07388776f4d0d04e"),
 }
 UNSEEN_ONE_IN = 5  # families per block, one of which is unseen: 20%
 # Words that name a style or its maker: kept out of captions so text cannot leak the style.
@@ -194,6 +211,27 @@ def _fluent_index(icons_file: Path, chars_file: Path) -> dict[str, Source]:
     return index
 
 
+def label_slug(label: str) -> str:
+    """An Iconify emoji name from a CLDR label: "man’s shoe" -> "mans-shoe", "piñata" -> "pinata"."""
+    ascii_text = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode().lower().replace("'", "")
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")
+
+
+def eval_style_index(icons_file: Path, chars_file: Path, concepts: dict[str, Concept]) -> dict[str, Source]:
+    """hexcode -> SVG of an Iconify emoji set: by its chars code points, else the label slug (without "(...)")."""
+    icon_set = json.loads(icons_file.read_text(encoding="utf-8"))
+    chars = json.loads(chars_file.read_text(encoding="utf-8")) if chars_file.is_file() else {}
+    by_code = {normalize_hexcode(hexcode): name for hexcode, name in chars.items()}
+    index = {}
+    for c in concepts.values():
+        for name in (by_code.get(c.key), label_slug(c.label), label_slug(re.sub(r"\(.*?\)", "", c.label))):
+            svg = iconify_svg(icon_set, name) if name else None
+            if svg is not None:
+                index[c.key] = svg
+                break
+    return index
+
+
 def style_indexes(src: dict[str, Path]) -> dict[str, dict[str, Source]]:
     """hexcode -> image source for every style, from the unpacked packages (folders ending in package/)."""
     flat_chars = src["fluent-flat"] / "chars.json"  # fluent-emoji ships an empty chars.json; names match flat's
@@ -268,10 +306,11 @@ def render_emoji(source: Source, size: int) -> Image.Image:
 
 def _parse_styles(styles: Sequence[str] | None) -> list[str]:
     chosen = list(STYLES) if not styles else [s.strip() for item in styles for s in item.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in STYLES]
+    unknown = [s for s in chosen if s not in STYLES + EVAL_STYLES]
     if unknown:
-        raise ValueError(f"unknown emoji style(s) {unknown}; choose from {', '.join(STYLES)}")
-    return [s for s in STYLES if s in chosen]  # canonical order
+        raise ValueError(f"unknown emoji style(s) {unknown}; choose from {', '.join(STYLES)} "
+                         f"(evaluation only: {', '.join(EVAL_STYLES)})")
+    return [s for s in STYLES + EVAL_STYLES if s in chosen]  # canonical order
 
 
 # Index files read before anything else; images are extracted afterwards, only for the kept concepts.
@@ -279,13 +318,15 @@ INDEX_MEMBERS = {
     "google": ["package/emoji.json"], "twitter": ["package/emoji.json"], "openmoji": ["package/data/openmoji.json"],
     "fluent-flat": ["package/icons.json", "package/chars.json"], "fluent-3d": ["package/icons.json"],
     "emojibase": ["package/en/data.json", "package/en/messages.json"],
+    **{style: ["package/icons.json", "package/chars.json"] for style in EVAL_STYLES},
 }
 STYLE_PACKAGE = {"google": "google", "twitter": "twitter", "openmoji-color": "openmoji", "openmoji-black": "openmoji",
-                 "fluent-flat": "fluent-flat", "fluent-3d": "fluent-3d"}
+                 "fluent-flat": "fluent-flat", "fluent-3d": "fluent-3d", **{s: s for s in EVAL_STYLES}}
 
 
 def _unpack(key: str, tarballs: dict, tmp: Path, keep: Callable[[str], bool], cache: Path) -> None:
-    path, package = tarballs[PACKAGES[key]][0], PACKAGES[key]
+    package = PACKAGES[key] if key in PACKAGES else EVAL_PACKAGES[key]
+    path = tarballs[package][0]
     safe_extract(path, tmp / key, keep, hint=f"Delete {path} and rerun, or run `npm pack {package.spec}` in {cache}.")
 
 
@@ -296,22 +337,25 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
     chosen = _parse_styles(styles)
     if size < 8 or (limit is not None and limit < 1):
         raise ValueError("--size must be >= 8 and --limit >= 1")
+    evals = [s for s in chosen if s in EVAL_STYLES]
+    packages = {**PACKAGES, **{s: EVAL_PACKAGES[s] for s in evals}}
     options = {"builder_version": BUILDER_VERSION, "size": size, "styles": chosen, "limit": limit, "seed": seed,
-               "packages": {p.name: p.version for p in PACKAGES.values()}}
+               "packages": {p.name: p.version for p in packages.values()}}
     existing = read_manifest(root / "emoji")
     if not force and existing is not None and existing.get("options") == options:
         return {**existing, "up_to_date": True}
     start = time.perf_counter()
     cache = Path(cache) if cache is not None else root / ".cache"
-    tarballs = fetch_npm(list(PACKAGES.values()), cache)
+    tarballs = fetch_npm(list(packages.values()), cache)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".emoji-src-") as tmp:
-        for key in tqdm(PACKAGES, desc="indexes", disable=not progress or None):
+        for key in tqdm(packages, desc="indexes", disable=not progress or None):
             _unpack(key, tarballs, Path(tmp), prefix_filter(INDEX_MEMBERS[key]), cache)
-        src = {key: Path(tmp) / key / "package" for key in PACKAGES}
+        src = {key: Path(tmp) / key / "package" for key in packages}
         try:
             concepts = load_concepts(src["emojibase"])
             indexes = style_indexes(src)
+            eval_indexes = {s: eval_style_index(src[s] / "icons.json", src[s] / "chars.json", concepts) for s in evals}
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise DatasetError(f"unexpected package contents ({type(error).__name__}: {error}); "
                                f"are the tarballs in {cache} the pinned versions?") from None
@@ -321,14 +365,15 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
         kept = common[:limit] if limit else common
         if not kept:
             raise DatasetError("no emoji concept is present in all six styles: wrong package contents?")
+        indexes.update(eval_indexes)  # after `common`: evaluation styles never decide the concept list
         for key in tqdm(sorted({STYLE_PACKAGE[s] for s in chosen}), desc="images", disable=not progress or None):
-            wanted = {indexes[s][c.key].relative_to(Path(tmp) / key).as_posix() for s in chosen
-                      if STYLE_PACKAGE[s] == key for c in kept if isinstance(indexes[s][c.key], Path)}
+            wanted = {source.relative_to(Path(tmp) / key).as_posix() for s in chosen if STYLE_PACKAGE[s] == key
+                      for c in kept if isinstance(source := indexes[s].get(c.key), Path)}
             if wanted:
                 _unpack(key, tarballs, Path(tmp), wanted.__contains__, cache)
         with atomic_dataset(root, "emoji") as out:
             counts = _write_images(out, kept, indexes, chosen, size, progress)
-            _write_tables(out, kept, chosen, seed)
+            _write_tables(out, kept, chosen, seed, indexes)
             manifest = {
                 "dataset": "emoji", "options": options, "clipforge_version": clipforge_version(),
                 "image_size": size, "split_seed": seed, "styles": chosen,
@@ -336,7 +381,8 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
                 "seen": sum(c.split == "seen" for c in kept), "unseen": sum(c.split == "unseen" for c in kept),
                 "images_per_style": counts, "images": sum(counts.values()),
                 "packages": {p.name: {"version": p.version, "tarball": p.tarball, "sha256": tarballs[p][1]}
-                             for p in PACKAGES.values()},
+                             for p in packages.values()},
+                **({"eval_styles": evals} if evals else {}),
                 "build_seconds": round(time.perf_counter() - start, 1),
             }
             write_json(out / "manifest.json", manifest)
@@ -349,23 +395,25 @@ def _write_images(out: Path, concepts: list[Concept], indexes: dict[str, dict[st
     for style in styles:
         folder = out / "images" / style
         folder.mkdir(parents=True)
-        for c in tqdm(concepts, desc=style, disable=not progress or None):
+        present = [c for c in concepts if c.key in indexes[style]]  # all of them but in evaluation styles
+        for c in tqdm(present, desc=style, disable=not progress or None):
             try:
                 image = render_emoji(indexes[style][c.key], size)
             except (OSError, ValueError) as error:
                 raise DatasetError(f"cannot render {style} {c.key} ({c.label}): {error}") from None
             image.save(folder / f"{c.key}.png")
-        counts[style] = len(concepts)
+        counts[style] = len(present)
     return counts
 
 
-def _write_tables(out: Path, concepts: list[Concept], styles: Sequence[str], seed: int) -> None:
+def _write_tables(out: Path, concepts: list[Concept], styles: Sequence[str], seed: int,
+                  indexes: dict[str, dict[str, Source]]) -> None:
     header = ["hexcode", "label", "tags", "group", "subgroup", "split", "gender", "base_concept"]
     write_csv(out / "concepts.csv", header,
               ([c.key, c.label, "|".join(c.tags), c.group, c.subgroup, c.split, c.gender, c.base_concept]
                for c in concepts))
     captions = {c.key: "|".join(caption_candidates(c, seed)) for c in concepts}
-    rows = [(f"images/{style}/{c.key}.png", c, style) for style in styles for c in concepts]
+    rows = [(f"images/{style}/{c.key}.png", c, style) for style in styles for c in concepts if c.key in indexes[style]]
     write_csv(out / "captions.csv", ["image", "caption", "key", "style", "split"],
               ((image, captions[c.key], c.key, style, c.split) for image, c, style in rows))
     class_index = {c.key: i for i, c in enumerate(concepts)}
