@@ -8,6 +8,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The shared fixtures are bare OpenAI-layout state dicts: OpenAI's 64-wide heads and QuickGELU (their README).
+OPENAI = {"head_width": 64, "quick_gelu": True}
+OPENAI_FLAGS = ("--head-width", "64", "--quick-gelu")
 FIXTURES = Path(os.environ.get("CLIPFORGE_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipforge
-from conftest import perturb_, random_tokens
+from conftest import OPENAI, perturb_, random_tokens
 
 FIXTURE_NAMES = ["openai-vit-tiny", "openai-rn-tiny"]
 
@@ -28,7 +28,7 @@ def test_fixture_reproduced_from_pngs_and_captions(fixtures_dir, name, weights):
         pytest.skip(f"{name} has no {weights}")
     expected = _expected(fixtures_dir, name)
     meta = json.loads((folder / "meta.json").read_text())
-    model, preprocess = clipforge.load(folder / weights)
+    model, preprocess = clipforge.load(folder / weights, **OPENAI)
     pixels = torch.stack([preprocess(folder / image) for image in meta["images"]])
     tokens = clipforge.get_tokenizer(folder / weights)(meta["captions"])
     assert torch.allclose(pixels, expected["pixels"], atol=1e-6)
@@ -50,20 +50,20 @@ def _roundtrip_features(model, other, size):
 
 
 def test_open_clip_training_checkpoint(tmp_path, fixtures_dir):
-    ref, _ = clipforge.load(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors")
+    ref, _ = clipforge.load(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors", **OPENAI)
     wrapped = {"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}
     torch.save(wrapped, tmp_path / "epoch_3.pt")
-    model, _ = clipforge.load(tmp_path / "epoch_3.pt")
+    model, _ = clipforge.load(tmp_path / "epoch_3.pt", **OPENAI)
     _roundtrip_features(ref, model, 32)
 
 
 def test_torchscript_archive_read_without_running_code(tmp_path, fixtures_dir):
-    ref, _ = clipforge.load(fixtures_dir / "openai-rn-tiny" / "openai_state_dict.safetensors")
+    ref, _ = clipforge.load(fixtures_dir / "openai-rn-tiny" / "openai_state_dict.safetensors", **OPENAI)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace_module(ref, {"encode_image": (torch.randn(1, 3, 64, 64),)})
     torch.jit.save(traced, str(tmp_path / "RN-tiny.pt"))
-    model, _ = clipforge.load(tmp_path / "RN-tiny.pt")
+    model, _ = clipforge.load(tmp_path / "RN-tiny.pt", head_width=64)  # the activation: from the code
     _roundtrip_features(ref, model, 64)
 
 
@@ -106,12 +106,12 @@ def test_bad_inputs_have_clear_errors(tmp_path, fixtures_dir):
     missing.pop("ln_final.bias")
     save_file(missing, str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match=r"missing\.safetensors.*missing keys: ln_final\.bias"):
-        clipforge.load(tmp_path / "missing.safetensors")
+        clipforge.load(tmp_path / "missing.safetensors", **OPENAI)
     bad_shape = dict(state)
     bad_shape["visual.ln_pre.weight"] = torch.zeros(7)
     save_file(bad_shape, str(tmp_path / "shape.safetensors"))
     with pytest.raises(ValueError, match=r"visual\.ln_pre\.weight: file \(7,\)"):
-        clipforge.load(tmp_path / "shape.safetensors")
+        clipforge.load(tmp_path / "shape.safetensors", **OPENAI)
     save_file({"foo": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an OpenAI-layout CLIP state dict"):
         clipforge.load(tmp_path / "other.safetensors")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import clipforge
+from conftest import OPENAI, OPENAI_FLAGS
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -22,10 +23,10 @@ def test_models_lists_registry():
 
 def test_convert_to_hf_and_back(tmp_path, fixtures_dir):
     source = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
-    assert run_cli("convert", str(source), str(tmp_path / "hf"), "--format", "hf").returncode == 0
+    assert run_cli("convert", str(source), str(tmp_path / "hf"), "--format", "hf", *OPENAI_FLAGS).returncode == 0
     assert (tmp_path / "hf" / "config.json").is_file()
     assert run_cli("convert", str(tmp_path / "hf"), str(tmp_path / "cf")).returncode == 0
-    a, _ = clipforge.load(source)
+    a, _ = clipforge.load(source, **OPENAI)
     b, _ = clipforge.load(tmp_path / "cf")
     tokens = clipforge.tokenize(["a photo of a cat"])
     with torch.no_grad():
@@ -35,7 +36,7 @@ def test_convert_to_hf_and_back(tmp_path, fixtures_dir):
 def test_classify_json(fixtures_dir):
     folder = fixtures_dir / "openai-rn-tiny"
     result = run_cli("classify", str(folder / "image0.png"), str(folder / "image1.png"), "--model",
-                     str(folder / "openai_state_dict.pt"), "--labels", "cat,dog,rocket", "--ensemble", "--json")
+                     str(folder / "openai_state_dict.pt"), "--labels", "cat,dog,rocket", "--ensemble", "--json", *OPENAI_FLAGS)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert len(rows) == 2 and abs(sum(p for _, p in rows[0]["top"]) - 1) < 1e-3
@@ -44,3 +45,16 @@ def test_classify_json(fixtures_dir):
 def test_bad_input_gives_clear_error_and_exit_2(tmp_path):
     result = run_cli("convert", str(tmp_path / "missing.pt"), str(tmp_path / "out"))
     assert result.returncode == 2 and "missing.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_registry_name_without_weights_is_refused(tmp_path, fixtures_dir):
+    image = str(fixtures_dir / "openai-rn-tiny" / "image0.png")
+    for args in (["classify", image, "--labels", "cat,dog"],
+                 ["eval", "--task", "zeroshot", "--data", str(tmp_path), "--out", str(tmp_path / "out")],
+                 ["index", str(tmp_path), "--out", str(tmp_path / "index")]):
+        result = run_cli(*args, "--model", "cpu-vit-tiny-32")
+        assert result.returncode == 2, result.stderr
+        assert "without weights" in result.stderr and "--random-weights" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "index").exists()
+    result = run_cli("classify", image, "--labels", "cat,dog", "--model", "cpu-vit-tiny-32", "--random-weights")
+    assert result.returncode == 0, result.stderr

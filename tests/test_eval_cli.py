@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import OPENAI_FLAGS
 from synthetic import COLORS, SHAPES, draw, make_caption_set
 
 
@@ -56,7 +57,7 @@ def styled(tmp_path_factory) -> Path:
 def test_zeroshot_on_fixture_model_and_image_folder(fixtures_dir, folder, tmp_path):
     model = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
     result = run_cli("eval", "--model", str(model), "--task", "zeroshot", "--data", str(folder), "--confusion",
-                     "--out", str(tmp_path))
+                     "--out", str(tmp_path), *OPENAI_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["images"] == 24 and results["classes"] == 4
@@ -72,17 +73,17 @@ def test_zeroshot_on_fixture_model_and_image_folder(fixtures_dir, folder, tmp_pa
 
 def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
     out = tmp_path / "r"
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "retrieval", "--data", str(styled / "train.csv"),
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "retrieval", "--data", str(styled / "train.csv"),
                      "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 96 and 0 <= results["image_to_text_r1"] <= results["image_to_text_r10"] <= 1
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "linear-probe", "--data", str(styled),
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "linear-probe", "--data", str(styled),
                      "--styles", "plain", "--out", str(tmp_path / "lp"))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "lp" / "results.json").read_text())
     assert results["test_images"] > 0 and "best_C" in results["linear_probe"]
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "robustness", "--data", str(styled),
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "robustness", "--data", str(styled),
                      "--id-styles", "plain", "--supervised-steps", "30", "--out", str(tmp_path / "rb"))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "rb" / "results.json").read_text())
@@ -94,15 +95,15 @@ def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
 def test_bad_inputs_are_clear(folder, tmp_path):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("path,name\na.png,cat\n")
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "zeroshot", "--data", str(bad_csv), "--out", str(tmp_path))
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "zeroshot", "--data", str(bad_csv), "--out", str(tmp_path))
     assert result.returncode == 2 and "unknown class file format" in result.stderr
     (tmp_path / "classes" / "cat").mkdir(parents=True)
     (tmp_path / "classes" / "dog").mkdir()
     draw((0, 0, 0), "circle", random.Random(0)).save(tmp_path / "classes" / "cat" / "a.png")
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "zeroshot", "--data", str(tmp_path / "classes"),
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "zeroshot", "--data", str(tmp_path / "classes"),
                      "--out", str(tmp_path))
     assert result.returncode == 2 and "empty class" in result.stderr and "dog" in result.stderr
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "robustness", "--data", str(folder), "--out", str(tmp_path))
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "robustness", "--data", str(folder), "--out", str(tmp_path))
     assert result.returncode == 2 and "--id-styles" in result.stderr
 
 
@@ -116,7 +117,7 @@ def test_retrieval_from_webdataset_shards(styled, tmp_path):
             (tmp_path / "c.txt").write_text(row["caption"])
             tar.add(tmp_path / "c.txt", arcname=f"s{i:03d}.txt")
     out = tmp_path / "out"
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--task", "retrieval", "--data",
+    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "retrieval", "--data",
                      str(tmp_path / "shard-{000..000}.tar"), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

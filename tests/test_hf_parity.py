@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import clipforge
-from conftest import perturb_, random_tokens
+from conftest import OPENAI, perturb_, random_tokens
 
 transformers = pytest.importorskip("transformers", reason="HF transformers is the parity reference (test extra)")
 
@@ -65,7 +65,7 @@ def test_clipforge_hf_export_loads_in_transformers(tmp_path, name):
 def test_hf_export_tokenizer_and_processor_match(tmp_path, fixtures_dir):
     from PIL import Image
 
-    model, preprocess = clipforge.load(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors")
+    model, preprocess = clipforge.load(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors", **OPENAI)
     clipforge.save_pretrained(model, tmp_path, format="hf")
     processor = transformers.CLIPProcessor.from_pretrained(tmp_path)
     captions = ["a photo of a dog.", "An emoji of FACE with thermometer"]

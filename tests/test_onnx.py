@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import clipforge
 from clipforge.cli.main import main
+from conftest import OPENAI, OPENAI_FLAGS
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
@@ -31,7 +32,7 @@ def check_against_fixture(onnx_dir, fixture) -> float:
             worst = max(worst, float(np.abs(got - expected["text_features"][:batch].numpy()).max()))
     # The folder alone (tokenizer + preprocess config) reproduces clipforge's own pipeline.
     ckpt = fixture / "openai_state_dict.safetensors"
-    model, preprocess = clipforge.load(ckpt)
+    model, preprocess = clipforge.load(ckpt, **OPENAI)
     images = [fixture / f"image{i}.png" for i in range(4)]
     want = model.encode_image(torch.stack([preprocess(p) for p in images]), normalize=True).detach().numpy()
     worst = max(worst, float(np.abs(runner.embed_images(images) - want).max()))
@@ -44,7 +45,7 @@ def check_against_fixture(onnx_dir, fixture) -> float:
 
 def test_cli_export_vit_matches_pytorch(tmp_path, fixtures_dir, capsys):
     out = tmp_path / "onnx"
-    assert main(["export", "onnx", str(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"), str(out)]) == 0
+    assert main(["export", "onnx", str(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"), str(out), *OPENAI_FLAGS]) == 0
     assert "max abs diff" in capsys.readouterr().out
     for name in (IMAGE_FILE, TEXT_FILE, CONFIG_FILE, "bpe_vocab.txt.gz"):
         assert (out / name).is_file()
@@ -57,7 +58,8 @@ def test_cli_export_vit_matches_pytorch(tmp_path, fixtures_dir, capsys):
 
 
 def test_export_resnet_matches_pytorch(tmp_path, fixtures_dir):
-    config = export_onnx(fixtures_dir / "openai-rn-tiny" / "openai_state_dict.safetensors", tmp_path)
+    config = export_onnx(clipforge.load(fixtures_dir / "openai-rn-tiny" / "openai_state_dict.safetensors", **OPENAI)[0],
+                         tmp_path)
     assert config["parity"]["max_abs_diff"] <= 1e-4
     diff = check_against_fixture(tmp_path, fixtures_dir / "openai-rn-tiny")
     print(f"ResNet ONNX max abs diff vs fixture: {diff:.3g}")

@@ -269,3 +269,29 @@ def test_index_removed_under_a_running_server(tmp_path, client, built):
         assert_error(orphan.get("/search", params={"q": "x", "k": 2}), 503, "restart")
         assert_error(orphan.get("/images/1"), 503, "unavailable")
         assert orphan.get("/healthz").status_code == 200
+
+
+def test_spec_documents_every_limit_and_code(client):
+    spec = client.get("/openapi.json").json()
+    responses = spec["paths"]["/embed/image"]["post"]["responses"]
+    assert "empty" in responses["400"]["description"]
+    assert "50000000 pixels" in responses["413"]["description"] and "10485760 bytes" in responses["413"]["description"]
+    context = client.app.state.encoder.model.context_length
+    text_422 = spec["paths"]["/embed/text"]["post"]["responses"]["422"]["description"]
+    assert f"context of {context} tokens" in text_422 and "500 characters" in text_422 and "32 texts" in text_422
+    body = client.get("/search", params={"q": "word " * 40}).json()
+    assert body["status"] == 422 and f"context of {context} tokens" in body["error"]
+    assert "truncate" not in body["error"]  # no advice about a flag the API does not have
+
+
+def test_index_of_random_weights_is_refused_unless_asked(tmp_path, built):
+    from clipforge.search import build_index
+
+    make_images(tmp_path / "images")
+    with pytest.warns(UserWarning, match="random weights"):
+        build_index(tmp_path / "images", tmp_path / "index", model="cpu-vit-tiny-32", progress=False)
+    with pytest.raises(ValueError, match="registry architecture without weights.*--random-weights"):
+        create_app(tmp_path / "index")
+    with TestClient(create_app(tmp_path / "index", ServeConfig(allow_random_weights=True))) as random_client:
+        assert random_client.get("/healthz").json()["images"] == len(COLOURS)
+    assert main(["serve", str(tmp_path / "index")]) == 2

@@ -142,6 +142,24 @@ def test_bad_samples_in_csv_are_skipped_and_counted(shapes, tmp_path):
     assert skipped.get("corrupt_image") == 2 and skipped.get("empty_caption") == 1
 
 
+def test_undecodable_captions_are_reported_like_image_skips(shapes, tmp_path, capsys):
+    lines = (shapes / "train.csv").read_bytes().splitlines()
+    header, rows = lines[0], lines[1:40]
+    image = rows[0].split(b",")[0]
+    bad = [image + b",caf\xe9 au lait\xff,bad0", image + b",   ,bad0"]  # not UTF-8; blank, beside good captions
+    (tmp_path / "captions.csv").write_bytes(b"\n".join([header, *rows, *bad]) + b"\n")
+    for path in shapes.iterdir():
+        if path.is_dir():
+            (tmp_path / path.name).symlink_to(path)
+    summary = train(config(tmp_path, tmp_path / "run", train_data=str(tmp_path / "captions.csv"), batch_size=8,
+                           steps=2))
+    assert summary["captions_dropped"] == {"bad_encoding": 1, "empty_caption": 1}
+    assert summary["skipped"] == {}  # the image keeps its good caption
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 0, "captions_dropped": {"bad_encoding": 1, "empty_caption": 1}} in records
+    assert "dropped captions: bad_encoding 1, empty_caption 1" in capsys.readouterr().out  # tqdm.write
+
+
 def test_bad_samples_in_shard_are_skipped_and_counted(shapes, tmp_path):
     shard = tmp_path / "shard-000.tar"
     images = sorted((shapes / "images").glob("train_*.png"))[:24]
@@ -190,7 +208,10 @@ def test_ddp_two_processes_equal_one(shapes, tmp_path):
     assert all(abs(a[s] - b[s]) < 1e-5 for s in (1, 2))
     wa = load_file(str(tmp_path / "one" / "step-00000002" / "model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "step-00000002" / "model.safetensors"))
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    # AdamW's first steps move each weight by about lr * g / (|g| + eps): where a gradient is near zero, the
+    # reduction-order noise of gloo's all-reduce (~1e-9) moves it by a sizeable part of lr (measured 2.8e-5
+    # here at lr 1e-3), so weights are held to a tenth of one step; the losses above stay within 1e-5.
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
 def test_learns_synthetic_captions(shapes, tmp_path):

@@ -10,12 +10,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clipforge.checkpoint import hf
-from clipforge.checkpoint.openai import clean_state_dict, infer_config, load_into, read_torchscript_state_dict
-from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+from clipforge.checkpoint import hf, open_clip
+from clipforge.checkpoint.architecture import ArchitectureHints, heads_for_width, resolve_architecture
+from clipforge.checkpoint.open_clip import config_from_open_clip
+from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_into, read_torchscript
+from clipforge.data.transforms import EvalTransform
 from clipforge.model.clip import CLIP
-from clipforge.model.config import CLIPConfig, apply_overrides, list_models
-from clipforge.model.factory import create_model
+from clipforge.model.config import CLIPConfig, PreprocessConfig, apply_overrides, get_model_config, list_models
 
 CONFIG_FILE = "clipforge.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,11 +33,8 @@ def read_weights(path: Path) -> dict[str, Any]:
             return load_file(str(path))
         except SafetensorError as error:
             raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from None
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            is_script = any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
-        if is_script:
-            return read_torchscript_state_dict(path)
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        return read_torchscript(path)[0]
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for bad pickles; all mean "unreadable"
@@ -44,6 +42,11 @@ def read_weights(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a state dict, found a {type(loaded).__name__}")
     return loaded
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -57,59 +60,144 @@ def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{directory}: HF directory has config.json but no model.safetensors or pytorch_model.bin")
 
 
-def _load_directory(directory: Path, overrides: dict[str, Any]) -> tuple[CLIP, dict[str, Any]]:
+def _hf_preprocess(directory: Path, image_size: int) -> PreprocessConfig:
+    """transformers' CLIPImageProcessor settings: composite on white (`do_convert_rgb`), its mean and std."""
+    path = directory / "preprocessor_config.json"
+    pp = json.loads(path.read_text()) if path.is_file() else {}
+    size = pp.get("size", {}).get("shortest_edge", image_size) if isinstance(pp.get("size"), dict) else pp.get("size", image_size)
+    crop = pp.get("crop_size", {}).get("height", image_size) if isinstance(pp.get("crop_size"), dict) else pp.get("crop_size", image_size)
+    if pp.get("resample", 3) != 3 or size != image_size or crop != image_size or not pp.get("do_center_crop", True):
+        raise ValueError(f"{path}: resize to {size}, crop {crop}, resample {pp.get('resample')} differ from CLIP's "
+                         f"bicubic {image_size} px resize + crop, which is all clipforge implements")
+    default = PreprocessConfig()
+    return PreprocessConfig(composite_white=bool(pp.get("do_convert_rgb", True)),
+                            mean=tuple(pp.get("image_mean", default.mean)), std=tuple(pp.get("image_std", default.std)))
+
+
+def config_from_file(path: Path) -> tuple[CLIPConfig, PreprocessConfig | None]:
+    """Model config (and preprocessing, when the file has it) from a clipforge.json, open_clip or HF config file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable JSON config: {error}") from None
+    if "model_cfg" in data or "vision_cfg" in data:
+        return config_from_open_clip(data, str(path))
+    if data.get("format") == "clipforge" and "model" in data:
+        pp = data.get("preprocess")
+        return CLIPConfig.from_dict(data["model"]), PreprocessConfig.from_dict(pp) if pp else None
+    if "vision_config" in data or "text_config" in data or data.get("model_type") == "clip":
+        return hf.config_from_hf(data), None
+    raise ValueError(f"{path}: not a clipforge.json, open_clip_config.json or HF CLIP config.json")
+
+
+def _given_config(config: str | Path | CLIPConfig) -> tuple[CLIPConfig, PreprocessConfig | None]:
+    if isinstance(config, CLIPConfig):
+        return config, None
+    if isinstance(config, str) and config in list_models():
+        return get_model_config(config), None
+    return config_from_file(Path(config))
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], ArchitectureHints]:
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        tensors, hints = read_torchscript(path)
+        return clean_state_dict(tensors), hints
+    return clean_state_dict(read_weights(path)), ArchitectureHints()
+
+
+def _file_config(path: Path, state_dict: dict[str, torch.Tensor], hints: ArchitectureHints,
+                 choice: dict[str, Any]) -> tuple[CLIPConfig, PreprocessConfig | None]:
+    """Config for a weight file: the caller's, an open_clip_config.json beside it, else resolved from shapes."""
+    if choice["config"] is not None:
+        return _given_config(choice["config"])
+    beside = path.parent / open_clip.CONFIG_FILE
+    if beside.is_file():
+        return open_clip.read_open_clip_config(beside)
+    try:
+        shapes = infer_shapes(state_dict)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return resolve_architecture(shapes, str(path), choice["head_width"], choice["quick_gelu"], hints), None
+
+
+def _directory_config(directory: Path) -> tuple[CLIPConfig, PreprocessConfig | None, Path]:
+    """(config, preprocessing, weights) of a clipforge, open_clip (hub layout) or HF transformers folder."""
     if (directory / CONFIG_FILE).is_file():
-        config = CLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())["model"])
-        weights_path = directory / WEIGHTS_FILE
-        state_dict = read_weights(weights_path)
-        preprocess = json.loads((directory / CONFIG_FILE).read_text()).get("preprocess", {})
-    elif (directory / "config.json").is_file():
-        hf_cfg = json.loads((directory / "config.json").read_text())
-        config = hf.config_from_hf(hf_cfg)
-        weights_path = directory
-        state_dict = hf.state_dict_from_hf(_hf_weights(directory), config)
-        preprocess = {}
-        pp = directory / "preprocessor_config.json"
-        if pp.is_file():
-            pp_cfg = json.loads(pp.read_text())
-            preprocess = {k: tuple(pp_cfg[f"image_{k}"]) for k in ("mean", "std") if f"image_{k}" in pp_cfg}
+        config, preprocess = config_from_file(directory / CONFIG_FILE)
+        return config, preprocess, directory / WEIGHTS_FILE
+    weights = open_clip.open_clip_weights(directory)
+    if (directory / open_clip.CONFIG_FILE).is_file() and weights is not None:
+        return (*open_clip.read_open_clip_config(directory / open_clip.CONFIG_FILE), weights)
+    if (directory / "config.json").is_file():
+        config = hf.config_from_hf(json.loads((directory / "config.json").read_text()))
+        return config, _hf_preprocess(directory, config.vision.image_size), directory
+    raise ValueError(f"{directory}: no {CONFIG_FILE} (clipforge), {open_clip.CONFIG_FILE} with open_clip weights, "
+                     f"or config.json (HF) in this directory")
+
+
+def _apply_choice(config: CLIPConfig, choice: dict[str, Any], overrides: dict[str, Any]) -> CLIPConfig:
+    overrides = dict(overrides)
+    if choice["quick_gelu"] is not None:
+        overrides["quick_gelu"] = choice["quick_gelu"]
+    if choice["head_width"] is not None:
+        overrides["vision.heads"], overrides["text.heads"] = heads_for_width(
+            config.vision, config.text.width, choice["head_width"])
+    return apply_overrides(config, overrides) if overrides else config
+
+
+def _load_path(path: Path, choice: dict[str, Any], overrides: dict[str, Any]) -> CLIP:
+    if path.is_dir():
+        config, preprocess, weights_path = _directory_config(path)
+        if choice["config"] is not None:
+            config, preprocess = _given_config(choice["config"])[0], preprocess
+        if weights_path.is_dir():  # HF: weights under transformers' names
+            state_dict = hf.state_dict_from_hf(_hf_weights(weights_path), config)
+        else:
+            state_dict = clean_state_dict(read_weights(weights_path))
     else:
-        raise ValueError(f"{directory}: no {CONFIG_FILE} (clipforge) or config.json (HF) with weights in this directory")
-    if overrides:
-        config = apply_overrides(config, overrides)
+        weights_path = path
+        state_dict, hints = _read_file(path)
+        config, preprocess = _file_config(path, state_dict, hints, choice)
+        if choice["config"] is None and not (path.parent / open_clip.CONFIG_FILE).is_file():
+            choice = {**choice, "head_width": None, "quick_gelu": None}  # already used by the resolution
+    config = _apply_choice(config, choice, overrides)
     model = CLIP(config, pretrained_text=False)  # the file holds every weight
     load_into(model, state_dict, str(weights_path))
-    return model, preprocess
+    model.preprocess_config = preprocess or PreprocessConfig()
+    return model
 
 
-def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         **overrides: Any) -> tuple[CLIP, EvalTransform]:
-    """(model in eval mode, eval transform) from a registry name or any OpenAI/open_clip/HF/clipforge checkpoint.
+def refuse_random_weights(name: str | Path, allowed: bool) -> None:
+    """ValueError when `name` is a registry architecture (no weights) and random weights were not asked for."""
+    if str(name) in list_models() and not Path(name).exists() and not allowed:
+        raise ValueError(f"{name!r} is a registry architecture without weights: its answers would be random. "
+                         f"Pass a checkpoint, or --random-weights to run with randomly initialised weights")
 
-    OpenAI-layout weights carry no activation choice: QuickGELU is assumed, as in OpenAI's
-    releases; pass `quick_gelu=False` for open_clip models trained with GELU.
+
+def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+         config: str | Path | CLIPConfig | None = None, head_width: int | None = None,
+         quick_gelu: bool | None = None, **overrides: Any) -> tuple[CLIP, EvalTransform]:
+    """(model in eval mode, its eval transform) from a registry name or any OpenAI/open_clip/HF/clipforge checkpoint.
+
+    The architecture comes from a config whenever one exists (`config=`, an open_clip_config.json
+    beside the weights, a folder's clipforge.json / config.json). A bare OpenAI-layout state dict
+    does not record its head width nor its activation: pass `head_width` and `quick_gelu` (OpenAI's
+    releases: 64 and True) unless a TorchScript archive or a unique registry match says them; an
+    ambiguous one is refused, never guessed. The transform follows the checkpoint's library
+    (transformers composites transparency on white, OpenAI and open_clip do not).
     """
-    preprocess: dict[str, Any] = {}
     path = Path(name_or_path)
-    if isinstance(name_or_path, str) and name_or_path in list_models():
-        model = create_model(name_or_path, **overrides)
-    elif path.is_dir():
-        model, preprocess = _load_directory(path, overrides)
+    overrides = {k.replace("__", "."): v for k, v in overrides.items()}  # create_model's vision__width style
+    choice = {"config": config, "head_width": head_width, "quick_gelu": quick_gelu}
+    if isinstance(name_or_path, str) and name_or_path in list_models() and not path.exists():
+        model = CLIP(_apply_choice(get_model_config(name_or_path), choice, overrides))
     elif path.exists():
-        state_dict = clean_state_dict(read_weights(path))
-        try:
-            config = infer_config(state_dict)
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
-        if overrides:
-            config = apply_overrides(config, overrides)
-        model = CLIP(config)
-        load_into(model, state_dict, str(path))
+        model = _load_path(path, choice, overrides)
     else:
         raise ValueError(f"{name_or_path!r} is neither a known model name nor an existing path; "
                          f"known names: {', '.join(list_models())}")
     model = model.to(device=device, dtype=dtype).eval()
-    return model, EvalTransform(model.image_size, **preprocess)
+    return model, EvalTransform.for_model(model)
 
 
 def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge", tokenizer: Any = None) -> Path:
@@ -134,22 +222,25 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     out.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                   if not k.endswith("num_batches_tracked")}
+    preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
     if format == "clipforge":
-        write_clipforge_dir(out, state_dict, model.config, tokenizer)
+        write_clipforge_dir(out, state_dict, model.config, tokenizer, preprocess)
     else:
         save_file(hf.state_dict_to_hf(state_dict, model.config), str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(hf.hf_config(model.config, tokenizer.eot_token_id), indent=1))
         (out / "preprocessor_config.json").write_text(
-            json.dumps(hf.hf_preprocessor_config(model.config, CLIP_MEAN, CLIP_STD), indent=1))
+            json.dumps(hf.hf_preprocessor_config(model.config, preprocess.mean, preprocess.std), indent=1))
         tokenizer.save_hf(out)
     return out
 
 
-def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPConfig, tokenizer: Any) -> None:
-    """Write a clipforge model directory: safetensors weights, config JSON and the tokenizer files."""
+def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPConfig, tokenizer: Any,
+                        preprocess: PreprocessConfig | None = None) -> None:
+    """Write a clipforge model directory: safetensors weights, config JSON (model + preprocessing), tokenizer files."""
     out.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps({"format": "clipforge", "model": config.to_dict()}, indent=1))
+    meta = {"format": "clipforge", "model": config.to_dict(), "preprocess": (preprocess or PreprocessConfig()).to_dict()}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     tokenizer.save(out)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from clipforge.checkpoint.architecture import ArchitectureHints
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 
 # Entries OpenAI's archives carry that are not weights, and buffers rebuilt at construction.
@@ -41,8 +42,11 @@ def _need(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return state_dict[key]
 
 
-def infer_config(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True) -> CLIPConfig:
-    """Architecture from an OpenAI-layout state dict, as OpenAI's loader infers it (heads = width / 64)."""
+def infer_shapes(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True) -> CLIPConfig:
+    """Architecture from an OpenAI-layout state dict's shapes, heads as OpenAI's loader guesses them (width / 64).
+
+    The heads and `quick_gelu` here are placeholders: `architecture.resolve_architecture` decides them.
+    """
     if "visual.proj" in state_dict:
         conv = _need(state_dict, "visual.conv1.weight")
         width, patch = conv.shape[0], conv.shape[-1]
@@ -112,9 +116,18 @@ _DTYPE_OF_STORAGE = {
 }
 
 
-def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a TorchScript archive, read without running any of its code (restricted unpickler)."""
+def _activation_in_code(archive: zipfile.ZipFile) -> bool | None:
+    """QuickGELU (True) or GELU (False) as the archive's serialized code computes it; None if neither shows."""
+    code = b"".join(archive.read(n) for n in archive.namelist() if "/code/" in n and n.endswith(".py"))
+    if b"QuickGELU" in code or b"1.702" in code:  # x * sigmoid(1.702 * x); traced code keeps the class name
+        return True
+    return False if re.search(rb"\bgelu\(", code) else None
+
+
+def read_torchscript(path: Path) -> tuple[dict[str, torch.Tensor], ArchitectureHints]:
+    """Tensors of a TorchScript archive and its heads/activation, read without running any of its code."""
     with zipfile.ZipFile(path) as archive:
+        quick_gelu = _activation_in_code(archive)
         names = archive.namelist()
         data_pkl = next((n for n in names if n.endswith("/data.pkl")), None)
         if data_pkl is None:
@@ -161,6 +174,7 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
         root = Unpickler(io.BytesIO(archive.read(data_pkl))).load()
 
     tensors: dict[str, torch.Tensor] = {}
+    heads: dict[str, int] = {}  # MultiheadAttention / AttentionPool2d keep num_heads as a module attribute
 
     def walk(obj: Any, prefix_name: str) -> None:
         state = obj.state if isinstance(obj, _ScriptObject) else obj
@@ -170,7 +184,14 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 tensors[name] = value
             elif isinstance(value, (_ScriptObject, dict)):
                 walk(value, name + ".")
+            elif key == "num_heads" and isinstance(value, int):
+                heads[prefix_name] = value
 
     walk(root, "")
+    hints = ArchitectureHints(
+        vision_heads=next((h for p, h in heads.items() if p.startswith("visual.")), None),
+        text_heads=next((h for p, h in heads.items() if p.startswith("transformer.")), None),
+        quick_gelu=quick_gelu,
+    )
     # TorchScript nests parameters one level deeper in "_parameters"/"_buffers" dicts on some exporters.
-    return {re.sub(r"(^|\.)_(parameters|buffers)\.", r"\1", k): v for k, v in tensors.items()}
+    return {re.sub(r"(^|\.)_(parameters|buffers)\.", r"\1", k): v for k, v in tensors.items()}, hints

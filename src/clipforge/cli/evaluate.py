@@ -4,19 +4,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.cli.model_args import add_model_arguments
+
 TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")
 
 
 def run(args: argparse.Namespace) -> None:
     """Run one task and write results.json + report.md (+ PNG plots) into --out."""
     import clipforge
+    from clipforge.cli.model_args import load_model
     from clipforge.evaluate.report import Section, markdown_table, write_report
     from clipforge.evaluate.tasks import EvalContext, linear_probe_vs_zeroshot, load_for_eval, retrieval, robustness, zeroshot
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, preprocess = clipforge.load(args.model)
-    preprocess.composite_white = args.composite_white
+    model, preprocess = load_model(args)
+    if args.composite_white is not None:  # else the checkpoint's own rule (transformers: on white; OpenAI: drop alpha)
+        preprocess.composite_white = args.composite_white
     tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
     ctx = EvalContext(model, tokenizer, preprocess, out, args.templates, args.batch_size)
     styles = [s for s in args.styles.split(",") if s]
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `clipforge eval`."""
     p = sub.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe, robustness, bias")
-    p.add_argument("--model", required=True, help="checkpoint (any format clipforge.load reads) or registry name")
+    add_model_arguments(p)
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--data", required=True,
                    help="labels CSV, a dataset folder with labels.csv/captions.csv, or an image folder per class")
@@ -78,7 +82,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", default="openai_7", help="template set: openai_80, openai_7, simple, emoji, tuxpaint")
     p.add_argument("--bias-template", default="an emoji of {}.")
     p.add_argument("--confusion", action="store_true", help="zero-shot: add a confusion matrix")
-    p.add_argument("--composite-white", action="store_true", help="blend transparent images onto white")
+    p.add_argument("--composite-white", action=argparse.BooleanOptionalAction, default=None,
+                   help="blend transparency onto white (default: as the checkpoint's library does: transformers "
+                        "yes, OpenAI and open_clip no)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="runs/eval")
     p.set_defaults(func=run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.cli.model_args import add_model_arguments, load_model
+
 
 def run_onnx(args: argparse.Namespace) -> None:
     """Export, verify and print where the graphs went and how close they are to PyTorch."""
@@ -12,7 +14,8 @@ def run_onnx(args: argparse.Namespace) -> None:
     except ImportError as error:  # onnx / onnxruntime / onnxscript are an extra
         raise ValueError(f"ONNX export needs the onnx extra (pip install 'clipforge[onnx]'): {error}") from error
 
-    config = export_onnx(args.checkpoint, args.out_dir, opset=args.opset, verify=not args.no_verify, atol=args.atol)
+    model, _ = load_model(args, args.checkpoint)
+    config = export_onnx(model, args.out_dir, source=args.checkpoint, opset=args.opset, verify=not args.no_verify, atol=args.atol)
     print(f"wrote {args.out_dir / config['image_encoder']} and {args.out_dir / config['text_encoder']} "
           f"(opset {config['opset']}, embed dim {config['embed_dim']}) with tokenizer and onnx_config.json")
     if "parity" in config:
@@ -28,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o = formats.add_parser("onnx", help="image and text encoders as two ONNX graphs with a dynamic batch")
     o.add_argument("checkpoint", help="checkpoint (any format clipforge.load reads) or registry name")
     o.add_argument("out_dir", type=Path, help="output folder (graphs, tokenizer, onnx_config.json)")
+    add_model_arguments(o, flag=None)
     o.add_argument("--opset", type=int, default=18)
     o.add_argument("--atol", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| (fp32)")
     o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime parity check")

@@ -13,6 +13,7 @@ from clipforge.cli import export as export_cmd
 from clipforge.cli import search as search_cmd
 from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
+from clipforge.cli.model_args import add_model_arguments, load_model
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -25,7 +26,7 @@ def _models(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     import clipforge
 
-    model, _ = clipforge.load(args.src)
+    model, _ = load_model(args, args.src)
     tokenizer = clipforge.get_tokenizer(args.src, context_length=model.context_length)
     out = clipforge.save_pretrained(model, args.out, format=args.format, tokenizer=tokenizer)
     print(f"wrote {args.format} checkpoint to {out}")
@@ -38,7 +39,7 @@ def _classify(args: argparse.Namespace) -> None:
     from clipforge.evaluate import OPENAI_TEMPLATES_7, build_classifier, classify
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
-    model, preprocess = clipforge.load(args.model)
+    model, preprocess = load_model(args)
     tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
     templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template,)
     classifier = build_classifier(model, tokenizer, labels, templates)
@@ -66,11 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="checkpoint file or directory, or a registry name")
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--format", choices=["hf", "clipforge"], default="clipforge")
+    add_model_arguments(p, flag=None)
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("classify", help="zero-shot classify images against comma-separated labels")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model", required=True, help="checkpoint or registry name")
+    add_model_arguments(p)
     p.add_argument("--labels", required=True, help="comma-separated class names")
     p.add_argument("--template", default="a photo of a {}.", help="prompt template (without --ensemble)")
     p.add_argument("--ensemble", action="store_true", help="average OpenAI's 7 ImageNet templates")

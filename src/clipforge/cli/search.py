@@ -12,8 +12,10 @@ def run_index(args: argparse.Namespace) -> None:
     """Build or update an index and print what changed."""
     from dataclasses import asdict
 
+    from clipforge.checkpoint.io import refuse_random_weights
     from clipforge.search import build_index
 
+    refuse_random_weights(args.model, args.random_weights)
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
                         shard_size=args.shard_size, precision=args.precision, target_recall=args.target_recall)
@@ -70,6 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "ones are dropped, and a killed run resumes. Runs under torchrun too.")
     p.add_argument("source", help="image folder, caption CSV (image[,caption]) or webdataset shard(s) (.tar, {a..b})")
     p.add_argument("--model", required=True, help="checkpoint (any format clipforge.load reads)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="allow a registry name without weights: randomly initialised, for smoke tests only")
     p.add_argument("--out", required=True, type=Path, help="index folder (created or updated)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=4096, help="embeddings per shard file (the unit of resuming)")

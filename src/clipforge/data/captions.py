@@ -4,35 +4,22 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
-import io
 import os
 import random
 import re
-import stat
-import struct
-import warnings
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from clipforge.data.images import DEFAULT_MAX_PIXELS, IMAGE_ERROR_REASONS, SampleError, decode_image
 
 PathLike = Union[str, "os.PathLike[str]"]
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
-DEFAULT_MAX_PIXELS = 64_000_000
-SKIP_REASONS = (
-    "missing_file", "empty_file", "corrupt_image", "too_many_pixels", "unsupported_mode",
-    "empty_caption", "bad_encoding", "bad_shard",
-)
-# Modes Pillow maps onto 8-bit RGB faithfully. I/I;16*/F also "convert", but by clipping to 0..255,
-# which turns 16-bit and float images into near-white or black garbage; La has no conversion at all.
-CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
-# What Pillow's decoders raise on malformed input (plugins are not consistent about it).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
+SKIP_REASONS = IMAGE_ERROR_REASONS + ("empty_caption", "bad_encoding", "bad_shard")
 # Lone surrogates are what errors="surrogateescape" leaves for bytes that are not UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -43,14 +30,6 @@ class Skipped(NamedTuple):
     reason: str
     index: int
     detail: str = ""
-
-
-class SampleError(Exception):
-    """A sample is unusable for `reason` (one of SKIP_REASONS)."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 def sample_rng(seed: int, epoch: int, index: int | str) -> random.Random:
@@ -91,43 +70,6 @@ def sort_captions(texts: Sequence[str | None], dropped: Counter | None = None) -
         return good, None, ""
     reason, text = problems[0] if problems else ("empty_caption", "")
     return [], reason, repr((text or "")[:60])
-
-
-def decode_image(source: PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "") -> Image.Image:
-    """Open and fully decode an image (path or bytes), raising SampleError with the skip reason."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        name = name or "<bytes>"
-        if len(source) == 0:
-            raise SampleError("empty_file", name)
-        fp: Any = io.BytesIO(source)
-    else:
-        fp = name = os.fspath(source)
-        try:
-            info = os.stat(fp)
-        except OSError as error:
-            raise SampleError("missing_file", f"{name}: {error.strerror}") from None
-        if not stat.S_ISREG(info.st_mode):
-            raise SampleError("missing_file", f"{name}: not a regular file")
-        if info.st_size == 0:
-            raise SampleError("empty_file", name)
-    with warnings.catch_warnings():
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning would let a bomb through.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(fp) as image:
-                # The header gives the size, so bombs are refused before any pixel is decoded.
-                if image.width * image.height > max_pixels:
-                    raise SampleError("too_many_pixels", f"{name}: {image.width}x{image.height} > {max_pixels}")
-                if image.mode not in CONVERTIBLE_MODES:
-                    raise SampleError("unsupported_mode", f"{name}: mode {image.mode}")
-                image.load()
-                return image
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-            raise SampleError("too_many_pixels", f"{name}: {error}") from None
-        except FileNotFoundError:
-            raise SampleError("missing_file", name) from None
-        except _DECODE_ERRORS as error:
-            raise SampleError("corrupt_image", f"{name}: {type(error).__name__}: {error}") from None
 
 
 def with_composite_white(transform: Callable, composite_white: bool | None) -> Callable:

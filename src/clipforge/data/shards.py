@@ -19,8 +19,8 @@ from clipforge.data.captions import (
     DEFAULT_MAX_PIXELS, SampleError, Skipped, Tokenizer, make_sample, sample_rng, sort_captions, split_captions,
     takes_rng, with_composite_white,
 )
+from clipforge.data.images import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_STRIDE = 1 << 32  # sample index = shard number * SHARD_STRIDE + position in the shard
 _EPOCH, _SAMPLES, _BATCHES = range(3)  # shared state: epoch, samples, batches, batch_size, workers
 

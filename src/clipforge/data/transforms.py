@@ -11,20 +11,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from clipforge.data.images import composite_on_white, load_image, to_rgb
 
-
-def composite_on_white(image: Image.Image) -> Image.Image:
-    """RGB image with any transparency blended onto white (plain convert('RGB') turns it black)."""
-    has_alpha = image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    ) or (image.mode in ("L", "RGB") and "transparency" in image.info)
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+from clipforge.model.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
@@ -69,10 +58,17 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
         image = load_image(image)
-        if self.composite_white:
+        if self.composite_white:  # transformers' order: RGB first, then resize
             image = composite_on_white(image)
+        # OpenAI's order: resize and crop in the file's mode, RGB last (a P image resizes by nearest).
         image = center_crop(resize_short_side(image, self.image_size), self.image_size)
-        return to_tensor(image.convert("RGB"), self.mean, self.std)
+        return to_tensor(to_rgb(image), self.mean, self.std)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> "EvalTransform":
+        """The eval transform a model's checkpoint prescribes (its size and `preprocess_config`)."""
+        config = getattr(model, "preprocess_config", None) or PreprocessConfig()
+        return cls(model.image_size, config.composite_white, config.mean, config.std)
 
 
 @dataclass
@@ -94,8 +90,7 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image | str | Path, rng: random.Random | None = None) -> torch.Tensor:
         rng = rng or random
-        image = load_image(image)
-        image = composite_on_white(image) if self.composite_white else image.convert("RGB")
+        image = to_rgb(load_image(image), self.composite_white)
         left, top, width, height = self.crop_box(image.size, rng)
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=(left, top, left + width, top + height))
         if self.color_jitter > 0:
@@ -126,20 +121,6 @@ class TrainTransform:
         else:
             w, h = width, height
         return (width - w) // 2, (height - h) // 2, w, h
-
-
-def load_image(image: Image.Image | str | Path) -> Image.Image:
-    """Open a path (fully decoded, so errors surface here) or pass a PIL image through."""
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as opened:
-            opened.load()
-            return opened.copy()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {image}") from None
-    except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read image {image}: {error}") from error
 
 
 def image_transform(image_size: int, train: bool = False, composite_white: bool = False) -> EvalTransform | TrainTransform:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from clipforge.demo.photos import load_rgb, real_photos
+from clipforge.demo.photos import real_photos
 from clipforge.evaluate.datasets import LabelledImages, image_features
 from clipforge.evaluate.report import Section, plot_bars, plot_examples
 from clipforge.evaluate.templates import get_templates
@@ -138,7 +138,7 @@ def photos_and_examples(models: list[Evaluated], held_out_style: str, templates:
     images = []
     for ev in models:
         classifier = ev.classifier(classnames, ensemble)
-        photo_features = ev.model.encode_image(torch.stack([ev.preprocess(load_rgb(p)) for p, _ in photos]).to(
+        photo_features = ev.model.encode_image(torch.stack([ev.preprocess(p) for p, _ in photos]).to(
             next(ev.model.parameters()).dtype), normalize=True).float() if photos else torch.empty(0)
         for kind, feats, names, titles in (
                 ("photos", photo_features, [str(p) for p, _ in photos], [t for _, t in photos]),

@@ -4,7 +4,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from PIL import Image
 
 # (package, path inside it, what the photo shows). The emoji labels a good model should rank high are
 # the reader's judgement; the report shows the top-3.
@@ -34,9 +33,3 @@ def real_photos(limit: int | None = None) -> list[tuple[Path, str]]:
         if path.is_file():
             found.append((path, title))
     return found[:limit] if limit else found
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """An RGB copy (some samples are grayscale or palette images)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")

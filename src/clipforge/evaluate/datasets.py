@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from clipforge.data.images import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
 from clipforge.evaluate.features import extract_image_features
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
 @dataclass
@@ -186,7 +186,7 @@ def _load_captioned_shards(pattern: str, separator: str) -> CaptionedImages:
         except (tarfile.TarError, OSError) as error:
             raise ValueError(f"{shard}: unreadable shard: {error}") from None
         for key, parts in samples.items():
-            image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
             if image is None:
                 continue
             if "txt" in parts:

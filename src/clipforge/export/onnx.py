@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from clipforge.data.transforms import center_crop, load_image, resize_short_side
+from clipforge.data.images import composite_on_white, load_image, to_rgb
+from clipforge.data.transforms import center_crop, resize_short_side
+from clipforge.model.config import PreprocessConfig
 from clipforge.model.clip import CLIP
 
 IMAGE_FILE = "image_encoder.onnx"
@@ -112,11 +114,13 @@ def example_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.
 
 
 def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
-                atol: float = PARITY_ATOL) -> dict[str, Any]:
-    """Write image/text ONNX graphs, tokenizer and config into out_dir; return the config (with parity results)."""
+                atol: float = PARITY_ATOL, source: str | Path | None = None) -> dict[str, Any]:
+    """Write image/text ONNX graphs, tokenizer and config into out_dir; return the config (with parity results).
+
+    `source`: where a loaded `model` came from, so its own tokenizer files are used.
+    """
     import clipforge
 
-    source = None
     if not isinstance(model, nn.Module):
         source = str(model)
         model, _ = clipforge.load(model)
@@ -133,6 +137,7 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = model.image_size
+    preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
     vocab = tokenizer.vocab_size
     with torch.no_grad():
         _export(ImageEncoder(model), torch.randn(2, 3, size, size), out / IMAGE_FILE, "pixels", False, opset)
@@ -149,8 +154,10 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
                    "text": {"name": "tokens", "dtype": "int64", "shape": ["batch", "length"]}},
         "outputs": ["features", "embeddings"],
         "preprocess": {"image_size": size, "resize": "bicubic, short side to image_size", "crop": "center",
-                       "mean": list(clipforge.EvalTransform().mean), "std": list(clipforge.EvalTransform().std),
-                       "scale": 1 / 255, "layout": "NCHW"},
+                       "composite_white": preprocess.composite_white,
+                       "transparency": "composite on white, then resize" if preprocess.composite_white
+                       else "resize and crop in the file's mode, then drop alpha (RGB)",
+                       "mean": list(preprocess.mean), "std": list(preprocess.std), "scale": 1 / 255, "layout": "NCHW"},
         "tokenizer": {"kind": "wordpiece" if model.config.text_tower == "minilm" else "clip",
                       "context_length": model.context_length, "vocab_size": vocab,
                       "pooling": "masked mean" if model.config.text_tower == "minilm" else "EOT (highest id)"},
@@ -223,7 +230,10 @@ class OnnxCLIP:
         """[3, S, S] float32 pixels, the same steps as clipforge's EvalTransform."""
         pp = self.config["preprocess"]
         size = pp["image_size"]
-        image = center_crop(resize_short_side(load_image(image), size), size).convert("RGB")
+        image = load_image(image)
+        if pp.get("composite_white", False):
+            image = composite_on_white(image)
+        image = to_rgb(center_crop(resize_short_side(image, size), size))
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
         mean = np.asarray(pp["mean"], dtype=np.float32).reshape(3, 1, 1)
         std = np.asarray(pp["std"], dtype=np.float32).reshape(3, 1, 1)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.model.config import CLIPConfig
+from clipforge.model.config import CLIPConfig, PreprocessConfig
 from clipforge.model.minilm import MiniLMTextTower
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.transformer import Transformer, VisionTransformer
@@ -17,6 +17,7 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig, pretrained_text: bool = True) -> None:
         super().__init__()
         self.config = config
+        self.preprocess_config = PreprocessConfig()  # set by clipforge.load from the checkpoint's origin
         v, t = config.vision, config.text
         self.visual: nn.Module = (
             ModifiedResNet(v, config.embed_dim) if v.is_resnet else VisionTransformer(v, config.embed_dim)

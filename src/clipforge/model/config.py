@@ -9,6 +9,35 @@ from typing import Any
 
 _ARCH_PACKAGE = "clipforge.model"
 _ARCH_DIR = "architectures"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class PreprocessConfig:
+    """How a checkpoint's own library prepares images; `clipforge.load` picks it by origin, clipforge.json keeps it.
+
+    OpenAI and open_clip drop transparency (`convert("RGB")`); transformers' CLIPImageProcessor
+    composites it on white. Using the other rule moves pixels by up to 3.8 (normalised) on RGBA/LA/P.
+    """
+
+    composite_white: bool = False
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        self.mean, self.std = tuple(float(x) for x in self.mean), tuple(float(x) for x in self.std)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"preprocess mean and std need 3 values each, got {self.mean} and {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return {"composite_white": self.composite_white, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        """Build from `to_dict` output; unknown keys are an error."""
+        return _make(cls, d, "preprocess")
 
 
 @dataclass

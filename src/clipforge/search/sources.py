@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 from clipforge.data.captions import split_captions
-from clipforge.evaluate.datasets import IMAGE_SUFFIXES
+from clipforge.data.images import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
 
 TAR_SEPARATOR = "#"
-_TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def _list_tar(shard: str) -> list[Item]:
                     groups.setdefault(f"{folder}/{stem}", {})[ext.lower()] = member
             items = []
             for parts in groups.values():
-                image = next((parts[e] for e in _TAR_IMAGE_EXTENSIONS if e in parts), None)
+                image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
                 if image is not None:
                     caption = _tar_caption(tar, parts.get("txt") or parts.get("json"))
                     items.append(Item(f"{path}{TAR_SEPARATOR}{image.name}", image.size, mtime, caption))

@@ -7,7 +7,6 @@ only files the index recorded. Every error is JSON `{"error": message, "status":
 # No `from __future__ import annotations`: FastAPI must resolve the request models defined inside
 # create_app (their limits come from the config), and string annotations cannot see function locals.
 import asyncio
-import io
 import logging
 import mimetypes
 import sqlite3
@@ -23,13 +22,14 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipforge.serve.batching import MicroBatcher
+from clipforge.data.images import SampleError, decode_image
 from clipforge.serve.schemas import (EmbedImageResponse, EmbedTextResponse, HealthResponse, SearchResponse,
-                                     errors)
+                                     error_texts, errors)
 
 log = logging.getLogger("clipforge.serve")
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an upload
@@ -47,6 +47,7 @@ class ServeConfig:
     max_image_pixels: int = 50_000_000  # decoded size: a small PNG can still inflate to gigabytes
     max_batch: int = 32
     batch_wait_ms: float = 5.0
+    allow_random_weights: bool = False  # an index built with a registry name (no weights) answers at random
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -86,20 +87,18 @@ def _error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": message, "status": status, **extra}
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an uploaded image, or raise a 4xx HTTPException saying why not."""
-    if not data:
-        raise HTTPException(400, "the upload is empty")
+# The shared decode policy's reasons, as HTTP statuses (README "Serve" and the OpenAPI spec list them).
+_UPLOAD_STATUS = {"empty_file": 400, "too_many_pixels": 413}
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an uploaded image with clipforge's one image policy, or raise a 4xx HTTPException saying why not."""
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:  # checked before decoding the pixels
-            raise HTTPException(413, f"image of {image.width}x{image.height} px is over {max_pixels} pixels")
-        image.load()
-        return image
-    except HTTPException:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise HTTPException(415, f"the upload is not a readable image ({type(error).__name__})") from None
+        return decode_image(data, max_pixels, name="the upload")
+    except SampleError as error:
+        status = _UPLOAD_STATUS.get(error.reason, 415)
+        message = {400: "the upload is empty", 413: f"the image is over {max_pixels} pixels ({error.detail})"}
+        raise HTTPException(status, message.get(status, f"the upload is not a readable image ({error.detail})")) from None
 
 
 def _read_tar_member(path: str) -> bytes | None:
@@ -124,6 +123,10 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
     if not 1 <= cfg.default_k <= cfg.max_k:
         raise ValueError(f"default_k must be within 1..{cfg.max_k}, got {cfg.default_k}")
     index = ImageIndex.open(index_dir)
+    if encoder is None:
+        from clipforge.checkpoint.io import refuse_random_weights
+
+        refuse_random_weights(index.model, cfg.allow_random_weights)
     encoder = encoder or QueryEncoder(index.model)  # the one model of this app, loaded here, once
     wait = cfg.batch_wait_ms / 1000
     texts = MicroBatcher(encoder.embed_texts, cfg.max_batch, wait, name="text-batcher")
@@ -162,6 +165,7 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(_error_body(500, "internal server error"), 500)
 
+    texts_of_errors = error_texts({**asdict(cfg), "context_length": encoder.model.context_length})
     QueryText = Annotated[str, Query(min_length=1, max_length=cfg.max_query_chars, description="text query")]
     K = Annotated[int, Query(ge=1, le=cfg.max_k, description=f"results to return (1..{cfg.max_k})")]
     Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_query_chars)]
@@ -173,13 +177,14 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
         data = await file.read(cfg.max_upload_bytes + 1)
         if len(data) > cfg.max_upload_bytes:
             raise HTTPException(413, f"upload too large: the limit is {cfg.max_upload_bytes} bytes")
-        return await anyio.to_thread.run_sync(decode_image, data, cfg.max_image_pixels)
+        return await anyio.to_thread.run_sync(decode_upload, data, cfg.max_image_pixels)
 
     async def embed(batcher: MicroBatcher, item: Any) -> np.ndarray:
         try:
             return await batcher.embed(item)
-        except ValueError as error:  # e.g. a text longer than the model's context: the caller's to fix
-            raise HTTPException(422, "invalid request: " + str(error).split("; pass truncate")[0]) from None
+        except ValueError:  # only a text longer than the model's context gets here: the caller's to fix
+            raise HTTPException(422, f"invalid request: the text is longer than the model's context of "
+                                     f"{encoder.model.context_length} tokens") from None
 
     def lookup(image_id: int) -> dict[str, Any]:
         try:
@@ -213,7 +218,7 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
                 "batches": {n: {"batches": b.batches, "items": b.items} for n, b in app.state.batchers.items()}}
 
     @app.post("/embed/text", summary="Embed texts (L2-normalised)", response_model=EmbedTextResponse,
-              responses=errors(400, 413, 422))
+              responses=errors(texts_of_errors, 400, 413, 422))
     async def embed_text(body: EmbedTextRequest) -> dict[str, Any]:
         start = time.perf_counter()
         rows = await asyncio.gather(*(embed(texts, text) for text in body.texts))
@@ -221,7 +226,7 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
                 "took_ms": round(1000 * (time.perf_counter() - start), 3)}
 
     @app.post("/embed/image", summary="Embed an uploaded image (L2-normalised)", response_model=EmbedImageResponse,
-              responses=errors(400, 413, 415, 422))
+              responses=errors(texts_of_errors, 400, 413, 415, 422))
     async def embed_image(file: UploadFile = File(description="an image file")) -> dict[str, Any]:
         start = time.perf_counter()
         row = await embed(images, await read_upload(file))
@@ -229,7 +234,7 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
                 "took_ms": round(1000 * (time.perf_counter() - start), 3)}
 
     @app.get("/search", summary="Search the index with a text query", response_model=SearchResponse,
-             responses=errors(422, 503))
+             responses=errors(texts_of_errors, 422, 503))
     async def search_text(q: QueryText, k: K = cfg.default_k) -> dict[str, Any]:
         start = time.perf_counter()
         if not q.strip():
@@ -238,14 +243,14 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
         return {"query": q, "k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - start), 3)}
 
     @app.post("/search/image", summary="Search the index with an uploaded image", response_model=SearchResponse,
-              responses=errors(400, 413, 415, 422, 503))
+              responses=errors(texts_of_errors, 400, 413, 415, 422, 503))
     async def search_image(file: UploadFile = File(description="an image file"), k: K = cfg.default_k) -> dict[str, Any]:
         start = time.perf_counter()
         results = await search(await embed(images, await read_upload(file)), k)
         return {"k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - start), 3)}
 
     @app.get("/images/{image_id}", summary="An indexed image, by id", response_class=Response,
-             responses={200: {"content": {"image/*": {}}, "description": "the image file"}, **errors(404, 422, 503)})
+             responses={200: {"content": {"image/*": {}}, "description": "the image file"}, **errors(texts_of_errors, 404, 422, 503)})
     async def image(image_id: int) -> Response:
         try:
             record = lookup(image_id)

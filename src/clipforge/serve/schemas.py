@@ -61,8 +61,22 @@ class HealthResponse(BaseModel):
     batches: dict[str, dict[str, int]]
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+def error_texts(limits: dict[str, int]) -> dict[int, str]:
+    """What each error status means, with the server's limits (`max_k`, `max_query_chars`, `max_texts`,
+    `max_upload_bytes`, `max_image_pixels`, `context_length`) written in."""
+    return {
+        400: "the upload is empty (0 bytes)",
+        404: "no image with this id in the index, or its file is gone",
+        413: f"request body over {limits['max_upload_bytes']} bytes, or an image over {limits['max_image_pixels']} "
+             "pixels (read from its header: never decoded)",
+        415: "the upload is not a readable image (unknown format, corrupt, or an unsupported pixel mode)",
+        422: f"invalid parameters: k outside 1..{limits['max_k']}; a query or text empty, blank or over "
+             f"{limits['max_query_chars']} characters; more than {limits['max_texts']} texts; or a text over the "
+             f"model's context of {limits['context_length']} tokens",
+        503: "the index metadata is unavailable (the index folder changed under the server)",
+    }
+
+
+def errors(texts: dict[int, str], *codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for these error statuses (all share ErrorResponse)."""
-    text = {400: "empty upload or unparsable body", 404: "unknown id or file gone", 413: "body, upload or image too large",
-            415: "upload is not an image", 422: "invalid parameters", 503: "index metadata unavailable"}
-    return {code: {"model": ErrorResponse, "description": text.get(code, "error")} for code in codes}
+    return {code: {"model": ErrorResponse, "description": texts[code]} for code in codes}

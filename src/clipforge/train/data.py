@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch.utils.data import DataLoader
@@ -21,6 +22,8 @@ class TrainData:
     loader: TrainLoader
     skips: SkipCounter
     steps_per_epoch: int | None  # None for streamed shards
+    # Bad captions (empty, not UTF-8) of images that still have a good one: dropped once, when the table is read.
+    dropped_captions: Counter = field(default_factory=Counter)
 
 
 def build_train_data(config: TrainConfig, transform: Callable, tokenizer: Callable, info: DistInfo) -> TrainData:
@@ -38,7 +41,8 @@ def build_train_data(config: TrainConfig, transform: Callable, tokenizer: Callab
     if steps == 0:
         raise ValueError(f"{config.train_data}: fewer samples than one global batch "
                          f"({config.batch_size} x {info.world_size} processes)")
-    return TrainData(loader, SkipCounter(), steps)
+    dropped = getattr(loader.dataset, "dropped_captions", None) or Counter()
+    return TrainData(loader, SkipCounter(), steps, Counter(dropped))
 
 
 def build_val_data(config: TrainConfig, transform: Callable, tokenizer: Callable, batch_size: int = 256) -> DataLoader:

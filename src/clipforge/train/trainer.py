@@ -6,6 +6,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.write_json(run_dir / "config.json", dataclasses.asdict(config))
     log = MetricsLog(run_dir, info.is_main)
+    if data.dropped_captions:  # reported like image skips: in the log, metrics.jsonl and the summary
+        log.write({"step": step, "captions_dropped": dict(data.dropped_captions)})
+        if info.is_main:
+            tqdm.write(f"dropped captions (their images keep a good one): {_counts(data.dropped_captions)}")
     eval_transform = EvalTransform(model.image_size, composite_white=config.composite_white)
+    # Checkpoints record the transparency rule the model was trained with, so clipforge.load applies it.
+    preprocess = dataclasses.replace(model.preprocess_config, composite_white=config.composite_white)
     val_data = build_val_data(config, eval_transform, tokenizer) if config.val_data else None
     if config.val_zeroshot and info.is_main:
         probe = ZeroShotProbe(config.val_zeroshot, config.val_zeroshot_styles, config.val_zeroshot_split,
@@ -148,7 +155,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if info.is_main:
             weights = _fp32_state_dict(model, step_fn)
             path = checkpoints.save_checkpoint(
-                run_dir, step, lambda d: write_clipforge_dir(d, weights, model.config, tokenizer), state, config.keep_last)
+                run_dir, step, lambda d: write_clipforge_dir(d, weights, model.config, tokenizer, preprocess), state,
+                config.keep_last)
         barrier(info)
         return path
 
@@ -206,11 +214,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
         last_checkpoint = save()
     log.close()
     summary = {"steps": step, "epoch": epoch, "seconds": time.perf_counter() - started, "final_loss": loss if step else None,
-               "skipped": data.skips.totals(), "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+               "skipped": data.skips.totals(), "captions_dropped": dict(data.dropped_captions), "checkpoint": str(last_checkpoint) if last_checkpoint else None,
                "validation": val_metrics}
     if info.is_main:
-        tqdm.write(f"done: {step} steps; skipped samples: {data.skips.report_total() or 'none'}")
+        tqdm.write(f"done: {step} steps; skipped samples: {data.skips.report_total() or 'none'}; "
+                   f"dropped captions: {_counts(data.dropped_captions) or 'none'}")
     return summary
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counter.items()))
 
 
 def _common_batch_size(size: int, info: DistInfo) -> int:

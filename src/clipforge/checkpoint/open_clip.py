@@ -1,0 +1,92 @@
+"""open_clip configs (`open_clip_config.json`, or a bare model config) -> clipforge configs, refusing what
+clipforge's towers cannot reproduce instead of loading it approximately."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Keys clipforge maps, with the values its towers implement when a key is absent or set to them.
+_VISION_DEFAULTS = {"layers": 12, "width": 768, "head_width": 64, "mlp_ratio": 4.0, "patch_size": 16,
+                    "image_size": 224, "ls_init_value": None, "patch_dropout": 0.0, "attentional_pool": False,
+                    "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False,
+                    "pool_type": "tok", "output_tokens": False, "timm_model_name": None, "act_kwargs": None,
+                    "norm_kwargs": None}
+_TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+                  "mlp_ratio": 4.0, "ls_init_value": None, "embed_cls": False, "pad_id": 0,
+                  "no_causal_mask": False, "final_ln_after_pool": False, "pool_type": "argmax",
+                  "proj_bias": False, "proj_type": "linear", "output_tokens": False, "hf_model_name": None,
+                  "hf_tokenizer_name": None, "tokenizer_kwargs": None, "act_kwargs": None, "norm_kwargs": None}
+_TOP_LEVEL = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "cast_dtype", "init_logit_scale",
+              "init_logit_bias", "custom_text"}
+# Values that mean the same as the default (open_clip writes some of them explicitly).
+_SAME_AS_DEFAULT = {"pool_type": {"tok", "argmax", None}, "proj_type": {"linear", None}, "patch_dropout": {0, 0.0, None}}
+
+
+def _checked(cfg: dict[str, Any], defaults: dict[str, Any], where: str, source: str) -> dict[str, Any]:
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise ValueError(f"{source}: open_clip {where} keys {unknown} are not supported by clipforge's towers")
+    merged = {**defaults, **cfg}
+    mapped = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "context_length",
+              "vocab_size", "heads", "output_tokens", "patch_dropout", "tokenizer_kwargs", "hf_tokenizer_name"}
+    for key, value in merged.items():
+        if key in mapped or value == defaults[key] or value in _SAME_AS_DEFAULT.get(key, ()):
+            continue
+        raise ValueError(f"{source}: open_clip {where} {key}={value!r} is not supported by clipforge's towers "
+                         f"(only {defaults[key]!r}); this model cannot be loaded exactly")
+    if merged.get("hf_tokenizer_name") or merged.get("tokenizer_kwargs"):
+        raise ValueError(f"{source}: open_clip text tokenizer {merged['hf_tokenizer_name']!r} "
+                         f"{merged['tokenizer_kwargs'] or ''} is not CLIP's BPE; clipforge cannot tokenise for it")
+    return merged
+
+
+def config_from_open_clip(d: dict[str, Any], source: str = "open_clip config") -> tuple[CLIPConfig, PreprocessConfig]:
+    """(model config, preprocessing) from an `open_clip_config.json` dict or an open_clip model config dict."""
+    model_cfg = d.get("model_cfg", d)
+    if "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
+        raise ValueError(f"{source}: not an open_clip config (no vision_cfg / text_cfg)")
+    unknown = sorted(set(model_cfg) - _TOP_LEVEL)
+    if unknown:
+        raise ValueError(f"{source}: open_clip model keys {unknown} are not supported by clipforge")
+    v = _checked(model_cfg["vision_cfg"], _VISION_DEFAULTS, "vision_cfg", source)
+    t = _checked(model_cfg["text_cfg"], _TEXT_DEFAULTS, "text_cfg", source)
+    quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    resnet = isinstance(v["layers"], (list, tuple))
+    heads = v["width"] * 32 // v["head_width"] if resnet else v["width"] // v["head_width"]
+    vision = VisionConfig(image_size=v["image_size"], layers=tuple(v["layers"]) if resnet else v["layers"],
+                          width=v["width"], heads=heads, patch_size=v["patch_size"] or 32, mlp_ratio=v["mlp_ratio"],
+                          quick_gelu=quick_gelu)
+    text = TextConfig(context_length=t["context_length"], vocab_size=t["vocab_size"], width=t["width"],
+                      heads=t["heads"], layers=t["layers"], mlp_ratio=t["mlp_ratio"], quick_gelu=quick_gelu)
+    logit_scale = model_cfg.get("init_logit_scale")
+    config = CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
+                        **({"logit_scale_init": float(logit_scale)} if logit_scale is not None else {}))
+    return config, _preprocess_from_open_clip(d.get("preprocess_cfg") or {}, source)
+
+
+def _preprocess_from_open_clip(p: dict[str, Any], source: str) -> PreprocessConfig:
+    exact = {"interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+    for key, value in exact.items():
+        if p.get(key, value) != value:
+            raise ValueError(f"{source}: preprocess_cfg {key}={p[key]!r} is not implemented (clipforge: {value!r})")
+    config = PreprocessConfig()
+    return PreprocessConfig(mean=tuple(p.get("mean", config.mean)), std=tuple(p.get("std", config.std)))
+
+
+def read_open_clip_config(path: Path) -> tuple[CLIPConfig, PreprocessConfig]:
+    """Parse an `open_clip_config.json` (or model config) file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable open_clip config: {error}") from None
+    return config_from_open_clip(data, str(path))
+
+
+def open_clip_weights(directory: Path) -> Path | None:
+    """The open_clip weight file of a directory (hub layout), or None."""
+    return next((directory / n for n in WEIGHT_FILES if (directory / n).is_file()), None)

@@ -1,0 +1,37 @@
+"""The model flags every command that loads a model shares: which checkpoint, how to read a bare state dict,
+and the explicit opt-in that a registry name (random weights) needs."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_model_arguments(p: argparse.ArgumentParser, flag: str | None = "--model", random_weights: bool = True) -> None:
+    """Add --model (unless the command takes it positionally), --model-config, --head-width, --quick-gelu/--gelu."""
+    if flag:
+        p.add_argument(flag, required=True, help="checkpoint (file or folder in any format clipforge.load reads)"
+                                                 + (" or registry name with --random-weights" if random_weights else ""))
+    p.add_argument("--model-config", default=None,
+                   help="architecture of the weights: open_clip_config.json, clipforge.json, HF config.json or a "
+                        "registry name (default: the config beside the weights)")
+    p.add_argument("--head-width", type=int, default=None,
+                   help="attention head width of a bare OpenAI-layout state dict (OpenAI's releases: 64)")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--quick-gelu", dest="quick_gelu", action="store_const", const=True, default=None,
+                     help="a bare state dict was trained with QuickGELU (every OpenAI release)")
+    act.add_argument("--gelu", dest="quick_gelu", action="store_const", const=False,
+                     help="a bare state dict was trained with exact GELU (most open_clip LAION models)")
+    if random_weights:
+        p.add_argument("--random-weights", action="store_true",
+                       help="allow a registry name without weights: randomly initialised, for smoke tests only")
+
+
+def load_model(args: argparse.Namespace, name: str | Path | None = None) -> tuple[Any, Any]:
+    """(model, eval transform) for the command's model flags; refuses random weights unless --random-weights."""
+    import clipforge
+    from clipforge.checkpoint.io import refuse_random_weights
+
+    name = args.model if name is None else name
+    refuse_random_weights(name, getattr(args, "random_weights", False))
+    return clipforge.load(name, config=args.model_config, head_width=args.head_width, quick_gelu=args.quick_gelu)
