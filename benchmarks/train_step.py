@@ -1,6 +1,7 @@
 """Training-step throughput: clipforge vs HF transformers CLIPModel on the same small config.
 
 Run:  python benchmarks/train_step.py [--steps 10] [--batch 64]
+      python benchmarks/train_step.py --trainer-data runs/demo/train.csv [--steps 30]   # the data path
 Config: vision width 256, 6 layers, patch 16, 64 px; text width 256, 6 layers, context 32; embed 256
 (about 22.5M parameters); fused AdamW for both; captions of realistic length padded to 32. Each variant runs in its
 own subprocess so peak RSS is its own. Prints ms/step (median), pairs/s, peak RSS and ratios vs HF.
@@ -87,12 +88,44 @@ def run_variant(impl: str, precision: str, batch: int, steps: int) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "params": params}
 
 
+def trainer_data_rows(csv: str, steps: int) -> None:
+    """Seconds per step of the library trainer at the demo's CLIP settings: PIL decoding in DataLoader
+    workers vs the decoded-image cache (built by a first short run, so only its reuse is timed)."""
+    import tempfile
+
+    from clipforge.demo.config import DemoConfig
+    from clipforge.demo.training import train_config
+    from clipforge.train.trainer import train
+
+    demo = DemoConfig()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, extra in (("PIL in DataLoader workers", {}),
+                             ("decoded cache, tensor augmentation", {"decoded_cache": True, "workers": 0,
+                                                                     "decoded_cache_dir": f"{tmp}/cache"})):
+            warm = train_config(demo, csv, f"{tmp}/warm-{len(rows)}", 2)
+            train(type(warm)(**{**warm.__dict__, **extra, "save_every": 0}))
+            config = train_config(demo, csv, f"{tmp}/run-{len(rows)}", steps)
+            summary = train(type(config)(**{**config.__dict__, **extra}))
+            rows.append((label, summary["seconds"] / steps))
+    print(f"trainer, demo CLIP settings ({demo.model}, batch {demo.batch_size}, {demo.precision}), {steps} steps, "
+          f"{csv}")
+    print("| data path | s/step | speed vs PIL |")
+    print("|---|---|---|")
+    for label, seconds in rows:
+        print(f"| {label} | {seconds:.3f} | {rows[0][1] / seconds:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--trainer-data", default="", help="a caption CSV: time the trainer's data paths on it")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trainer_data:
+        trainer_data_rows(args.trainer_data, args.steps)
+        return
     if args.worker:
         print(json.dumps(run_variant(*args.worker, args.batch, args.steps)))
         return

@@ -200,10 +200,11 @@ class CaptionDataset(Dataset):
         if index in self._bad:
             return Skipped(self._bad[index][0], index, f"{self.paths[index]}: caption {self._bad[index][1]}")
         try:
-            return make_sample(
-                self.paths[index], self.captions[index], sample_rng(self.seed, epoch, index), self.transform,
-                self.tokenizer, index=index, key=self.keys[index] if self.keys else None,
-                max_pixels=self.max_pixels, pass_rng=self._pass_rng,
-            )
+            return self._make(index, sample_rng(self.seed, epoch, index))
         except SampleError as error:
             return Skipped(error.reason, index, error.detail)
+
+    def _make(self, index: int, rng: random.Random) -> dict[str, Any]:
+        return make_sample(self.paths[index], self.captions[index], rng, self.transform, self.tokenizer, index=index,
+                           key=self.keys[index] if self.keys else None, max_pixels=self.max_pixels,
+                           pass_rng=self._pass_rng)

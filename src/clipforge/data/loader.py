@@ -213,6 +213,8 @@ class DataConfig:
     composite_white: bool = False  # blend transparency on white (emoji PNGs)
     unique_keys: bool = False  # no two samples with one concept key in a global batch (CSV only)
     shuffle_buffer: int = 0  # shards only: samples mixed across neighbouring batches
+    decoded_cache: bool = False  # CSV only: decode every image once into a memory-mapped cache, augment tensors
+    decoded_cache_dir: str = ""  # default $CLIPFORGE_CACHE/decoded or ~/.cache/clipforge/decoded
 
     @property
     def is_shards(self) -> bool:
@@ -227,6 +229,8 @@ def build_from_config(
     transform = transform or TrainTransform(config.image_size, composite_white=config.composite_white)
     if "truncate" in inspect.signature(tokenizer).parameters:
         tokenizer = functools.partial(tokenizer, truncate=True)  # an over-long caption is cut, not fatal
+    if config.decoded_cache and (config.is_shards or not isinstance(transform, TrainTransform)):
+        raise ValueError("decoded_cache needs a CSV/TSV dataset and the standard TrainTransform")
     if config.unique_keys and (config.is_shards or not config.key_column):
         raise ValueError("unique_keys needs a CSV/TSV dataset (a sampler) and key_column")
     if config.is_shards:
@@ -238,12 +242,18 @@ def build_from_config(
             world_size=world_size, shuffle_buffer=config.shuffle_buffer,
         )
         return build_train_loader(shards, None, config.workers, batch_size=config.batch_size)
-    dataset = CaptionDataset(
-        config.train_data, transform, tokenizer, image_column=config.image_column,
-        caption_column=config.caption_column, key_column=config.key_column, delimiter=config.delimiter,
-        caption_separator=config.caption_separator, quoting=config.csv_quoting, seed=config.seed,
-        max_pixels=config.max_pixels,
-    )
+    table = dict(image_column=config.image_column, caption_column=config.caption_column,
+                 key_column=config.key_column, delimiter=config.delimiter, caption_separator=config.caption_separator,
+                 quoting=config.csv_quoting, seed=config.seed, max_pixels=config.max_pixels)
+    if config.decoded_cache:
+        from clipforge.data.decoded import DecodedCaptionDataset, stored_size_for, tensor_transform_like
+
+        dataset: CaptionDataset = DecodedCaptionDataset(
+            config.train_data, tensor_transform_like(transform), tokenizer, composite_white=transform.composite_white,
+            stored_size=stored_size_for(transform.image_size, transform.scale[0]),
+            cache_dir=config.decoded_cache_dir or None, progress=rank == 0, **table)
+    else:
+        dataset = CaptionDataset(config.train_data, transform, tokenizer, **table)
     sampler = ResumableBatchSampler(
         len(dataset), config.batch_size, world_size=world_size, rank=rank, seed=config.seed,
         keys=dataset.keys if config.unique_keys else None,

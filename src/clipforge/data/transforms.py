@@ -39,6 +39,14 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def eval_geometry(image: Image.Image, size: int, composite_white: bool = False) -> Image.Image:
+    """The RGB size x size square the eval transform normalises: short-side bicubic resize, center crop."""
+    if composite_white:  # transformers' order: RGB first, then resize
+        image = composite_on_white(image)
+    # OpenAI's order: resize and crop in the file's mode, RGB last (a P image resizes by nearest).
+    return to_rgb(center_crop(resize_short_side(image, size), size))
+
+
 def to_tensor(image: Image.Image, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """[3, H, W] float tensor: /255 then (x - mean) / std, in the same fp32 order as torchvision."""
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
@@ -57,12 +65,8 @@ class EvalTransform:
     std: tuple[float, float, float] = CLIP_STD
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
-        image = load_image(image)
-        if self.composite_white:  # transformers' order: RGB first, then resize
-            image = composite_on_white(image)
-        # OpenAI's order: resize and crop in the file's mode, RGB last (a P image resizes by nearest).
-        image = center_crop(resize_short_side(image, self.image_size), self.image_size)
-        return to_tensor(to_rgb(image), self.mean, self.std)
+        image = eval_geometry(load_image(image), self.image_size, self.composite_white)
+        return to_tensor(image, self.mean, self.std)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> "EvalTransform":

@@ -10,15 +10,15 @@ import contextlib
 import json
 import math
 import numbers
-import os
 import shutil
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import quote
+
+from clipforge.io import write_atomic
 
 DPI = 100
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
@@ -74,17 +74,6 @@ class Section:
     images: list[Path] = field(default_factory=list)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _finite(value: Any) -> Any:
     """`value` with NaN/inf floats replaced by None: json.dumps would write NaN, which is not JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -129,8 +118,8 @@ def write_report(out_dir: Path, title: str, sections: list[Section], results: di
             # Percent-encoded: a space or parenthesis in a file name would end the Markdown link.
             parts.append(f"![{alt}]({quote(_image_link(Path(image), out_dir))})")
     report = out_dir / "report.md"
-    _atomic_write(report, "\n\n".join(parts) + "\n")
-    _atomic_write(out_dir / "results.json", json.dumps(_finite(results), indent=2, default=str) + "\n")
+    write_atomic(report, "\n\n".join(parts) + "\n")
+    write_atomic(out_dir / "results.json", json.dumps(_finite(results), indent=2, default=str) + "\n")
     return report
 
 

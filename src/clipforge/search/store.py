@@ -8,15 +8,15 @@ to the next run / the merge step: a shard on disk that no table row knows yet is
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from clipforge.io import write_atomic
 
 FORMAT = "clipforge-index"
 VERSION = 1
@@ -40,24 +40,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and a rename (never a torn file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
     """Atomically write manifest.json."""
-    atomic_write_bytes(index_dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(index_dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
@@ -99,7 +84,7 @@ def write_shard(path: Path, rows: ShardRows) -> None:
     np.savez(buffer, embeddings=rows.embeddings.astype(np.float32, copy=False),
              paths=np.array(rows.paths, dtype=object), sizes=rows.sizes.astype(np.int64),
              mtimes_ns=rows.mtimes_ns.astype(np.int64), captions=np.array(rows.captions, dtype=object))
-    atomic_write_bytes(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def read_shard_embeddings(path: Path) -> np.ndarray:

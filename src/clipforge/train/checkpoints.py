@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from clipforge.io import write_atomic
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 LATEST_FILE = "latest"
 STATE_FILE = "train_state.pt"
@@ -25,15 +27,6 @@ def _fsync_tree(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, write_model: Any, train_state: dict[str, Any], keep_last: int) -> Path:
@@ -59,7 +52,7 @@ def save_checkpoint(run_dir: Path, step: int, write_model: Any, train_state: dic
     else:
         os.replace(tmp, final)
     _fsync_tree(run_dir)
-    _write_atomic(run_dir / LATEST_FILE, final.name + "\n")
+    write_atomic(run_dir / LATEST_FILE, final.name + "\n")
     if keep_last > 0:
         # The new checkpoint always stays (a run resumed from an older step writes lower numbers).
         others = [c for c in list_checkpoints(run_dir) if c != final]
@@ -101,4 +94,4 @@ def load_train_state(checkpoint: Path) -> dict[str, Any]:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """JSON written atomically."""
-    _write_atomic(path, json.dumps(payload, indent=1))
+    write_atomic(path, json.dumps(payload, indent=1))

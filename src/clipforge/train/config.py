@@ -37,6 +37,8 @@ class TrainConfig:
     val_zeroshot_split: str = ""  # split to keep from val_zeroshot (e.g. "seen")
     val_zeroshot_templates: str = "simple"  # template set (clipforge.evaluate.get_templates)
     workers: int = 2
+    decoded_cache: bool = False  # CSV only: decode images once into a memory-mapped uint8 cache, augment tensors
+    decoded_cache_dir: str = ""  # where the decoded cache lives (default ~/.cache/clipforge/decoded)
     # optimisation
     batch_size: int = 64  # per process, per optimizer step
     accum_steps: int = 1  # micro-batches per step (features cached: exact large-batch gradient)
