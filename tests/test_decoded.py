@@ -14,6 +14,7 @@ from clipforge.data.transforms import EvalTransform
 from clipforge.train.config import TrainConfig
 from clipforge.train.trainer import train
 from synthetic import make_caption_set
+from test_data import byte_tokenizer
 from test_images import mode_corpus
 
 
@@ -22,14 +23,6 @@ def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     make_caption_set(root, per_concept=4, seed=0)
     return root
-
-
-def byte_tokenizer(texts: list[str]) -> torch.Tensor:
-    out = torch.zeros(len(texts), 32, dtype=torch.long)
-    for row, text in enumerate(texts):
-        data = text.encode()[:32]
-        out[row, : len(data)] = torch.tensor(list(data))
-    return out
 
 
 @pytest.mark.parametrize("composite_white", [False, True])
