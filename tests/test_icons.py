@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from clipforge.datasets.icons import (
     restricted_licence, set_icons, split_style, style_caption,
 )
 from clipforge.datasets.svg import drawing_hash, ink_fraction, render_many
+from test_datasets import _tar
 
 SQUARE = '<path fill="currentColor" d="M4 4h16v16H4z"/>'
 RING = '<circle cx="12" cy="12" r="8" fill="none" stroke="currentColor" stroke-width="3"/>'
@@ -80,14 +79,6 @@ def fake_collection() -> dict[str, dict]:
     return {s["prefix"]: s for s in sets}
 
 
-def _tar(path: Path, files: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w:gz") as archive:
-        for name, payload in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
-
-
 @pytest.fixture
 def fake_cache(tmp_path, monkeypatch) -> Path:
     """The fake collection as the tarball `npm pack @iconify/json@VERSION` writes; checksum off for it."""
@@ -137,7 +128,7 @@ def test_set_rules_decide_from_the_info_block():
 
 def test_names_words_styles_and_categories():
     assert name_words("btn-close-24px-alt") == ["button", "close"] and name_words("img-sm-2") == ["image"]
-    assert name_words("mdi-home", drop="mdi") == ["home"] and name_words("arrow2-mp3") == ["arrow", "mp3"]
+    assert name_words("arrow2-mp3") == ["arrow", "mp3"]
     assert concept_key("Grinning face") == "grinning-face" and concept_key("24") == ""
     declared = {"": "Regular", "outline": "Outline", "24-filled": "24 Filled"}
     assert split_style("add-24-filled", (), declared, {}) == ("add", "24 Filled")
@@ -146,15 +137,16 @@ def test_names_words_styles_and_categories():
     assert split_style("heart-fill", {"heart"}, {}, {}) == ("heart", "fill")  # a sibling without the suffix
     assert split_style("format-bold", {"format-bold"}, {}, {}) == ("format-bold", "")  # no "format": a concept
     assert split_style("list-outline", set(), {}, {}) == ("list", "outline")  # always a style word
+    assert split_style("star-o", {"star"}, {}, {}) == ("star", "o") and style_caption("o") == "outline"
     assert style_caption("Outline Rounded") == "outline rounded" and style_caption("Regular") == ""
     assert style_caption("BoldDuotone") == "bold duotone" and style_caption("24 Filled") == "filled"
     assert category_caption("MoneyPaymentsFinance") == "money payments finance"
     assert category_caption("Food / Drink") == "food and drink"
     assert category_caption("General") == category_caption("InterfaceEssential") == ""
     assert category_caption("Brand Logos") == ""
-    assert brand_icon(["brand", "github"], ["acme"]) and brand_icon(["zed", "logo"], [])
-    assert brand_icon(["acme"], ["acme"])  # the set's own logo
-    assert not brand_icon(["heart"], ["acme"])
+    assert brand_icon(["brand", "github"], ["acme"], "ac") and brand_icon(["zed", "logo"], [], "ac")
+    assert brand_icon(["acme"], ["acme"], "ac") and brand_icon(["ac", "fill"], ["acme"], "ac")  # the set's own name
+    assert not brand_icon(["heart"], ["acme"], "ac")
 
 
 def test_set_icons_counts_each_icon_rule():
@@ -223,8 +215,9 @@ def test_build_layout_counts_attribution(tmp_path, fake_cache):
     assert {rule: c["sets"] for rule, c in manifest["dropped_sets"].items()} == {
         "licence": 2, "hidden_set": 2, "emoji": 2, "category": 1, "lookalike": 1, "code_names": 1}
     assert manifest["dropped_sets"]["licence"]["prefixes"] == ["cbi", "gala"]
-    assert manifest["dropped_icons"] == {"hidden_icon": 1, "brand": 2, "animated": 1, "no_words": 1, "variants": 1,
-                                         "duplicate": 1, "excluded_label": 0, "unrenderable": 0, "blank": 1}
+    assert manifest["dropped_icons"] == {"hidden_icon": 1, "brand": 2, "unrenderable": 0, "animated": 1, "no_words": 1,
+                                         "variants": 1, "duplicate": 1, "excluded_label": 0, "limit": 0, "blank": 1}
+    assert list(manifest["dropped_icons"]) == list(icons.ICON_RULES)
     assert (manifest["icons"], manifest["sets"], manifest["stems"]) == (7, 2, 7)
     assert manifest["icons_in_kept_sets"] == 15 and len(manifest["package"]["sha256"]) == 64
     rows = {r["image"]: r for r in _rows(out / "captions.csv")}

@@ -62,11 +62,12 @@ CODE_NAMED = frozenset({"flag", "circle-flags", "flagpack", "cif"})  # names are
 # them or in another style ("heart-fill" next to "heart"; "format-bold" stays in a set without "format").
 STYLE_SUFFIXES = frozenset({"outline", "outlined", "filled", "solid", "duotone", "twotone"})
 GENERIC_STYLES = STYLE_SUFFIXES | {"fill", "line", "linear", "thin", "light", "bold", "sharp", "rounded", "round",
-                                   "stroke", "broken"}
+                                   "stroke", "broken", "o", "f"}  # "star-o", "chevron-f": Font Awesome 4 and Jam
 STYLE_WORDS = {"outline": "outline", "outlined": "outline", "filled": "filled", "fill": "filled", "solid": "solid",
                "baseline": "filled", "duotone": "duotone", "duo": "duotone", "twotone": "two-tone", "two": "two-tone",
                "line": "line", "linear": "line", "stroke": "line", "thin": "thin", "light": "light", "bold": "bold",
-               "sharp": "sharp", "rounded": "rounded", "round": "rounded", "broken": "broken", "flat": "flat"}
+               "sharp": "sharp", "rounded": "rounded", "round": "rounded", "broken": "broken", "flat": "flat",
+               "o": "outline", "f": "filled"}
 ABBREVIATIONS = {
     "btn": "button", "img": "image", "pic": "picture", "msg": "message", "msgs": "messages", "doc": "document",
     "docs": "documents", "nav": "navigation", "info": "information", "pwd": "password", "cal": "calendar",
@@ -107,12 +108,12 @@ class Icon:
     rank: tuple = ()
 
 
-def name_words(text: str, drop: str = "") -> list[str]:
+def name_words(text: str) -> list[str]:
     """Caption words of a name: numbers, sizes and alternative markers dropped, abbreviations expanded."""
     words = []
     for token in _TOKEN.findall(text.lower()):
         token = _NUMBERED.sub(r"\1", token)  # "health3", "arrow2": numbered drawings of one concept
-        if token != drop and not _SIZE.fullmatch(token) and not _ALTERNATIVE.fullmatch(token):
+        if not _SIZE.fullmatch(token) and not _ALTERNATIVE.fullmatch(token):
             words.extend(ABBREVIATIONS.get(token, token).split())
     return words
 
@@ -167,6 +168,8 @@ def code_named_set(prefix: str, info: dict) -> bool:
     return prefix in CODE_NAMED
 
 
+ICON_RULES = ("hidden_icon", "brand", "unrenderable", "animated", "no_words", "variants", "duplicate",
+              "excluded_label", "limit", "blank")  # the order of manifest.json's dropped_icons
 SET_RULES: tuple[tuple[str, Callable[[str, dict], bool]], ...] = (
     ("licence", restricted_licence), ("hidden_set", hidden_set), ("emoji", emoji_set),
     ("category", excluded_category), ("lookalike", lookalike_sibling), ("code_names", code_named_set))
@@ -182,9 +185,10 @@ def set_words(set_name: str) -> list[str]:
     return [w for w in name_words(set_name) if w not in STYLE_WORDS and w not in ("icons", "icon", "free")]
 
 
-def brand_icon(words: Sequence[str], own: Sequence[str]) -> bool:
-    """A trademark: "brand-github", "logo-apple", "profisafe-logo", or the set's own logo (words == set_words)."""
-    return bool(words) and (words[0] in BRAND_MARKERS or words[-1] in BRAND_MARKERS or list(words) == list(own))
+def brand_icon(words: Sequence[str], own: Sequence[str], prefix: str) -> bool:
+    """A trademark: "brand-github", "logo-apple", "profisafe-logo", or the set's own name (set_words, prefix)."""
+    return bool(words) and (words[0] in BRAND_MARKERS or words[-1] in BRAND_MARKERS or list(words) == list(own)
+                            or prefix in words)  # "carbon-for-ibm" in carbon, "mingcute-fill": never the set name
 
 
 def animated_icon(svg: str) -> bool:
@@ -232,16 +236,18 @@ def set_icons(icon_set: dict, drops: Counter) -> list[Icon]:
         for name in names if caption else ():
             categories.setdefault(name, []).append(caption)
     synonyms: dict[str, list[str]] = {}
+    own = set_words(icon_set.get("info", {}).get("name", prefix))
     for alias, entry in (icon_set.get("aliases") or {}).items():
         if set(entry) == {"parent"}:  # flipped or rotated aliases are other drawings, not synonyms
-            words = name_words(split_style(alias, bases, suffixes, prefixes)[0], prefix)
-            synonyms.setdefault(_alias_root(icon_set, alias), []).append(" ".join(words))
-    out, own = [], set_words(icon_set.get("info", {}).get("name", prefix))
+            words = name_words(split_style(alias, bases, suffixes, prefixes)[0])
+            if not brand_icon(words, own, prefix):
+                synonyms.setdefault(_alias_root(icon_set, alias), []).append(" ".join(words))
+    out = []
     for name, entry in icons.items():
         svg = iconify_svg(icon_set, name)
         base, style = split_style(name, bases, suffixes, prefixes)
-        words = name_words(base, prefix)
-        reason = ("hidden_icon" if hidden_icon(entry) else "brand" if brand_icon(words, own) else
+        words = name_words(base)
+        reason = ("hidden_icon" if hidden_icon(entry) else "brand" if brand_icon(words, own, prefix) else
                   "unrenderable" if svg is None else "animated" if animated_icon(svg) else "")
         if reason or not words:
             drops[reason or "no_words"] += 1
@@ -387,8 +393,8 @@ def build_icons(root: Path, size: int = 64, variants: int = 1, exclude_labels: I
     with atomic_dataset(root, "icons") as out:
         jobs = [(i.svg, str(out / "images" / i.prefix / f"{i.name}.png"), size) for i in icons]
         inks = render_many(jobs, workers or min(2, os.cpu_count() or 1), progress)
-        counts["icons"]["unrenderable"] = counts["icons"].get("unrenderable", 0) + sum(i < 0 for i in inks)
-        counts["icons"]["blank"] = sum(0 <= i < BLANK_INK for i in inks)
+        drops = Counter(counts["icons"]) + Counter(unrenderable=sum(i < 0 for i in inks),
+                                                   blank=sum(0 <= i < BLANK_INK for i in inks))
         kept = [icon for icon, ink in zip(icons, inks) if ink >= BLANK_INK]
         if not kept:
             raise DatasetError("no icon survived curation and rendering: wrong package contents?")
@@ -404,7 +410,7 @@ def build_icons(root: Path, size: int = 64, variants: int = 1, exclude_labels: I
             "package": {"name": PACKAGE.name, "version": PACKAGE.version, "tarball": PACKAGE.tarball,
                         "sha256": digest},
             "icons": len(kept), "sets": len(per_set), "stems": len({i.key for i in kept}),
-            "dropped_sets": counts["sets"], "dropped_icons": counts["icons"],
+            "dropped_sets": counts["sets"], "dropped_icons": {rule: drops[rule] for rule in ICON_RULES},
             "icons_in_kept_sets": counts["icons_in_kept_sets"], "excluded_labels": len(exclude),
             "icons_per_set": dict(sorted(per_set.items())), "build_seconds": round(time.perf_counter() - start, 1),
         }
@@ -415,7 +421,7 @@ def build_icons(root: Path, size: int = 64, variants: int = 1, exclude_labels: I
 def attribution(infos: dict[str, dict], per_set: Counter) -> str:
     """ATTRIBUTION.md: one line per kept set with its name, author, licence and their URLs."""
     lines = [f"# Icon attribution\n\nIcons from {len(infos)} Iconify sets (npm `{PACKAGE.spec}`), rendered to PNG "
-             f"and unchanged otherwise. Each set keeps its own licence:\n"]
+             f"(currentColor as black) and otherwise unchanged. Each set keeps its own licence:\n"]
     for prefix, info in infos.items():
         author, licence = info.get("author", {}), info.get("license", {})
         by = f"[{author.get('name', '?')}]({author['url']})" if author.get("url") else author.get("name", "?")
