@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 import pytest
 import torch
 from PIL import Image
 
-from clipforge.data.decoded import (DecodedCaptionDataset, TensorTrainTransform, build_decoded_cache,
+from clipforge.data.decoded import (AugmentDraw, DecodedCaptionDataset, TensorTrainTransform, build_decoded_cache,
                                     stored_size_for)
 from clipforge.data.transforms import EvalTransform
 from clipforge.train.config import TrainConfig
@@ -65,9 +67,20 @@ def test_dataset_skips_what_failed_and_draws_like_the_pil_path(shapes, tmp_path)
     dataset = DecodedCaptionDataset(shapes / "with_broken.csv", transform, byte_tokenizer, stored_size=40,
                                     cache_dir=tmp_path / "cache", progress=False)
     assert dataset[(0, 8)].reason == "empty_file"
-    a, b, c = dataset[(0, 3)], dataset[(0, 3)], dataset[(1, 3)]
+    a, b, c = (dataset.collate([dataset[item]]) for item in ((0, 3), (0, 3), (1, 3)))
     assert torch.equal(a["pixels"], b["pixels"]) and not torch.equal(a["pixels"], c["pixels"])
-    assert a["pixels"].shape == (3, 32, 32) and a["caption"] in dataset.captions[3]
+    assert a["pixels"].shape == (1, 3, 32, 32) and dataset[(0, 3)]["caption"] in dataset.captions[3]
+    batch = dataset.collate([dataset[(0, i)] for i in range(9)])
+    assert batch["skipped"] == {"empty_file": 1} and len(batch["pixels"]) == 8
+    # A batch is the samples one by one: per-sample draws, batched arithmetic.
+    assert (batch["pixels"][3] - a["pixels"][0]).abs().max() < 1e-5
+
+
+def test_full_crop_without_jitter_is_the_stored_square_resized():
+    stored = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    transform = TensorTrainTransform(32)
+    draws = [AugmentDraw(0, 0, 32, 32)] * 2
+    assert (transform.apply(stored, draws) - transform.apply(stored, None)).abs().max() < 1e-5
 
 
 def test_stored_size_leaves_a_crop_margin():

@@ -12,7 +12,7 @@ import pytest
 SECTIONS = ("## Summary", "## Training", "## Zero-shot top-1 by style", "## Prompt engineering and ensembling",
             "## Effective robustness", "## Retrieval (CLIP", "## Bias probe", "## Real photos and held-out examples",
             "## Timings")
-PLOTS = ("training-curves.png", "prompt-ablation.png", "effective-robustness.png", "photos-clip.png",
+PLOTS = ("training-curves.png", "prompt-ablation.png", "robustness.png", "effective-robustness.png", "photos-clip.png",
          "examples-clip.png", "examples-lit.png")
 
 
@@ -21,7 +21,7 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     out = tmp_path / "demo"
     # Archives come from the shared cache the full demo filled (fetched here when absent).
     args = ["--out", str(out), "--data-root", str(tmp_path / "data"), "--limit", "200",
-            "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64", "--warmup", "5"]
+            "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64", "--warmup", "5", "--icons", "300"]
     result = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "demo", *args], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,6 +41,19 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     assert seen["twitter"]["top5"] > 5 * chance
     losses = [json.loads(line)["loss"] for line in (out / "supervised" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])  # the supervised baseline trained
-    assert set(results["timings"]) >= {"train CLIP", "train LiT", "train supervised", "total"}
+    assert set(results["timings"]) >= {"train CLIP", "train LiT", "train supervised (family)", "total"}
+    assert results["training_icons"] > 0  # the "web" part of pre-training
+    ids = {c["id"] for c in results["claims"]}
+    assert {"wall-time"} < ids and all({"id", "claim", "value", "target", "met"} <= set(c) for c in results["claims"])
+    assert any("effective-robustness" in i for i in ids)
+    trends = results["effective_robustness"]["trends"]
+    assert {"twitter", "openmoji-black"} <= set(trends) and len(trends["twitter"]["points"]) == 8
+    assert results["prompt_ablation"]["validation_style"] == "emojione"
+    assert "emojione" not in results["prompt_ablation"]["CLIP"]["per_style"]  # chosen there, never scored there
+    assert "fluent-high-contrast" in seen  # the evaluation-only styles are measured
+    for name, folder in results["checkpoints"].items():  # every run's weights load with clipforge.load
+        import clipforge
+
+        assert clipforge.load(folder)[0].config.embed_dim == 256, name
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["limit"] == 200

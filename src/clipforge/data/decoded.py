@@ -18,14 +18,15 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforge.data.captions import CaptionDataset
+from clipforge.data.captions import CaptionDataset, Skipped
 from clipforge.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_image
+from clipforge.data.loader import collate_samples
 from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, TrainTransform, eval_geometry
 from clipforge.io import write_atomic
 
@@ -112,12 +113,26 @@ def _write_cache(folder: Path, paths: Sequence[str], shape: tuple[int, ...], com
     write_atomic(folder / "done.json", json.dumps({"images": len(paths), "failed": failed}))
 
 
+class AugmentDraw(NamedTuple):
+    """One sample's augmentation: crop box on the stored square, brightness/contrast/saturation, grayscale."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    grayscale: bool = False
+
+
 @dataclass
 class TensorTrainTransform:
-    """`TrainTransform`'s augmentation on a stored uint8 square: random resized crop, colour jitter, grayscale.
+    """`TrainTransform`'s augmentation on stored uint8 squares, drawn per sample and applied per batch.
 
-    Draws from the per-sample `rng` in `TrainTransform`'s order, so the same seed gives the same crops
-    as far as the geometry allows (the crop is taken from the stored square, not the original file).
+    `draw` takes the per-sample RNG in `TrainTransform`'s order (crop box, then jitter factors, then
+    grayscale), so a resumed run draws the same; `apply` crops and resizes a whole batch in one
+    `grid_sample` and jitters it with per-sample factors (ImageEnhance's formulas on tensors).
     """
 
     image_size: int
@@ -128,33 +143,56 @@ class TensorTrainTransform:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
-    def __call__(self, stored: np.ndarray, rng: random.Random | None) -> torch.Tensor:
-        """[3, size, size] normalised float pixels from one uint8 [S, S, 3] square."""
-        image = torch.from_numpy(np.array(stored)).permute(2, 0, 1).float().div_(255)  # a copy: the cache is read-only
-        if rng is not None:
-            geometry = TrainTransform(self.image_size, self.scale, self.ratio)
-            left, top, width, height = geometry.crop_box((image.shape[2], image.shape[1]), rng)
-            image = image[:, top:top + height, left:left + width]
-        if image.shape[1:] != (self.image_size, self.image_size):
-            image = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bicubic",
-                                  antialias=True, align_corners=False)[0].clamp_(0, 1)
-        if rng is not None:
-            image = self._colour(image, rng)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return image.sub_(mean).div_(std)
+    def draw(self, rng: random.Random, stored_size: int) -> AugmentDraw:
+        """The random choices for one sample."""
+        box = TrainTransform(self.image_size, self.scale, self.ratio).crop_box((stored_size, stored_size), rng)
+        low, high = 1 - self.color_jitter, 1 + self.color_jitter
+        jitter = [rng.uniform(low, high) for _ in range(3)] if self.color_jitter > 0 else [1.0, 1.0, 1.0]
+        gray = self.grayscale_prob > 0 and rng.random() < self.grayscale_prob
+        return AugmentDraw(*box, *jitter, gray)
 
-    def _colour(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    def apply(self, stored: np.ndarray, draws: Sequence[AugmentDraw] | None) -> torch.Tensor:
+        """[B, 3, size, size] normalised pixels from uint8 [B, S, S, 3]; `draws` None: resize only (eval)."""
+        images = torch.from_numpy(np.array(stored)).permute(0, 3, 1, 2).float().div_(255)  # a copy: cache is read-only
+        size, side = self.image_size, images.shape[-1]
+        if draws is None:
+            if side != size:
+                images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True,
+                                       align_corners=False).clamp_(0, 1)
+            return self._normalise(images)
+        d = torch.tensor([list(x[:7]) for x in draws], dtype=torch.float32)
+        # The crop box as an affine map of the [-1, 1] output square onto the stored square (align_corners=False).
+        theta = torch.zeros(len(draws), 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1] = d[:, 2] / side, d[:, 3] / side
+        theta[:, 0, 2] = (2 * d[:, 0] + d[:, 2]) / side - 1
+        theta[:, 1, 2] = (2 * d[:, 1] + d[:, 3]) / side - 1
+        grid = F.affine_grid(theta, [len(draws), 3, size, size], align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        images = self._colour(images, d[:, 4:7].view(-1, 3, 1, 1, 1), torch.tensor([x.grayscale for x in draws]))
+        return self._normalise(images)
+
+    def __call__(self, stored: np.ndarray, rng: random.Random | None) -> torch.Tensor:
+        """[3, size, size] for one uint8 [S, S, 3] square (a batch of one)."""
+        draws = None if rng is None else [self.draw(rng, stored.shape[0])]
+        return self.apply(stored[None], draws)[0]
+
+    def _colour(self, images: torch.Tensor, factors: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
+        luma = _LUMA.to(images.dtype)
         if self.color_jitter > 0:
-            low, high = 1 - self.color_jitter, 1 + self.color_jitter
-            image = (image * rng.uniform(low, high)).clamp_(0, 1)  # brightness
-            grey_mean = (image * _LUMA).sum(0).mean()
-            image = (grey_mean + (image - grey_mean) * rng.uniform(low, high)).clamp_(0, 1)  # contrast
-            grey = (image * _LUMA).sum(0, keepdim=True)
-            image = (grey + (image - grey) * rng.uniform(low, high)).clamp_(0, 1)  # saturation
-        if self.grayscale_prob > 0 and rng.random() < self.grayscale_prob:
-            image = (image * _LUMA).sum(0, keepdim=True).expand(3, -1, -1).contiguous()
-        return image
+            images = (images * factors[:, 0]).clamp_(0, 1)  # brightness
+            mean = (images * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+            images = (mean + (images - mean) * factors[:, 1]).clamp_(0, 1)  # contrast
+            grey = (images * luma).sum(1, keepdim=True)
+            images = (grey + (images - grey) * factors[:, 2]).clamp_(0, 1)  # saturation
+        if gray.any():
+            grey = (images * luma).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+            images = torch.where(gray.view(-1, 1, 1, 1), grey, images)
+        return images
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return images.sub_(mean).div_(std)
 
 
 def stored_size_for(image_size: int, scale_min: float) -> int:
@@ -178,9 +216,17 @@ class DecodedCaptionDataset(CaptionDataset):
             raise SampleError(*self.decoded.failed[index])
         # The same draw order as make_sample: the caption first, then the augmentation.
         caption = self.captions[index][rng.randrange(len(self.captions[index]))]
-        pixels = self.transform(self.decoded.pixels[index], rng)
-        return {"pixels": pixels, "tokens": self.tokenizer([caption])[0], "index": index, "caption": caption,
-                "key": self.keys[index] if self.keys else None}
+        draw = self.transform.draw(rng, self.decoded.stored_size)
+        return {"draw": draw, "index": index, "caption": caption, "key": self.keys[index] if self.keys else None}
+
+    def collate(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
+        """A training batch: the batch's crops, resizes and jitter in a few tensor ops, its captions in one call."""
+        good = [s for s in items if not isinstance(s, Skipped)]
+        if good:
+            pixels = self.transform.apply(self.decoded.pixels[[s["index"] for s in good]], [s["draw"] for s in good])
+            tokens = self.tokenizer([s["caption"] for s in good])
+            good = [{**s, "pixels": p, "tokens": t} for s, p, t in zip(good, pixels, tokens)]
+        return collate_samples(good + [s for s in items if isinstance(s, Skipped)])
 
 
 def tensor_transform_like(transform: TrainTransform) -> TensorTrainTransform:

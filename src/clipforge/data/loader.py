@@ -258,4 +258,5 @@ def build_from_config(
         len(dataset), config.batch_size, world_size=world_size, rank=rank, seed=config.seed,
         keys=dataset.keys if config.unique_keys else None,
     )
-    return build_train_loader(dataset, sampler, config.workers)
+    # The decoded cache augments whole batches: its collate does the tensor work.
+    return build_train_loader(dataset, sampler, config.workers, getattr(dataset, "collate", collate_samples))

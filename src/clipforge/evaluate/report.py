@@ -314,3 +314,26 @@ def plot_examples(images: list[Any], titles: list[str], predictions: list[list[t
                         xytext=(0, -6 - 13 * k), textcoords="offset points", ha="center", va="top", fontsize=8,
                         color="green" if correct else "dimgray", fontweight="bold" if correct else "normal")
     return _save(fig, path)
+
+
+def plot_trend(trends: dict[str, Any], models: dict[str, dict[str, tuple[float, float]]], path: Path,
+               title: str) -> Path:
+    """One panel per shifted style: baseline points and their logit trend (`evaluate.trend.Trend`), each
+    model's (in-distribution, shifted) point, and y = x."""
+    fig = _figure(5 * len(trends), 4.6)
+    axes = fig.subplots(1, len(trends), squeeze=False)[0]
+    for ax, (style, trend) in zip(axes, trends.items()):
+        values = [v for p in trend.points for v in p] + [v for by in models.values() for v in by.get(style, ())]
+        top = min(1.0, max(values) * 1.15)
+        xs = [top * i / 100 for i in range(1, 100)]
+        ax.plot(xs, xs, color="0.7", ls=":", lw=1, label="y = x")
+        ax.plot(xs, [trend.predict(x) for x in xs], color="0.3", lw=1.2, label="supervised trend (logit fit)")
+        ax.scatter(*zip(*trend.points), color="0.3", marker="x", s=30, label="supervised models")
+        for i, (name, by_style) in enumerate(models.items()):
+            if style in by_style:
+                ax.scatter(*by_style[style], color=COLORS[i % len(COLORS)], marker=MARKERS[i % len(MARKERS)], s=60,
+                           label=name, zorder=3)
+        ax.set(title=f"{title}: {style}", xlabel="in-distribution top-1", ylabel=f"{style} top-1", xlim=(0, top),
+               ylim=(0, top))
+        ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +86,13 @@ def train_supervised(visual: nn.Module, embed_dim: int, data: Batches, num_class
                      epochs: int | None = None, steps: int | None = None, lr: float = 1e-3,
                      weight_decay: float = 0.1, warmup_steps: int = 0, batch_size: int = 64,
                      device: torch.device | str = "cpu", precision: str = "fp32", grad_clip: float = 1.0,
-                     seed: int = 0, on_step: Callable[[int, float, float], None] | None = None) -> LinearClassifier:
+                     seed: int = 0, on_step: Callable[[int, float, float], None] | None = None,
+                     snapshot_steps: Sequence[int] = (),
+                     on_snapshot: Callable[[int, LinearClassifier], None] | None = None) -> LinearClassifier:
     """Train `visual` + a new linear head with cross-entropy; returns the classifier in eval mode.
+
+    `on_snapshot(steps_done, model)` is called after each of `snapshot_steps` (copy the model to keep it):
+    checkpoints along training are the cheapest family of baselines for an effective-robustness trend.
 
     `data` is (pixels [N, 3, H, W], labels [N]) tensors (shuffled into `batch_size` batches each epoch) or a
     re-iterable of (pixels, labels) / {"pixels", "labels"} batches. Give `epochs` or `steps` (default 1 epoch).
@@ -134,6 +139,8 @@ def train_supervised(visual: nn.Module, embed_dim: int, data: Batches, num_class
         schedule.step()
         if on_step is not None:
             on_step(step, loss.item(), optimizer.param_groups[0]["lr"])
+        if on_snapshot is not None and step + 1 in snapshot_steps:
+            on_snapshot(step + 1, model)
     return model.eval()
 
 
