@@ -168,11 +168,14 @@ def test_bad_samples_in_shard_are_skipped_and_counted(shapes, tmp_path):
         corrupt.write_bytes(b"\x89PNG broken")
         for i, path in enumerate(images):
             tar.add(corrupt if i == 5 else path, arcname=f"s{i:04d}.png")
-            caption.write_text("" if i == 3 else " ".join(path.stem.split("_")[1:3]))
+            words = " ".join(path.stem.split("_")[1:3])
+            caption.write_text("" if i == 3 else f"{words}|  " if i == 7 else words)  # 7: a blank beside a good one
             tar.add(caption, arcname=f"s{i:04d}.txt")
-    summary = train(config(shapes, tmp_path / "run", train_data=str(shard), batch_size=8, steps=2))
+    summary = train(config(shapes, tmp_path / "run", train_data=str(shard), batch_size=8, steps=2,
+                           caption_separator="|"))
     assert summary["steps"] == 2
     assert summary["skipped"].get("empty_caption") == 1 and summary["skipped"].get("corrupt_image") == 1
+    assert summary["captions_dropped"] == {"empty_caption": 1}  # streamed shards report them too
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):

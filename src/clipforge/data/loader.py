@@ -26,6 +26,8 @@ def collate_samples(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]
         "keys": [s["key"] for s in good],
         "skipped": Counter(s.reason for s in bad),
         "skipped_samples": bad,  # reason, index and detail (file name), for logging
+        # Bad captions beside a good one (shards find them while streaming; CSVs when the table is read).
+        "captions_dropped": sum((Counter(s.get("captions_dropped", {})) for s in good), Counter()),
     }
 
 
@@ -39,12 +41,14 @@ class SkipCounter:
         self.seen_epoch = self.seen_total = 0
         self.max_examples = max_examples
         self.examples: list[Skipped] = []
+        self.captions: Counter = Counter()  # bad captions dropped beside good ones, counted each time read
 
     def update(self, batch: Mapping[str, Any]) -> None:
         """Add one batch's counts (seen = kept + skipped)."""
         skipped: Counter = batch["skipped"]
         seen = len(batch["indices"]) + sum(skipped.values())
         self.add(skipped, seen)
+        self.captions.update(batch.get("captions_dropped", {}))
         room = self.max_examples - len(self.examples)
         if room > 0:
             self.examples.extend(batch.get("skipped_samples", [])[:room])
@@ -91,12 +95,14 @@ class SkipCounter:
 
     def state_dict(self) -> dict[str, Any]:
         """Counts to checkpoint with the run."""
-        return {"epoch": dict(self.epoch), "total": dict(self.total), "seen_epoch": self.seen_epoch, "seen_total": self.seen_total}
+        return {"epoch": dict(self.epoch), "total": dict(self.total), "seen_epoch": self.seen_epoch,
+                "seen_total": self.seen_total, "captions": dict(self.captions)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counts saved by state_dict (an empty dict: start from zero)."""
         self.epoch, self.total = Counter(state.get("epoch", {})), Counter(state.get("total", {}))
         self.seen_epoch, self.seen_total = int(state.get("seen_epoch", 0)), int(state.get("seen_total", 0))
+        self.captions = Counter(state.get("captions", {}))
 
 
 class _EpochTagged:

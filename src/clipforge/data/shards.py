@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import random
+from collections import Counter
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
@@ -193,8 +194,8 @@ class ShardDataset(IterableDataset):
                 first = errors[0]
                 yield Skipped("bad_shard", -1, f"{url}: {len(errors)} read error(s), first {type(first).__name__}: {first}")
 
-    def _captions(self, raw: dict, name: str) -> tuple[list[str], str | None]:
-        """(usable captions, concept key) of a raw sample, or SampleError."""
+    def _captions(self, raw: dict, name: str) -> tuple[list[str], str | None, Counter]:
+        """(usable captions, concept key, bad captions dropped beside them by reason) of a raw sample, or SampleError."""
         meta: Any = None
         if "json" in raw and ("txt" not in raw or self.key_field):
             try:
@@ -216,22 +217,24 @@ class ShardDataset(IterableDataset):
                 texts = [t.strip() if isinstance(t, str) else None for t in value]
             else:
                 texts = split_captions(value if isinstance(value, str) else None, self.caption_separator)
-        good, reason, detail = sort_captions(texts)
+        dropped: Counter = Counter()
+        good, reason, detail = sort_captions(texts, dropped)
         if reason:
             raise SampleError(reason, f"{name}: caption {detail}")
-        return good, None if key is None else str(key)
+        return good, None if key is None else str(key), dropped
 
     def _decode(self, index: int, raw: dict, epoch: int) -> dict[str, Any] | Skipped:
         name = f"{raw.get('__url__')}:{raw.get('__key__')}"
         try:
-            captions, key = self._captions(raw, name)
+            captions, key, dropped = self._captions(raw, name)
             image = next((raw[e] for e in IMAGE_EXTENSIONS if e in raw), None)
             if image is None:
                 raise SampleError("missing_file", f"{name}: no {'/'.join(IMAGE_EXTENSIONS)} member")
-            return make_sample(
+            sample = make_sample(
                 image, captions, sample_rng(self.seed, epoch, index), self.transform, self.tokenizer,
                 index=index, key=key, max_pixels=self.max_pixels, pass_rng=self._pass_rng, name=name,
             )
+            return {**sample, "captions_dropped": dropped} if dropped else sample
         except SampleError as error:
             return Skipped(error.reason, index, error.detail)
 

@@ -1,6 +1,8 @@
 """The demo's measurements: zero-shot by style and split, prompt ablation, robustness, retrieval, bias, photos."""
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -173,3 +175,54 @@ def photos_and_examples(models: list[Evaluated], held_out_style: str, templates:
             f"{held_out_style} images (a held-out style).")
     sections.append(Section("Real photos and held-out examples", text, None, None, images))
     return results
+
+
+def few_shot_vs_zero_shot(ev: Evaluated, target: str, shot_styles: list[str], validation: str, templates: str,
+                          sections: list[Section], ks: Sequence[int] = (1, 2, 4), seed: int = 0) -> dict[str, Any]:
+    """Linear probes on the model's features from k labelled images per class (other evaluation styles; C chosen on
+    the validation style), tested on `target`, against zero-shot there: how many labels zero-shot is worth."""
+    from clipforge.evaluate.linear_probe import evaluate_linear_probe
+
+    seen_rows = torch.tensor([s == "seen" for s in ev.images.splits])
+    seen = ev.images.subset(seen_rows.tolist())
+    features = ev.features[seen_rows]
+    by_style = {style: torch.tensor([d == style for d in seen.domains]) for style in {target, validation, *shot_styles}}
+    if not all(mask.any() for mask in by_style.values()):
+        return {"skipped": "a few-shot style has no seen images in this subset"}
+    rng = random.Random(seed)
+    pool: dict[int, list[int]] = {}
+    for row in torch.nonzero(sum(by_style[s] for s in shot_styles)).flatten().tolist():
+        pool.setdefault(int(seen.labels[row]), []).append(row)
+    for rows in pool.values():
+        rng.shuffle(rows)
+    zero_shot = accuracy(ev, "seen", target, get_templates(templates))["top1"]
+    results: dict[str, Any] = {"target": target, "shot_styles": shot_styles, "validation_style": validation,
+                               "zero_shot": zero_shot, "probes": {}}
+    for k in ks:
+        train = [r for rows in pool.values() for r in rows[:k]]
+        probe = evaluate_linear_probe(features[train], seen.labels[train], features[by_style[target]],
+                                      seen.labels[by_style[target]], val_features=features[by_style[validation]],
+                                      val_labels=seen.labels[by_style[validation]], Cs=(0.1, 1.0, 10.0, 100.0),
+                                      num_classes=len(seen.classnames))
+        results["probes"][k] = {"top1": probe["test_top1"], "best_C": probe["best_C"], "images": len(train)}
+    results["zero_shot_matches_k"] = _matching_shots(zero_shot, {k: p["top1"] for k, p in results["probes"].items()})
+    rows = [{"model": ev.name, "zero-shot": zero_shot, **{f"{k}-shot probe": p["top1"]
+                                                         for k, p in results["probes"].items()},
+             "zero-shot is worth (labels per class)": results["zero_shot_matches_k"]}]
+    sections.append(Section(
+        "Zero-shot vs few-shot", f"Logistic-regression probes on {ev.name}'s image features, trained on k labelled "
+        f"images per class from {', '.join(shot_styles)} (C chosen on {validation}), tested on {target}; the last "
+        "column interpolates (in log k) where the probe would equal zero-shot.", rows))
+    return results
+
+
+def _matching_shots(zero_shot: float, probes: dict[int, float]) -> str:
+    """The k (log-interpolated) at which the probes' accuracy equals zero-shot, or a bound."""
+    points = sorted(probes.items())
+    if zero_shot <= points[0][1]:
+        return f"<= {points[0][0]}"
+    for (k0, a0), (k1, a1) in zip(points, points[1:]):
+        if a0 < zero_shot <= a1:
+            t = (zero_shot - a0) / (a1 - a0)
+            return f"{2 ** (math.log2(k0) + t * (math.log2(k1) - math.log2(k0))):.1f}"
+    return f"> {points[-1][0]}"

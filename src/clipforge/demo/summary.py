@@ -6,7 +6,8 @@ from typing import Any
 HELD_OUT_TARGET = 0.50  # held-out colour style, seen concepts, top-1 zero-shot (CLIP)
 UNSEEN_TARGET = 0.25  # unseen concepts, top-1, CLIP or LiT
 ROBUSTNESS_TARGET = 0.05  # effective robustness of zero-shot CLIP over the supervised trend, held-out mean
-MINUTES_TARGET = 10.0  # the whole default demo, wall time
+MINUTES_TARGET = 10.0  # the whole default demo, wall time (data cached)
+DATA_MINUTES_TARGET = 4.0  # the first run's extra time to fetch and build the data
 
 
 def _get(tree: dict, *keys: str) -> Any:
@@ -72,6 +73,13 @@ def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: lis
                  "CLIP": _signed(er["CLIP zero-shot"]), "LiT": _signed(er["LiT zero-shot"]), "supervised": "0 (the trend)",
                  "target": f"CLIP >= +{ROBUSTNESS_TARGET}",
                  "verdict": _verdict(None if er["CLIP zero-shot"] is None else er["CLIP zero-shot"] >= ROBUSTNESS_TARGET)})
+    shots = _get(results, "few_shot", "probes") or {}
+    rows.append({"claim": f"zero-shot on {colour} vs k-shot linear probes (k = {', '.join(str(k) for k in shots)}): "
+                          "zero-shot is worth k labels per class",
+                 "CLIP": f"{_fmt(_get(results, 'few_shot', 'zero_shot'))} vs "
+                         f"{' / '.join(_fmt(p['top1']) for p in shots.values())}: k "
+                         f"{_get(results, 'few_shot', 'zero_shot_matches_k') or 'n/a'}",
+                 "LiT": "", "supervised": "", "target": "", "verdict": ""})
     probe = _get(rob, "CLIP linear probe", "per_domain", colour)
     rows.append({"claim": f"linear probe on CLIP features (fit on training styles), {colour} top-1", "CLIP": _fmt(probe),
                  "LiT": "", "supervised": "", "target": "", "verdict": ""})
@@ -90,16 +98,21 @@ def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.3f}"
 
 
-def claims(rows: list[dict[str, str]], results: dict[str, Any], minutes: float) -> list[dict[str, Any]]:
-    """The summary's checked claims as records {id, claim, value, target, met}, plus the wall-time target."""
+def claims(rows: list[dict[str, str]], results: dict[str, Any], minutes: float,
+           data_minutes: float = 0.0) -> list[dict[str, Any]]:
+    """The summary's checked claims as records {id, claim, value, target, met}, plus the wall-time targets."""
     out = []
     for row in rows:
         if row.get("verdict") in ("met", "not met", "n/a") and row.get("target"):
             out.append({"id": _slug(row["claim"]), "claim": row["claim"],
                         "value": {k: row[k] for k in ("CLIP", "LiT", "supervised") if row.get(k)},
                         "target": row["target"], "met": {"met": True, "not met": False}.get(row["verdict"])})
-    out.append({"id": "wall-time", "claim": "the whole demo's wall time (minutes)", "value": round(minutes, 2),
-                "target": f"<= {MINUTES_TARGET}", "met": minutes <= MINUTES_TARGET})
+    out.append({"id": "wall-time", "claim": "the whole demo's wall time without the data build (minutes)",
+                "value": round(minutes, 2), "target": f"<= {MINUTES_TARGET}", "met": minutes <= MINUTES_TARGET})
+    if data_minutes:
+        out.append({"id": "data-build-time", "claim": "the first run's data fetch and build (minutes)",
+                    "value": round(data_minutes, 2), "target": f"<= {DATA_MINUTES_TARGET}",
+                    "met": data_minutes <= DATA_MINUTES_TARGET})
     return out
 
 

@@ -214,11 +214,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         last_checkpoint = save()
     log.close()
     summary = {"steps": step, "epoch": epoch, "seconds": time.perf_counter() - started, "final_loss": loss if step else None,
-               "skipped": data.skips.totals(), "captions_dropped": dict(data.dropped_captions), "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+               "skipped": data.skips.totals(), "captions_dropped": dict(data.dropped_captions + data.skips.captions),
+               "checkpoint": str(last_checkpoint) if last_checkpoint else None,
                "validation": val_metrics}
     if info.is_main:
         tqdm.write(f"done: {step} steps; skipped samples: {data.skips.report_total() or 'none'}; "
-                   f"dropped captions: {_counts(data.dropped_captions) or 'none'}")
+                   f"dropped captions: {_counts(data.dropped_captions + data.skips.captions) or 'none'}")
     return summary
 
 
