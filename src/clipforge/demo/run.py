@@ -146,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     results["timings"], results["summary"] = timings, summary
     data_seconds = timings.get("data (fetch + build)", 0.0)  # the first run's build has its own target
     results["claims"] = claims(summary, results, (timings["total"] - data_seconds) / 60, data_seconds / 60)
-    results["checkpoints"] = {m.name: str(m.checkpoint) for m in (clip, lit)}
+    results["checkpoints"] = {m.name: str(Path(m.checkpoint).resolve()) for m in (clip, lit)}
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     report = write_report(out, "clipforge demo: CLIP on multi-style emoji", sections, results)
     print("\n" + markdown_table(summary) + f"\n\nwrote {report} ({timings['total'] / 60:.1f} min)")
