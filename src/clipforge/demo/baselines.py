@@ -43,14 +43,22 @@ def supervised_family(cfg: DemoConfig, paths: list[Path], labels: list[int], cla
 
 
 def effective_robustness(domains: dict[str, Any], baselines: Sequence[str], held_out: Sequence[str], out: Path,
-                         sections: list[Section]) -> dict[str, Any]:
+                         sections: list[Section], extra: Sequence[str] = ()) -> dict[str, Any]:
     """Per held-out style: the baselines' logit trend, and each compared model's distance above or below it."""
     held_out = [s for s in held_out if s in domains[baselines[0]]["per_domain"]]
-    trends = {style: fit_trend([(domains[m]["in_distribution"], domains[m]["per_domain"][style]) for m in baselines])
-              for style in held_out}
+    trends, unfit = {}, {}
+    for style in held_out:
+        try:
+            trends[style] = fit_trend([(domains[m]["in_distribution"], domains[m]["per_domain"][style]) for m in baselines])
+        except ValueError as error:  # e.g. a smoke run whose baselines are all at 0: say so, do not fail the run
+            unfit[style] = str(error)
+    if not trends:
+        sections.append(Section("Effective robustness over the supervised trend", f"no trend could be fitted: {unfit}"))
+        return {"baselines": list(baselines), "trends": {}, "models": {}, "unfit": unfit}
+    held_out = list(trends)
     models = {m: {s: (domains[m]["in_distribution"], domains[m]["per_domain"][s]) for s in held_out}
-              for m in COMPARED if m in domains}
-    results: dict[str, Any] = {"baselines": list(baselines), "trends": {}, "models": {}}
+              for m in (*COMPARED, *extra) if m in domains}
+    results: dict[str, Any] = {"baselines": list(baselines), "trends": {}, "models": {}, "unfit": unfit}
     rows = []
     for style, trend in trends.items():
         results["trends"][style] = {"slope": trend.slope, "intercept": trend.intercept, "points": trend.points}

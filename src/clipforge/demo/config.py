@@ -38,6 +38,7 @@ class DemoConfig:
     # 10-minute budget cut held-out Twitter top-1 from 0.41 to 0.10 (each emoji seen 8 instead of 35 times).
     icons: int = 0
     icons_unseen: str = "keep"  # "keep" or "remove" icons named like an unseen emoji concept
+    ablation_icons: int = 0  # >0: also train CLIP on emoji + this many icons (kept / removed), same steps
     data_path: str = "decoded"  # "decoded": images decoded once, tensor augmentation; "pil": per-sample PIL
 
     def validate(self) -> None:
@@ -52,6 +53,8 @@ class DemoConfig:
             raise ValueError("train_styles and held_out_styles must each name at least one style")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (a contrastive batch needs negatives)")
+        if self.ablation_icons < 0:
+            raise ValueError(f"ablation_icons must be >= 0, got {self.ablation_icons}")
         if self.icons < 0 or self.icons_unseen not in ("keep", "remove"):
             raise ValueError(f"icons must be >= 0 and icons_unseen keep or remove, got {self.icons}, {self.icons_unseen!r}")
         if self.data_path not in ("decoded", "pil"):

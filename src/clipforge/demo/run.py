@@ -21,6 +21,7 @@ from clipforge.demo.data import icon_rows, prepare_datasets, read_concepts, trai
 from clipforge.demo.evaluation import (embed_all, few_shot_vs_zero_shot, logits_for, photos_and_examples,
                                        prompt_ablation, zero_shot_by_style)
 from clipforge.demo.summary import claims, summary_rows
+from clipforge.demo.ablation import ablation_models
 from clipforge.demo.baselines import effective_robustness, supervised_family
 from clipforge.demo.training import read_training_rows, run_contrastive, train_config
 from clipforge.evaluate.bias import bias_probe
@@ -67,8 +68,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"clipforge demo: seed {cfg.seed}, steps {steps}, output {out}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
     timings: dict[str, float] = {}
 
-    data = prepare_datasets(cfg.data_dir(), limit=cfg.limit or None, cache=cfg.cache_dir(), icons=cfg.icons > 0,
-                            styles=cfg.styles("built"))
+    data = prepare_datasets(cfg.data_dir(), limit=cfg.limit or None, cache=cfg.cache_dir(),
+                            icons=cfg.icons > 0 or cfg.ablation_icons > 0, styles=cfg.styles("built"))
     timings["data (fetch + build)" if data.fetched else "data (cached)"] = data.seconds
     train_styles, held_out = cfg.styles("train"), cfg.styles("held_out")
     concepts = read_concepts(data.emoji)
@@ -89,6 +90,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     tick = time.perf_counter()
     everything = load_labelled_images(data.emoji)
     models = [embed_all(m.name, m.model, m.tokenizer, m.preprocess, everything) for m in (clip, lit)]
+    if cfg.ablation_icons:  # the data ablation: same steps, emoji + icons
+        ablation, seconds = ablation_models(cfg, data.emoji, data.icons, unseen_labels, id_test, everything, out,
+                                            steps["clip"])
+        models += ablation
+        timings.update({f"train {name}": s for name, s in seconds.items()})
     seen = models[0].images.subset([s == "seen" for s in models[0].images.splits])
     key_to_label = {c["hexcode"]: c["label"] for c in concepts}
     paths, labels = read_training_rows(train_csv, seen.classnames, key_to_label)
@@ -118,11 +124,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # The paper's C sweep is 1e-3..1e3; at 1,282 classes the weakly regularised end needs hundreds of
     # L-BFGS iterations and never wins on these features, so the demo sweeps 0.1..100.
     results["robustness"] = robustness(ctx, seen, train_styles, extra_zero_shot={"tuxpaint": tux}, id_test=id_mask,
-                                       predictors={"LiT zero-shot": logits_for(models[1], ensemble), **family},
+                                       predictors={"LiT zero-shot": logits_for(models[1], ensemble), **family,
+                                                   **{f"{m.name} zero-shot": logits_for(m, ensemble) for m in models[2:]}},
                                        name="Robustness", probe_cs=(0.1, 1.0, 10.0, 100.0),
                                        features=models[0].features[seen_rows])
     results["effective_robustness"] = effective_robustness(results["robustness"]["domains"], list(family), held_out,
-                                                           out, sections)
+                                                           out, sections, [f"{m.name} zero-shot" for m in models[2:]])
     timings["robustness"] = time.perf_counter() - tick
     tick = time.perf_counter()
     results["retrieval"] = {}
@@ -133,7 +140,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["retrieval"] = time.perf_counter() - tick
     tick = time.perf_counter()
     results["bias"] = _bias(clip, data.emoji, sections)
-    results["photos"] = photos_and_examples(models, held_out[0], cfg.templates, out, sections, seed=cfg.seed)
+    results["photos"] = photos_and_examples(models[:2], held_out[0], cfg.templates, out, sections, seed=cfg.seed)
     curves = plot_training_curves([clip.metrics, lit.metrics, Path(supervised_info["metrics"])], out / "training-curves.png",
                                   ["CLIP", "LiT", "supervised"])
     sections.insert(0, Section("Training", _training_text(cfg, steps, pairs, clip, lit, supervised_info), None, None, [curves]))
