@@ -143,9 +143,12 @@ class TensorTrainTransform:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
+    def __post_init__(self) -> None:
+        self._geometry = TrainTransform(self.image_size, self.scale, self.ratio)  # its crop-box rule, built once
+
     def draw(self, rng: random.Random, stored_size: int) -> AugmentDraw:
         """The random choices for one sample."""
-        box = TrainTransform(self.image_size, self.scale, self.ratio).crop_box((stored_size, stored_size), rng)
+        box = self._geometry.crop_box((stored_size, stored_size), rng)
         low, high = 1 - self.color_jitter, 1 + self.color_jitter
         jitter = [rng.uniform(low, high) for _ in range(3)] if self.color_jitter > 0 else [1.0, 1.0, 1.0]
         gray = self.grayscale_prob > 0 and rng.random() < self.grayscale_prob
