@@ -136,6 +136,7 @@ def _directory_config(directory: Path) -> tuple[CLIPConfig, PreprocessConfig | N
 
 
 def _apply_choice(config: CLIPConfig, choice: dict[str, Any], overrides: dict[str, Any]) -> CLIPConfig:
+    # Idempotent on a config `resolve_architecture` built from the same choice, so it applies everywhere.
     overrides = dict(overrides)
     if choice["quick_gelu"] is not None:
         overrides["quick_gelu"] = choice["quick_gelu"]
@@ -149,7 +150,7 @@ def _load_path(path: Path, choice: dict[str, Any], overrides: dict[str, Any]) ->
     if path.is_dir():
         config, preprocess, weights_path = _directory_config(path)
         if choice["config"] is not None:
-            config, preprocess = _given_config(choice["config"])[0], preprocess
+            config = _given_config(choice["config"])[0]  # the folder's preprocessing stays
         if weights_path.is_dir():  # HF: weights under transformers' names
             state_dict = hf.state_dict_from_hf(_hf_weights(weights_path), config)
         else:
@@ -158,8 +159,6 @@ def _load_path(path: Path, choice: dict[str, Any], overrides: dict[str, Any]) ->
         weights_path = path
         state_dict, hints = _read_file(path)
         config, preprocess = _file_config(path, state_dict, hints, choice)
-        if choice["config"] is None and not (path.parent / open_clip.CONFIG_FILE).is_file():
-            choice = {**choice, "head_width": None, "quick_gelu": None}  # already used by the resolution
     config = _apply_choice(config, choice, overrides)
     model = CLIP(config, pretrained_text=False)  # the file holds every weight
     load_into(model, state_dict, str(weights_path))
