@@ -21,7 +21,8 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     out = tmp_path / "demo"
     # Archives come from the shared cache the full demo filled (fetched here when absent).
     args = ["--out", str(out), "--data-root", str(tmp_path / "data"), "--limit", "200",
-            "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64", "--warmup", "5", "--icons", "300"]
+            "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64", "--warmup", "5", "--icons", "300",
+            "--ablation", "1"]
     result = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "demo", *args], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,6 +44,12 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])  # the supervised baseline trained
     assert set(results["timings"]) >= {"train CLIP", "train LiT", "train supervised (family)", "total"}
     assert results["training_icons"] > 0  # the "web" part of pre-training
+    # The data ablation: the same steps on the two other data settings, each in the tables and the trend.
+    ablation = {"CLIP (emoji only)", "CLIP (icons, unseen removed)"}
+    assert results["data_setting"] == "icons, unseen kept" and ablation < set(results["zero_shot"])
+    assert ablation < {n.removesuffix(" zero-shot") for n in results["effective_robustness"]["models"]}
+    train_rows = (out / "train.csv").read_text().splitlines()
+    assert not any(",icons" in r and "icon:" in r for r in train_rows)  # "labels" query: icons carry emoji keys
     ids = {c["id"] for c in results["claims"]}
     assert {"wall-time"} < ids and all({"id", "claim", "value", "target", "met"} <= set(c) for c in results["claims"])
     assert any("effective-robustness" in i for i in ids)

@@ -1,27 +1,39 @@
-"""The demo's data ablation: CLIP with Iconify icons added to its pre-training (the "web"), at the same step
-budget as the emoji-only CLIP, once with icons named like unseen concepts kept and once with them removed."""
+"""The demo's data ablation: CLIP trained at the same step budget on the two data settings the main run does not
+use, out of emoji only / emoji + icons with unseen-named icons kept / emoji + icons with them removed."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from clipforge.demo.config import DemoConfig
-from clipforge.demo.data import icon_rows, training_captions
+from clipforge.demo.data import demo_icon_rows, training_captions
 from clipforge.demo.evaluation import Evaluated, embed_all
 from clipforge.demo.training import run_contrastive, train_config
 from clipforge.evaluate.datasets import LabelledImages
 
+SETTINGS = {"emoji only": (0, "keep"), "icons, unseen kept": (1, "keep"), "icons, unseen removed": (1, "remove")}
 
-def ablation_models(cfg: DemoConfig, emoji: Path, icons: Path, unseen_labels: list[str], id_test: set,
+
+def main_setting(cfg: DemoConfig) -> str:
+    """The data setting of the run's own CLIP."""
+    return "emoji only" if cfg.icons == 0 else f"icons, unseen {'kept' if cfg.icons_unseen == 'keep' else 'removed'}"
+
+
+def ablation_models(cfg: DemoConfig, emoji: Path, icons: Path, concepts: list[dict[str, str]], id_test: set,
                     everything: LabelledImages, out: Path, steps: int) -> tuple[list[Evaluated], dict[str, float]]:
-    """Two CLIPs on emoji + `cfg.ablation_icons` icons (kept / removed), embedded for every table; their seconds."""
+    """CLIPs on the other two data settings, embedded for every table; their training seconds by name."""
     evaluated, seconds = [], {}
-    for setting, excluded in (("kept", []), ("removed", unseen_labels)):
-        name = f"CLIP + icons ({setting})"
-        rows, dropped = icon_rows(icons, cfg.ablation_icons, cfg.seed, excluded)
-        train_csv = out / f"train-icons-{setting}.csv"
-        training_captions(emoji, cfg.styles("train"), "seen", train_csv, cfg.seed, exclude=id_test, extra_rows=rows)
+    for setting, (with_icons, unseen) in SETTINGS.items():
+        if setting == main_setting(cfg):
+            continue
+        name = f"CLIP ({setting})"
+        rows, dropped = demo_icon_rows(icons, cfg.icons * with_icons, cfg.icon_query, cfg.icons_per_concept, unseen,
+                                       cfg.seed, concepts)
+        slug = setting.replace(",", "").replace(" ", "-")
+        train_csv = out / f"train-{slug}.csv"
+        training_captions(emoji, cfg.styles("train"), "seen", train_csv, cfg.seed, exclude=id_test, extra_rows=rows,
+                          repeat=cfg.emoji_repeat if rows else 1)
         print(f"{name}: {len(rows)} icons ({dropped} named like unseen concepts removed)")
-        model = run_contrastive(name, train_config(cfg, train_csv, out / f"clip-icons-{setting}", steps))
+        model = run_contrastive(name, train_config(cfg, train_csv, out / f"clip-{slug}", steps))
         seconds[name] = model.seconds
         evaluated.append(embed_all(name, model.model, model.tokenizer, model.preprocess, everything))
     return evaluated, seconds

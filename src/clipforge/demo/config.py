@@ -34,11 +34,20 @@ class DemoConfig:
     templates: str = "emoji"  # zero-shot prompt ensemble (clipforge.evaluate.get_templates)
     limit: int = 0  # >0: only the first N concepts (a fast smoke run: tests, CI)
     workers: int = 1
-    # Iconify icons mixed into CLIP/LiT pre-training (the "web"). 0 by default: measured, 20,000 icons in the
-    # 10-minute budget cut held-out Twitter top-1 from 0.41 to 0.10 (each emoji seen 8 instead of 35 times).
-    icons: int = 0
+    # Iconify icons mixed into CLIP/LiT pre-training (the "web"): at most this many (0: none).
+    icons: int = 100_000
+    # "labels": only icons named like an emoji concept (seen or unseen), the way CLIP's corpus was collected by
+    # searching for a query list; "any": drawn from the whole collection. Measured below (README).
+    icon_query: str = "labels"
+    icons_per_concept: int = 0  # >0: at most this many icons of one concept key
+    emoji_repeat: int = 2  # each emoji training image is listed this many times (its share next to the icons)
     icons_unseen: str = "keep"  # "keep" or "remove" icons named like an unseen emoji concept
-    ablation_icons: int = 0  # >0: also train CLIP on emoji + this many icons (kept / removed), same steps
+    # "emoji": LiT trains on the emoji rows only; "clip": on CLIP's table, icons included. Measured (318 steps):
+    # the matched icons cut LiT's held-out Twitter top-1 from 0.35 to 0.11 and left unseen concepts at 0.115.
+    lit_data: str = "emoji"
+    # 1: also train CLIP, same steps, on the two data settings this run does not use, out of emoji only / emoji +
+    # icons with unseen-named icons kept / removed (the data ablation; needs icons > 0)
+    ablation: int = 0
     data_path: str = "decoded"  # "decoded": images decoded once, tensor augmentation; "pil": per-sample PIL
 
     def validate(self) -> None:
@@ -53,10 +62,18 @@ class DemoConfig:
             raise ValueError("train_styles and held_out_styles must each name at least one style")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (a contrastive batch needs negatives)")
-        if self.ablation_icons < 0:
-            raise ValueError(f"ablation_icons must be >= 0, got {self.ablation_icons}")
+        if self.ablation not in (0, 1) or (self.ablation and not self.icons):
+            raise ValueError(f"ablation must be 0 or 1 and needs icons > 0 (the icon count of its runs), got "
+                             f"ablation {self.ablation}, icons {self.icons}")
         if self.icons < 0 or self.icons_unseen not in ("keep", "remove"):
             raise ValueError(f"icons must be >= 0 and icons_unseen keep or remove, got {self.icons}, {self.icons_unseen!r}")
+        if self.lit_data not in ("emoji", "clip"):
+            raise ValueError(f"lit_data must be emoji or clip, got {self.lit_data!r}")
+        if self.icon_query not in ("labels", "any"):
+            raise ValueError(f"icon_query must be labels or any, got {self.icon_query!r}")
+        if self.icons_per_concept < 0 or self.emoji_repeat < 1:
+            raise ValueError(f"icons_per_concept must be >= 0 and emoji_repeat >= 1, got {self.icons_per_concept}, "
+                             f"{self.emoji_repeat}")
         if self.data_path not in ("decoded", "pil"):
             raise ValueError(f"data_path must be decoded or pil, got {self.data_path!r}")
         if self.precision not in ("fp32", "bf16"):

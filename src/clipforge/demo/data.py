@@ -6,6 +6,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from clipforge.datasets import build_emoji, build_icons, build_tuxpaint
 from clipforge.datasets.icons import concept_key
@@ -45,21 +46,55 @@ def prepare_datasets(root: Path, limit: int | None = None, cache: Path | None = 
                     root / "icons" if icons else None)
 
 
-def icon_rows(icons: Path, count: int, seed: int, exclude_labels: list[str] = ()) -> tuple[list[list[str]], int]:
-    """`count` icons drawn by `seed` as training rows (image, captions, key, style), and how many were excluded.
+def icon_rows(icons: Path, count: int, seed: int, exclude_labels: Sequence[str] = (),
+              query: dict[str, str] | None = None, per_concept: int = 0) -> tuple[list[list[str]], int]:
+    """Up to `count` icons drawn by `seed` as training rows (image, captions, key, style), and how many were excluded.
 
     An icon is excluded when its key or one of its caption candidates is the key of a label in
-    `exclude_labels` (the unseen concepts, for the "icons removed" setting).
+    `exclude_labels` (the unseen concepts, for the "icons removed" setting). With `query` (concept key ->
+    emoji hexcode: the query list, as CLIP's corpus was collected by searching for known words), only icons
+    named like a query are drawn, and they take the emoji's key, so an icon and an emoji of one concept are
+    never each other's negatives. `per_concept` > 0 caps the icons drawn per key (a popular name like
+    "calendar" has 110 icons; uncapped, a few concepts would take most of the icon draws).
     """
     excluded_keys = {concept_key(label) for label in exclude_labels} - {""}
     with open(icons / "captions.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    kept = [r for r in rows if not ({r["key"], *(concept_key(c) for c in r["caption"].split("|"))} & excluded_keys)]
+    names = [{r["key"], *(concept_key(c) for c in r["caption"].split("|"))} for r in rows]
+    kept = [(r, n) for r, n in zip(rows, names) if not n & excluded_keys]
+    excluded = len(rows) - len(kept)
+    if query is not None:
+        kept = [(r, n) for r, n in kept if n & query.keys()]
     random.Random(seed).shuffle(kept)
-    chosen = sorted(kept[:count], key=lambda r: r["image"])
-    # Icon keys get a prefix: "cat" the icon stem and an emoji hexcode never collide.
-    return ([[str((icons / r["image"]).resolve()), r["caption"], f"icon:{r['key']}", ICON_STYLE] for r in chosen],
-            len(rows) - len(kept))
+
+    def key(row: dict[str, str], names: set[str]) -> str:
+        # Icon keys get a prefix: "cat" the icon stem and an emoji hexcode never collide.
+        matches = sorted(names & query.keys()) if query else []
+        return query[row["key"] if row["key"] in matches else matches[0]] if matches else f"icon:{row['key']}"
+
+    drawn: dict[str, int] = {}
+    chosen = []
+    for row, row_names in kept:
+        row_key = key(row, row_names)
+        if len(chosen) < count and (not per_concept or drawn.get(row_key, 0) < per_concept):
+            drawn[row_key] = drawn.get(row_key, 0) + 1
+            chosen.append([str((icons / row["image"]).resolve()), row["caption"], row_key, ICON_STYLE])
+    return sorted(chosen), excluded
+
+
+def label_query(concepts: list[dict[str, str]]) -> dict[str, str]:
+    """The query list of the "labels" icon selection: each emoji concept's key ("grinning-face") -> its hexcode."""
+    return {concept_key(c["label"]): c["hexcode"] for c in concepts if concept_key(c["label"])}
+
+
+def demo_icon_rows(icons: Path | None, count: int, query: str, per_concept: int, unseen: str, seed: int,
+                   concepts: list[dict[str, str]]) -> tuple[list[list[str]], int]:
+    """The demo's icon rows: `count` icons by the `query` rule ("labels" / "any"), unseen-named ones kept or removed."""
+    if icons is None or count == 0:
+        return [], 0
+    unseen_labels = [c["label"] for c in concepts if c["split"] == "unseen"] if unseen == "remove" else []
+    return icon_rows(icons, count, seed, unseen_labels, label_query(concepts) if query == "labels" else None,
+                     per_concept)
 
 
 def read_concepts(emoji: Path) -> list[dict[str, str]]:
@@ -70,13 +105,14 @@ def read_concepts(emoji: Path) -> list[dict[str, str]]:
 
 def training_captions(emoji: Path, styles: list[str], split: str, out_csv: Path, seed: int,
                       exclude: set[tuple[str, str]] = frozenset(), templates: tuple[str, ...] = TRAIN_TEMPLATES,
-                      extra_rows: list[list[str]] = ()) -> int:
+                      extra_rows: list[list[str]] = (), repeat: int = 1) -> int:
     """Write the training CSV: one row per image of `split` in `styles`; '|'-separated caption candidates.
 
     Candidates = the dataset's captions (label, label + tags / subgroup) plus the label in each sentence
     template; the loader samples one per epoch. Image paths are absolute so the file can live anywhere.
     `exclude` holds (key, style) pairs kept out (in-distribution test images); `extra_rows` (icons) are
-    appended as they are. Returns the number of emoji rows.
+    appended as they are; each emoji row is written `repeat` times (its share of the draws when icons are
+    many; one concept per batch still holds). Returns the number of distinct emoji rows.
     """
     with open(emoji / "captions.csv", newline="", encoding="utf-8") as handle:
         rows = [r for r in csv.DictReader(handle)
@@ -93,6 +129,7 @@ def training_captions(emoji: Path, styles: list[str], split: str, out_csv: Path,
             sentences = [t.format(labels[row["key"]]) for t in templates]
             candidates = row["caption"].split("|") + sentences
             rng.shuffle(candidates)  # order carries no meaning; shuffled once so the file is reproducible
-            writer.writerow([str((emoji / row["image"]).resolve()), "|".join(candidates), row["key"], row["style"]])
+            writer.writerows([[str((emoji / row["image"]).resolve()), "|".join(candidates), row["key"],
+                               row["style"]]] * repeat)
         writer.writerows(extra_rows)
     return len(rows)

@@ -8,6 +8,7 @@ paper's findings in one report. Reproducible from the printed seed and config.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import random
 import time
@@ -17,11 +18,11 @@ from typing import Any
 import torch
 
 from clipforge.demo.config import DemoConfig
-from clipforge.demo.data import icon_rows, prepare_datasets, read_concepts, training_captions
+from clipforge.demo.data import demo_icon_rows, prepare_datasets, read_concepts, training_captions
 from clipforge.demo.evaluation import (embed_all, few_shot_vs_zero_shot, logits_for, photos_and_examples,
                                        prompt_ablation, zero_shot_by_style)
 from clipforge.demo.summary import claims, summary_rows
-from clipforge.demo.ablation import ablation_models
+from clipforge.demo.ablation import ablation_models, main_setting
 from clipforge.demo.baselines import effective_robustness, supervised_family
 from clipforge.demo.training import read_training_rows, run_contrastive, train_config
 from clipforge.evaluate.bias import bias_probe
@@ -57,6 +58,33 @@ def choose_id_test(concepts: list[dict[str, str]], styles: list[str], seed: int,
     return {(key, rng.choice(styles)) for key in seen[::every]}
 
 
+@dataclass
+class TrainingTables:
+    """The demo's training CSVs: CLIP's (emoji + icons) and the emoji-only one (supervised, and LiT by default)."""
+
+    clip: Path
+    emoji: Path
+    emoji_rows: int
+    icons: int
+    icons_excluded: int
+
+
+def training_tables(cfg: DemoConfig, data: Any, concepts: list[dict[str, str]], id_test: set, out: Path) -> TrainingTables:
+    """Write OUT/train.csv (CLIP) and, when icons join it, OUT/train-emoji.csv (emoji rows only, each once)."""
+    icons, excluded = demo_icon_rows(data.icons, cfg.icons, cfg.icon_query, cfg.icons_per_concept, cfg.icons_unseen,
+                                     cfg.seed, concepts)
+    styles, clip_csv = cfg.styles("train"), out / "train.csv"
+    pairs = training_captions(data.emoji, styles, "seen", clip_csv, cfg.seed, exclude=id_test, extra_rows=icons,
+                              repeat=cfg.emoji_repeat if icons else 1)
+    emoji_csv = out / "train-emoji.csv" if icons else clip_csv
+    if icons:
+        training_captions(data.emoji, styles, "seen", emoji_csv, cfg.seed, exclude=id_test)
+    print(f"training pairs: {pairs} emoji ({len(styles)} styles x seen concepts, {len(id_test)} held out for "
+          f"in-distribution tests), each listed {cfg.emoji_repeat if icons else 1}x for CLIP, + {len(icons)} icons "
+          f"({cfg.icon_query} query; {excluded} named like unseen concepts removed)")
+    return TrainingTables(clip_csv, emoji_csv, pairs, len(icons), excluded)
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """The whole demo; writes OUT/report.md, OUT/results.json and the plots; returns the results."""
     cfg.validate()
@@ -69,35 +97,32 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     data = prepare_datasets(cfg.data_dir(), limit=cfg.limit or None, cache=cfg.cache_dir(),
-                            icons=cfg.icons > 0 or cfg.ablation_icons > 0, styles=cfg.styles("built"))
+                            icons=cfg.icons > 0, styles=cfg.styles("built"))
     timings["data (fetch + build)" if data.fetched else "data (cached)"] = data.seconds
     train_styles, held_out = cfg.styles("train"), cfg.styles("held_out")
     concepts = read_concepts(data.emoji)
     id_test = choose_id_test(concepts, train_styles, cfg.seed)
-    train_csv = out / "train.csv"
-    unseen_labels = [c["label"] for c in concepts if c["split"] == "unseen"]
-    icons, icons_excluded = icon_rows(data.icons, cfg.icons, cfg.seed,
-                                      unseen_labels if cfg.icons_unseen == "remove" else []) if data.icons else ([], 0)
-    pairs = training_captions(data.emoji, train_styles, "seen", train_csv, cfg.seed, exclude=id_test, extra_rows=icons)
-    print(f"training pairs: {pairs} emoji ({len(train_styles)} styles x seen concepts, {len(id_test)} held out for "
-          f"in-distribution tests) + {len(icons)} icons ({icons_excluded} named like unseen concepts removed)")
+    tables = training_tables(cfg, data, concepts, id_test, out)
+    train_csv, emoji_csv, pairs, icons, icons_excluded = (tables.clip, tables.emoji, tables.emoji_rows,
+                                                          tables.icons, tables.icons_excluded)
+    lit_csv = emoji_csv if cfg.lit_data == "emoji" else train_csv
 
     clip = run_contrastive("CLIP", train_config(cfg, train_csv, out / "clip", steps["clip"]))
     timings["train CLIP"] = clip.seconds
-    lit = run_contrastive("LiT", train_config(cfg, train_csv, out / "lit", steps["lit"], text_tower="minilm"))
+    lit = run_contrastive("LiT", train_config(cfg, lit_csv, out / "lit", steps["lit"], text_tower="minilm"))
     timings["train LiT"] = lit.seconds
 
     tick = time.perf_counter()
     everything = load_labelled_images(data.emoji)
     models = [embed_all(m.name, m.model, m.tokenizer, m.preprocess, everything) for m in (clip, lit)]
-    if cfg.ablation_icons:  # the data ablation: same steps, emoji + icons
-        ablation, seconds = ablation_models(cfg, data.emoji, data.icons, unseen_labels, id_test, everything, out,
+    if cfg.ablation:  # the data ablation: same steps, the other data settings
+        ablation, seconds = ablation_models(cfg, data.emoji, data.icons, concepts, id_test, everything, out,
                                             steps["clip"])
         models += ablation
         timings.update({f"train {name}": s for name, s in seconds.items()})
     seen = models[0].images.subset([s == "seen" for s in models[0].images.splits])
     key_to_label = {c["hexcode"]: c["label"] for c in concepts}
-    paths, labels = read_training_rows(train_csv, seen.classnames, key_to_label)
+    paths, labels = read_training_rows(emoji_csv, seen.classnames, key_to_label)
     timings["embed images"] = time.perf_counter() - tick
     supervised, family, supervised_info = supervised_family(cfg, paths, labels, seen.classnames, steps["supervised"],
                                                             out, clip.model.image_size)
@@ -107,7 +132,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     sections: list[Section] = []
     styles = [s for s in sorted(set(everything.domains), key=lambda s: (s not in train_styles, s))]
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": steps, "training_pairs": pairs,
-                               "training_icons": len(icons), "icons_excluded": icons_excluded}
+                               "training_icons": icons, "icons_excluded": icons_excluded,
+                               "data_setting": main_setting(cfg)}
     results["zero_shot"] = zero_shot_by_style(models, styles, held_out, cfg.templates, sections)
     results["prompt_ablation"] = prompt_ablation(models, held_out, cfg.templates, out, sections,
                                                  cfg.prompt_validation_style)
@@ -143,7 +169,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     results["photos"] = photos_and_examples(models[:2], held_out[0], cfg.templates, out, sections, seed=cfg.seed)
     curves = plot_training_curves([clip.metrics, lit.metrics, Path(supervised_info["metrics"])], out / "training-curves.png",
                                   ["CLIP", "LiT", "supervised"])
-    sections.insert(0, Section("Training", _training_text(cfg, steps, pairs, clip, lit, supervised_info), None, None, [curves]))
+    sections.insert(0, Section("Training", _training_text(cfg, steps, tables, clip, lit, supervised_info), None, None,
+                               [curves]))
     timings["bias, photos, plots"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     summary = summary_rows(results, held_out, train_styles)
@@ -176,9 +203,12 @@ def _bias(model: Any, emoji: Path, sections: list[Section]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "rows"}
 
 
-def _training_text(cfg: DemoConfig, steps: dict[str, int], pairs: int, clip: Any, lit: Any, supervised: dict) -> str:
+def _training_text(cfg: DemoConfig, steps: dict[str, int], tables: TrainingTables, clip: Any, lit: Any,
+                   supervised: dict) -> str:
     return (f"Model `{cfg.model}` (image tower shared by all three runs), batch {cfg.batch_size} with one image per "
-            f"concept per batch, lr {cfg.lr}, {cfg.precision}, {pairs} training images. CLIP: {steps['clip']} steps in "
-            f"{clip.seconds:.0f} s; LiT (pretrained MiniLM-L6 text tower, locked; its features cached per caption): "
+            f"concept per batch, lr {cfg.lr}, {cfg.precision}, {tables.emoji_rows} emoji training images. CLIP: "
+            f"{steps['clip']} steps in {clip.seconds:.0f} s, on the emoji (each listed {cfg.emoji_repeat if tables.icons else 1}x) "
+            f"+ {tables.icons} Iconify icons ({cfg.icon_query} query, unseen-named icons {cfg.icons_unseen}); LiT on "
+            f"{'the emoji only' if cfg.lit_data == 'emoji' else 'the same table'} (pretrained MiniLM-L6 text tower, locked; its features cached per caption): "
             f"{steps['lit']} steps in {lit.seconds:.0f} s; supervised (same image tower + linear head, cross-entropy, "
             f"same images and augmentation): {steps['supervised']} steps in {supervised['seconds']:.0f} s.")

@@ -80,10 +80,10 @@ def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: lis
                          f"{' / '.join(_fmt(p['top1']) for p in shots.values())}: k "
                          f"{_get(results, 'few_shot', 'zero_shot_matches_k') or 'n/a'}",
                  "LiT": "", "supervised": "", "target": "", "verdict": ""})
-    for name in [m for m in zs if m not in ("CLIP", "LiT")]:  # the data ablation (--ablation-icons)
+    for name in [m for m in zs if m not in ("CLIP", "LiT")]:  # the data ablation (--ablation 1)
         er_extra = _get(results, "effective_robustness", "models", f"{name} zero-shot", "mean")
         rows.append({"claim": f"data ablation, {name}, same steps: {colour} seen top-1 / unseen top-1 / effective "
-                              "robustness (emoji-only CLIP in its column)",
+                              f"robustness (this run's CLIP, {results.get('data_setting')}, in the CLIP column)",
                      "CLIP": f"{_fmt(zero_shot('CLIP', 'seen', colour))} / {_fmt(zero_shot('CLIP', 'unseen', colour))} "
                              f"/ {_signed(er['CLIP zero-shot'])}",
                      "LiT": f"{_fmt(zero_shot(name, 'seen', colour))} / {_fmt(zero_shot(name, 'unseen', colour))} / "

@@ -17,6 +17,7 @@ from clipforge.checkpoint.io import get_tokenizer, load
 from clipforge.data.decoded import DecodedImages, build_decoded_cache, stored_size_for, tensor_transform_like
 from clipforge.data.transforms import TrainTransform
 from clipforge.demo.config import DemoConfig
+from clipforge.demo.data import ICON_STYLE
 from clipforge.evaluate.datasets import decode_all
 from clipforge.evaluate.supervised import train_supervised
 from clipforge.model import create_model
@@ -125,7 +126,9 @@ def read_training_rows(train_csv: Path, classnames: list[str], key_to_label: dic
     index = {name: i for i, name in enumerate(classnames)}
     with open(train_csv, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    rows = [r for r in rows if r["key"] in key_to_label]  # emoji rows only: icons have no emoji class
+    # Emoji rows only: the supervised baseline learns from labels, and icons have none (an icon named like a
+    # concept carries the concept's key for batching, not a label).
+    rows = [r for r in rows if r["key"] in key_to_label and r["style"] != ICON_STYLE]
     return [Path(r["image"]) for r in rows], [index[key_to_label[r["key"]]] for r in rows]
 
 
