@@ -58,3 +58,39 @@ def test_registry_name_without_weights_is_refused(tmp_path, fixtures_dir):
         assert "Traceback" not in result.stderr and not (tmp_path / "index").exists()
     result = run_cli("classify", image, "--labels", "cat,dog", "--model", "cpu-vit-tiny-32", "--random-weights")
     assert result.returncode == 0, result.stderr
+
+
+def test_help_documents_every_config_flag_from_the_field_comments():
+    from clipforge.config_flags import field_comments
+    from clipforge.demo.config import DemoConfig
+    from clipforge.train.config import TrainConfig
+
+    for cls in (TrainConfig, DemoConfig):  # a field without a comment would show a bare flag in --help
+        assert all(field_comments(cls).values()), [k for k, v in field_comments(cls).items() if not v]
+    text = " ".join(run_cli("train", "--help").stdout.split())
+    assert "--lr LR peak learning rate (AdamW), reached after warmup, then cosine decay; default 0.0005" in text
+    assert "--precision {fp32,bf16}" in text and "--lock-text, --no-lock-text" in text
+    demo = " ".join(run_cli("demo", "--help").stdout.split())
+    assert "--icons-unseen {keep,remove}" in demo and "--ablation {0,1}" in demo and 'default "runs/demo"' in demo
+
+
+def test_field_comments_take_the_line_comment_else_the_block_above():
+    from dataclasses import dataclass
+
+    from clipforge.config_flags import field_comments
+
+    @dataclass
+    class Example:
+        plain: int = 0
+        # explained above,
+        # over two lines
+        above: int = 1
+        inline: str = "#"  # the comment, not the '#' in the default
+
+    assert field_comments(Example) == {"plain": "", "above": "explained above, over two lines",
+                                       "inline": "the comment, not the '#' in the default"}
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"clipforge {clipforge.__version__}"

@@ -55,9 +55,19 @@ def _classify(args: argparse.Namespace) -> None:
             print(f"{r['image']}: " + ", ".join(f"{label} {p:.3f}" for label, p in r["top"]))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clipforge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all sub-commands."""
     parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: load, convert, classify, demo")
+    parser.add_argument("--version", action="version", version=f"clipforge {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list registry architectures")

@@ -7,33 +7,38 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_type_hints
+
+from clipforge.config_flags import add_dataclass_arguments
+
+
+CHOICES = {"icon_query": ("labels", "any"), "icons_unseen": ("keep", "remove"), "lit_data": ("emoji", "clip"),
+           "data_path": ("decoded", "pil"), "precision": ("fp32", "bf16"), "ablation": (0, 1)}
 
 
 @dataclass
 class DemoConfig:
     """The demo run. Step counts of 0 are derived from `minutes` (see `budget`) so one flag scales the run."""
 
-    out: str = "runs/demo"
+    out: str = "runs/demo"  # output folder: report.md, results.json, plots, the runs' checkpoints
     data_root: str = ""  # where the datasets are built ("": ~/.cache/clipforge/data)
     cache: str = ""  # downloaded npm/apt archives ("": $CLIPFORGE_DATA_CACHE or ~/.cache/clipforge/datasets)
     minutes: float = 10.0  # wall-time target on 2 CPU cores (training steps scale with it)
-    seed: int = 0
+    seed: int = 0  # every random choice of the run (init, data order, held-out images)
     model: str = "demo-rn-32"  # image tower + from-scratch text tower (registry name)
-    train_styles: str = "google,openmoji-color,fluent-flat,fluent-3d"
+    train_styles: str = "google,openmoji-color,fluent-flat,fluent-3d"  # emoji styles trained on (comma-separated)
     held_out_styles: str = "twitter,openmoji-black"  # one colour style and the line-art style
     eval_styles: str = "fluent-high-contrast,noto-v1,emojione,emojione-monotone"  # new art, evaluation only
     prompt_validation_style: str = "emojione"  # the prompt template is chosen here, scored on the other styles
-    clip_steps: int = 0
-    lit_steps: int = 0
-    supervised_steps: int = 0
-    batch_size: int = 256
-    lr: float = 1e-3
-    warmup: int = 30
+    clip_steps: int = 0  # CLIP optimizer steps (0: from minutes)
+    lit_steps: int = 0  # LiT optimizer steps (0: from minutes)
+    supervised_steps: int = 0  # supervised baseline steps (0: from minutes)
+    batch_size: int = 256  # pairs per step (every run)
+    lr: float = 1e-3  # peak learning rate (every run)
+    warmup: int = 30  # warm-up steps (at most a quarter of a run's steps)
     precision: str = "fp32"  # measured: the 32 px ResNet trains 25% faster in fp32 than in bf16 on this CPU
     templates: str = "emoji"  # zero-shot prompt ensemble (clipforge.evaluate.get_templates)
     limit: int = 0  # >0: only the first N concepts (a fast smoke run: tests, CI)
-    workers: int = 1
+    workers: int = 1  # image-decoding workers of the "pil" data path
     # Iconify icons mixed into CLIP/LiT pre-training (the "web"): at most this many (0: none).
     icons: int = 100_000
     # "labels": only icons named like an emoji concept (seen or unseen), the way CLIP's corpus was collected by
@@ -96,11 +101,8 @@ class DemoConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per DemoConfig field (--clip-steps for clip_steps)."""
-    hints = get_type_hints(DemoConfig)
-    for f in dataclasses.fields(DemoConfig):
-        help_text = f"default {f.default!r}"
-        parser.add_argument("--" + f.name.replace("_", "-"), type=hints[f.name], default=None, help=help_text)
+    """One flag per DemoConfig field (--clip-steps for clip_steps), help from the field comments."""
+    add_dataclass_arguments(parser, DemoConfig, CHOICES)
     parser.add_argument("--config", default=None, help="JSON file with DemoConfig fields (flags override it)")
 
 

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
 
+from clipforge.config_flags import add_dataclass_arguments
+
+
+CHOICES = {"precision": ("fp32", "bf16"), "loss": ("contrastive", "siglip"), "text_tower": ("clip", "minilm")}
+
 
 @dataclass
 class TrainConfig:
@@ -20,12 +25,12 @@ class TrainConfig:
     bpe_vocab: str = ""  # a smaller BPE vocab file (clipforge.text.train_bpe) for a from-scratch text tower
     lock_image: bool = False  # LiT: freeze the image tower
     lock_text: bool = False  # freeze the text tower (a pretrained one, typically)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # data
     train_data: str = ""  # caption CSV/TSV or webdataset shard pattern ("shards/{000..009}.tar")
     val_data: str = ""  # held-out caption CSV/TSV (optional)
-    image_column: str = "image"
-    caption_column: str = "caption"
+    image_column: str = "image"  # CSV/TSV column (or shard extension) holding the image path
+    caption_column: str = "caption"  # CSV/TSV column (or shard extension) holding the caption
     key_column: str = ""  # concept key column: batches then never hold two samples with the same key
     caption_separator: str = ""  # split one caption cell into several captions
     composite_white: bool = False  # blend transparent images onto white
@@ -36,39 +41,38 @@ class TrainConfig:
     val_zeroshot_styles: str = ""  # comma-separated styles to keep from val_zeroshot
     val_zeroshot_split: str = ""  # split to keep from val_zeroshot (e.g. "seen")
     val_zeroshot_templates: str = "simple"  # template set (clipforge.evaluate.get_templates)
-    workers: int = 2
+    workers: int = 2  # DataLoader worker processes decoding images
     decoded_cache: bool = False  # CSV only: decode images once into a memory-mapped uint8 cache, augment tensors
     decoded_cache_dir: str = ""  # where the decoded cache lives (default ~/.cache/clipforge/decoded)
     # optimisation
     batch_size: int = 64  # per process, per optimizer step
     accum_steps: int = 1  # micro-batches per step (features cached: exact large-batch gradient)
     steps: int = 0  # optimizer steps (0: use epochs)
-    epochs: int = 1
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    warmup: int = 100
-    weight_decay: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    epochs: int = 1  # passes over the data when steps is 0
+    lr: float = 5e-4  # peak learning rate (AdamW), reached after warmup, then cosine decay
+    min_lr: float = 0.0  # learning rate at the end of the cosine decay
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.2  # AdamW decay of weight matrices (not gains, biases, embeddings, temperature)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.98  # AdamW beta2 (CLIP's 0.98 for stability with large batches)
+    eps: float = 1e-6  # AdamW epsilon
     grad_clip: float = 0.0  # max grad norm (0: off)
     precision: str = "fp32"  # "fp32" or "bf16" (bf16 weights/activations, fp32 master weights)
     loss: str = "contrastive"  # "contrastive" or "siglip"
     loss_chunk_size: int = 0  # >0: tiled loss that never materialises the BxB logits
-    seed: int = 0
+    seed: int = 0  # model init, data order and augmentation
     # bookkeeping
-    output_dir: str = "runs/train"
+    output_dir: str = "runs/train"  # checkpoints, metrics.jsonl and the config of the run
     save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept on disk (older ones are deleted)
     resume: str = ""  # "latest" or a checkpoint directory
-    log_every: int = 1
+    log_every: int = 1  # steps between metrics.jsonl lines
     val_every: int = 0  # steps between validation runs (0: only at the end when val_data is set)
     max_steps_this_run: int = 0  # stop after this many steps (simulates a pre-emption; 0: off)
 
     def validate(self) -> None:
         """Reject inconsistent settings with a message naming the field."""
-        choices = {"precision": ("fp32", "bf16"), "loss": ("contrastive", "siglip"), "text_tower": ("clip", "minilm")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.train_data:
@@ -104,16 +108,7 @@ class TrainConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--batch-size for batch_size), defaults left to the config."""
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif kind is dict:
-            parser.add_argument(flag, type=json.loads, default=None, help="JSON object")
-        else:
-            parser.add_argument(flag, type=kind, default=None)
+    add_dataclass_arguments(parser, TrainConfig, CHOICES)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
