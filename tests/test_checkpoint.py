@@ -83,8 +83,19 @@ def test_pickles_never_execute_code(tmp_path):
             return (print, ("pwned",))
 
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"state_dict": Evil()}))
-    with pytest.raises(ValueError, match="evil.pt"):
+    with pytest.raises(ValueError, match="evil.pt: not a plain weights file") as raised:
         clipforge.load(tmp_path / "evil.pt")
+    assert "weights_only=False" not in str(raised.value)  # torch's advice would run the file's code
+
+
+def test_a_training_run_folder_names_its_latest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    clipforge.save_pretrained(clipforge.create_model("cpu-vit-tiny-32", seed=0), run / "step-00000007")
+    (run / "config.json").write_text(json.dumps({"model": "cpu-vit-tiny-32"}))  # the run's TrainConfig
+    (run / "latest").write_text("step-00000007")
+    with pytest.raises(ValueError, match=r"training run folder.*latest is .*run/step-00000007"):
+        clipforge.load(run)
+    assert clipforge.load(run / "step-00000007")[0].config.embed_dim > 0
 
 
 def test_bad_inputs_have_clear_errors(tmp_path, fixtures_dir):

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,20 @@ def read_weights(path: Path) -> dict[str, Any]:
     if zipfile.is_zipfile(path) and _is_torchscript(path):
         return read_torchscript(path)[0]
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not parse; the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
+        # torch's text goes on to suggest weights_only=False, which would run the file's code: not offered.
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. |\n\n|$)", str(error), re.S)
+        reason = found.group(1).strip() if found else "not a plain state dict"
+        raise ValueError(f"{path}: not a plain weights file ({reason}); clipforge reads tensors only and never "
+                         "runs code from a checkpoint. Save the state dict: "
+                         "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
     except Exception as error:  # torch raises many types for bad pickles; all mean "unreadable"
-        raise ValueError(f"{path}: cannot read checkpoint (truncated, corrupt or unsafe pickle): {error}") from None
+        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a state dict, found a {type(loaded).__name__}")
     return loaded
@@ -125,6 +139,12 @@ def _directory_config(directory: Path) -> tuple[CLIPConfig, PreprocessConfig | N
     if (directory / CONFIG_FILE).is_file():
         config, preprocess = config_from_file(directory / CONFIG_FILE)
         return config, preprocess, directory / WEIGHTS_FILE
+    steps = sorted(directory.glob(f"step-*/{CONFIG_FILE}"))
+    if steps:  # a `clipforge train` output folder: its config.json is the run's, not a model's
+        latest = directory / "latest"
+        newest = directory / latest.read_text().strip() if latest.is_file() else steps[-1].parent
+        raise ValueError(f"{directory}: a training run folder, not a model: pass one of its checkpoints "
+                         f"(the latest is {newest})")
     weights = open_clip.open_clip_weights(directory)
     if (directory / open_clip.CONFIG_FILE).is_file() and weights is not None:
         return (*open_clip.read_open_clip_config(directory / open_clip.CONFIG_FILE), weights)
