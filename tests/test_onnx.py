@@ -75,3 +75,13 @@ def test_export_errors(tmp_path, capsys):
         from clipforge.export.onnx import as_token_array
 
         as_token_array(np.zeros((2, 5), dtype=np.float32))
+
+
+def test_export_without_the_extra_names_what_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    assert main(["export", "onnx", "cpu-vit-tiny-32", str(tmp_path / "out"), "--random-weights"]) == 2
+    assert "needs onnxscript: pip install 'clipforge[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

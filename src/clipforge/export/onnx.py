@@ -6,6 +6,7 @@ The output folder is usable without the checkpoint: beside the graphs it holds t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -113,6 +114,14 @@ def example_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.
     return tokens
 
 
+def require_onnx(verify: bool = True) -> None:
+    """ImportError naming the missing packages of the onnx extra, before any work is done."""
+    needed = ("onnx", "onnxscript") + (("onnxruntime",) if verify else ())  # torch's exporter imports onnxscript
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install 'clipforge[onnx]'")
+
+
 def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
                 atol: float = PARITY_ATOL, source: str | Path | None = None) -> dict[str, Any]:
     """Write image/text ONNX graphs, tokenizer and config into out_dir; return the config (with parity results).
@@ -120,6 +129,8 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
     `source`: where a loaded `model` came from, so its own tokenizer files are used.
     """
     import clipforge
+
+    require_onnx(verify)
 
     if not isinstance(model, nn.Module):
         source = str(model)
