@@ -309,9 +309,18 @@ def test_cli_index_and_search(shapes, model_dir, tmp_path, capsys):
     assert main(["search", str(tmp_path / "nothing"), "x"]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["search", str(out)]) == 2  # neither a text nor an image
+    assert "no query: give a text" in capsys.readouterr().err
+    long_query = " ".join(["red"] * 100)
+    assert main(["search", str(out), long_query]) == 2 and "--truncate" in capsys.readouterr().err
+    assert main(["search", str(out), long_query, "--truncate", "-k", "1"]) == 0
     shutil.rmtree(shapes / "images")
     (shapes / "images").mkdir()
     assert main(["index", str(shapes / "images"), "--model", str(model_dir), "--out", str(tmp_path / "i2")]) == 2
+    assert "no readable images" in capsys.readouterr().err
+    assert not (tmp_path / "i2").exists()  # nothing left to read later as "an interrupted first build"
+    # An index that holds images is never removed, whatever the new source holds.
+    assert main(["index", str(shapes / "images"), "--model", str(model_dir), "--out", str(out), "--quiet"]) == 0
+    assert (out / "manifest.json").is_file()
 
 
 def test_query_encoder_is_thread_safe(encoder):

@@ -371,3 +371,11 @@ def test_train_bpe(tmp_path: Path) -> None:
     assert len(reloaded.encode("the happy dog")) == 3  # frequent words became single tokens
     rows = reloaded(texts[:4])
     assert rows.shape == (4, 77) and int(rows.max()) == 999
+
+
+def test_a_text_over_the_context_is_refused_with_the_way_to_cut_it():
+    from clipforge.text import TextTooLong
+
+    with pytest.raises(TextTooLong, match=r"is 12 tokens long.*context length 10.*truncate=True \(CLI: --truncate\)"):
+        tokenize(["a " * 10], context_length=10)
+    assert tokenize(["a " * 10], context_length=10, truncate=True).shape == (1, 10)

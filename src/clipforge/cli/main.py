@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -41,6 +43,8 @@ def _classify(args: argparse.Namespace) -> None:
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     model, preprocess = load_model(args)
     tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
+    if args.truncate and "truncate" in inspect.signature(tokenizer).parameters:  # WordPiece always cuts
+        tokenizer = functools.partial(tokenizer, truncate=True)
     templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template,)
     classifier = build_classifier(model, tokenizer, labels, templates)
     probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier)
@@ -86,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="comma-separated class names")
     p.add_argument("--template", default="a photo of a {}.", help="prompt template (without --ensemble)")
     p.add_argument("--ensemble", action="store_true", help="average OpenAI's 7 ImageNet templates")
-    p.add_argument("--top", type=int, default=3)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--top", type=int, default=3, help="labels printed per image")
+    p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the model's context (default: refuse)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_classify)
 
     data_cmd.add_parser(sub)

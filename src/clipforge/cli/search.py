@@ -38,14 +38,16 @@ def run_search(args: argparse.Namespace) -> None:
     from clipforge.data.transforms import load_image
     from clipforge.search import ImageIndex, QueryEncoder
 
-    if (args.text is None) == (args.image is None):
+    if args.text is None and args.image is None:
+        raise ValueError('no query: give a text (clipforge search INDEX "a red bicycle") or --image PATH')
+    if args.text is not None and args.image is not None:
         raise ValueError("give a text query or --image, not both")
     index = ImageIndex.open(args.index)
     encoder = QueryEncoder(args.model or index.model)
     if args.image is not None:
         query = encoder.embed_images([load_image(args.image)])
     else:
-        query = encoder.embed_texts([args.text])
+        query = encoder.embed_texts([args.text], truncate=args.truncate)
     if query.shape[1] != index.dim:
         raise ValueError(f"the model embeds into {query.shape[1]} dimensions, the index holds {index.dim}")
     scores, ids = index.search(query, args.k)
@@ -90,5 +92,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", type=Path, help="image query instead of a text")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--model", default=None, help="query model (default: the one the index was built with)")
+    p.add_argument("--truncate", action="store_true", help="cut a text longer than the model's context (default: refuse)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_search)

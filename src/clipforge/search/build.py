@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 import warnings
 from collections import Counter
@@ -332,6 +333,7 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
     stats, state = BuildStats(), {}
 
     def prepare() -> tuple[list[Item], str]:
+        state["fresh"] = not index_dir.exists() or not any(index_dir.iterdir())  # nothing of the user's to keep
         state["lock"] = _lock(index_dir)
         state["con"] = store.connect(index_dir)
         state["scan"], todo = _prepare(index_dir, state["con"], source, name, separator, stats)
@@ -355,6 +357,7 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
             with store.transaction(con):
                 store.set_meta(con, "dim", str(dim))
         if store.get_meta(con, "dim") is None:
+            state["discard"] = state["fresh"]  # no half-made index left to be mistaken for an interrupted build
             raise ValueError(f"{source}: no readable images to index (skipped: {stats.skipped or 'none'})")
         _compact(index_dir, con, shard_size, f"{run_id}-r0")
         _finish(index_dir, con, stats, args, str(source))
@@ -381,3 +384,5 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
             state["con"].close()
         if "lock" in state:
             state["lock"].close()
+        if state.get("discard"):
+            shutil.rmtree(index_dir, ignore_errors=True)

@@ -1,6 +1,8 @@
 """`QueryEncoder`: a model and its tokenizer loaded once, turning texts or images into search queries."""
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -28,15 +30,18 @@ class QueryEncoder:
         """Embedding size."""
         return int(self.model.config.embed_dim)
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """[n, d] normalised float32 text embeddings."""
+    def embed_texts(self, texts: Sequence[str], truncate: bool = False) -> np.ndarray:
+        """[n, d] normalised float32 text embeddings; a text over the context is refused unless `truncate`."""
         from clipforge.evaluate.features import extract_text_features
 
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
+        tokenizer = self.tokenizer
+        if truncate and "truncate" in inspect.signature(tokenizer).parameters:  # WordPiece always cuts
+            tokenizer = functools.partial(tokenizer, truncate=True)
         with self._lock:
-            return extract_text_features(self.model, self.tokenizer, texts, precision=self.precision).numpy()
+            return extract_text_features(self.model, tokenizer, texts, precision=self.precision).numpy()
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """[n, d] normalised float32 image embeddings (preprocessed as the index's images were)."""

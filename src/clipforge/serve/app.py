@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipforge.serve.batching import MicroBatcher
 from clipforge.data.images import SampleError, decode_image
+from clipforge.text.tokenizer import TextTooLong
 from clipforge.serve.schemas import (EmbedImageResponse, EmbedTextResponse, HealthResponse, SearchResponse,
                                      error_texts, errors)
 
@@ -182,7 +183,7 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
     async def embed(batcher: MicroBatcher, item: Any) -> np.ndarray:
         try:
             return await batcher.embed(item)
-        except ValueError:  # only a text longer than the model's context gets here: the caller's to fix
+        except TextTooLong:  # the caller's to fix
             raise HTTPException(422, f"invalid request: the text is longer than the model's context of "
                                      f"{encoder.model.context_length} tokens") from None
 

@@ -6,6 +6,7 @@ from clipforge.text.tokenizer import (
     OPEN_CLIP_SPECIAL_TOKENS,
     SPECIAL_TOKENS,
     CLIPTokenizer,
+    TextTooLong,
     bytes_to_unicode,
     default_tokenizer,
     normalize,
@@ -14,6 +15,7 @@ from clipforge.text.tokenizer import (
 
 __all__ = [
     "CLIPTokenizer",
+    "TextTooLong",
     "DEFAULT_CONTEXT_LENGTH",
     "OPEN_CLIP_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",

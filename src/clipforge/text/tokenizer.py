@@ -155,6 +155,10 @@ def standard_vocab(merges: Sequence[tuple[str, str]], special_tokens: Sequence[s
     return base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + list(special_tokens)
 
 
+class TextTooLong(ValueError):
+    """A text longer than the model's context, refused because truncation was not asked for."""
+
+
 class CLIPTokenizer:
     """OpenAI CLIP's BPE tokenizer (same ids as OpenAI and open_clip), BPE done by `tokenizers`."""
 
@@ -271,9 +275,9 @@ class CLIPTokenizer:
             if not truncate:
                 text = texts[i]
                 shown = text if len(text) <= 80 else text[:80] + "..."
-                raise ValueError(
+                raise TextTooLong(
                     f"text {shown!r} is {len(rows[i]) + 2} tokens long with SOT/EOT, more than the "
-                    f"context length {ctx}; pass truncate=True to cut it"
+                    f"context length {ctx}: shorten it, or cut it with truncate=True (CLI: --truncate)"
                 )
             rows[i] = rows[i][: ctx - 2]  # open_clip keeps SOT and puts EOT in the last slot
         lengths = np.minimum(lengths, ctx - 2)
