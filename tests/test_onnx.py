@@ -55,6 +55,17 @@ def test_cli_export_vit_matches_pytorch(tmp_path, fixtures_dir, capsys):
     diff = check_against_fixture(out, fixtures_dir / "openai-vit-tiny")
     print(f"ViT ONNX max abs diff vs fixture: {diff:.3g}")
     assert diff <= 1e-4
+    assert all((out / f).is_file() for f in config["external_data"].values()) and len(config["external_data"]) == 2
+    # A client without clipforge: tokenizer.json (HF tokenizers) feeds the text graph directly.
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    captions = json.loads((fixtures_dir / "openai-vit-tiny" / "meta.json").read_text())["captions"]
+    captions = [c for c in captions if "&amp;" not in c]  # HTML entities: the documented difference
+    ids = np.array([e.ids for e in Tokenizer.from_file(str(out / config["tokenizer"]["file"])).encode_batch(captions)])
+    session = ort.InferenceSession(str(out / TEXT_FILE), providers=["CPUExecutionProvider"])
+    got = session.run(["embeddings"], {"tokens": ids})[0]
+    np.testing.assert_allclose(got, OnnxCLIP(out).embed_texts(captions), atol=1e-6)
 
 
 def test_export_resnet_matches_pytorch(tmp_path, fixtures_dir):

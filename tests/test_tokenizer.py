@@ -379,3 +379,27 @@ def test_a_text_over_the_context_is_refused_with_the_way_to_cut_it():
     with pytest.raises(TextTooLong, match=r"is 12 tokens long.*context length 10.*truncate=True \(CLI: --truncate\)"):
         tokenize(["a " * 10], context_length=10)
     assert tokenize(["a " * 10], context_length=10, truncate=True).shape == (1, 10)
+
+
+def _random_texts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    pieces = ["dog", "Cat", "photo", "a", "the", "don't", "it’s", "“quoted”", "naïve", "café", "東京", "😀", "🐱",
+              "42", "3.14", "x2", "!!", "...", "—", "-", "(", ")", "#tag", "@user", "e\u0301", "Ω", "ß", "I'M"]
+    spaces = [" ", "  ", "\t", "\n", ""]
+    return ["".join(rng.choice(pieces) + rng.choice(spaces) for _ in range(rng.randint(0, 30))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("vocab", ["openai", "trained"])
+def test_tokenizer_json_gives_clipforge_ids_for_clean_text(vocab, tmp_path):
+    from tokenizers import Tokenizer
+
+    from clipforge.text.fast import save_tokenizer_json
+
+    texts = _random_texts(1500, seed=1) + ["", "   ", "a " * 100, "<|endoftext|> marks", "Hello, World! It's 2024."]
+    if vocab == "openai":
+        tok = CLIPTokenizer(context_length=40)
+    else:
+        tok = train_bpe(texts * 3, 700, tmp_path / "small.txt.gz")
+        assert tok.vocab_size <= 700
+    fast = Tokenizer.from_file(str(save_tokenizer_json(tok, tmp_path)))
+    assert [e.ids for e in fast.encode_batch(texts)] == tok(texts, truncate=True).tolist()

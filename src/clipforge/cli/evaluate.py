@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `clipforge eval`."""
     p = sub.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe, robustness, bias")
-    add_model_arguments(p)
+    add_model_arguments(p, device=True)
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--data", required=True,
                    help="labels CSV, a dataset folder with labels.csv/captions.csv, or an image folder per class")

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="zero-shot classify images against comma-separated labels")
     p.add_argument("images", nargs="+", type=Path)
-    add_model_arguments(p)
+    add_model_arguments(p, device=True)
     p.add_argument("--labels", required=True, help="comma-separated class names")
     p.add_argument("--template", default="a photo of a {}.", help="prompt template (without --ensemble)")
     p.add_argument("--ensemble", action="store_true", help="average OpenAI's 7 ImageNet templates")

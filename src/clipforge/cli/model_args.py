@@ -6,9 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from clipforge.device import DEVICE_HELP, resolve_device
 
-def add_model_arguments(p: argparse.ArgumentParser, flag: str | None = "--model", random_weights: bool = True) -> None:
-    """Add --model (unless the command takes it positionally), --model-config, --head-width, --quick-gelu/--gelu."""
+
+def add_model_arguments(p: argparse.ArgumentParser, flag: str | None = "--model", random_weights: bool = True,
+                        device: bool = False) -> None:
+    """Add --model (unless the command takes it positionally), --model-config, --head-width, --quick-gelu/--gelu
+    (and --device for commands that run the model)."""
     if flag:
         p.add_argument(flag, required=True, help="checkpoint (file or folder in any format clipforge.load reads)"
                                                  + (" or registry name with --random-weights" if random_weights else ""))
@@ -22,6 +26,8 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str | None = "--model"
                      help="a bare state dict was trained with QuickGELU (every OpenAI release)")
     act.add_argument("--gelu", dest="quick_gelu", action="store_const", const=False,
                      help="a bare state dict was trained with exact GELU (most open_clip LAION models)")
+    if device:
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
     if random_weights:
         p.add_argument("--random-weights", action="store_true",
                        help="allow a registry name without weights: randomly initialised, for smoke tests only")
@@ -34,4 +40,6 @@ def load_model(args: argparse.Namespace, name: str | Path | None = None) -> tupl
 
     name = args.model if name is None else name
     refuse_random_weights(name, getattr(args, "random_weights", False))
-    return clipforge.load(name, config=args.model_config, head_width=args.head_width, quick_gelu=args.quick_gelu)
+    device = resolve_device(getattr(args, "device", "cpu"))
+    return clipforge.load(name, device, config=args.model_config, head_width=args.head_width,
+                          quick_gelu=args.quick_gelu)

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from clipforge.device import DEVICE_HELP
+
 
 def run_index(args: argparse.Namespace) -> None:
     """Build or update an index and print what changed."""
@@ -18,7 +20,8 @@ def run_index(args: argparse.Namespace) -> None:
     refuse_random_weights(args.model, args.random_weights)
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
-                        shard_size=args.shard_size, precision=args.precision, target_recall=args.target_recall)
+                        shard_size=args.shard_size, precision=args.precision, target_recall=args.target_recall,
+                        device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
         return
     if args.json:
@@ -43,7 +46,7 @@ def run_search(args: argparse.Namespace) -> None:
     if args.text is not None and args.image is not None:
         raise ValueError("give a text query or --image, not both")
     index = ImageIndex.open(args.index)
-    encoder = QueryEncoder(args.model or index.model)
+    encoder = QueryEncoder(args.model or index.model, device=args.device)
     if args.image is not None:
         query = encoder.embed_images([load_image(args.image)])
     else:
@@ -82,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=KINDS, default="auto", help="auto: exact up to 50k images, else faiss-ivf")
     p.add_argument("--target-recall", type=float, default=0.97, help="FAISS: tune to this recall@10 against exact")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes its local GPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the build statistics as JSON")
     p.set_defaults(func=run_index)
@@ -92,6 +96,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", type=Path, help="image query instead of a text")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--model", default=None, help="query model (default: the one the index was built with)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--truncate", action="store_true", help="cut a text longer than the model's context (default: refuse)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_search)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.device import DEVICE_HELP
+
 
 def run(args: argparse.Namespace) -> None:
     """Load the index and model once, then serve until interrupted."""
@@ -13,7 +15,7 @@ def run(args: argparse.Namespace) -> None:
 
     config = ServeConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         allow_random_weights=args.random_weights)
+                         allow_random_weights=args.random_weights, device=args.device)
     app = create_app(args.index_dir, config)  # a missing or broken index fails here: exit 2 with a message
     index = app.state.index
     print(f"serving {len(index)} images from {args.index_dir} at http://{args.host}:{args.port}/ "
@@ -33,5 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     p.add_argument("--random-weights", action="store_true",
                    help="serve an index built with a registry name (random weights): for smoke tests only")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)

@@ -114,6 +114,24 @@ def example_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.
     return tokens
 
 
+# A client that rounds the long side differently (e.g. to nearest) sees other pixels: measured 0.026 in the embedding.
+RESIZE_RULE = ("bicubic (Pillow, antialiased), short side to image_size, long side int(image_size * long / short) "
+               "(rounded down, as torchvision); an image whose short side is image_size is not resized")
+CROP_RULE = ("center: left = round((width - image_size) / 2), top = round((height - image_size) / 2) (Python's "
+             "round, halves to even); a smaller image is first padded with black, centred")
+TOKENIZER_NOTE = ("HF tokenizers pipeline, same ids as clipforge for clean text: no ftfy (mojibake repair, "
+                  "fullwidth forms, Latin ligatures) and no HTML unescaping; rows padded with 0 to context_length "
+                  "and cut keeping SOT and EOT")
+
+
+def _tokenizer_file(text_tower: str) -> dict[str, str]:
+    if text_tower == "clip":
+        return {"file": "tokenizer.json", "file_note": TOKENIZER_NOTE}
+    from clipforge.model.minilm import TOKENIZER_FILE
+
+    return {"file": TOKENIZER_FILE, "file_note": "HF tokenizers WordPiece (BERT uncased); pad with 0 to context_length"}
+
+
 def require_onnx(verify: bool = True) -> None:
     """ImportError naming the missing packages of the onnx extra, before any work is done."""
     needed = ("onnx", "onnxscript") + (("onnxruntime",) if verify else ())  # torch's exporter imports onnxscript
@@ -155,6 +173,10 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
         _export(TextEncoder(model), example_tokens(2, model.context_length, vocab), out / TEXT_FILE, "tokens",
                 True, opset)
     tokenizer.save(out)
+    if model.config.text_tower == "clip":  # WordPiece's save already writes a tokenizer.json
+        from clipforge.text.fast import save_tokenizer_json
+
+        save_tokenizer_json(tokenizer, out)
     config: dict[str, Any] = {
         "format": "clipforge-onnx",
         "image_encoder": IMAGE_FILE,
@@ -164,15 +186,18 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
         "inputs": {"image": {"name": "pixels", "dtype": "float32", "shape": ["batch", 3, size, size]},
                    "text": {"name": "tokens", "dtype": "int64", "shape": ["batch", "length"]}},
         "outputs": ["features", "embeddings"],
-        "preprocess": {"image_size": size, "resize": "bicubic, short side to image_size", "crop": "center",
+        "preprocess": {"image_size": size, "resize": RESIZE_RULE, "crop": CROP_RULE,
                        "composite_white": preprocess.composite_white,
                        "transparency": "composite on white, then resize" if preprocess.composite_white
                        else "resize and crop in the file's mode, then drop alpha (RGB)",
                        "mean": list(preprocess.mean), "std": list(preprocess.std), "scale": 1 / 255, "layout": "NCHW"},
         "tokenizer": {"kind": "wordpiece" if model.config.text_tower == "minilm" else "clip",
                       "context_length": model.context_length, "vocab_size": vocab,
-                      "pooling": "masked mean" if model.config.text_tower == "minilm" else "EOT (highest id)"},
+                      "pooling": "masked mean" if model.config.text_tower == "minilm" else "EOT (highest id)",
+                      **_tokenizer_file(model.config.text_tower)},
         "opset": opset,
+        # torch's exporter keeps the weights beside each graph; a runtime finds them by this relative name.
+        "external_data": {name: f"{name}.data" for name in (IMAGE_FILE, TEXT_FILE) if (out / f"{name}.data").is_file()},
     }
     if verify:
         config["parity"] = verify_onnx(model, out, vocab, atol=atol)

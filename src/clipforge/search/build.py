@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from clipforge.data.captions import SampleError, decode_image
+from clipforge.device import resolve_device
 from clipforge.search import store
 from clipforge.search.backend import build_backend, save_backend
 from clipforge.search.sources import Item, ItemReader, list_source
@@ -319,7 +320,8 @@ def _lock(index_dir: Path) -> Any:
 
 def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, model: str | Path,
                 batch_size: int = 64, progress: bool = True, *, backend: str = "auto", shard_size: int = 4096,
-                precision: str = "fp32", target_recall: float = 0.97, separator: str = "|") -> BuildStats:
+                precision: str = "fp32", target_recall: float = 0.97, separator: str = "|",
+                device: str = "cpu") -> BuildStats:
     """Create or update the index in `out_dir` of an image folder, caption CSV or webdataset shard(s)."""
     import clipforge
 
@@ -367,7 +369,7 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
     try:
         todo, run_id = _on_rank0(rank, world, prepare)
         mine = todo[rank::world]
-        loaded, preprocess = clipforge.load(name) if mine else (None, None)
+        loaded, preprocess = clipforge.load(name, resolve_device(device)) if mine else (None, None)
         failed: list[tuple[str, str]] = []
         dim = _write_shards(index_dir, f"{run_id}-r{rank}", mine, loaded, preprocess,
                             {**args, "progress": progress and rank == 0}, on_shard, failed)
