@@ -133,3 +133,36 @@ def test_resnet_refuses_hf_format(tmp_path):
     with pytest.raises(ValueError, match="no CLIP ResNet"):
         clipforge.save_pretrained(model, tmp_path / "hf", format="hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_open_clip_format_runs_in_open_clips_model_code(arch, tmp_path, fixtures_dir, open_clip_model_code):
+    from clipforge.cli.main import main
+
+    out = tmp_path / "oc"
+    if arch == "vit":  # through the CLI, from OpenAI's layout
+        source = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
+        model, _ = clipforge.load(source, **OPENAI)
+        assert main(["convert", str(source), str(out), "--format", "open_clip", "--head-width", "64", "--quick-gelu"]) == 0
+    else:
+        model = perturb_(clipforge.create_model("cpu-rn-tiny-64", seed=0)).eval()
+        clipforge.save_pretrained(model, out, format="open_clip")
+    settings = json.loads((out / "open_clip_config.json").read_text())
+    weights = load_file(str(out / "open_clip_model.safetensors"))
+    reference = open_clip_model_code.CLIP(**settings["model_cfg"]).eval()
+    result = reference.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys)
+    pixels = torch.randn(2, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens(2, model.context_length, [3, 9])
+    with torch.no_grad():
+        assert (reference.encode_image(pixels) - model.encode_image(pixels)).abs().max() < 1e-5
+        assert (reference.encode_text(tokens) - model.encode_text(tokens)).abs().max() < 1e-5
+    again, _ = clipforge.load(out)  # and clipforge reads the folder it wrote
+    assert again.config == model.config
+
+
+def test_open_clip_format_refuses_what_open_clip_cannot_run(tmp_path):
+    lit = clipforge.create_model("cpu-vit-tiny-32", text_tower="minilm")
+    with pytest.raises(ValueError, match="open_clip has no 'minilm' text tower"):
+        clipforge.save_pretrained(lit, tmp_path / "lit", format="open_clip")
+    assert not (tmp_path / "lit").exists()

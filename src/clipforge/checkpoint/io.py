@@ -220,12 +220,12 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
 
 
 def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge", tokenizer: Any = None) -> Path:
-    """Write `model` (and its tokenizer) as a clipforge directory or an HF transformers CLIPModel directory."""
+    """Write `model` (and its tokenizer) as a clipforge, HF transformers (CLIPModel) or open_clip (hub) directory."""
     from clipforge.text import CLIPTokenizer  # local: keeps model loading free of tokenizer start-up cost
 
     out = Path(out_dir)
-    if format not in ("clipforge", "hf"):
-        raise ValueError(f"unknown format {format!r}: use 'clipforge' or 'hf'")
+    if format not in ("clipforge", "hf", "open_clip"):
+        raise ValueError(f"unknown format {format!r}: use 'clipforge', 'hf' or 'open_clip'")
     if format == "hf" and model.config.vision.is_resnet:
         raise ValueError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
     if format == "hf" and model.config.text_tower != "clip":
@@ -238,12 +238,16 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
         if model.config.text.vocab_size != 49408:
             raise ValueError(f"model has a {model.config.text.vocab_size}-token vocabulary: pass its tokenizer")
         tokenizer = CLIPTokenizer(context_length=model.context_length)
+    preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
+    settings = _open_clip_settings(model.config, tokenizer, preprocess) if format == "open_clip" else None
     out.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                   if not k.endswith("num_batches_tracked")}
-    preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
     if format == "clipforge":
         write_clipforge_dir(out, state_dict, model.config, tokenizer, preprocess)
+    elif format == "open_clip":  # open_clip's hub layout; its CLIP uses OpenAI's parameter names, as clipforge
+        save_file(state_dict, str(out / open_clip.WEIGHT_FILES[0]))
+        (out / open_clip.CONFIG_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     else:
         save_file(hf.state_dict_to_hf(state_dict, model.config), str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(hf.hf_config(model.config, tokenizer.eot_token_id), indent=1))
@@ -251,6 +255,16 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
             json.dumps(hf.hf_preprocessor_config(model.config, preprocess.mean, preprocess.std), indent=1))
         tokenizer.save_hf(out)
     return out
+
+
+def _open_clip_settings(config: CLIPConfig, tokenizer: Any, preprocess: PreprocessConfig) -> dict[str, Any]:
+    """open_clip_config.json contents, refusing a model open_clip would run or tokenise differently."""
+    from clipforge.text.tokenizer import SPECIAL_TOKENS
+
+    settings = open_clip.open_clip_config(config, preprocess)
+    if (getattr(tokenizer, "vocab_size", None), getattr(tokenizer, "special_tokens", None)) != (49408, SPECIAL_TOKENS):
+        raise ValueError("open_clip tokenises with OpenAI's BPE; this model has another vocabulary: use format='clipforge'")
+    return settings
 
 
 def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPConfig, tokenizer: Any,

@@ -59,7 +59,8 @@ def config_from_open_clip(d: dict[str, Any], source: str = "open_clip config") -
     resnet = isinstance(v["layers"], (list, tuple))
     heads = v["width"] * 32 // v["head_width"] if resnet else v["width"] // v["head_width"]
     vision = VisionConfig(image_size=v["image_size"], layers=tuple(v["layers"]) if resnet else v["layers"],
-                          width=v["width"], heads=heads, patch_size=v["patch_size"] or 32, mlp_ratio=v["mlp_ratio"],
+                          width=v["width"], heads=heads, patch_size=32 if resnet else v["patch_size"],  # a ResNet's stride
+                          mlp_ratio=v["mlp_ratio"],
                           quick_gelu=quick_gelu)
     text = TextConfig(context_length=t["context_length"], vocab_size=t["vocab_size"], width=t["width"],
                       heads=t["heads"], layers=t["layers"], mlp_ratio=t["mlp_ratio"], quick_gelu=quick_gelu)
@@ -90,3 +91,26 @@ def read_open_clip_config(path: Path) -> tuple[CLIPConfig, PreprocessConfig]:
 def open_clip_weights(directory: Path) -> Path | None:
     """The open_clip weight file of a directory (hub layout), or None."""
     return next((directory / n for n in WEIGHT_FILES if (directory / n).is_file()), None)
+
+
+def open_clip_config(config: CLIPConfig, preprocess: PreprocessConfig) -> dict[str, Any]:
+    """The `open_clip_config.json` of a clipforge model; a model open_clip's towers cannot express is refused."""
+    if config.text_tower != "clip":
+        raise ValueError(f"open_clip has no {config.text_tower!r} text tower: save with format='clipforge'")
+    if config.vision.quick_gelu != config.text.quick_gelu:
+        raise ValueError("open_clip uses one activation for both towers; this model mixes QuickGELU and GELU")
+    if {config.vision.layer_norm_eps, config.text.layer_norm_eps} != {1e-5}:
+        raise ValueError("open_clip's layer norms use eps 1e-5; this model's differ")
+    v = config.vision
+    vision: dict[str, Any] = {"image_size": v.image_size, "width": v.width}
+    if v.is_resnet:  # open_clip: heads = width * 32 // head_width
+        vision.update(layers=list(v.layers), head_width=v.width * 32 // v.heads, patch_size=None)
+    else:
+        vision.update(layers=v.layers, head_width=v.width // v.heads, patch_size=v.patch_size, mlp_ratio=v.mlp_ratio)
+    t = config.text
+    text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
+            "layers": t.layers, "mlp_ratio": t.mlp_ratio}
+    model_cfg = {"embed_dim": config.embed_dim, "quick_gelu": v.quick_gelu, "vision_cfg": vision, "text_cfg": text}
+    preprocess_cfg = {"size": v.image_size, "mode": "RGB", "mean": list(preprocess.mean), "std": list(preprocess.std),
+                      "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}

@@ -77,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list registry architectures")
     p.set_defaults(func=_models)
 
-    p = sub.add_parser("convert", help="convert a checkpoint (OpenAI/open_clip/HF/clipforge) to hf or clipforge format")
+    p = sub.add_parser("convert", help="convert a checkpoint (OpenAI/open_clip/HF/clipforge) to clipforge, hf or "
+                                       "open_clip format")
     p.add_argument("src", help="checkpoint file or directory, or a registry name")
     p.add_argument("out", type=Path, help="output directory")
-    p.add_argument("--format", choices=["hf", "clipforge"], default="clipforge")
+    p.add_argument("--format", choices=["clipforge", "hf", "open_clip"], default="clipforge",
+                   help="open_clip: open_clip_config.json + open_clip_model.safetensors, for open_clip's "
+                        "create_model(..., pretrained=DIR/open_clip_model.safetensors) or 'local-dir:DIR'")
     add_model_arguments(p, flag=None)
     p.set_defaults(func=_convert)
 
