@@ -41,35 +41,46 @@ def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> tor
     return module
 
 
-@pytest.fixture
-def open_clip_model_code():
-    """open_clip's `model` module (its CLIP class), loaded without its package __init__.
+class _Unused(type):
+    """A stand-in for every torchvision name open_clip imports: any attribute is the class itself."""
 
-    open_clip_torch is installed --no-deps (scripts/setup.sh): its __init__ imports torchvision for
-    preprocessing, which model code never touches, so only the one torchvision name its utils import
-    (FrozenBatchNorm2d, used to freeze batch norms in training) is stubbed.
+    def __getattr__(cls, name: str) -> type:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return cls
+
+
+@pytest.fixture
+def open_clip_package():
+    """The real open_clip package (factory, model code), imported with torchvision's names stubbed.
+
+    open_clip_torch is installed --no-deps (scripts/setup.sh) and imports torchvision for its image
+    transforms; `create_model` never calls them (preprocessing is clipforge's, checked elsewhere), so each
+    torchvision name it imports is a placeholder class here. Everything imported is dropped afterwards.
     """
     import importlib
     import importlib.util
     import sys
     import types
 
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
+    if importlib.util.find_spec("open_clip") is None:
         pytest.skip("open_clip_torch is not installed (scripts/setup.sh installs it --no-deps)")
-    import transformers  # noqa: F401  (open_clip's hf_model imports it; it must not see the stub below)
+    import transformers  # noqa: F401  (open_clip imports it; it must not see the stub below)
 
     before = set(sys.modules)
     if importlib.util.find_spec("torchvision") is None:
-        misc = types.ModuleType("torchvision.ops.misc")
-        misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
-        sys.modules.update({"torchvision": types.ModuleType("torchvision"),
-                            "torchvision.ops": types.ModuleType("torchvision.ops"), "torchvision.ops.misc": misc})
-    package = types.ModuleType("open_clip")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["open_clip"] = package
+        placeholder = _Unused("Placeholder", (), {"__init__": lambda self, *a, **k: None})
+        for name in ("torchvision", "torchvision.ops", "torchvision.ops.misc", "torchvision.transforms",
+                     "torchvision.transforms.functional"):
+            module = types.ModuleType(name)
+            module.__getattr__ = lambda attr: placeholder if not attr.startswith("__") else _missing(attr)
+            sys.modules[name] = module
     try:
-        yield importlib.import_module("open_clip.model")
+        yield importlib.import_module("open_clip")
     finally:
         for name in set(sys.modules) - before:
             del sys.modules[name]
+
+
+def _missing(name: str) -> None:
+    raise AttributeError(name)

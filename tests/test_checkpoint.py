@@ -136,7 +136,7 @@ def test_resnet_refuses_hf_format(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
-def test_open_clip_format_runs_in_open_clips_model_code(arch, tmp_path, fixtures_dir, open_clip_model_code):
+def test_open_clip_format_loads_with_open_clip_create_model(arch, tmp_path, fixtures_dir, open_clip_package):
     from clipforge.cli.main import main
 
     out = tmp_path / "oc"
@@ -147,11 +147,7 @@ def test_open_clip_format_runs_in_open_clips_model_code(arch, tmp_path, fixtures
     else:
         model = perturb_(clipforge.create_model("cpu-rn-tiny-64", seed=0)).eval()
         clipforge.save_pretrained(model, out, format="open_clip")
-    settings = json.loads((out / "open_clip_config.json").read_text())
-    weights = load_file(str(out / "open_clip_model.safetensors"))
-    reference = open_clip_model_code.CLIP(**settings["model_cfg"]).eval()
-    result = reference.load_state_dict(weights, strict=False)
-    assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys)
+    reference = open_clip_package.create_model(f"local-dir:{out}").eval()  # open_clip reads config and weights
     pixels = torch.randn(2, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
     tokens = random_tokens(2, model.context_length, [3, 9])
     with torch.no_grad():
