@@ -86,3 +86,34 @@ def test_intermediate_size_not_a_whole_ratio_loads(tmp_path):
     hf_model.save_pretrained(tmp_path)
     model, _ = clipforge.load(tmp_path)
     _compare(hf_model, model, 32, 77)
+
+
+def test_tokens_hidden_states_and_attentions_match_hf(tmp_path):
+    torch.manual_seed(2)
+    hf_model = perturb_(transformers.CLIPModel(transformers.CLIPConfig(**CONFIGS["odd"]))).eval()
+    hf_model.save_pretrained(tmp_path)
+    # Attention weights exist only in transformers' eager attention (SDPA never forms them).
+    hf_model = transformers.CLIPModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model, _ = clipforge.load(tmp_path)
+    pixels = torch.randn(2, 3, 56, 56)
+    tokens = random_tokens(3, 40, [3, 38, 10])
+    with torch.no_grad():
+        hf_image = hf_model.vision_model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+        hf_text = hf_model.text_model(input_ids=tokens, output_hidden_states=True, output_attentions=True)
+        image, text = model.image_outputs(pixels, attentions=True), model.text_outputs(tokens, attentions=True)
+        embeds, patches = model.encode_image(pixels, output_tokens=True)
+        text_embeds, token_features = model.encode_text(tokens, output_tokens=True)
+        pairs = [
+            *zip(image.hidden_states, hf_image.hidden_states), *zip(image.attentions, hf_image.attentions),
+            *zip(text.hidden_states, hf_text.hidden_states), *zip(text.attentions, hf_text.attentions),
+            # open_clip's tokens: the post layer norm on every patch (HF applies it to the class token only)
+            (patches, hf_model.vision_model.post_layernorm(hf_image.last_hidden_state)[:, 1:]),
+            (token_features, hf_text.last_hidden_state),
+            (embeds, hf_model.visual_projection(hf_image.pooler_output)),
+            (text_embeds, hf_model.text_projection(hf_text.pooler_output)),
+        ]
+    assert len(image.hidden_states) == 4 and len(image.attentions) == 3 and len(text.attentions) == 2
+    assert image.attentions[0].shape == (2, 5, 17, 17) and text.attentions[1].shape == (3, 3, 40, 40)
+    for ours, theirs in pairs:
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
+    assert (embeds - model.encode_image(pixels)).abs().max() < 1e-5  # the fast path, same numbers

@@ -143,3 +143,15 @@ def test_compiled_towers_match_eager():
         assert torch.allclose(model.encode_image(pixels), reference[0], atol=1e-4)
         assert torch.allclose(model.encode_text(random_tokens(2, 32, [3, 9])), reference[1], atol=1e-4)
         assert text.shape == (2, 64)
+
+
+def test_resnet_tokens_are_the_map_its_attention_pool_reads():
+    model = clipforge.create_model("cpu-rn-tiny-64", seed=0).eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeds, tokens = model.encode_image(pixels, output_tokens=True)
+        grid = model.visual.feature_map(pixels)
+        assert torch.equal(embeds, model.encode_image(pixels)) and tokens.shape == (2, 4, 512)
+        assert torch.equal(tokens[:, 1], grid[:, :, 0, 1])  # row-major: position 1 is row 0, column 1
+    with pytest.raises(ValueError, match="no attention layers"):
+        model.image_outputs(pixels, attentions=True)

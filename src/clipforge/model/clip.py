@@ -1,12 +1,15 @@
 """The CLIP model: image tower + causal text tower projected into one space, with a learned temperature."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipforge.model.config import CLIPConfig, PreprocessConfig
 from clipforge.model.minilm import MiniLMTextTower
+from clipforge.model.outputs import TowerOutputs, image_outputs, text_outputs
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.transformer import Transformer, VisionTransformer
 
@@ -65,15 +68,31 @@ class CLIP(nn.Module):
             self.transformer.compile(dynamic=True)  # text length varies with the longest caption
         return self
 
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Image embeddings [B, embed_dim] from normalised pixels [B, 3, H, W]."""
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False, output_tokens: bool = False) -> Any:
+        """Image embeddings [B, embed_dim] from normalised pixels [B, 3, H, W]; with `output_tokens`,
+        (embeddings, patch tokens) as open_clip returns them (see `image_outputs` for layers and attention)."""
+        if output_tokens:
+            out = image_outputs(self, pixels, normalize=normalize)
+            return out.embeds, out.tokens
         features = self.visual(pixels)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Text embeddings [B, embed_dim] from token ids [B, L], pooled at the EOT (highest id) token."""
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False, output_tokens: bool = False) -> Any:
+        """Text embeddings [B, embed_dim] from token ids [B, L], pooled at the EOT (highest id) token; with
+        `output_tokens`, (embeddings, token features [B, L, width]) as open_clip returns them."""
+        if output_tokens:
+            out = text_outputs(self, tokens, normalize=normalize)
+            return out.embeds, out.tokens
         features = self.project_text(self.text_body(tokens))
         return F.normalize(features, dim=-1) if normalize else features
+
+    def image_outputs(self, pixels: torch.Tensor, attentions: bool = False, normalize: bool = False) -> TowerOutputs:
+        """Embeddings, patch tokens, every layer's hidden states and (on request) attention weights."""
+        return image_outputs(self, pixels, attentions, normalize)
+
+    def text_outputs(self, tokens: torch.Tensor, attentions: bool = False, normalize: bool = False) -> TowerOutputs:
+        """Embeddings, token features, every layer's hidden states and (on request) attention weights."""
+        return text_outputs(self, tokens, attentions, normalize)
 
     def text_body(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pooled text features before the projection: what a locked text tower computes (cacheable)."""

@@ -117,6 +117,10 @@ class ModifiedResNet(nn.Module):
                 nn.init.zeros_(block.bn3.weight)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.attnpool(self.feature_map(pixels))
+
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The last stage's features [B, width * 32, H / 32, W / 32], what the attention pool reads."""
         x = pixels.to(self.conv1.weight.dtype)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
@@ -128,4 +132,4 @@ class ModifiedResNet(nn.Module):
                 f"image of {pixels.shape[-2]}x{pixels.shape[-1]} px does not fit this model "
                 f"({self.image_size}x{self.image_size} px)"
             )
-        return self.attnpool(x)
+        return x

@@ -23,6 +23,15 @@ def activation(quick_gelu: bool) -> nn.Module:
     return QuickGELU() if quick_gelu else nn.GELU()
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """Softmax attention weights [B, H, L, L] (what HF returns with output_attentions)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if causal:
+        length = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention on [B, H, L, D]; plain matmuls for bf16 on CPU.
 
@@ -30,12 +39,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     flash kernel is 2-5x slower in bf16 than two matmuls and a softmax, forward and backward.
     """
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        if causal:
-            length = q.shape[-2]
-            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(mask, float("-inf"))
-        return scores.softmax(dim=-1) @ v
+        return attention_weights(q, k, causal) @ v
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
@@ -51,11 +55,16 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, weights: list | None = None) -> torch.Tensor:
+        """Self-attention; with a `weights` list, the softmax weights are computed explicitly and appended."""
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attention(q, k, v, causal)
+        if weights is None:
+            out = attention(q, k, v, causal)
+        else:
+            weights.append(attention_weights(q, k, causal))
+            out = weights[-1] @ v
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -82,8 +91,8 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, round(width * mlp_ratio), quick_gelu)  # round: ratios from HF sizes are inexact
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, weights: list | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, weights=weights)
         return x + self.mlp(self.ln_2(x))
 
     def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +132,14 @@ class Transformer(nn.Module):
                 x = block(x, causal=causal)
         return x
 
+    def forward_states(self, x: torch.Tensor, causal: bool = False,
+                       attentions: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every block's input and the last output (layers + 1 tensors), and each block's attention weights."""
+        states, weights = [x], [] if attentions else None
+        for block in self.resblocks:
+            states.append(block(states[-1], causal=causal, weights=weights))
+        return states, weights or []
+
     def init_weights(self) -> None:
         """OpenAI's initialisation: residual output projections scaled down by depth."""
         attn_std = self.width**-0.5
@@ -157,6 +174,11 @@ class VisionTransformer(nn.Module):
         self.transformer.init_weights()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.transformer(self.embed(pixels), first_token_only=True)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The transformer's input [B, 1 + grid*grid, width]: class token + patches + positions, layer-normed."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         if x.shape[1] + 1 != self.positional_embedding.shape[0]:
@@ -167,5 +189,4 @@ class VisionTransformer(nn.Module):
             )
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x), first_token_only=True)
-        return self.ln_post(x[:, 0]) @ self.proj
+        return self.ln_pre(x)
