@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from clipforge.checkpoint import hf, open_clip
 from clipforge.checkpoint.architecture import ArchitectureHints, heads_for_width, resolve_architecture
 from clipforge.checkpoint.open_clip import config_from_open_clip
+from clipforge.checkpoint.remote import HUB_PREFIX, hub_repo, is_remote, resolve_remote
 from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_into, read_torchscript
 from clipforge.data.transforms import EvalTransform
 from clipforge.model.clip import CLIP
@@ -186,17 +187,22 @@ def _load_path(path: Path, choice: dict[str, Any], overrides: dict[str, Any]) ->
     return model
 
 
-def refuse_random_weights(name: str | Path, allowed: bool) -> None:
+def refuse_random_weights(name: str | Path, allowed: bool, pretrained: str | None = None) -> None:
     """ValueError when `name` is a registry architecture (no weights) and random weights were not asked for."""
-    if str(name) in list_models() and not Path(name).exists() and not allowed:
+    if str(name) in list_models() and not Path(name).exists() and not allowed and pretrained is None:
         raise ValueError(f"{name!r} is a registry architecture without weights: its answers would be random. "
-                         f"Pass a checkpoint, or --random-weights to run with randomly initialised weights")
+                         "Pass a checkpoint, --pretrained TAG (`clipforge models --pretrained` lists them), or "
+                         "--random-weights to run with randomly initialised weights")
 
 
 def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
-         config: str | Path | CLIPConfig | None = None, head_width: int | None = None,
+         pretrained: str | None = None, config: str | Path | CLIPConfig | None = None, head_width: int | None = None,
          quick_gelu: bool | None = None, **overrides: Any) -> tuple[CLIP, EvalTransform]:
     """(model in eval mode, its eval transform) from a registry name or any OpenAI/open_clip/HF/clipforge checkpoint.
+
+    Downloads (verified, cached; clipforge.pretrained): `load("ViT-B-32", pretrained="openai")` for a tag of
+    `list_pretrained()` (or pretrained=a weights file), and `load("hf-hub:ORG/NAME")` for an open_clip or
+    transformers CLIP repo.
 
     The architecture comes from a config whenever one exists (`config=`, an open_clip_config.json
     beside the weights, a folder's clipforge.json / config.json). A bare OpenAI-layout state dict
@@ -208,7 +214,12 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
     path = Path(name_or_path)
     overrides = {k.replace("__", "."): v for k, v in overrides.items()}  # create_model's vision__width style
     choice = {"config": config, "head_width": head_width, "quick_gelu": quick_gelu}
-    if isinstance(name_or_path, str) and name_or_path in list_models() and not path.exists():
+    if is_remote(name_or_path, pretrained):
+        local, found = resolve_remote(str(name_or_path), pretrained)
+        model = _load_path(local, {**choice, "config": config or found.get("config")}, overrides)
+        if "mean" in found:  # the tag's own normalisation (a few open_clip weights use 0.5 / 0.5)
+            model.preprocess_config = PreprocessConfig(mean=tuple(found["mean"]), std=tuple(found["std"]))
+    elif isinstance(name_or_path, str) and name_or_path in list_models() and not path.exists():
         model = CLIP(_apply_choice(get_model_config(name_or_path), choice, overrides))
     elif path.exists():
         model = _load_path(path, choice, overrides)
@@ -281,6 +292,10 @@ def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | 
     """Tokenizer for a registry name or checkpoint: its own vocab file if it ships one, else CLIP's BPE."""
     from clipforge.text import CLIPTokenizer
 
+    if isinstance(name_or_path, str) and name_or_path.startswith(HUB_PREFIX):
+        from clipforge.pretrained import hub_folder
+
+        name_or_path = hub_folder(*hub_repo(name_or_path))  # cached by the load before it
     path = Path(name_or_path) if name_or_path is not None else None
     if path is not None and path.is_dir():
         if (path / CONFIG_FILE).is_file():

@@ -21,6 +21,10 @@ from clipforge.cli.model_args import add_model_arguments, load_model
 def _models(args: argparse.Namespace) -> None:
     import clipforge
 
+    if args.pretrained:
+        for name, tag in clipforge.list_pretrained():
+            print(f"{name}\t{tag}")
+        return
     for name in clipforge.list_models():
         print(name)
 
@@ -74,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipforge {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list registry architectures")
+    p = sub.add_parser("models", help="list registry architectures (or, with --pretrained, downloadable weights)")
+    p.add_argument("--pretrained", action="store_true", help="list (architecture, tag) pairs for --pretrained")
     p.set_defaults(func=_models)
 
     p = sub.add_parser("convert", help="convert a checkpoint (OpenAI/open_clip/HF/clipforge) to clipforge, hf or "

@@ -15,7 +15,11 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str | None = "--model"
     (and --device for commands that run the model)."""
     if flag:
         p.add_argument(flag, required=True, help="checkpoint (file or folder in any format clipforge.load reads)"
-                                                 + (" or registry name with --random-weights" if random_weights else ""))
+                                                 + ", hf-hub:ORG/NAME, or a registry name with --pretrained TAG"
+                                                 + (" or --random-weights" if random_weights else ""))
+    p.add_argument("--pretrained", default=None,
+                   help="weights for a registry architecture: a tag (`clipforge models --pretrained`), downloaded "
+                        "into the verified cache, or a weights file")
     p.add_argument("--model-config", default=None,
                    help="architecture of the weights: open_clip_config.json, clipforge.json, HF config.json or a "
                         "registry name (default: the config beside the weights)")
@@ -39,7 +43,7 @@ def load_model(args: argparse.Namespace, name: str | Path | None = None) -> tupl
     from clipforge.checkpoint.io import refuse_random_weights
 
     name = args.model if name is None else name
-    refuse_random_weights(name, getattr(args, "random_weights", False))
+    refuse_random_weights(name, getattr(args, "random_weights", False), args.pretrained)
     device = resolve_device(getattr(args, "device", "cpu"))
-    return clipforge.load(name, device, config=args.model_config, head_width=args.head_width,
-                          quick_gelu=args.quick_gelu)
+    return clipforge.load(name, device, pretrained=args.pretrained, config=args.model_config,
+                          head_width=args.head_width, quick_gelu=args.quick_gelu)

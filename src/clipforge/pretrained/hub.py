@@ -1,0 +1,85 @@
+"""Hugging Face hub repos (open_clip's and transformers' CLIP layouts) through huggingface_hub and its cache.
+
+huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when it is imported; they are read again here at each
+call, so setting them in a running process (or a test) takes effect.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from clipforge.pretrained.download import cache_dir, is_offline, sha256_of
+
+OPEN_CLIP_FILES = ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+TRANSFORMERS_FILES = ("config.json", ("model.safetensors", "pytorch_model.bin"))
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def hub_folder(repo_id: str, revision: str | None = None, weights_only: bool = False) -> Path:
+    """Local folder holding the repo's config and weights: open_clip's layout, else transformers'.
+
+    `weights_only`: the weights are enough (the architecture comes from clipforge's registry).
+    """
+    for config, weights in (OPEN_CLIP_FILES, TRANSFORMERS_FILES):
+        if not weights_only and _fetch(repo_id, config, revision, optional=True) is None:
+            continue
+        if weights == TRANSFORMERS_FILES[1]:  # its preprocessing and tokenizer files, when the repo has them
+            for extra in ("preprocessor_config.json", "vocab.json", "merges.txt"):
+                _fetch(repo_id, extra, revision, optional=True)
+        for name in weights:
+            path = _fetch(repo_id, name, revision, optional=True)
+            if path is not None:
+                verify_blob(path)
+                return path.parent
+        if weights_only:
+            continue
+        raise ValueError(f"hf-hub:{repo_id} has {config} but none of {', '.join(weights)}")
+    raise ValueError(f"hf-hub:{repo_id} is neither an open_clip repo ({OPEN_CLIP_FILES[0]}) nor a transformers "
+                     f"CLIP repo ({TRANSFORMERS_FILES[0]})")
+
+
+def _fetch(repo_id: str, filename: str, revision: str | None, optional: bool) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=os.environ.get("HF_ENDPOINT"),
+                                    cache_dir=hub_cache(), local_files_only=is_offline()))
+    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: not cached, and offline or unreachable
+        if is_offline():
+            raise ValueError(f"offline mode (CLIPFORGE_OFFLINE / HF_HUB_OFFLINE): hf-hub:{repo_id}/{filename} is not "
+                             f"in the Hugging Face cache (HF_HOME); run once online, or `hf download {repo_id}` on a "
+                             "connected machine and copy its cache") from None
+        raise OSError(f"hf-hub:{repo_id}/{filename}: the hub cannot be reached and the file is not cached") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"hf-hub:{repo_id}: no such repository (or it is private: set HF_TOKEN)") from None
+    except EntryNotFoundError:
+        if optional:
+            return None
+        raise ValueError(f"hf-hub:{repo_id} has no {filename}") from None
+
+
+def hub_cache() -> str | None:
+    """HF_HUB_CACHE, else HF_HOME/hub, read now (None: huggingface_hub's default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+
+
+def verify_blob(path: Path) -> None:
+    """Check a hub file against the sha256 its cache blob is named by (large files); once per blob."""
+    blob = path.resolve()
+    if not SHA256.fullmatch(blob.name):
+        return  # small files are stored by git hash, which huggingface_hub does not expose as sha256
+    marker = cache_dir() / "verified" / blob.name
+    if marker.exists():
+        return
+    got = sha256_of(blob)
+    if got != blob.name:
+        blob.unlink()
+        path.unlink(missing_ok=True)  # the snapshot's link to it: the next call downloads again
+        raise ValueError(f"{path.name}: sha256 {got} does not match the hub's {blob.name}; the cached copy was removed "
+                         "(download again)")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()

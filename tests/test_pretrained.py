@@ -1,0 +1,176 @@
+"""Pretrained weights over real HTTP on loopback: verified cache, resumed downloads, offline mode, the hub path."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clipforge
+from clipforge.pretrained import cache_dir, download, registry
+from conftest import OPENAI
+
+
+class Server:
+    """Files by URL path; HEAD answers like the Hugging Face hub; `drop_after[path]` cuts the first GET short."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.etags: dict[str, str] = {}
+        self.drop_after: dict[str, int] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.reply(body=False)
+
+            def do_GET(self) -> None:
+                self.reply(body=True)
+
+            def reply(self, body: bool) -> None:
+                server.requests.append((self.command, self.path, self.headers.get("Range")))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start = int(self.headers["Range"][6:].split("-")[0]) if self.headers.get("Range") else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("ETag", f'"{server.etags.get(self.path, hashlib.sha1(data).hexdigest())}"')
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.end_headers()
+                if not body:
+                    return
+                cut = server.drop_after.pop(self.path, None)
+                self.wfile.write(data[start:cut] if cut is not None else data[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+@pytest.fixture
+def weights(fixtures_dir) -> bytes:
+    return (fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors").read_bytes()
+
+
+def test_download_is_verified_cached_and_resumed(server, weights):
+    server.files["/w/ViT-tiny.safetensors"] = weights
+    server.drop_after["/w/ViT-tiny.safetensors"] = len(weights) // 3  # the first transfer breaks off
+    sha = hashlib.sha256(weights).hexdigest()
+    path = download(f"{server.url}/w/ViT-tiny.safetensors", sha, progress=False)
+    assert path.read_bytes() == weights and path.parent.name == sha
+    ranges = [r for _, _, r in server.requests]
+    assert ranges == [None, f"bytes={len(weights) // 3}-"]  # the second request resumed where the first stopped
+    assert download(f"{server.url}/w/ViT-tiny.safetensors", sha, progress=False) == path
+    assert len(server.requests) == 2  # a cache hit asks nothing
+
+
+def test_checksum_mismatch_keeps_nothing(server, weights):
+    server.files["/w/x.safetensors"] = weights
+    with pytest.raises(ValueError, match="does not match the published"):
+        download(f"{server.url}/w/x.safetensors", "0" * 64, progress=False)
+    assert not list(cache_dir().rglob("*x.safetensors*"))
+
+
+def test_offline_mode_names_the_file_and_where_to_put_it(server, weights, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    sha = hashlib.sha256(weights).hexdigest()
+    url = f"{server.url}/w/ViT-tiny.safetensors"
+    with pytest.raises(ValueError, match=r"offline mode .* download http://127\.0\.0\.1:\d+/w/ViT-tiny\.safetensors "
+                                         r"on a connected machine and put it at (\S+)") as raised:
+        download(url, sha, progress=False)
+    target = Path(str(raised.value).split("put it at ")[1].split(" (sha256")[0])
+    target.parent.mkdir(parents=True)
+    target.write_bytes(weights)  # what a user does with the message
+    assert download(url, sha, progress=False) == target and not server.requests
+
+
+def test_load_by_tag_downloads_and_runs_the_tag(server, weights, fixtures_dir, tmp_path, monkeypatch):
+    fixture = fixtures_dir / "openai-vit-tiny"
+    reference, _ = clipforge.load(fixture / "openai_state_dict.safetensors", **OPENAI)
+    clipforge.save_pretrained(reference, tmp_path / "arch", format="open_clip")  # the architecture, as a config
+    server.files["/w/tiny.safetensors"] = weights
+    entry = registry.PretrainedTag("tiny-test", "fixture", str(tmp_path / "arch" / "open_clip_config.json"), "",
+                                   (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), url=f"{server.url}/w/tiny.safetensors",
+                                   sha256=hashlib.sha256(weights).hexdigest())
+    monkeypatch.setattr(registry, "_table", lambda: {("tiny-test", "fixture"): entry})
+    model, preprocess = clipforge.load("tiny-test", pretrained="fixture")
+    expected = load_file(str(fixture / "expected.safetensors"))
+    with torch.no_grad():
+        got = model.encode_image(expected["pixels"])
+    assert (got - expected["image_features"]).abs().max() < 1e-4  # the reference implementation's numbers
+    assert preprocess.mean == (0.5, 0.5, 0.5)  # the tag's normalisation, not the default
+    with pytest.raises(ValueError, match="its tags: fixture"):
+        clipforge.load("tiny-test", pretrained="other")
+
+
+def test_hub_repo_through_hf_endpoint_then_offline(server, fixtures_dir, tmp_path, monkeypatch):
+    fixture = fixtures_dir / "openai-vit-tiny"
+    reference, _ = clipforge.load(fixture / "openai_state_dict.safetensors", **OPENAI)
+    clipforge.save_pretrained(reference, tmp_path / "oc", format="open_clip")
+    weights = (tmp_path / "oc" / "open_clip_model.safetensors").read_bytes()
+    base = "/org/tiny/resolve/main"
+    server.files[f"{base}/open_clip_config.json"] = (tmp_path / "oc" / "open_clip_config.json").read_bytes()
+    server.files[f"{base}/open_clip_model.safetensors"] = weights
+    server.etags[f"{base}/open_clip_model.safetensors"] = hashlib.sha256(weights).hexdigest()  # as the hub: LFS sha
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    model, _ = clipforge.load("hf-hub:org/tiny")
+    tokens = clipforge.get_tokenizer("hf-hub:org/tiny")(["a photo of a dog."])
+    with torch.no_grad():
+        assert (model.encode_text(tokens) - reference.encode_text(tokens)).abs().max() < 1e-6
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked = len(server.requests)
+    assert clipforge.load("hf-hub:org/tiny")[0].config == model.config and len(server.requests) == asked
+    with pytest.raises(ValueError, match=r"offline mode .*hf-hub:org/other/open_clip_config\.json is not in the"):
+        clipforge.load("hf-hub:org/other")
+
+
+def test_hub_file_with_a_wrong_checksum_is_removed(server, fixtures_dir, tmp_path, monkeypatch):
+    reference, _ = clipforge.load(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors", **OPENAI)
+    clipforge.save_pretrained(reference, tmp_path / "oc", format="open_clip")
+    base = "/org/bad/resolve/main"
+    server.files[f"{base}/open_clip_config.json"] = (tmp_path / "oc" / "open_clip_config.json").read_bytes()
+    server.files[f"{base}/open_clip_model.safetensors"] = (tmp_path / "oc/open_clip_model.safetensors").read_bytes()
+    server.etags[f"{base}/open_clip_model.safetensors"] = "ab" * 32  # the hub says another sha256
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    with pytest.raises(ValueError, match="does not match the hub's abab"):
+        clipforge.load("hf-hub:org/bad")
+    hf_cache = tmp_path / "hf"
+    assert not list(hf_cache.rglob("blobs/abab*")) and not list(hf_cache.rglob("snapshots/*/*.safetensors"))
+
+
+def test_registry_lists_openai_checkpoints_with_their_published_sha256():
+    openai = {name: registry.get_pretrained(name, tag) for name, tag in clipforge.list_pretrained() if tag == "openai"}
+    nine = {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
+    assert nine <= set(openai) and len({e.sha256 for e in openai.values()}) == 9
+    for name, entry in openai.items():
+        assert entry.architecture.endswith("-quickgelu")  # OpenAI trained with QuickGELU: never loaded as GELU
+        assert entry.sha256 in entry.url and len(entry.sha256) == 64
+    assert registry.get_pretrained("ViT-L-14", "laion2b_s32b_b82k").mean == (0.5, 0.5, 0.5)
+    assert ("ViT-H-14", "dfn5b") not in clipforge.list_pretrained()  # squash resize: refused, with the reason
+    with pytest.raises(ValueError, match="resize_mode 'squash'"):
+        registry.get_pretrained("ViT-H-14", "dfn5b")
