@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[test]"
-# open_clip is only a tokenizer reference for the tests: its BPE file and tokenizer.py, loaded by path.
+# open_clip is a test-only reference (its tokenizer, its create_model loading clipforge's open_clip export).
 .venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
 # The browser test (tests/test_serve_browser.py) drives Debian's Chromium; it skips when none is found.
 # As root, install it if missing (a no-op when present); never fatal, and CLIPFORGE_NO_BROWSER=1 opts out.

@@ -333,3 +333,21 @@ def test_query_encoder_is_thread_safe(encoder):
     for a, b in zip(serial, parallel):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert encoder.embed_texts([]).shape == (0, encoder.dim)
+
+
+def test_export_npy_in_clip_retrievals_layout(shapes, model_dir, tmp_path, capsys):
+    pq = pytest.importorskip("pyarrow.parquet", reason="the export extra")
+    build_index(shapes / "images", tmp_path / "index", model=model_dir, progress=False)
+    index = ImageIndex.open(tmp_path / "index")
+    assert main(["export", "npy", str(tmp_path / "index"), str(tmp_path / "out"), "--part-size", "50",
+                 "--dtype", "float32"]) == 0
+    assert "72 embeddings" in capsys.readouterr().out
+    vectors = np.concatenate([np.load(tmp_path / "out" / "img_emb" / f"img_emb_{i}.npy") for i in range(2)])
+    meta = [pq.read_table(tmp_path / "out" / "metadata" / f"metadata_{i}.parquet").to_pylist() for i in range(2)]
+    rows = meta[0] + meta[1]
+    assert len(meta[0]) == 50 and len(rows) == 72 and vectors.shape == (72, index.dim)
+    np.testing.assert_array_equal(vectors, index_vectors_of(index))  # row r of the .npy is row r of the parquet
+    assert [r["image_path"] for r in rows] == [index.record(r["id"])["path"] for r in rows]
+    assert main(["export", "npy", str(tmp_path / "index"), str(tmp_path / "half")]) == 0
+    half = np.load(tmp_path / "half" / "img_emb" / "img_emb_0.npy")
+    assert half.dtype == np.float16 and np.abs(half.astype(np.float32) - vectors).max() < 1e-3

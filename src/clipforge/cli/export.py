@@ -25,9 +25,18 @@ def run_onnx(args: argparse.Namespace) -> None:
               f"over batch 1 and 3, int32 and int64 tokens")
 
 
+def run_npy(args: argparse.Namespace) -> None:
+    """Write an index's embeddings + metadata in clip-retrieval's layout."""
+    from clipforge.search.export import export_embeddings
+
+    done = export_embeddings(args.index_dir, args.out_dir, part_size=args.part_size, dtype=args.dtype)
+    print(f"wrote {done['rows']} embeddings ({done['dim']}-d {done['dtype']}) in {done['parts']} part(s) to "
+          f"{args.out_dir}/img_emb and their metadata to {args.out_dir}/metadata")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `clipforge export onnx`."""
-    p = sub.add_parser("export", help="export a model to another runtime (onnx)")
+    p = sub.add_parser("export", help="export a model to another runtime (onnx) or an index to other engines (npy)")
     formats = p.add_subparsers(dest="format", required=True)
     o = formats.add_parser("onnx", help="image and text encoders as two ONNX graphs with a dynamic batch")
     o.add_argument("checkpoint", help="checkpoint (any format clipforge.load reads) or registry name")
@@ -37,3 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--atol", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| (fp32)")
     o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime parity check")
     o.set_defaults(func=run_onnx)
+    n = formats.add_parser("npy", help="an index's embeddings (.npy) + metadata (.parquet), clip-retrieval's layout")
+    n.add_argument("index_dir", type=Path, help="folder written by `clipforge index`")
+    n.add_argument("out_dir", type=Path, help="output folder (img_emb/, metadata/)")
+    n.add_argument("--part-size", type=int, default=1_000_000, help="rows per .npy / .parquet pair")
+    n.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="float16: half the size, as clip-retrieval writes (cosine changes < 1e-3)")
+    n.set_defaults(func=run_npy)
