@@ -94,3 +94,16 @@ def test_field_comments_take_the_line_comment_else_the_block_above():
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"clipforge {clipforge.__version__}"
+
+
+def test_every_flag_of_every_command_has_help_and_shows_its_default():
+    import argparse
+
+    from clipforge.cli.main import _all_parsers, build_parser
+
+    undocumented = [(p.prog, a.dest) for p in _all_parsers(build_parser()) for a in p._actions
+                    if not a.help and not isinstance(a, argparse._SubParsersAction)]
+    assert not undocumented
+    text = " ".join(run_cli("index", "--help").stdout.split())
+    assert "--batch-size BATCH_SIZE images per forward pass (default: 64)" in text
+    assert "(default: None)" not in text

@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `clipforge eval`."""
     p = sub.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe, robustness, bias")
     add_model_arguments(p, device=True)
-    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--task", choices=TASKS, required=True, help="which evaluation to run")
     p.add_argument("--data", required=True,
                    help="labels CSV, a dataset folder with labels.csv/captions.csv, or an image folder per class")
     p.add_argument("--styles", default="", help="comma-separated styles (domains) to keep")
@@ -80,11 +80,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--supervised-steps", type=int, default=0,
                    help="robustness: train a supervised baseline (same image tower, cross-entropy) this many steps")
     p.add_argument("--templates", default="openai_7", help="template set: openai_80, openai_7, simple, emoji, tuxpaint")
-    p.add_argument("--bias-template", default="an emoji of {}.")
+    p.add_argument("--bias-template", default="an emoji of {}.", help="bias probe: the caption around each label")
     p.add_argument("--confusion", action="store_true", help="zero-shot: add a confusion matrix")
     p.add_argument("--composite-white", action=argparse.BooleanOptionalAction, default=None,
                    help="blend transparency onto white (default: as the checkpoint's library does: transformers "
                         "yes, OpenAI and open_clip no)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    p.add_argument("--out", default="runs/eval", help="output folder: results.json, report.md, plots")
     p.set_defaults(func=run)

@@ -72,6 +72,25 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, unless the help already states it (config-field flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _all_parsers(child)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all sub-commands."""
     parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: load, convert, classify, demo")
@@ -93,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("classify", help="zero-shot classify images against comma-separated labels")
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("images", nargs="+", type=Path, help="image files")
     add_model_arguments(p, device=True)
     p.add_argument("--labels", required=True, help="comma-separated class names")
     p.add_argument("--template", default="a photo of a {}.", help="prompt template (without --ensemble)")
@@ -110,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     export_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
     search_cmd.add_parser(sub)
+    for each in _all_parsers(parser):
+        each.formatter_class = _DefaultsFormatter
     return parser
 
 

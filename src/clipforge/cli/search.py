@@ -80,11 +80,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="allow a registry name without weights: randomly initialised, for smoke tests only")
     p.add_argument("--out", required=True, type=Path, help="index folder (created or updated)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--shard-size", type=int, default=4096, help="embeddings per shard file (the unit of resuming)")
     p.add_argument("--backend", choices=KINDS, default="auto", help="auto: exact up to 50k images, else faiss-ivf")
     p.add_argument("--target-recall", type=float, default=0.97, help="FAISS: tune to this recall@10 against exact")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: faster on CPUs with bf16 units; the embeddings differ slightly from fp32")
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes its local GPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the build statistics as JSON")
@@ -98,5 +99,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="query model (default: the one the index was built with)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--truncate", action="store_true", help="cut a text longer than the model's context (default: refuse)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the query and results as JSON")
     p.set_defaults(func=run_search)

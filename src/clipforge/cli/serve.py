@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an image index: search API + web page")
     p.add_argument("index_dir", type=Path, help="folder written by `clipforge index`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default: no auth is built in)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload")
     p.add_argument("--max-batch", type=int, default=32, help="micro-batch size for query embedding")
@@ -36,5 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="serve an index built with a registry name (random weights): for smoke tests only")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     p.set_defaults(func=run)
