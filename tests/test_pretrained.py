@@ -174,3 +174,29 @@ def test_registry_lists_openai_checkpoints_with_their_published_sha256():
     assert ("ViT-H-14", "dfn5b") not in clipforge.list_pretrained()  # squash resize: refused, with the reason
     with pytest.raises(ValueError, match="resize_mode 'squash'"):
         registry.get_pretrained("ViT-H-14", "dfn5b")
+
+
+def test_index_and_query_by_architecture_and_tag(server, weights, fixtures_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from clipforge.search import ImageIndex, QueryEncoder, build_index
+
+    reference, _ = clipforge.load(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors", **OPENAI)
+    clipforge.save_pretrained(reference, tmp_path / "arch", format="open_clip")
+    server.files["/w/tiny.safetensors"] = weights
+    entry = registry.PretrainedTag("tiny-test", "fixture", str(tmp_path / "arch" / "open_clip_config.json"), "",
+                                   reference.preprocess_config.mean, reference.preprocess_config.std,
+                                   url=f"{server.url}/w/tiny.safetensors", sha256=hashlib.sha256(weights).hexdigest())
+    monkeypatch.setattr(registry, "_table", lambda: {("tiny-test", "fixture"): entry})
+    (tmp_path / "images").mkdir()
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / "images" / f"{i}.png")
+    build_index(tmp_path / "images", tmp_path / "index", model="tiny-test", pretrained="fixture", progress=False)
+    index = ImageIndex.open(tmp_path / "index")
+    assert (index.model, index.pretrained) == ("tiny-test", "fixture")
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")  # the weights are cached now
+    encoder = QueryEncoder(index.model, pretrained=index.pretrained)
+    query = encoder.embed_images([Image.open(tmp_path / "images" / "2.png")])
+    assert index.record(int(index.search(query, 1)[1][0, 0]))["path"].endswith("2.png")
+    with pytest.raises(ValueError, match=r"built with model tiny-test \(pretrained fixture\), not tiny-test"):
+        build_index(tmp_path / "images", tmp_path / "index", model="tiny-test", progress=False)

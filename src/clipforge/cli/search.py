@@ -17,11 +17,11 @@ def run_index(args: argparse.Namespace) -> None:
     from clipforge.checkpoint.io import refuse_random_weights
     from clipforge.search import build_index
 
-    refuse_random_weights(args.model, args.random_weights)
+    refuse_random_weights(args.model, args.random_weights, args.pretrained)
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
                         shard_size=args.shard_size, precision=args.precision, target_recall=args.target_recall,
-                        device=args.device)
+                        device=args.device, pretrained=args.pretrained)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
         return
     if args.json:
@@ -46,7 +46,8 @@ def run_search(args: argparse.Namespace) -> None:
     if args.text is not None and args.image is not None:
         raise ValueError("give a text query or --image, not both")
     index = ImageIndex.open(args.index)
-    encoder = QueryEncoder(args.model or index.model, device=args.device)
+    pretrained = args.pretrained if args.model else index.pretrained
+    encoder = QueryEncoder(args.model or index.model, device=args.device, pretrained=pretrained)
     if args.image is not None:
         query = encoder.embed_images([load_image(args.image)])
     else:
@@ -76,7 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Re-running updates the index: only new or changed images are embedded, deleted "
                                    "ones are dropped, and a killed run resumes. Runs under torchrun too.")
     p.add_argument("source", help="image folder, caption CSV (image[,caption]) or webdataset shard(s) (.tar, {a..b})")
-    p.add_argument("--model", required=True, help="checkpoint (any format clipforge.load reads)")
+    p.add_argument("--model", required=True, help="checkpoint (any format clipforge.load reads), hf-hub:ORG/NAME, "
+                                                  "or an architecture with --pretrained")
+    p.add_argument("--pretrained", default=None, help="weights tag of --model (`clipforge models --pretrained`)")
     p.add_argument("--random-weights", action="store_true",
                    help="allow a registry name without weights: randomly initialised, for smoke tests only")
     p.add_argument("--out", required=True, type=Path, help="index folder (created or updated)")
@@ -97,6 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", type=Path, help="image query instead of a text")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--model", default=None, help="query model (default: the one the index was built with)")
+    p.add_argument("--pretrained", default=None, help="weights tag of --model (default: the index's)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--truncate", action="store_true", help="cut a text longer than the model's context (default: refuse)")
     p.add_argument("--json", action="store_true", help="print the query and results as JSON")

@@ -2,20 +2,20 @@
 
     stats = build_index("photos/", "photos.index", model="ckpt/")   # again later: only what changed
     index = ImageIndex.open("photos.index")
-    encoder = QueryEncoder(index.model)
+    encoder = QueryEncoder(index.model, pretrained=index.pretrained)
     scores, ids = index.search(encoder.embed_texts(["a red rocket"]), k=10)
     index.record(int(ids[0, 0]))["path"]
 
 Index format (version 1), one folder:
 
-- `manifest.json`: {"format": "clipforge-index", "version": 1, "model" (absolute checkpoint path or
-  registry name), "dim", "count", "generation", "shards", "backend": {"kind": "exact" | "faiss-ivf" |
+- `manifest.json`: {"format": "clipforge-index", "version": 1, "model" (absolute checkpoint path, hf-hub:
+  name or registry name), "pretrained" (its weights tag, or null), "dim", "count", "generation", "shards", "backend": {"kind": "exact" | "faiss-ivf" |
   "faiss-hnsw", parameters, measured recall@10, timings}, "source", "precision", "skipped", "built_at"}.
   Written last, atomically: it is the commit point of a build.
 - `metadata.sqlite`: table `images(id INTEGER PRIMARY KEY AUTOINCREMENT, path UNIQUE, size, mtime_ns,
   caption, shard, row)`: `id` is the stable id search returns (a changed file keeps its id, a deleted id
   is never reused); `shard`/`row` locate its embedding. Table `shards(name, rows)` lists shards already
-  handed to `images`; table `meta` holds model, dim and `generation` (bumped by every change of `images`).
+  handed to `images`; table `meta` holds model, pretrained, dim and `generation` (bumped by every change of `images`).
 - `shards/*.npz`: `embeddings` [n, dim] float32 L2-normalised, plus `paths`, `sizes`, `mtimes_ns`,
   `captions` for each row, so a shard written by a killed run or another rank can be adopted later. A
   shard file not in `shards` is pending; rows that no image points at any more are dropped by re-packing.

@@ -275,7 +275,8 @@ def _finish(index_dir: Path, con: Any, stats: BuildStats, args: dict[str, Any], 
         (index_dir / BACKEND_FILE).unlink(missing_ok=True)
     stats.total, stats.backend = len(ids), backend.describe()
     store.write_manifest(index_dir, {
-        "format": store.FORMAT, "version": store.VERSION, "model": store.get_meta(con, "model"), "dim": dim,
+        "format": store.FORMAT, "version": store.VERSION, "model": store.get_meta(con, "model"),
+        "pretrained": store.get_meta(con, "pretrained") or None, "dim": dim,
         "count": len(ids), "generation": int(store.get_meta(con, "generation") or 0),
         "shards": len(store.shard_files(index_dir)), "backend": backend.describe(), "source": source,
         "precision": args["precision"], "skipped": stats.skipped,
@@ -283,17 +284,22 @@ def _finish(index_dir: Path, con: Any, stats: BuildStats, args: dict[str, Any], 
     })
 
 
-def _prepare(index_dir: Path, con: Any, source: Any, name: str, separator: str,
+def _prepare(index_dir: Path, con: Any, source: Any, name: str, pretrained: str | None, separator: str,
              stats: BuildStats) -> tuple[dict[str, Item], list[Item]]:
     """(listing, items to embed): check the model, resume finished shards, apply the diff."""
     recorded = store.get_meta(con, "model")
-    if recorded is not None and recorded != name:
-        raise ValueError(f"{index_dir} was built with model {recorded}, not {name}: "
-                         "use the same model or a new index folder")
+    recorded_tag = store.get_meta(con, "pretrained") or None
+    if recorded is not None and (recorded, recorded_tag) != (name, pretrained):
+        built = recorded + (f" (pretrained {recorded_tag})" if recorded_tag else "")
+        raise ValueError(f"{index_dir} was built with model {built}, not {name}"
+                         f"{f' (pretrained {pretrained})' if pretrained else ''}: use the same model or a new index folder")
     if recorded is None:
-        _warn_if_random(name)
+        if pretrained is None:
+            _warn_if_random(name)
         with store.transaction(con):
             store.set_meta(con, "model", name)
+            if pretrained is not None:
+                store.set_meta(con, "pretrained", pretrained)
     items, missing = list_source(source, separator)
     if missing:
         stats.skipped["missing_file"] = len(missing)
@@ -321,14 +327,17 @@ def _lock(index_dir: Path) -> Any:
 def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, model: str | Path,
                 batch_size: int = 64, progress: bool = True, *, backend: str = "auto", shard_size: int = 4096,
                 precision: str = "fp32", target_recall: float = 0.97, separator: str = "|",
-                device: str = "cpu") -> BuildStats:
-    """Create or update the index in `out_dir` of an image folder, caption CSV or webdataset shard(s)."""
+                device: str = "cpu", pretrained: str | None = None) -> BuildStats:
+    """Create or update the index in `out_dir` of an image folder, caption CSV or webdataset shard(s).
+
+    `model` is any name clipforge.load takes (with `pretrained`, an architecture and its weights tag)."""
     import clipforge
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
     start = time.perf_counter()
     index_dir, name = Path(out_dir), model_id(model)
+    pretrained = model_id(pretrained) if pretrained is not None and Path(pretrained).is_file() else pretrained
     args = {"batch_size": batch_size, "progress": progress, "backend": backend, "shard_size": shard_size,
             "precision": precision, "target_recall": target_recall}
     rank, world = _dist()  # under torchrun the out_dir must be on a file system every rank sees
@@ -338,7 +347,7 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
         state["fresh"] = not index_dir.exists() or not any(index_dir.iterdir())  # nothing of the user's to keep
         state["lock"] = _lock(index_dir)
         state["con"] = store.connect(index_dir)
-        state["scan"], todo = _prepare(index_dir, state["con"], source, name, separator, stats)
+        state["scan"], todo = _prepare(index_dir, state["con"], source, name, pretrained, separator, stats)
         return todo, f"{time.time_ns():x}"
 
     def on_shard(shard: str) -> None:
@@ -369,7 +378,8 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
     try:
         todo, run_id = _on_rank0(rank, world, prepare)
         mine = todo[rank::world]
-        loaded, preprocess = clipforge.load(name, resolve_device(device)) if mine else (None, None)
+        loaded, preprocess = (clipforge.load(name, resolve_device(device), pretrained=pretrained) if mine
+                              else (None, None))
         failed: list[tuple[str, str]] = []
         dim = _write_shards(index_dir, f"{run_id}-r{rank}", mine, loaded, preprocess,
                             {**args, "progress": progress and rank == 0}, on_shard, failed)

@@ -14,12 +14,13 @@ from PIL import Image
 class QueryEncoder:
     """Normalised float32 query embeddings of texts or PIL images; safe to share between threads."""
 
-    def __init__(self, model: str | Path, precision: str = "fp32", device: str = "cpu") -> None:
+    def __init__(self, model: str | Path, precision: str = "fp32", device: str = "cpu",
+                 pretrained: str | None = None) -> None:
         import clipforge
         from clipforge.device import resolve_device
 
         self.model_name = str(model)
-        self.model, self.preprocess = clipforge.load(model, resolve_device(device))
+        self.model, self.preprocess = clipforge.load(model, resolve_device(device), pretrained=pretrained)
         self.tokenizer = clipforge.get_tokenizer(model, context_length=self.model.context_length)
         self.precision = precision
         # One call at a time: torch already spreads one batch over every core, and the tokenizer's

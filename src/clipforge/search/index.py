@@ -60,6 +60,11 @@ class ImageIndex:
         return str(self.manifest["model"])
 
     @property
+    def pretrained(self) -> str | None:
+        """The weights tag the index was built with (None: `model` names its weights itself)."""
+        return self.manifest.get("pretrained")
+
+    @property
     def backend(self) -> dict[str, Any]:
         """{"kind": "exact" | "faiss-ivf" | "faiss-hnsw", **parameters and measured recall}."""
         return self._backend.describe()

@@ -129,7 +129,7 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
         from clipforge.checkpoint.io import refuse_random_weights
 
         refuse_random_weights(index.model, cfg.allow_random_weights)
-    encoder = encoder or QueryEncoder(index.model, device=cfg.device)  # the one model of this app, loaded here, once
+    encoder = encoder or QueryEncoder(index.model, device=cfg.device, pretrained=index.pretrained)  # the one model of this app, loaded here, once
     wait = cfg.batch_wait_ms / 1000
     texts = MicroBatcher(encoder.embed_texts, cfg.max_batch, wait, name="text-batcher")
     images = MicroBatcher(encoder.embed_images, cfg.max_batch, wait, name="image-batcher")
