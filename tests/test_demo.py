@@ -51,6 +51,10 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     train_rows = (out / "train.csv").read_text().splitlines()
     assert not any(",icons" in r and "icon:" in r for r in train_rows)  # "labels" query: icons carry emoji keys
     ids = {c["id"] for c in results["claims"]}
+    extra = 1 + ("data-build-time" in ids)  # the wall-time claims
+    assert len(ids) == len(results["claims"]) == len(results["summary"]) + extra  # every summary row, once
+    findings = [c for c in results["claims"] if c["target"] is None]
+    assert any(c["id"].startswith("data-ablation") for c in findings) and all(c["met"] is None for c in findings)
     assert {"wall-time"} < ids and all({"id", "claim", "value", "target", "met"} <= set(c) for c in results["claims"])
     assert any("effective-robustness" in i for i in ids)
     trends = results["effective_robustness"]["trends"]

@@ -21,8 +21,11 @@ from urllib.parse import quote
 from clipforge.io import write_atomic
 
 DPI = 100
+# 20 distinct colours: the demo's robustness plot has 13 methods (the data ablation adds CLIPs), and a
+# repeated colour made two of them indistinguishable.
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-          "tab:olive", "tab:cyan")
+          "tab:olive", "tab:cyan", "black", "gold", "navy", "lime", "teal", "magenta", "maroon", "darkkhaki",
+          "slateblue", "salmon")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
