@@ -1,0 +1,1 @@
+"""Contrastive training: config, data, step, trainer, checkpoints, distributed helpers (`clipforge train`)."""
