@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clipforge.demo.config import DemoConfig
-from clipforge.demo.data import demo_icon_rows, training_captions
+from clipforge.demo.data import clip_table
 from clipforge.demo.evaluation import Evaluated, embed_all
 from clipforge.demo.training import run_contrastive, train_config
 from clipforge.evaluate.datasets import LabelledImages
@@ -26,13 +26,11 @@ def ablation_models(cfg: DemoConfig, emoji: Path, icons: Path, concepts: list[di
         if setting == main_setting(cfg):
             continue
         name = f"CLIP ({setting})"
-        rows, dropped = demo_icon_rows(icons, cfg.icons * with_icons, cfg.icon_query, cfg.icons_per_concept, unseen,
-                                       cfg.seed, concepts)
         slug = setting.replace(",", "").replace(" ", "-")
         train_csv = out / f"train-{slug}.csv"
-        training_captions(emoji, cfg.styles("train"), "seen", train_csv, cfg.seed, exclude=id_test, extra_rows=rows,
-                          repeat=cfg.emoji_repeat if rows else 1)
-        print(f"{name}: {len(rows)} icons ({dropped} named like unseen concepts removed)")
+        _, icon_count, dropped = clip_table(cfg, emoji, icons, concepts, id_test, train_csv, cfg.icons * with_icons,
+                                            unseen)
+        print(f"{name}: {icon_count} icons ({dropped} named like unseen concepts removed)")
         model = run_contrastive(name, train_config(cfg, train_csv, out / f"clip-{slug}", steps))
         seconds[name] = model.seconds
         evaluated.append(embed_all(name, model.model, model.tokenizer, model.preprocess, everything))

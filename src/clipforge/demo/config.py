@@ -67,22 +67,14 @@ class DemoConfig:
             raise ValueError("train_styles and held_out_styles must each name at least one style")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (a contrastive batch needs negatives)")
-        if self.ablation not in (0, 1) or (self.ablation and not self.icons):
-            raise ValueError(f"ablation must be 0 or 1 and needs icons > 0 (the icon count of its runs), got "
-                             f"ablation {self.ablation}, icons {self.icons}")
-        if self.icons < 0 or self.icons_unseen not in ("keep", "remove"):
-            raise ValueError(f"icons must be >= 0 and icons_unseen keep or remove, got {self.icons}, {self.icons_unseen!r}")
-        if self.lit_data not in ("emoji", "clip"):
-            raise ValueError(f"lit_data must be emoji or clip, got {self.lit_data!r}")
-        if self.icon_query not in ("labels", "any"):
-            raise ValueError(f"icon_query must be labels or any, got {self.icon_query!r}")
-        if self.icons_per_concept < 0 or self.emoji_repeat < 1:
-            raise ValueError(f"icons_per_concept must be >= 0 and emoji_repeat >= 1, got {self.icons_per_concept}, "
-                             f"{self.emoji_repeat}")
-        if self.data_path not in ("decoded", "pil"):
-            raise ValueError(f"data_path must be decoded or pil, got {self.data_path!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.ablation and not self.icons:
+            raise ValueError("ablation needs icons > 0 (the icon count of its runs)")
+        if self.icons < 0 or self.icons_per_concept < 0 or self.emoji_repeat < 1:
+            raise ValueError(f"icons and icons_per_concept must be >= 0 and emoji_repeat >= 1, got {self.icons}, "
+                             f"{self.icons_per_concept}, {self.emoji_repeat}")
 
     def styles(self, which: str) -> list[str]:
         """The "train", "held_out" (never trained on: held_out_styles then eval_styles) or "built" styles."""

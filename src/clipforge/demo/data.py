@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 from clipforge.datasets import build_emoji, build_icons, build_tuxpaint
 from clipforge.datasets.icons import concept_key
 from clipforge.evaluate.templates import get_templates
@@ -16,6 +18,9 @@ from clipforge.evaluate.templates import get_templates
 # so the zero-shot ensemble (the same "emoji" set) prompts in forms the text tower saw. A first run
 # with 3 of the 8 ensemble templates missing from training had the ensemble below the bare label.
 TRAIN_TEMPLATES = tuple(get_templates("emoji"))
+if TYPE_CHECKING:
+    from clipforge.demo.config import DemoConfig
+
 ICON_STYLE = "icons"  # the style column of icon rows in the training CSV (the supervised baseline skips them)
 ICONS_PER_CONCEPT_LIMIT = 5  # with --limit N (smoke runs), build N x this many icons
 
@@ -95,6 +100,18 @@ def demo_icon_rows(icons: Path | None, count: int, query: str, per_concept: int,
     unseen_labels = [c["label"] for c in concepts if c["split"] == "unseen"] if unseen == "remove" else []
     return icon_rows(icons, count, seed, unseen_labels, label_query(concepts) if query == "labels" else None,
                      per_concept)
+
+
+def clip_table(cfg: "DemoConfig", emoji: Path, icons: Path | None, concepts: list[dict[str, str]], id_test: set,
+               out_csv: Path, count: int, unseen: str) -> tuple[int, int, int]:
+    """Write CLIP's training CSV for one data setting (`count` icons, unseen-named ones kept / removed).
+
+    Returns (emoji rows, icons, icons excluded as named like unseen concepts).
+    """
+    rows, excluded = demo_icon_rows(icons, count, cfg.icon_query, cfg.icons_per_concept, unseen, cfg.seed, concepts)
+    pairs = training_captions(emoji, cfg.styles("train"), "seen", out_csv, cfg.seed, exclude=id_test, extra_rows=rows,
+                              repeat=cfg.emoji_repeat if rows else 1)
+    return pairs, len(rows), excluded
 
 
 def read_concepts(emoji: Path) -> list[dict[str, str]]:

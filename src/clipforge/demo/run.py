@@ -8,21 +8,21 @@ paper's findings in one report. Reproducible from the printed seed and config.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from clipforge.demo.ablation import ablation_models, main_setting
 from clipforge.demo.config import DemoConfig
-from clipforge.demo.data import demo_icon_rows, prepare_datasets, read_concepts, training_captions
+from clipforge.demo.data import clip_table, prepare_datasets, read_concepts, training_captions
 from clipforge.demo.evaluation import (embed_all, few_shot_vs_zero_shot, logits_for, photos_and_examples,
                                        prompt_ablation, zero_shot_by_style)
 from clipforge.demo.summary import claims, summary_rows
-from clipforge.demo.ablation import ablation_models, main_setting
 from clipforge.demo.baselines import effective_robustness, supervised_family
 from clipforge.demo.training import read_training_rows, run_contrastive, train_config
 from clipforge.evaluate.bias import bias_probe
@@ -71,18 +71,16 @@ class TrainingTables:
 
 def training_tables(cfg: DemoConfig, data: Any, concepts: list[dict[str, str]], id_test: set, out: Path) -> TrainingTables:
     """Write OUT/train.csv (CLIP) and, when icons join it, OUT/train-emoji.csv (emoji rows only, each once)."""
-    icons, excluded = demo_icon_rows(data.icons, cfg.icons, cfg.icon_query, cfg.icons_per_concept, cfg.icons_unseen,
-                                     cfg.seed, concepts)
     styles, clip_csv = cfg.styles("train"), out / "train.csv"
-    pairs = training_captions(data.emoji, styles, "seen", clip_csv, cfg.seed, exclude=id_test, extra_rows=icons,
-                              repeat=cfg.emoji_repeat if icons else 1)
+    pairs, icons, excluded = clip_table(cfg, data.emoji, data.icons, concepts, id_test, clip_csv, cfg.icons,
+                                        cfg.icons_unseen)
     emoji_csv = out / "train-emoji.csv" if icons else clip_csv
     if icons:
         training_captions(data.emoji, styles, "seen", emoji_csv, cfg.seed, exclude=id_test)
     print(f"training pairs: {pairs} emoji ({len(styles)} styles x seen concepts, {len(id_test)} held out for "
-          f"in-distribution tests), each listed {cfg.emoji_repeat if icons else 1}x for CLIP, + {len(icons)} icons "
+          f"in-distribution tests), each listed {cfg.emoji_repeat if icons else 1}x for CLIP, + {icons} icons "
           f"({cfg.icon_query} query; {excluded} named like unseen concepts removed)")
-    return TrainingTables(clip_csv, emoji_csv, pairs, len(icons), excluded)
+    return TrainingTables(clip_csv, emoji_csv, pairs, icons, excluded)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -103,11 +101,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     concepts = read_concepts(data.emoji)
     id_test = choose_id_test(concepts, train_styles, cfg.seed)
     tables = training_tables(cfg, data, concepts, id_test, out)
-    train_csv, emoji_csv, pairs, icons, icons_excluded = (tables.clip, tables.emoji, tables.emoji_rows,
-                                                          tables.icons, tables.icons_excluded)
-    lit_csv = emoji_csv if cfg.lit_data == "emoji" else train_csv
+    lit_csv = tables.emoji if cfg.lit_data == "emoji" else tables.clip
 
-    clip = run_contrastive("CLIP", train_config(cfg, train_csv, out / "clip", steps["clip"]))
+    clip = run_contrastive("CLIP", train_config(cfg, tables.clip, out / "clip", steps["clip"]))
     timings["train CLIP"] = clip.seconds
     lit = run_contrastive("LiT", train_config(cfg, lit_csv, out / "lit", steps["lit"], text_tower="minilm"))
     timings["train LiT"] = lit.seconds
@@ -115,15 +111,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     tick = time.perf_counter()
     everything = load_labelled_images(data.emoji)
     models = [embed_all(m.name, m.model, m.tokenizer, m.preprocess, everything) for m in (clip, lit)]
+    ablation_seconds = 0.0
     if cfg.ablation:  # the data ablation: same steps, the other data settings
         ablation, seconds = ablation_models(cfg, data.emoji, data.icons, concepts, id_test, everything, out,
                                             steps["clip"])
         models += ablation
         timings.update({f"train {name}": s for name, s in seconds.items()})
+        ablation_seconds = sum(seconds.values())
     seen = models[0].images.subset([s == "seen" for s in models[0].images.splits])
     key_to_label = {c["hexcode"]: c["label"] for c in concepts}
-    paths, labels = read_training_rows(emoji_csv, seen.classnames, key_to_label)
-    ablation_seconds = sum(v for k, v in timings.items() if k.startswith("train CLIP ("))
+    paths, labels = read_training_rows(tables.emoji, seen.classnames, key_to_label)
     timings["embed images"] = time.perf_counter() - tick - ablation_seconds  # the ablation's training is its own row
     supervised, family, supervised_info = supervised_family(cfg, paths, labels, seen.classnames, steps["supervised"],
                                                             out, clip.model.image_size)
@@ -132,8 +129,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     tick = time.perf_counter()
     sections: list[Section] = []
     styles = [s for s in sorted(set(everything.domains), key=lambda s: (s not in train_styles, s))]
-    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": steps, "training_pairs": pairs,
-                               "training_icons": icons, "icons_excluded": icons_excluded,
+    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": steps, "training_pairs": tables.emoji_rows,
+                               "training_icons": tables.icons, "icons_excluded": tables.icons_excluded,
                                "data_setting": main_setting(cfg)}
     results["zero_shot"] = zero_shot_by_style(models, styles, held_out, cfg.templates, sections)
     results["prompt_ablation"] = prompt_ablation(models, held_out, cfg.templates, out, sections,

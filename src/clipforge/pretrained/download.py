@@ -53,7 +53,7 @@ def download(url: str, sha256: str, dest: Path | None = None, progress: bool = T
         try:
             _fetch(url, partial, progress)
             break
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+        except OSError as error:  # URLError, ConnectionError and TimeoutError are OSErrors
             if isinstance(error, urllib.error.HTTPError) or attempt == RETRIES:
                 raise OSError(f"download of {url} failed ({error}); {partial.stat().st_size if partial.exists() else 0}"
                               f" bytes kept in {partial}, a later call resumes") from None

@@ -41,8 +41,8 @@ def get_pretrained(name: str, tag: str) -> PretrainedTag:
     entry = _table().get((name, tag))
     if entry is None:
         tags = sorted(t for n, t in _table() if n == name)
-        known = f"its tags: {', '.join(tags)}" if tags else "no pretrained weights are listed for it " \
-            f"(clipforge.list_pretrained() lists them)"
+        known = (f"its tags: {', '.join(tags)}" if tags
+                 else "no pretrained weights are listed for it (clipforge.list_pretrained() lists them)")
         raise ValueError(f"no pretrained weights {tag!r} for {name!r}; {known}")
     if entry.unsupported:
         raise ValueError(f"{name} {tag!r}: {entry.unsupported}; loading them would give different features")

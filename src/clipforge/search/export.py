@@ -7,7 +7,6 @@ can be indexed elsewhere part by part.
 from __future__ import annotations
 
 import io
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int
         raise ValueError(f"dtype must be float16 or float32 and part_size positive, got {dtype!r}, {part_size}")
     index_dir, out = Path(index_dir), Path(out_dir)
     manifest = store.read_manifest(index_dir)
-    con = sqlite3.connect(f"{(index_dir / store.DATABASE).resolve().as_uri()}?mode=ro", uri=True)
+    con = store.connect_readonly(index_dir)
     try:
         ids, vectors = store.load_vectors(index_dir, con, int(manifest["dim"]))
         rows = {i: (path, caption) for i, path, caption in con.execute("SELECT id, path, caption FROM images")}

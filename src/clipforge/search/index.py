@@ -28,7 +28,7 @@ class ImageIndex:
         manifest = store.read_manifest(index_dir)
         if not (index_dir / store.DATABASE).is_file():
             raise ValueError(f"{index_dir}: the index has no {store.DATABASE}; rebuild it with `clipforge index`")
-        con = _connect_readonly(index_dir)
+        con = store.connect_readonly(index_dir)
         try:
             ids, vectors = store.load_vectors(index_dir, con, int(manifest["dim"]))
             generation = int(store.get_meta(con, "generation") or 0)
@@ -90,14 +90,10 @@ class ImageIndex:
         """{"id", "path", "size", "mtime", "caption"} of an indexed image; KeyError if the id is unknown."""
         con = getattr(self._local, "con", None)
         if con is None:
-            con = self._local.con = _connect_readonly(self.path)
+            con = self._local.con = store.connect_readonly(self.path)
         row = con.execute("SELECT id, path, size, mtime_ns, caption FROM images WHERE id = ?", (int(id),)).fetchone()
         if row is None:
             raise KeyError(id)
         return {"id": row[0], "path": row[1], "size": row[2], "mtime": row[3] / 1e9, "caption": row[4]}
 
 
-def _connect_readonly(index_dir: Path) -> sqlite3.Connection:
-    """A read-only connection (never creates or changes the database)."""
-    return sqlite3.connect(f"{(index_dir / store.DATABASE).resolve().as_uri()}?mode=ro", uri=True,
-                           check_same_thread=False)

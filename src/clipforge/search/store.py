@@ -108,6 +108,11 @@ def shard_files(index_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.glob(f"*{SHARD_SUFFIX}")) if not p.name.startswith(".")}
 
 
+def connect_readonly(index_dir: Path) -> sqlite3.Connection:
+    """A read-only connection (never creates or changes the database); usable from any thread."""
+    return sqlite3.connect(f"{(index_dir / DATABASE).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+
+
 def connect(index_dir: Path) -> sqlite3.Connection:
     """Open (creating if needed) the metadata database of an index."""
     index_dir.mkdir(parents=True, exist_ok=True)
