@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from clipforge.errors import ConfigError
 
 DEVICE_HELP = 'where the model runs: cpu, cuda, cuda:N, mps or auto (the first GPU if one is visible, else cpu)'
 
@@ -18,16 +19,16 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise ValueError(f"unknown device {spec!r}: use cpu, cuda, cuda:N, mps or auto") from None
+        raise ConfigError(f"unknown device {spec!r}: use cpu, cuda, cuda:N, mps or auto") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise ValueError(f"device {spec!r}: no CUDA GPU is visible (torch {torch.__version__}, {build})")
+            raise ConfigError(f"device {spec!r}: no CUDA GPU is visible (torch {torch.__version__}, {build})")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ValueError(f"device {spec!r}: only {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
+            raise ConfigError(f"device {spec!r}: only {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {spec!r}: MPS (Apple GPU) is not available here")
+        raise ConfigError(f"device {spec!r}: MPS (Apple GPU) is not available here")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {spec!r}: use cpu, cuda, cuda:N, mps or auto")
+        raise ConfigError(f"unsupported device {spec!r}: use cpu, cuda, cuda:N, mps or auto")
     return device

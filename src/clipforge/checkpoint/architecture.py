@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clipforge.model.config import CLIPConfig, VisionConfig, get_model_config, list_models
+from clipforge.errors import CheckpointError
 
 ACTIVATIONS = {True: "QuickGELU", False: "GELU"}
 
@@ -45,7 +46,7 @@ def heads_for_width(vision: VisionConfig, text_width: int, head_width: int) -> t
     vision_width = vision.width * 32 if vision.is_resnet else vision.width  # the attention pool's width
     bad = [w for w in (vision_width, text_width) if w % head_width]
     if head_width <= 0 or bad:
-        raise ValueError(f"head_width {head_width} does not divide the attention width(s) {bad or [head_width]}")
+        raise CheckpointError(f"head_width {head_width} does not divide the attention width(s) {bad or [head_width]}")
     return vision_width // head_width, text_width // head_width
 
 
@@ -70,7 +71,7 @@ def resolve_architecture(shapes: CLIPConfig, source: str, head_width: int | None
     if quick_gelu is None and len({c.vision.quick_gelu for c in matches.values()}) == 1:
         quick_gelu = next(c.vision.quick_gelu for c in matches.values())
     if heads is None or quick_gelu is None:
-        raise ValueError(_ambiguity_message(shapes, source, matches, heads is None, quick_gelu is None))
+        raise CheckpointError(_ambiguity_message(shapes, source, matches, heads is None, quick_gelu is None))
     config = CLIPConfig.from_dict(shapes.to_dict())
     config.vision.heads, config.text.heads = heads
     config.vision.quick_gelu = config.text.quick_gelu = quick_gelu

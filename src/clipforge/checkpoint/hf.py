@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+from clipforge.errors import CheckpointError
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults: its save_pretrained omits keys equal to them.
 _HF_TEXT_DEFAULTS = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
@@ -23,18 +24,18 @@ _LAYER_NAMES = [  # (HF suffix, OpenAI suffix) inside one encoder layer / resblo
 
 def _quick_gelu(act: str, where: str) -> bool:
     if act not in _ACTIVATIONS:
-        raise ValueError(f"HF {where} hidden_act {act!r} is not supported (use quick_gelu or gelu)")
+        raise CheckpointError(f"HF {where} hidden_act {act!r} is not supported (use quick_gelu or gelu)")
     return _ACTIVATIONS[act]
 
 
 def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
     """clipforge config from an HF CLIPModel config.json dict."""
     if hf.get("model_type", "clip") != "clip":
-        raise ValueError(f"HF model_type {hf.get('model_type')!r} is not 'clip'")
+        raise CheckpointError(f"HF model_type {hf.get('model_type')!r} is not 'clip'")
     t = {**_HF_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
     v = {**_HF_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
     if v["num_channels"] != 3:
-        raise ValueError(f"HF vision num_channels {v['num_channels']} is not supported (3 only)")
+        raise CheckpointError(f"HF vision num_channels {v['num_channels']} is not supported (3 only)")
     return CLIPConfig(
         embed_dim=hf.get("projection_dim", 512),
         logit_scale_init=hf.get("logit_scale_init_value", 2.6592),
@@ -53,7 +54,7 @@ def hf_config(config: CLIPConfig, eot_token_id: int) -> dict[str, Any]:
     """HF CLIPModel config.json dict for a clipforge ViT config."""
     v, t = config.vision, config.text
     if v.is_resnet:
-        raise ValueError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
+        raise CheckpointError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
     act = {True: "quick_gelu", False: "gelu"}
     return {
         "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.embed_dim,
@@ -111,16 +112,16 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[
         out["text_projection"] = sd.pop("text_projection.weight").t().contiguous()
         out["visual.proj"] = sd.pop("visual_projection.weight").t().contiguous()
     except KeyError as error:
-        raise ValueError(f"not an HF CLIPModel state dict: missing key {error.args[0]!r}") from None
+        raise CheckpointError(f"not an HF CLIPModel state dict: missing key {error.args[0]!r}") from None
     if sd:
-        raise ValueError(f"unexpected keys in HF CLIPModel weights: {sorted(sd)[:8]}")
+        raise CheckpointError(f"unexpected keys in HF CLIPModel weights: {sorted(sd)[:8]}")
     return out
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
     """HF CLIPModel weights from OpenAI-layout weights (inverse of `state_dict_from_hf`)."""
     if config.vision.is_resnet:
-        raise ValueError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
+        raise CheckpointError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
     out: dict[str, torch.Tensor] = {}
     for hf_prefix, oa_prefix, layers in (("text_model", "transformer", config.text.layers),
                                          ("vision_model", "visual.transformer", config.vision.layers)):

@@ -21,6 +21,7 @@ from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_int
 from clipforge.data.transforms import EvalTransform
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, PreprocessConfig, apply_overrides, get_model_config, list_models
+from clipforge.errors import CheckpointError
 
 CONFIG_FILE = "clipforge.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -31,12 +32,12 @@ def read_weights(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: file is empty")
+        raise CheckpointError(f"{path}: file is empty")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except SafetensorError as error:
-            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from None
     if zipfile.is_zipfile(path) and _is_torchscript(path):
         return read_torchscript(path)[0]
     try:
@@ -45,17 +46,17 @@ def read_weights(path: Path) -> dict[str, Any]:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
-            raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
+            raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
         # torch's text goes on to suggest weights_only=False, which would run the file's code: not offered.
         found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. |\n\n|$)", str(error), re.S)
         reason = found.group(1).strip() if found else "not a plain state dict"
-        raise ValueError(f"{path}: not a plain weights file ({reason}); clipforge reads tensors only and never "
+        raise CheckpointError(f"{path}: not a plain weights file ({reason}); clipforge reads tensors only and never "
                          "runs code from a checkpoint. Save the state dict: "
                          "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
     except Exception as error:  # torch raises many types for bad pickles; all mean "unreadable"
-        raise ValueError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a state dict, found a {type(loaded).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, found a {type(loaded).__name__}")
     return loaded
 
 
@@ -72,7 +73,7 @@ def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
             return read_weights(directory / name)
-    raise ValueError(f"{directory}: HF directory has config.json but no model.safetensors or pytorch_model.bin")
+    raise CheckpointError(f"{directory}: HF directory has config.json but no model.safetensors or pytorch_model.bin")
 
 
 def _hf_preprocess(directory: Path, image_size: int) -> PreprocessConfig:
@@ -82,7 +83,7 @@ def _hf_preprocess(directory: Path, image_size: int) -> PreprocessConfig:
     size = pp.get("size", {}).get("shortest_edge", image_size) if isinstance(pp.get("size"), dict) else pp.get("size", image_size)
     crop = pp.get("crop_size", {}).get("height", image_size) if isinstance(pp.get("crop_size"), dict) else pp.get("crop_size", image_size)
     if pp.get("resample", 3) != 3 or size != image_size or crop != image_size or not pp.get("do_center_crop", True):
-        raise ValueError(f"{path}: resize to {size}, crop {crop}, resample {pp.get('resample')} differ from CLIP's "
+        raise CheckpointError(f"{path}: resize to {size}, crop {crop}, resample {pp.get('resample')} differ from CLIP's "
                          f"bicubic {image_size} px resize + crop, which is all clipforge implements")
     default = PreprocessConfig()
     return PreprocessConfig(composite_white=bool(pp.get("do_convert_rgb", True)),
@@ -94,7 +95,7 @@ def config_from_file(path: Path) -> tuple[CLIPConfig, PreprocessConfig | None]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable JSON config: {error}") from None
+        raise CheckpointError(f"{path}: not a readable JSON config: {error}") from None
     if "model_cfg" in data or "vision_cfg" in data:
         return config_from_open_clip(data, str(path))
     if data.get("format") == "clipforge" and "model" in data:
@@ -102,7 +103,7 @@ def config_from_file(path: Path) -> tuple[CLIPConfig, PreprocessConfig | None]:
         return CLIPConfig.from_dict(data["model"]), PreprocessConfig.from_dict(pp) if pp else None
     if "vision_config" in data or "text_config" in data or data.get("model_type") == "clip":
         return hf.config_from_hf(data), None
-    raise ValueError(f"{path}: not a clipforge.json, open_clip_config.json or HF CLIP config.json")
+    raise CheckpointError(f"{path}: not a clipforge.json, open_clip_config.json or HF CLIP config.json")
 
 
 def _given_config(config: str | Path | CLIPConfig) -> tuple[CLIPConfig, PreprocessConfig | None]:
@@ -131,7 +132,7 @@ def _file_config(path: Path, state_dict: dict[str, torch.Tensor], hints: Archite
     try:
         shapes = infer_shapes(state_dict)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise CheckpointError(f"{path}: {error}") from None
     return resolve_architecture(shapes, str(path), choice["head_width"], choice["quick_gelu"], hints), None
 
 
@@ -144,7 +145,7 @@ def _directory_config(directory: Path) -> tuple[CLIPConfig, PreprocessConfig | N
     if steps:  # a `clipforge train` output folder: its config.json is the run's, not a model's
         latest = directory / "latest"
         newest = directory / latest.read_text().strip() if latest.is_file() else steps[-1].parent
-        raise ValueError(f"{directory}: a training run folder, not a model: pass one of its checkpoints "
+        raise CheckpointError(f"{directory}: a training run folder, not a model: pass one of its checkpoints "
                          f"(the latest is {newest})")
     weights = open_clip.open_clip_weights(directory)
     if (directory / open_clip.CONFIG_FILE).is_file() and weights is not None:
@@ -152,7 +153,7 @@ def _directory_config(directory: Path) -> tuple[CLIPConfig, PreprocessConfig | N
     if (directory / "config.json").is_file():
         config = hf.config_from_hf(json.loads((directory / "config.json").read_text()))
         return config, _hf_preprocess(directory, config.vision.image_size), directory
-    raise ValueError(f"{directory}: no {CONFIG_FILE} (clipforge), {open_clip.CONFIG_FILE} with open_clip weights, "
+    raise CheckpointError(f"{directory}: no {CONFIG_FILE} (clipforge), {open_clip.CONFIG_FILE} with open_clip weights, "
                      f"or config.json (HF) in this directory")
 
 
@@ -190,7 +191,7 @@ def _load_path(path: Path, choice: dict[str, Any], overrides: dict[str, Any]) ->
 def refuse_random_weights(name: str | Path, allowed: bool, pretrained: str | None = None) -> None:
     """ValueError when `name` is a registry architecture (no weights) and random weights were not asked for."""
     if str(name) in list_models() and not Path(name).exists() and not allowed and pretrained is None:
-        raise ValueError(f"{name!r} is a registry architecture without weights: its answers would be random. "
+        raise CheckpointError(f"{name!r} is a registry architecture without weights: its answers would be random. "
                          "Pass a checkpoint, --pretrained TAG (`clipforge models --pretrained` lists them), or "
                          "--random-weights to run with randomly initialised weights")
 
@@ -224,7 +225,7 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
     elif path.exists():
         model = _load_path(path, choice, overrides)
     else:
-        raise ValueError(f"{name_or_path!r} is neither a known model name nor an existing path; "
+        raise CheckpointError(f"{name_or_path!r} is neither a known model name nor an existing path; "
                          f"known names: {', '.join(list_models())}")
     model = model.to(device=device, dtype=dtype).eval()
     return model, EvalTransform.for_model(model)
@@ -236,18 +237,18 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
 
     out = Path(out_dir)
     if format not in ("clipforge", "hf", "open_clip"):
-        raise ValueError(f"unknown format {format!r}: use 'clipforge', 'hf' or 'open_clip'")
+        raise CheckpointError(f"unknown format {format!r}: use 'clipforge', 'hf' or 'open_clip'")
     if format == "hf" and model.config.vision.is_resnet:
-        raise ValueError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
+        raise CheckpointError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
     if format == "hf" and model.config.text_tower != "clip":
-        raise ValueError(f"HF CLIPModel has no {model.config.text_tower!r} text tower: save with format='clipforge'")
+        raise CheckpointError(f"HF CLIPModel has no {model.config.text_tower!r} text tower: save with format='clipforge'")
     if tokenizer is None and model.config.text_tower == "minilm":
         from clipforge.model.minilm import WordPieceTokenizer
 
         tokenizer = WordPieceTokenizer(context_length=model.context_length)
     if tokenizer is None:
         if model.config.text.vocab_size != 49408:
-            raise ValueError(f"model has a {model.config.text.vocab_size}-token vocabulary: pass its tokenizer")
+            raise CheckpointError(f"model has a {model.config.text.vocab_size}-token vocabulary: pass its tokenizer")
         tokenizer = CLIPTokenizer(context_length=model.context_length)
     preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
     settings = _open_clip_settings(model.config, tokenizer, preprocess) if format == "open_clip" else None
@@ -274,7 +275,7 @@ def _open_clip_settings(config: CLIPConfig, tokenizer: Any, preprocess: Preproce
 
     settings = open_clip.open_clip_config(config, preprocess)
     if (getattr(tokenizer, "vocab_size", None), getattr(tokenizer, "special_tokens", None)) != (49408, SPECIAL_TOKENS):
-        raise ValueError("open_clip tokenises with OpenAI's BPE; this model has another vocabulary: use format='clipforge'")
+        raise CheckpointError("open_clip tokenises with OpenAI's BPE; this model has another vocabulary: use format='clipforge'")
     return settings
 
 

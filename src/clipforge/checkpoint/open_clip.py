@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from clipforge.errors import CheckpointError
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -30,17 +31,17 @@ _SAME_AS_DEFAULT = {"pool_type": {"tok", "argmax", None}, "proj_type": {"linear"
 def _checked(cfg: dict[str, Any], defaults: dict[str, Any], where: str, source: str) -> dict[str, Any]:
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
-        raise ValueError(f"{source}: open_clip {where} keys {unknown} are not supported by clipforge's towers")
+        raise CheckpointError(f"{source}: open_clip {where} keys {unknown} are not supported by clipforge's towers")
     merged = {**defaults, **cfg}
     mapped = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "context_length",
               "vocab_size", "heads", "output_tokens", "patch_dropout", "tokenizer_kwargs", "hf_tokenizer_name"}
     for key, value in merged.items():
         if key in mapped or value == defaults[key] or value in _SAME_AS_DEFAULT.get(key, ()):
             continue
-        raise ValueError(f"{source}: open_clip {where} {key}={value!r} is not supported by clipforge's towers "
+        raise CheckpointError(f"{source}: open_clip {where} {key}={value!r} is not supported by clipforge's towers "
                          f"(only {defaults[key]!r}); this model cannot be loaded exactly")
     if merged.get("hf_tokenizer_name") or merged.get("tokenizer_kwargs"):
-        raise ValueError(f"{source}: open_clip text tokenizer {merged['hf_tokenizer_name']!r} "
+        raise CheckpointError(f"{source}: open_clip text tokenizer {merged['hf_tokenizer_name']!r} "
                          f"{merged['tokenizer_kwargs'] or ''} is not CLIP's BPE; clipforge cannot tokenise for it")
     return merged
 
@@ -49,10 +50,10 @@ def config_from_open_clip(d: dict[str, Any], source: str = "open_clip config") -
     """(model config, preprocessing) from an `open_clip_config.json` dict or an open_clip model config dict."""
     model_cfg = d.get("model_cfg", d)
     if "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
-        raise ValueError(f"{source}: not an open_clip config (no vision_cfg / text_cfg)")
+        raise CheckpointError(f"{source}: not an open_clip config (no vision_cfg / text_cfg)")
     unknown = sorted(set(model_cfg) - _TOP_LEVEL)
     if unknown:
-        raise ValueError(f"{source}: open_clip model keys {unknown} are not supported by clipforge")
+        raise CheckpointError(f"{source}: open_clip model keys {unknown} are not supported by clipforge")
     v = _checked(model_cfg["vision_cfg"], _VISION_DEFAULTS, "vision_cfg", source)
     t = _checked(model_cfg["text_cfg"], _TEXT_DEFAULTS, "text_cfg", source)
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
@@ -74,7 +75,7 @@ def _preprocess_from_open_clip(p: dict[str, Any], source: str) -> PreprocessConf
     exact = {"interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
     for key, value in exact.items():
         if p.get(key, value) != value:
-            raise ValueError(f"{source}: preprocess_cfg {key}={p[key]!r} is not implemented (clipforge: {value!r})")
+            raise CheckpointError(f"{source}: preprocess_cfg {key}={p[key]!r} is not implemented (clipforge: {value!r})")
     config = PreprocessConfig()
     return PreprocessConfig(mean=tuple(p.get("mean", config.mean)), std=tuple(p.get("std", config.std)))
 
@@ -84,7 +85,7 @@ def read_open_clip_config(path: Path) -> tuple[CLIPConfig, PreprocessConfig]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable open_clip config: {error}") from None
+        raise CheckpointError(f"{path}: not a readable open_clip config: {error}") from None
     return config_from_open_clip(data, str(path))
 
 
@@ -96,11 +97,11 @@ def open_clip_weights(directory: Path) -> Path | None:
 def open_clip_config(config: CLIPConfig, preprocess: PreprocessConfig) -> dict[str, Any]:
     """The `open_clip_config.json` of a clipforge model; a model open_clip's towers cannot express is refused."""
     if config.text_tower != "clip":
-        raise ValueError(f"open_clip has no {config.text_tower!r} text tower: save with format='clipforge'")
+        raise CheckpointError(f"open_clip has no {config.text_tower!r} text tower: save with format='clipforge'")
     if config.vision.quick_gelu != config.text.quick_gelu:
-        raise ValueError("open_clip uses one activation for both towers; this model mixes QuickGELU and GELU")
+        raise CheckpointError("open_clip uses one activation for both towers; this model mixes QuickGELU and GELU")
     if {config.vision.layer_norm_eps, config.text.layer_norm_eps} != {1e-5}:
-        raise ValueError("open_clip's layer norms use eps 1e-5; this model's differ")
+        raise CheckpointError("open_clip's layer norms use eps 1e-5; this model's differ")
     v = config.vision
     vision: dict[str, Any] = {"image_size": v.image_size, "width": v.width}
     if v.is_resnet:  # open_clip: heads = width * 32 // head_width

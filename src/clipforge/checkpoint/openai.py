@@ -12,6 +12,7 @@ import torch
 
 from clipforge.checkpoint.architecture import ArchitectureHints
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+from clipforge.errors import CheckpointError
 
 # Entries OpenAI's archives carry that are not weights, and buffers rebuilt at construction.
 _NON_WEIGHT_KEYS = {"input_resolution", "context_length", "vocab_size"}
@@ -31,14 +32,14 @@ def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
         if key in _NON_WEIGHT_KEYS or key.endswith(_BUFFER_SUFFIXES) or key.endswith(".attn_mask"):
             continue
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
         cleaned[key] = value
     return cleaned
 
 
 def _need(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state_dict:
-        raise ValueError(f"not an OpenAI-layout CLIP state dict: missing key {key!r}")
+        raise CheckpointError(f"not an OpenAI-layout CLIP state dict: missing key {key!r}")
     return state_dict[key]
 
 
@@ -59,7 +60,7 @@ def infer_shapes(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True) -
             len({k.split(".")[2] for k in state_dict if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4)
         )
         if 0 in counts:
-            raise ValueError("not an OpenAI-layout CLIP state dict: no 'visual.proj' (ViT) nor visual.layer1-4 (ResNet)")
+            raise CheckpointError("not an OpenAI-layout CLIP state dict: no 'visual.proj' (ViT) nor visual.layer1-4 (ResNet)")
         width = _need(state_dict, "visual.layer1.0.conv1.weight").shape[0]
         grid = round((_need(state_dict, "visual.attnpool.positional_embedding").shape[0] - 1) ** 0.5)
         vision = VisionConfig(image_size=grid * 32, layers=counts, width=width, quick_gelu=quick_gelu)
@@ -95,7 +96,7 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sourc
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise ValueError(f"{source}: weights do not fit the model; " + "; ".join(problems))
+        raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=False)
 
 
@@ -131,7 +132,7 @@ def read_torchscript(path: Path) -> tuple[dict[str, torch.Tensor], ArchitectureH
         names = archive.namelist()
         data_pkl = next((n for n in names if n.endswith("/data.pkl")), None)
         if data_pkl is None:
-            raise ValueError(f"{path}: a zip archive without data.pkl is not a TorchScript or torch.save file")
+            raise CheckpointError(f"{path}: a zip archive without data.pkl is not a TorchScript or torch.save file")
         prefix = data_pkl[: -len("data.pkl")]
 
         storages: dict[str, torch.UntypedStorage] = {}  # tensors that share a record share its storage

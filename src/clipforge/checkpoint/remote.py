@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from clipforge.errors import CheckpointError
 
 HUB_PREFIX = "hf-hub:"
 
@@ -17,7 +18,7 @@ def hub_repo(name: str) -> tuple[str, str | None]:
     repo = name[len(HUB_PREFIX):]
     repo, _, revision = repo.partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ValueError(f"{name!r}: expected hf-hub:ORG/NAME (optionally @REVISION)")
+        raise CheckpointError(f"{name!r}: expected hf-hub:ORG/NAME (optionally @REVISION)")
     return repo, revision or None
 
 
@@ -36,5 +37,5 @@ def resolve_remote(name: str, pretrained: str | None = None) -> tuple[Path, dict
     else:
         path = open_clip_weights(hub_folder(entry.hf_hub, weights_only=True))
         if path is None:
-            raise ValueError(f"hf-hub:{entry.hf_hub} holds no open_clip weights for {name} {pretrained!r}")
+            raise CheckpointError(f"hf-hub:{entry.hf_hub} holds no open_clip weights for {name} {pretrained!r}")
     return path, {"config": entry.architecture, "mean": entry.mean, "std": entry.std}

@@ -33,8 +33,8 @@ def _icons_summary(manifest: dict, folder: Path, seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> None:
     """Build the dataset named by the sub-sub-command and print a short summary."""
-    from clipforge.datasets import build_emoji, build_icons, build_tuxpaint
-    from clipforge.datasets.icons import read_labels
+    from clipforge.corpora import build_emoji, build_icons, build_tuxpaint
+    from clipforge.corpora.icons import read_labels
 
     start = time.perf_counter()
     common = {"root": args.root, "size": args.size, "limit": args.limit, "cache": args.cache, "force": args.force,
@@ -62,7 +62,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `clipforge data` with its `emoji`, `tuxpaint` and `icons` sub-commands."""
-    from clipforge.datasets.emoji import EVAL_STYLES, STYLES
+    from clipforge.corpora.emoji import EVAL_STYLES, STYLES
 
     p = sub.add_parser("data", help="build offline-real image-text datasets (emoji, tuxpaint, icons)",
                        description="Fetch pinned packages with npm / apt-get, render and write a training-ready "

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from clipforge.cli.model_args import add_model_arguments
+from clipforge.errors import ConfigError
 
 TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.task == "robustness":
         id_styles = [s for s in args.id_styles.split(",") if s]
         if not id_styles:
-            raise ValueError("--task robustness needs --id-styles (the styles the model was trained on)")
+            raise ConfigError("--task robustness needs --id-styles (the styles the model was trained on)")
         extra = {"tuxpaint": load_for_eval(args.tuxpaint)} if args.tuxpaint else None
         results = robustness(ctx, load_for_eval(args.data, args.styles, args.split), id_styles,
                              supervised_steps=args.supervised_steps, extra_zero_shot=extra)

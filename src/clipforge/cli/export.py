@@ -11,10 +11,7 @@ def run_onnx(args: argparse.Namespace) -> None:
     """Export, verify and print where the graphs went and how close they are to PyTorch."""
     from clipforge.export.onnx import export_onnx, require_onnx
 
-    try:
-        require_onnx(verify=not args.no_verify)  # onnx, onnxscript and onnxruntime are an extra
-    except ImportError as error:
-        raise ValueError(str(error)) from None
+    require_onnx(verify=not args.no_verify)  # onnx, onnxscript and onnxruntime are an extra
     model, _ = load_model(args, args.checkpoint)
     config = export_onnx(model, args.out_dir, source=args.checkpoint, opset=args.opset, verify=not args.no_verify, atol=args.atol)
     print(f"wrote {args.out_dir / config['image_encoder']} and {args.out_dir / config['text_encoder']} "

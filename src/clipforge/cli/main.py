@@ -16,6 +16,7 @@ from clipforge.cli import search as search_cmd
 from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
 from clipforge.cli.model_args import add_model_arguments, load_model
+from clipforge.errors import ClipforgeError
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all sub-commands."""
     parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: load, convert, classify, demo")
     parser.add_argument("--version", action="version", version=f"clipforge {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user-facing error too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list registry architectures (or, with --pretrained, downloadable weights)")
@@ -139,14 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError) as error:  # bad input and unreadable files: a message, not a traceback
-        print(f"clipforge {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        if not getattr(error, "user_facing", False):  # a bug: keep the traceback
+    except (ClipforgeError, OSError) as error:  # what the user can fix, and the file system's own refusals
+        if args.debug:
             raise
         print(f"clipforge {args.command}: error: {error}", file=sys.stderr)
-        return 3
+        return 2
     return 0
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from clipforge.device import DEVICE_HELP
+from clipforge.errors import ConfigError
 
 
 def run_index(args: argparse.Namespace) -> None:
@@ -42,9 +43,9 @@ def run_search(args: argparse.Namespace) -> None:
     from clipforge.search import ImageIndex, QueryEncoder
 
     if args.text is None and args.image is None:
-        raise ValueError('no query: give a text (clipforge search INDEX "a red bicycle") or --image PATH')
+        raise ConfigError('no query: give a text (clipforge search INDEX "a red bicycle") or --image PATH')
     if args.text is not None and args.image is not None:
-        raise ValueError("give a text query or --image, not both")
+        raise ConfigError("give a text query or --image, not both")
     index = ImageIndex.open(args.index)
     pretrained = args.pretrained if args.model else index.pretrained
     encoder = QueryEncoder(args.model or index.model, device=args.device, pretrained=pretrained)
@@ -53,7 +54,7 @@ def run_search(args: argparse.Namespace) -> None:
     else:
         query = encoder.embed_texts([args.text], truncate=args.truncate)
     if query.shape[1] != index.dim:
-        raise ValueError(f"the model embeds into {query.shape[1]} dimensions, the index holds {index.dim}")
+        raise ConfigError(f"the model embeds into {query.shape[1]} dimensions, the index holds {index.dim}")
     scores, ids = index.search(query, args.k)
     results = []
     for rank, (score, id_) in enumerate(zip(scores[0].tolist(), ids[0].tolist()), start=1):

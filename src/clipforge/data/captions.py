@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clipforge.data.images import DEFAULT_MAX_PIXELS, IMAGE_ERROR_REASONS, SampleError, decode_image
+from clipforge.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -77,7 +78,7 @@ def with_composite_white(transform: Callable, composite_white: bool | None) -> C
     if composite_white is None:
         return transform
     if not (dataclasses.is_dataclass(transform) and hasattr(transform, "composite_white")):
-        raise ValueError(f"composite_white given but {type(transform).__name__} has no such option")
+        raise DataError(f"composite_white given but {type(transform).__name__} has no such option")
     return dataclasses.replace(transform, composite_white=composite_white)
 
 
@@ -110,7 +111,7 @@ def _delimiter_for(path: Path, delimiter: str | None) -> str:
         return "\t"
     if suffix == ".csv":
         return ","
-    raise ValueError(f"{path}: cannot tell the delimiter from suffix {suffix!r}; pass delimiter=")
+    raise DataError(f"{path}: cannot tell the delimiter from suffix {suffix!r}; pass delimiter=")
 
 
 class CaptionDataset(Dataset):
@@ -144,17 +145,17 @@ class CaptionDataset(Dataset):
         separator: str | None,
     ) -> None:
         if not path.is_file():
-            raise ValueError(f"caption file not found: {path}")
+            raise DataError(f"caption file not found: {path}")
         # utf-8-sig drops a spreadsheet's BOM; surrogateescape keeps bad bytes to flag per caption.
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
             header = next(reader, None)
             if header is None:
-                raise ValueError(f"{path}: empty file (no header row)")
+                raise DataError(f"{path}: empty file (no header row)")
             wanted = [image_col, caption_col] + ([key_col] if key_col else [])
             missing = [c for c in wanted if c not in header]
             if missing:
-                raise ValueError(f"{path}: missing column(s) {missing}; columns found: {header}")
+                raise DataError(f"{path}: missing column(s) {missing}; columns found: {header}")
             at = {c: header.index(c) for c in wanted}
             groups: dict[str, int] = {}
             paths: list[str] = []
@@ -173,7 +174,7 @@ class CaptionDataset(Dataset):
                     keys.append(row[at[key_col]].strip() or None if key_col else None)
                 texts[slot].extend(split_captions(row[at[caption_col]], separator))
         if not paths:
-            raise ValueError(f"{path}: no data rows (empty dataset)")
+            raise DataError(f"{path}: no data rows (empty dataset)")
         self.paths = paths
         self.keys: list[str | None] | None = keys if key_col else None
         self.captions: list[list[str]] = []

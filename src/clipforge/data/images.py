@@ -21,6 +21,7 @@ from typing import IO, Any, Union
 
 import numpy as np
 from PIL import Image
+from clipforge.errors import DataError, SampleError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -37,14 +38,6 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "La", "RGBa", "PA"})
 # What Pillow's decoders raise on malformed input (plugins are not consistent about it).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
 _UINT16_MAX = 65535
-
-
-class SampleError(ValueError):
-    """A sample is unusable for `reason` (an image reason above, or a caption reason); `detail` names it."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 def _scale_to_uint8(values: np.ndarray, top: float) -> np.ndarray:
@@ -155,4 +148,4 @@ def load_image(image: Image.Image | str | Path | IO[bytes], max_pixels: int = DE
     except SampleError as error:
         if error.reason == "missing_file":
             raise FileNotFoundError(f"image not found: {error.detail}") from None
-        raise ValueError(f"cannot read image {image}: {error}") from None
+        raise DataError(f"cannot read image {image}: {error}") from None

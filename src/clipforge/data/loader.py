@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from clipforge.data.captions import DEFAULT_MAX_PIXELS, SKIP_REASONS, CaptionDataset, Skipped, Tokenizer
 from clipforge.data.sampling import ResumableBatchSampler
 from clipforge.data.transforms import TrainTransform
+from clipforge.errors import DataError
 
 
 def collate_samples(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
@@ -161,7 +162,7 @@ class TrainLoader(DataLoader):
     def state_dict(self) -> dict[str, Any]:
         """Where the trainer stands: {"epoch", "batches" (and "samples" for shards), ...}."""
         if self.resumable is None:
-            raise ValueError("this loader has no resumable sampler or dataset")
+            raise DataError("this loader has no resumable sampler or dataset")
         # A set_epoch made on the sampler/dataset directly also makes the last pass's position stale.
         fresh = self._position is None or self._position["epoch"] != self.resumable.epoch
         return self._start() if fresh else dict(self._position)
@@ -190,11 +191,11 @@ def build_train_loader(
         kwargs["prefetch_factor"] = prefetch_factor
     if isinstance(dataset, IterableDataset):
         if sampler is not None or batch_size is None:
-            raise ValueError("an iterable dataset takes batch_size=, not a sampler")
+            raise DataError("an iterable dataset takes batch_size=, not a sampler")
         resumable = dataset if hasattr(dataset, "resume_point") else None
         return TrainLoader(dataset, resumable, batch_size=batch_size, **kwargs)
     if sampler is None:
-        raise ValueError("a map-style dataset needs a batch sampler (ResumableBatchSampler)")
+        raise DataError("a map-style dataset needs a batch sampler (ResumableBatchSampler)")
     if isinstance(sampler, ResumableBatchSampler):
         return TrainLoader(dataset, sampler, batch_sampler=_EpochTagged(sampler), **kwargs)
     return TrainLoader(dataset, None, batch_sampler=sampler, **kwargs)
@@ -236,9 +237,9 @@ def build_from_config(
     if "truncate" in inspect.signature(tokenizer).parameters:
         tokenizer = functools.partial(tokenizer, truncate=True)  # an over-long caption is cut, not fatal
     if config.decoded_cache and (config.is_shards or not isinstance(transform, TrainTransform)):
-        raise ValueError("decoded_cache needs a CSV/TSV dataset and the standard TrainTransform")
+        raise DataError("decoded_cache needs a CSV/TSV dataset and the standard TrainTransform")
     if config.unique_keys and (config.is_shards or not config.key_column):
-        raise ValueError("unique_keys needs a CSV/TSV dataset (a sampler) and key_column")
+        raise DataError("unique_keys needs a CSV/TSV dataset (a sampler) and key_column")
     if config.is_shards:
         from clipforge.data.shards import ShardDataset  # webdataset is only needed for shards
 

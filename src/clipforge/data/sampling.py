@@ -6,6 +6,7 @@ from itertools import islice
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from clipforge.errors import DataError
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -77,9 +78,9 @@ class ResumableBatchSampler:
     ) -> None:
         """Check the sizes; raise ValueError if not even one global batch fits."""
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad batch_size={batch_size}, world_size={world_size}, rank={rank}")
+            raise DataError(f"bad batch_size={batch_size}, world_size={world_size}, rank={rank}")
         if keys is not None and len(keys) != num_samples:
-            raise ValueError(f"{len(keys)} keys for {num_samples} samples")
+            raise DataError(f"{len(keys)} keys for {num_samples} samples")
         self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
         self.seed = seed
         self.global_batch_size = world_size * batch_size
@@ -89,7 +90,7 @@ class ResumableBatchSampler:
         )
         if distinct < self.global_batch_size:
             what = "samples" if keys is None else "distinct keys"
-            raise ValueError(f"{distinct} {what} cannot fill one global batch of {self.global_batch_size}")
+            raise DataError(f"{distinct} {what} cannot fill one global batch of {self.global_batch_size}")
         self.epoch = 0
         self._done = 0  # batches of this epoch yielded (or restored)
         self._resume_at = 0  # batches to skip at the next pass, set by load_state_dict
@@ -142,5 +143,5 @@ class ResumableBatchSampler:
         """Resume: the next pass over epoch `state["epoch"]` starts after `state["batches"]` batches."""
         for name in ("seed", "global_batch_size"):
             if name in state and state[name] != getattr(self, name):
-                raise ValueError(f"cannot resume: checkpoint has {name}={state[name]}, sampler has {getattr(self, name)}")
+                raise DataError(f"cannot resume: checkpoint has {name}={state[name]}, sampler has {getattr(self, name)}")
         self.epoch, self._done, self._resume_at = int(state["epoch"]), int(state["batches"]), int(state["batches"])

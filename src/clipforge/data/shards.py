@@ -21,6 +21,7 @@ from clipforge.data.captions import (
     takes_rng, with_composite_white,
 )
 from clipforge.data.images import IMAGE_EXTENSIONS
+from clipforge.errors import DataError
 
 SHARD_STRIDE = 1 << 32  # sample index = shard number * SHARD_STRIDE + position in the shard
 _EPOCH, _SAMPLES, _BATCHES = range(3)  # shared state: epoch, samples, batches, batch_size, workers
@@ -45,16 +46,16 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
         if _is_local(url) and glob.has_magic(url):
             matched = sorted(glob.glob(_local_path(url)))
             if not matched:
-                raise ValueError(f"no shard files match {url!r}")
+                raise DataError(f"no shard files match {url!r}")
             shards.extend(matched)
         else:
             shards.append(url)
     if not shards:
-        raise ValueError(f"no shards in {urls!r}")
+        raise DataError(f"no shards in {urls!r}")
     missing = [u for u in shards if _is_local(u) and not os.path.isfile(_local_path(u))]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ValueError(f"{len(missing)} of {len(shards)} shards not found: {missing[:3]}{more}")
+        raise DataError(f"{len(missing)} of {len(shards)} shards not found: {missing[:3]}{more}")
     return shards
 
 
@@ -100,9 +101,9 @@ class ShardDataset(IterableDataset):
             rank = torch.distributed.get_rank() if dist and rank is None else rank
         rank = rank or 0
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
         if len(self.shards) < world_size:
-            raise ValueError(f"{len(self.shards)} shards cannot be split over {world_size} ranks")
+            raise DataError(f"{len(self.shards)} shards cannot be split over {world_size} ranks")
         self.rank, self.world_size = rank, world_size
         self.transform = with_composite_white(transform, composite_white)
         self.tokenizer = tokenizer
@@ -127,7 +128,7 @@ class ShardDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume epoch `state["epoch"]` after `state["samples"]` stream items (from TrainLoader.state_dict)."""
         if "seed" in state and state["seed"] != self.seed:
-            raise ValueError(f"cannot resume: checkpoint has seed={state['seed']}, dataset has {self.seed}")
+            raise DataError(f"cannot resume: checkpoint has seed={state['seed']}, dataset has {self.seed}")
         fields = ("epoch", "samples", "batches", "batch_size", "workers")
         self._state[:] = [int(state.get(f) or 0) for f in fields]
 

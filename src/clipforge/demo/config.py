@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipforge.config_flags import add_dataclass_arguments
+from clipforge.errors import ConfigError
 
 
 CHOICES = {"icon_query": ("labels", "any"), "icons_unseen": ("keep", "remove"), "lit_data": ("emoji", "clip"),
@@ -58,22 +59,22 @@ class DemoConfig:
     def validate(self) -> None:
         """Reject settings that cannot run, naming the field."""
         if self.minutes <= 0:
-            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+            raise ConfigError(f"minutes must be > 0, got {self.minutes}")
         if self.prompt_validation_style not in self.styles("held_out") or len(self.styles("held_out")) < 2:
-            raise ValueError("prompt_validation_style must be one of two or more held-out/eval styles")
+            raise ConfigError("prompt_validation_style must be one of two or more held-out/eval styles")
         if set(self.styles("train")) & set(self.styles("held_out")):
-            raise ValueError("train_styles and held_out_styles overlap")
+            raise ConfigError("train_styles and held_out_styles overlap")
         if not self.styles("train") or not self.styles("held_out"):
-            raise ValueError("train_styles and held_out_styles must each name at least one style")
+            raise ConfigError("train_styles and held_out_styles must each name at least one style")
         if self.batch_size < 2:
-            raise ValueError("batch_size must be >= 2 (a contrastive batch needs negatives)")
+            raise ConfigError("batch_size must be >= 2 (a contrastive batch needs negatives)")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.ablation and not self.icons:
-            raise ValueError("ablation needs icons > 0 (the icon count of its runs)")
+            raise ConfigError("ablation needs icons > 0 (the icon count of its runs)")
         if self.icons < 0 or self.icons_per_concept < 0 or self.emoji_repeat < 1:
-            raise ValueError(f"icons and icons_per_concept must be >= 0 and emoji_repeat >= 1, got {self.icons}, "
+            raise ConfigError(f"icons and icons_per_concept must be >= 0 and emoji_repeat >= 1, got {self.icons}, "
                              f"{self.icons_per_concept}, {self.emoji_repeat}")
 
     def styles(self, which: str) -> list[str]:
@@ -105,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         values = json.loads(Path(args.config).read_text())
         unknown = set(values) - {f.name for f in dataclasses.fields(DemoConfig)}
         if not isinstance(values, dict) or unknown:
-            raise ValueError(f"{args.config}: not a DemoConfig JSON object (unknown keys: {sorted(unknown)})")
+            raise ConfigError(f"{args.config}: not a DemoConfig JSON object (unknown keys: {sorted(unknown)})")
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
                    if getattr(args, f.name, None) is not None})
     config = DemoConfig(**values)

@@ -10,9 +10,10 @@ from typing import Sequence
 
 from typing import TYPE_CHECKING
 
-from clipforge.datasets import build_emoji, build_icons, build_tuxpaint
-from clipforge.datasets.icons import concept_key
-from clipforge.evaluate.templates import get_templates
+from clipforge.corpora import build_emoji, build_icons, build_tuxpaint
+from clipforge.corpora.icons import concept_key
+from clipforge.inference.templates import get_templates
+from clipforge.errors import DataError
 
 # Sentences around the label: the training captions hold them (the way web captions are sentences),
 # so the zero-shot ensemble (the same "emoji" set) prompts in forms the text tower saw. A first run
@@ -135,7 +136,7 @@ def training_captions(emoji: Path, styles: list[str], split: str, out_csv: Path,
         rows = [r for r in csv.DictReader(handle)
                 if r["style"] in styles and r["split"] == split and (r["key"], r["style"]) not in exclude]
     if not rows:
-        raise ValueError(f"{emoji}: no {split} images in styles {styles}")
+        raise DataError(f"{emoji}: no {split} images in styles {styles}")
     labels = {c["hexcode"]: c["label"] for c in read_concepts(emoji)}
     rng = random.Random(seed)
     out_csv.parent.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from clipforge.demo.photos import real_photos
-from clipforge.evaluate.datasets import LabelledImages, image_features
+from clipforge.data.labelled import LabelledImages
 from clipforge.evaluate.report import Section, plot_bars, plot_examples
-from clipforge.evaluate.templates import get_templates
-from clipforge.evaluate.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_predict
+from clipforge.inference.features import labelled_image_features
+from clipforge.inference.templates import get_templates
+from clipforge.inference.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_predict
+from clipforge.errors import DataError
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Evaluated:
 def embed_all(name: str, model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
               images: LabelledImages) -> Evaluated:
     """Features of every readable emoji image under `model`."""
-    features, kept = image_features(model, images, preprocess, batch_size=256)
+    features, kept = labelled_image_features(model, images, preprocess, batch_size=256)
     return Evaluated(name, model, tokenizer, preprocess, kept, features)
 
 
@@ -56,7 +58,7 @@ def _rows(ev: Evaluated, split: str, style: str) -> tuple[LabelledImages, torch.
     """The images of one split x style and their row mask into ev.features."""
     keep = torch.tensor([s == split and d == style for s, d in zip(ev.images.splits, ev.images.domains)])
     if not keep.any():
-        raise ValueError(f"no {split} images of style {style}")
+        raise DataError(f"no {split} images of style {style}")
     return ev.images.subset(keep.tolist()), keep
 
 

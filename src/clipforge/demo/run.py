@@ -26,10 +26,10 @@ from clipforge.demo.summary import claims, summary_rows
 from clipforge.demo.baselines import effective_robustness, supervised_family
 from clipforge.demo.training import read_training_rows, run_contrastive, train_config
 from clipforge.evaluate.bias import bias_probe
-from clipforge.evaluate.datasets import load_labelled_images
+from clipforge.data.labelled import load_labelled_images
 from clipforge.evaluate.report import Section, markdown_table, plot_training_curves, write_report
 from clipforge.evaluate.tasks import EvalContext, retrieval, robustness
-from clipforge.evaluate.templates import get_templates
+from clipforge.inference.templates import get_templates
 
 # Seconds per optimizer step of each run at the default model and batch, measured on the 2-core
 # reference machine (AMD EPYC, fp32, decoded-image cache), and each run's share of the training time. The budget is

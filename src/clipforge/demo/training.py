@@ -18,7 +18,7 @@ from clipforge.data.decoded import DecodedImages, build_decoded_cache, stored_si
 from clipforge.data.transforms import TrainTransform
 from clipforge.demo.config import DemoConfig
 from clipforge.demo.data import ICON_STYLE
-from clipforge.evaluate.datasets import decode_all
+from clipforge.data.labelled import decode_all
 from clipforge.evaluate.supervised import train_supervised
 from clipforge.model import create_model
 from clipforge.train.config import TrainConfig

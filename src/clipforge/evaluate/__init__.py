@@ -4,22 +4,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from clipforge.evaluate.features import (
+from clipforge.inference.features import (
     extract_image_features,
     extract_labeled_image_features,
     extract_text_features,
 )
-from clipforge.evaluate.metrics import (
+from clipforge.inference.metrics import (
     classification_metrics,
     confusion_matrix,
     mean_per_class_recall,
     per_class_recall,
     topk_accuracy,
 )
-from clipforge.evaluate.retrieval import chunked_topk, retrieval_recall
+from clipforge.evaluate.retrieval import retrieval_recall
+from clipforge.inference.similarity import chunked_topk
 from clipforge.evaluate.supervised import LinearClassifier, evaluate_classifier, train_supervised
-from clipforge.evaluate.templates import get_templates, imagenet_classnames, list_templates
-from clipforge.evaluate.zeroshot import (
+from clipforge.inference.templates import get_templates, imagenet_classnames, list_templates
+from clipforge.inference.zeroshot import (
     OPENAI_TEMPLATES_7,
     build_classifier,
     classify,

@@ -16,8 +16,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from clipforge.evaluate.features import extract_image_features
-from clipforge.evaluate.zeroshot import build_classifier, zero_shot_predict
+from clipforge.inference.features import extract_image_features
+from clipforge.inference.zeroshot import build_classifier, zero_shot_predict
+from clipforge.errors import EvaluationError
 
 GENDERS = ("man", "woman", "person")
 
@@ -37,7 +38,7 @@ def load_gendered_groups(concepts_csv: Path) -> list[GenderGroup]:
         reader = csv.DictReader(f)
         missing = {"hexcode", "label", "gender", "base_concept"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{concepts_csv} lacks columns {sorted(missing)}")
+            raise EvaluationError(f"{concepts_csv} lacks columns {sorted(missing)}")
         for row in reader:
             gender, base = (row["gender"] or "").strip(), (row["base_concept"] or "").strip()
             if gender in GENDERS and base:
@@ -81,7 +82,7 @@ def bias_probe(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Te
     """Within-group zero-shot accuracy and man/woman preferences per gender and style (device None: the model's)."""
     root = Path(root)
     if not (root / "concepts.csv").is_file():
-        raise ValueError(f"{root}: the bias probe needs the emoji dataset folder (with concepts.csv and images/), "
+        raise EvaluationError(f"{root}: the bias probe needs the emoji dataset folder (with concepts.csv and images/), "
                          "as written by `clipforge data emoji`")
     groups = load_gendered_groups(root / "concepts.csv")
     labels = list(dict.fromkeys(label for group in groups for _, label in group.members.values()))
@@ -100,7 +101,7 @@ def bias_probe(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Te
                     member_cols.append(cols)
                     used_groups.add(index)
     if not paths:
-        raise ValueError(f"no images of gendered concepts under {root / 'images'} for styles {list(styles)}")
+        raise EvaluationError(f"no images of gendered concepts under {root / 'images'} for styles {list(styles)}")
 
     features = extract_image_features(model, paths, preprocess, batch_size=batch_size, device=device)
     classifier = build_classifier(model, tokenizer, labels, templates=[template])

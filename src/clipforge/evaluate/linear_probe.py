@@ -14,7 +14,8 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from clipforge.evaluate.metrics import classification_metrics
+from clipforge.inference.metrics import classification_metrics
+from clipforge.errors import EvaluationError
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
 
@@ -73,21 +74,21 @@ class TorchLogisticRegression:
 def _features(x: torch.Tensor | np.ndarray, normalize: bool) -> np.ndarray:
     x = torch.as_tensor(x).detach().float().cpu()
     if x.dim() != 2:
-        raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
+        raise EvaluationError(f"features must be [N, D], got shape {tuple(x.shape)}")
     return (torch.nn.functional.normalize(x, dim=-1) if normalize else x).numpy()
 
 
 def _labels(y: torch.Tensor | np.ndarray, n: int) -> np.ndarray:
     y = torch.as_tensor(y).long().reshape(-1).cpu().numpy()
     if len(y) != n:
-        raise ValueError(f"{len(y)} labels for {n} feature rows")
+        raise EvaluationError(f"{len(y)} labels for {n} feature rows")
     return y
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, val indices): `val_fraction` of every class with >= 2 samples goes to val, seeded."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise EvaluationError(f"val_fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for cls in np.unique(labels):
@@ -113,7 +114,7 @@ def fit_logistic_regression(features: np.ndarray, labels: np.ndarray, C: float, 
         model.fit(features, labels)
         return model, bool(model.converged_)
     if backend != "sklearn":
-        raise ValueError(f"backend must be 'torch' or 'sklearn', got {backend!r}")
+        raise EvaluationError(f"backend must be 'torch' or 'sklearn', got {backend!r}")
     model = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=1e-4,
                                warm_start=warm_from is not None)
     if warm_from is not None:
@@ -146,7 +147,7 @@ def evaluate_linear_probe(train_features: torch.Tensor, train_labels: torch.Tens
     x_test = _features(test_features, normalize)
     y_test = _labels(test_labels, len(x_test))
     if (val_features is None) != (val_labels is None):
-        raise ValueError("give both val_features and val_labels, or neither")
+        raise EvaluationError("give both val_features and val_labels, or neither")
     if val_features is None:
         train_idx, val_idx = stratified_split(y_train, val_fraction, seed)
         x_val, y_val = x_train[val_idx], y_train[val_idx]
@@ -156,10 +157,10 @@ def evaluate_linear_probe(train_features: torch.Tensor, train_labels: torch.Tens
         y_val = _labels(val_labels, len(x_val))
         x_fit, y_fit = x_train, y_train
     if len(x_val) == 0 or len(np.unique(y_fit)) < 2:
-        raise ValueError("need a non-empty validation split and at least two classes to train on")
+        raise EvaluationError("need a non-empty validation split and at least two classes to train on")
     num_classes = num_classes or int(max(y_train.max(), y_val.max(), y_test.max())) + 1
     if not Cs:
-        raise ValueError("no C values to sweep")
+        raise EvaluationError("no C values to sweep")
 
     val_accuracy: dict[float, float] = {}
     previous = None

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from urllib.parse import quote
 
 from clipforge.io import write_atomic
+from clipforge.errors import EvaluationError
 
 DPI = 100
 # 20 distinct colours: the demo's robustness plot has 13 methods (the data ablation adds CLIPs), and a
@@ -149,7 +150,7 @@ def _short(text: str, limit: int = 24) -> str:
 def plot_robustness(points: list[dict], path: Path, title: str = "Effective robustness: OOD vs ID accuracy") -> Path:
     """Scatter of OOD vs ID accuracy, colour = method (`name`), marker = `domain`, with the y = x line."""
     if not points:
-        raise ValueError("no points to plot")
+        raise EvaluationError("no points to plot")
     from matplotlib.lines import Line2D
 
     fig = _figure(6.5, 6)
@@ -177,7 +178,7 @@ def plot_robustness(points: list[dict], path: Path, title: str = "Effective robu
 def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabel: str) -> Path:
     """Grouped bar chart: one cluster per outer key, one coloured bar per inner key (series)."""
     if not groups:
-        raise ValueError("no groups to plot")
+        raise EvaluationError("no groups to plot")
     series = list(dict.fromkeys(key for values in groups.values() for key in values))
     fig = _figure(max(6.0, 1.0 + 0.5 * len(groups) * len(series)), 4.5)
     ax = fig.subplots()
@@ -208,7 +209,7 @@ def plot_confusion(matrix: Any, classnames: Sequence[str], path: Path, max_class
 
     matrix = np.asarray(matrix.cpu() if hasattr(matrix, "cpu") else matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(classnames):
-        raise ValueError(f"need a square [C, C] matrix for {len(classnames)} classes, got {matrix.shape}")
+        raise EvaluationError(f"need a square [C, C] matrix for {len(classnames)} classes, got {matrix.shape}")
     total = len(classnames)
     keep = np.arange(total)
     if total > max_classes:
@@ -255,11 +256,11 @@ def plot_training_curves(metrics_jsonl: Path | list[Path], path: Path, labels: l
     """Loss vs step (training line, `val_loss` markers) plus a panel of the other `val_*` metrics, per run."""
     files = [Path(metrics_jsonl)] if isinstance(metrics_jsonl, (str, Path)) else [Path(p) for p in metrics_jsonl]
     if labels is not None and len(labels) != len(files):
-        raise ValueError(f"{len(labels)} labels for {len(files)} runs")
+        raise EvaluationError(f"{len(labels)} labels for {len(files)} runs")
     labels = labels or [f.parent.name or f.name for f in files]
     runs = [_read_metrics(f) for f in files]
     if not any(run.get("loss") for run in runs):
-        raise ValueError(f"no 'loss' records in {[str(f) for f in files]}")
+        raise EvaluationError(f"no 'loss' records in {[str(f) for f in files]}")
     # val_loss shares the training loss's scale; R@1 / accuracies (0-1) get their own panel.
     val_keys = list(dict.fromkeys(k for run in runs for k in run
                                   if k.startswith("val_") and k not in ("val_loss", "val_pairs")))
@@ -291,7 +292,7 @@ def plot_examples(images: list[Any], titles: list[str], predictions: list[list[t
                   cols: int = 4, title_prefix: str = "true") -> Path:
     """Grid of images, each titled with its true label over its top-3 predictions (the correct one green)."""
     if not images or not (len(images) == len(titles) == len(predictions)):
-        raise ValueError(f"need equally many images, titles and predictions, got "
+        raise EvaluationError(f"need equally many images, titles and predictions, got "
                          f"{len(images)}, {len(titles)}, {len(predictions)}")
     from PIL import Image
 

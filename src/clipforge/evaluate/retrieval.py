@@ -11,44 +11,20 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-
-def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int = 4096) -> torch.Tensor:
-    """Indices [N_queries, k] of each query's k most similar keys (dot product), best first."""
-    if queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"feature sizes differ: {queries.shape[1]} vs {keys.shape[1]}")
-    if not 1 <= k <= len(keys):
-        raise ValueError(f"k must be in [1, {len(keys)}], got {k}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    out = torch.empty(len(queries), k, dtype=torch.long, device=queries.device)
-    for q_start in range(0, len(queries), chunk_size):
-        block = queries[q_start : q_start + chunk_size]
-        best_values: torch.Tensor | None = None
-        best_indices: torch.Tensor | None = None
-        for k_start in range(0, len(keys), chunk_size):
-            sims = block @ keys[k_start : k_start + chunk_size].t()
-            values, indices = sims.topk(min(k, sims.shape[1]), dim=1)
-            indices += k_start
-            del sims  # free the block before the merge allocates
-            if best_values is not None:
-                merged = torch.cat([best_values, values], dim=1)
-                values, order = merged.topk(min(k, merged.shape[1]), dim=1)
-                indices = torch.cat([best_indices, indices], dim=1).gather(1, order)
-            best_values, best_indices = values, indices
-        out[q_start : q_start + len(block)] = best_indices
-    return out
+from clipforge.inference.similarity import chunked_topk
+from clipforge.errors import EvaluationError
 
 
 def _check(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
     if image_features.dim() != 2 or text_features.dim() != 2:
-        raise ValueError("features must be [N, D] matrices")
+        raise EvaluationError("features must be [N, D] matrices")
     text_to_image = torch.as_tensor(text_to_image).long().reshape(-1)
     if len(text_to_image) != len(text_features):
-        raise ValueError(f"text_to_image has {len(text_to_image)} entries for {len(text_features)} texts")
+        raise EvaluationError(f"text_to_image has {len(text_to_image)} entries for {len(text_features)} texts")
     if len(text_to_image) == 0 or len(image_features) == 0:
-        raise ValueError("no images or no texts")
+        raise EvaluationError("no images or no texts")
     if text_to_image.min() < 0 or text_to_image.max() >= len(image_features):
-        raise ValueError(f"text_to_image must index the {len(image_features)} images")
+        raise EvaluationError(f"text_to_image must index the {len(image_features)} images")
     return text_to_image
 
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.evaluate.features import autocast_context
-from clipforge.evaluate.metrics import classification_metrics
+from clipforge.inference.features import autocast_context
+from clipforge.inference.metrics import classification_metrics
+from clipforge.errors import EvaluationError
 
 Batches = Iterable[Any] | tuple[torch.Tensor, torch.Tensor]
 
@@ -51,7 +52,7 @@ def iter_batches(data: Batches, batch_size: int, shuffle: bool, seed: int) -> It
     if _is_tensor_pair(data):
         pixels, labels = data
         if len(pixels) != len(labels):
-            raise ValueError(f"{len(pixels)} images but {len(labels)} labels")
+            raise EvaluationError(f"{len(pixels)} images but {len(labels)} labels")
         order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed)) if shuffle \
             else torch.arange(len(pixels))
         for start in range(0, len(order), batch_size):
@@ -68,7 +69,7 @@ def _steps_per_epoch(data: Batches, batch_size: int) -> int:
     try:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError("this iterable has no length: pass `steps` instead of `epochs`") from None
+        raise EvaluationError("this iterable has no length: pass `steps` instead of `epochs`") from None
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -98,10 +99,10 @@ def train_supervised(visual: nn.Module, embed_dim: int, data: Batches, num_class
     re-iterable of (pixels, labels) / {"pixels", "labels"} batches. Give `epochs` or `steps` (default 1 epoch).
     """
     if epochs is not None and steps is not None:
-        raise ValueError("give epochs or steps, not both")
+        raise EvaluationError("give epochs or steps, not both")
     total = steps if steps is not None else (epochs or 1) * _steps_per_epoch(data, batch_size)
     if total < 1:
-        raise ValueError("nothing to train: zero steps")
+        raise EvaluationError("nothing to train: zero steps")
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -124,7 +125,7 @@ def train_supervised(visual: nn.Module, embed_dim: int, data: Batches, num_class
                 empty = False
                 yield batch
             if empty:
-                raise ValueError("the training data yielded no batches")
+                raise EvaluationError("the training data yielded no batches")
 
     for step, (pixels, labels) in enumerate(itertools.islice(epochs_of_batches(), total)):
         pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
@@ -161,10 +162,10 @@ def evaluate_classifier(classifier: nn.Module, data: Batches, num_classes: int |
     finally:
         classifier.train(was_training)
     if not logits:
-        raise ValueError("no evaluation batches")
+        raise EvaluationError("no evaluation batches")
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
     if num_classes is not None and all_logits.shape[1] != num_classes:
-        raise ValueError(f"classifier has {all_logits.shape[1]} outputs, expected {num_classes}")
+        raise EvaluationError(f"classifier has {all_logits.shape[1]} outputs, expected {num_classes}")
     metrics = classification_metrics(all_logits, all_labels)
     metrics["loss"] = F.cross_entropy(all_logits, all_labels).item()
     return metrics

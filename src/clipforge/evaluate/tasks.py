@@ -7,14 +7,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from clipforge.evaluate.datasets import (LabelledImages, decode_all, image_features, load_captioned_images,
-                                         load_labelled_images)
-from clipforge.evaluate.features import extract_image_features, extract_text_features
-from clipforge.evaluate.metrics import confusion_matrix
+from clipforge.data.labelled import LabelledImages, decode_all, load_captioned_images, load_labelled_images
+from clipforge.inference.features import extract_image_features, extract_text_features, labelled_image_features
+from clipforge.inference.metrics import confusion_matrix
 from clipforge.evaluate.report import Section, plot_bars, plot_confusion, plot_robustness
 from clipforge.evaluate.retrieval import retrieval_recall
-from clipforge.evaluate.templates import get_templates, list_templates
-from clipforge.evaluate.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_predict
+from clipforge.inference.templates import get_templates, list_templates
+from clipforge.inference.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_predict
+from clipforge.errors import EvaluationError
 
 
 @dataclass
@@ -42,7 +42,7 @@ def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", co
     if templates and templates != ctx.templates:
         return zeroshot(replace(ctx, templates=templates), data, name, confusion, features)
     if features is None:
-        features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+        features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
     results: dict[str, Any] = {"images": len(data.paths), "classes": len(data.classnames),
                                "skipped": dict(data.skipped)}
     rows = []
@@ -71,7 +71,7 @@ def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None 
     captioned = load_captioned_images(data, domains=domains, split=split)
     pixels, keep = decode_all(captioned.paths, ctx.preprocess)
     if not len(pixels):
-        raise ValueError(f"{data}: none of the images could be read")
+        raise EvaluationError(f"{data}: none of the images could be read")
     new_index = torch.cumsum(torch.tensor(keep, dtype=torch.long), 0) - 1
     caption_keep = torch.tensor(keep)[captioned.caption_to_image]
     captions = [c for c, k in zip(captioned.captions, caption_keep.tolist()) if k]
@@ -92,11 +92,11 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
     """Logistic regression on frozen features vs zero-shot on the same test images."""
     from clipforge.evaluate.linear_probe import evaluate_linear_probe, stratified_split
 
-    features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
     if train_domains:
         unknown = set(train_domains) - set(data.domains)
         if unknown:
-            raise ValueError(f"training style(s) {sorted(unknown)} not in the data ({sorted(set(data.domains))})")
+            raise EvaluationError(f"training style(s) {sorted(unknown)} not in the data ({sorted(set(data.domains))})")
         train = torch.tensor([d in train_domains for d in data.domains])
         test = ~train
     else:
@@ -105,7 +105,7 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
         train[torch.as_tensor(train_idx)] = True
         test = ~train
     if not train.any() or not test.any():
-        raise ValueError("linear probe needs both training and test images")
+        raise EvaluationError("linear probe needs both training and test images")
     probe = evaluate_linear_probe(features[train], data.labels[train], features[test], data.labels[test],
                                   num_classes=len(data.classnames))
     classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
@@ -126,7 +126,7 @@ def in_distribution_split(labels: torch.Tensor, in_id: torch.Tensor, seed: int =
         if len(rows) >= 2:
             test[rows[torch.randint(len(rows), (1,), generator=gen)]] = True
     if not test.any():
-        raise ValueError("robustness needs at least two in-distribution images of some class (to hold one out)")
+        raise EvaluationError("robustness needs at least two in-distribution images of some class (to hold one out)")
     return test
 
 
@@ -148,21 +148,21 @@ def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str]
 
     if id_test is not None:
         if len(id_test) != len(data.paths):
-            raise ValueError(f"id_test has {len(id_test)} entries for {len(data.paths)} images")
+            raise EvaluationError(f"id_test has {len(id_test)} entries for {len(data.paths)} images")
         data = replace(data, splits=["id-test" if t else s for s, t in zip(data.splits, id_test)])
     if features is None:
-        features, data = image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+        features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
     elif len(features) != len(data.paths):
-        raise ValueError(f"{len(features)} feature rows for {len(data.paths)} images")
+        raise EvaluationError(f"{len(features)} feature rows for {len(data.paths)} images")
     domains = sorted(set(data.domains))
     missing = set(id_domains) - set(domains)
     if missing:
-        raise ValueError(f"in-distribution style(s) {sorted(missing)} not in the data ({domains})")
+        raise EvaluationError(f"in-distribution style(s) {sorted(missing)} not in the data ({domains})")
     in_id = torch.tensor([d in id_domains for d in data.domains])
-    if id_test is not None:  # carried through image_features' subset via the split column
+    if id_test is not None:  # carried through labelled_image_features' subset via the split column
         id_test = torch.tensor([s == "id-test" for s in data.splits]) & in_id
         if not id_test.any():
-            raise ValueError("id_test marks no in-distribution image")
+            raise EvaluationError("id_test marks no in-distribution image")
     else:
         id_test = in_distribution_split(data.labels, in_id)
     id_train = in_id & ~id_test

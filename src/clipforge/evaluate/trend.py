@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from clipforge.errors import EvaluationError
 
 # Accuracies of exactly 0 or 1 have infinite logits; they are clipped this far from the edges.
 EDGE = 1e-4
@@ -45,7 +46,7 @@ class Trend:
 def fit_trend(points: Sequence[tuple[float, float]]) -> Trend:
     """Least-squares line through the baselines' (in-distribution, shifted) accuracies in logit space."""
     if len(points) < 2 or len({round(logit(x), 9) for x, _ in points}) < 2:
-        raise ValueError(f"a trend needs at least two baselines of different in-distribution accuracy, got {points}")
+        raise EvaluationError(f"a trend needs at least two baselines of different in-distribution accuracy, got {points}")
     x = np.array([logit(a) for a, _ in points])
     y = np.array([logit(b) for _, b in points])
     slope, intercept = np.polyfit(x, y, 1)

@@ -24,18 +24,13 @@ from clipforge.data.images import composite_on_white, load_image, to_rgb
 from clipforge.data.transforms import center_crop, resize_short_side
 from clipforge.model.config import PreprocessConfig
 from clipforge.model.clip import CLIP
+from clipforge.errors import MissingDependency, ExportError
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 CONFIG_FILE = "onnx_config.json"
 DEFAULT_OPSET = 18
 PARITY_ATOL = 1e-4  # fp32: the graphs run the same ops, so anything larger is an export bug
-
-
-class UserFacingError(RuntimeError):
-    """A failed check the user should see as a message (the CLI exits 3), not a traceback."""
-
-    user_facing = True
 
 
 class ImageEncoder(nn.Module):
@@ -137,7 +132,7 @@ def require_onnx(verify: bool = True) -> None:
     needed = ("onnx", "onnxscript") + (("onnxruntime",) if verify else ())  # torch's exporter imports onnxscript
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install 'clipforge[onnx]'")
+        raise MissingDependency(f"ONNX export needs {', '.join(missing)}: pip install 'clipforge[onnx]'")
 
 
 def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
@@ -228,7 +223,7 @@ def verify_onnx(model: CLIP, out_dir: str | Path, vocab: int, atol: float = PARI
                 diffs[f"text_b{batch}_{np.dtype(dtype).name}"] = float(np.abs(got - want).max())
     worst = max(diffs.values())
     if not worst <= atol:  # `not <=` also catches NaN
-        raise UserFacingError(f"ONNX output differs from PyTorch by {worst:.3g} > {atol:g}: {diffs}")
+        raise ExportError(f"ONNX output differs from PyTorch by {worst:.3g} > {atol:g}: {diffs}")
     return {"max_abs_diff": worst, "atol": atol, "by_check": diffs}
 
 
@@ -236,7 +231,7 @@ def as_token_array(tokens: Any) -> np.ndarray:
     """Token ids as the graph's int64 [B, L] (int32 from other tokenizers or runtimes is widened)."""
     array = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
     if array.ndim != 2 or array.dtype.kind not in "iu":
-        raise ValueError(f"tokens must be an integer [batch, length] array, got {array.dtype} {array.shape}")
+        raise ExportError(f"tokens must be an integer [batch, length] array, got {array.dtype} {array.shape}")
     return array.astype(np.int64, copy=False)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from clipforge.loss.distributed import all_gather_with_grad, gather_features, world_info
 from clipforge.loss.tiled import tiled_contrastive_loss
+from clipforge.errors import ConfigError
 
 # Chosen with benchmarks/loss_memory.py on 2 shared CPU cores: on an idle machine 512-2048 ran about
 # as fast as the plain loss or faster (4096 was up to 2x slower: its blocks fall out of cache across
@@ -33,7 +34,7 @@ def _as_tensor(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
 def _check_pair(image: torch.Tensor, text: torch.Tensor) -> None:
     if image.dim() != 2 or image.shape != text.shape:
         shapes = f"{tuple(image.shape)} and {tuple(text.shape)}"
-        raise ValueError(f"image and text features must both be [B, D], got {shapes}")
+        raise ConfigError(f"image and text features must both be [B, D], got {shapes}")
 
 
 def contrastive_loss(
@@ -68,7 +69,7 @@ class ContrastiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
+            raise ConfigError(f"chunk_size must be None or >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
         self.gather = gather
         self.group = group
@@ -147,5 +148,5 @@ def clamp_logit_scale_(model_or_param: nn.Module | torch.Tensor, max_value: floa
         module = getattr(param, "module", param)  # DistributedDataParallel / DataParallel wrap the model
         param = getattr(module, "logit_scale", None)
         if not torch.is_tensor(param):
-            raise ValueError(f"{type(module).__name__} has no logit_scale tensor to clamp")
+            raise ConfigError(f"{type(module).__name__} has no logit_scale tensor to clamp")
     return param.clamp_(max=math.log(max_value))

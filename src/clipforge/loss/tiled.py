@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+from clipforge.errors import ConfigError
 
 Span = tuple[int, int]
 
@@ -126,11 +127,11 @@ def tiled_contrastive_loss(
     """Symmetric InfoNCE of rows [offset, offset+rows) of (gathered) features, in O(N * chunk) memory."""
     rows = image.shape[0] - offset if rows is None else rows
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     if image.shape != text.shape or image.dim() != 2:
-        raise ValueError(f"image and text must both be [N, D], got {tuple(image.shape)} and {tuple(text.shape)}")
+        raise ConfigError(f"image and text must both be [N, D], got {tuple(image.shape)} and {tuple(text.shape)}")
     if not 0 <= offset <= offset + rows <= image.shape[0] or rows < 1:
-        raise ValueError(f"local rows [{offset}, {offset + rows}) outside a batch of {image.shape[0]}")
+        raise ConfigError(f"local rows [{offset}, {offset + rows}) outside a batch of {image.shape[0]}")
     if not torch.is_tensor(logit_scale):
         logit_scale = torch.tensor(float(logit_scale), dtype=image.dtype, device=image.device)
     return _TiledContrastive.apply(image, text, logit_scale, offset, rows, chunk_size)

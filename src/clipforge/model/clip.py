@@ -12,6 +12,7 @@ from clipforge.model.minilm import MiniLMTextTower
 from clipforge.model.outputs import TowerOutputs, image_outputs, text_outputs
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.transformer import Transformer, VisionTransformer
+from clipforge.errors import ConfigError
 
 
 class CLIP(nn.Module):
@@ -97,9 +98,9 @@ class CLIP(nn.Module):
     def text_body(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pooled text features before the projection: what a locked text tower computes (cacheable)."""
         if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+            raise ConfigError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
-            raise ValueError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
+            raise ConfigError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
         if self.config.text_tower == "minilm":
             return self.text_tower.sentence_embedding(tokens)
         eot = tokens.argmax(dim=-1)

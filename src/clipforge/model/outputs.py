@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from clipforge.errors import ConfigError
 
 
 @dataclass
@@ -33,7 +34,7 @@ def image_outputs(model: torch.nn.Module, pixels: torch.Tensor, attentions: bool
     visual = model.visual
     if hasattr(visual, "attnpool"):
         if attentions:
-            raise ValueError("a ResNet image tower has no attention layers to return: attentions=False")
+            raise ConfigError("a ResNet image tower has no attention layers to return: attentions=False")
         feature_map = visual.feature_map(pixels)
         embeds = visual.attnpool(feature_map)
         return TowerOutputs(_norm(embeds, normalize), feature_map.flatten(2).transpose(1, 2))
@@ -46,10 +47,10 @@ def text_outputs(model: torch.nn.Module, tokens: torch.Tensor, attentions: bool 
                  normalize: bool = False) -> TowerOutputs:
     """The text tower's TowerOutputs over every position (no trimming after the EOT, unlike encode_text)."""
     if model.config.text_tower != "clip":
-        raise ValueError(f"per-token outputs are implemented for CLIP's causal text tower, not "
+        raise ConfigError(f"per-token outputs are implemented for CLIP's causal text tower, not "
                          f"{model.config.text_tower!r}")
     if tokens.dim() != 2 or tokens.shape[1] > model.context_length:
-        raise ValueError(f"tokens must be [batch, length <= {model.context_length}], got {tuple(tokens.shape)}")
+        raise ConfigError(f"tokens must be [batch, length <= {model.context_length}], got {tuple(tokens.shape)}")
     length = tokens.shape[1]
     x = model.token_embedding(tokens) + model.positional_embedding[:length].to(model.dtype)
     states, weights = model.transformer.forward_states(x, causal=True, attentions=attentions)

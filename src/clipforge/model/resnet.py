@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.model.config import VisionConfig
+from clipforge.errors import ConfigError
 
 
 class Bottleneck(nn.Module):
@@ -97,7 +98,7 @@ class ModifiedResNet(nn.Module):
         self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
         embed_dim = width * 32
         if config.image_size % 32:
-            raise ValueError(f"ResNet image_size must be a multiple of 32, got {config.image_size}")
+            raise ConfigError(f"ResNet image_size must be a multiple of 32, got {config.image_size}")
         self.attnpool = AttentionPool2d(config.image_size // 32, embed_dim, config.heads, output_dim)
         self.init_weights()
 
@@ -128,7 +129,7 @@ class ModifiedResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         expected = self.attnpool.positional_embedding.shape[0] - 1
         if x.shape[-1] * x.shape[-2] != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"image of {pixels.shape[-2]}x{pixels.shape[-1]} px does not fit this model "
                 f"({self.image_size}x{self.image_size} px)"
             )

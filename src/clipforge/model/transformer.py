@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clipforge.model.config import VisionConfig
+from clipforge.errors import ConfigError
 
 
 class QuickGELU(nn.Module):
@@ -49,7 +50,7 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+            raise ConfigError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -183,7 +184,7 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         if x.shape[1] + 1 != self.positional_embedding.shape[0]:
             side = int(math.isqrt(x.shape[1]))
-            raise ValueError(
+            raise ConfigError(
                 f"image of {pixels.shape[-2]}x{pixels.shape[-1]} px gives a {side}x{side} patch grid, "
                 f"but this model takes {self.image_size}x{self.image_size} px"
             )

@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+from clipforge.errors import CheckpointError
 
 CHUNK = 1 << 20
 RETRIES = 5  # resumed attempts after a dropped connection
@@ -45,7 +46,7 @@ def download(url: str, sha256: str, dest: Path | None = None, progress: bool = T
             return dest
         dest.unlink()  # a corrupted or replaced cache entry: fetch it again
     if is_offline():
-        raise ValueError(f"offline mode (CLIPFORGE_OFFLINE / HF_HUB_OFFLINE) and {dest.name} is not in the cache: "
+        raise CheckpointError(f"offline mode (CLIPFORGE_OFFLINE / HF_HUB_OFFLINE) and {dest.name} is not in the cache: "
                          f"download {url} on a connected machine and put it at {dest} (sha256 {sha256})")
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
@@ -60,7 +61,7 @@ def download(url: str, sha256: str, dest: Path | None = None, progress: bool = T
     got = sha256_of(partial)
     if got != sha256:
         partial.unlink()
-        raise ValueError(f"{url}: sha256 {got} does not match the published {sha256}; the download was removed "
+        raise CheckpointError(f"{url}: sha256 {got} does not match the published {sha256}; the download was removed "
                          "(a changed or corrupted file: nothing was loaded)")
     os.replace(partial, dest)
     return dest

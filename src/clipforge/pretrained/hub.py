@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from clipforge.pretrained.download import cache_dir, is_offline, sha256_of
+from clipforge.errors import CheckpointError
 
 OPEN_CLIP_FILES = ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
 TRANSFORMERS_FILES = ("config.json", ("model.safetensors", "pytorch_model.bin"))
@@ -34,8 +35,8 @@ def hub_folder(repo_id: str, revision: str | None = None, weights_only: bool = F
                 return path.parent
         if weights_only:
             continue
-        raise ValueError(f"hf-hub:{repo_id} has {config} but none of {', '.join(weights)}")
-    raise ValueError(f"hf-hub:{repo_id} is neither an open_clip repo ({OPEN_CLIP_FILES[0]}) nor a transformers "
+        raise CheckpointError(f"hf-hub:{repo_id} has {config} but none of {', '.join(weights)}")
+    raise CheckpointError(f"hf-hub:{repo_id} is neither an open_clip repo ({OPEN_CLIP_FILES[0]}) nor a transformers "
                      f"CLIP repo ({TRANSFORMERS_FILES[0]})")
 
 
@@ -48,16 +49,16 @@ def _fetch(repo_id: str, filename: str, revision: str | None, optional: bool) ->
                                     cache_dir=hub_cache(), local_files_only=is_offline()))
     except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: not cached, and offline or unreachable
         if is_offline():
-            raise ValueError(f"offline mode (CLIPFORGE_OFFLINE / HF_HUB_OFFLINE): hf-hub:{repo_id}/{filename} is not "
+            raise CheckpointError(f"offline mode (CLIPFORGE_OFFLINE / HF_HUB_OFFLINE): hf-hub:{repo_id}/{filename} is not "
                              f"in the Hugging Face cache (HF_HOME); run once online, or `hf download {repo_id}` on a "
                              "connected machine and copy its cache") from None
         raise OSError(f"hf-hub:{repo_id}/{filename}: the hub cannot be reached and the file is not cached") from None
     except RepositoryNotFoundError:
-        raise ValueError(f"hf-hub:{repo_id}: no such repository (or it is private: set HF_TOKEN)") from None
+        raise CheckpointError(f"hf-hub:{repo_id}: no such repository (or it is private: set HF_TOKEN)") from None
     except EntryNotFoundError:
         if optional:
             return None
-        raise ValueError(f"hf-hub:{repo_id} has no {filename}") from None
+        raise CheckpointError(f"hf-hub:{repo_id} has no {filename}") from None
 
 
 def hub_cache() -> str | None:
@@ -79,7 +80,7 @@ def verify_blob(path: Path) -> None:
     if got != blob.name:
         blob.unlink()
         path.unlink(missing_ok=True)  # the snapshot's link to it: the next call downloads again
-        raise ValueError(f"{path.name}: sha256 {got} does not match the hub's {blob.name}; the cached copy was removed "
+        raise CheckpointError(f"{path.name}: sha256 {got} does not match the hub's {blob.name}; the cached copy was removed "
                          "(download again)")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()

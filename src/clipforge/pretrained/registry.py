@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from clipforge.errors import CheckpointError
 
 TAGS_FILE = Path(__file__).with_name("tags.json")  # scripts/gen_pretrained_tags.py writes it
 
@@ -43,7 +44,7 @@ def get_pretrained(name: str, tag: str) -> PretrainedTag:
         tags = sorted(t for n, t in _table() if n == name)
         known = (f"its tags: {', '.join(tags)}" if tags
                  else "no pretrained weights are listed for it (clipforge.list_pretrained() lists them)")
-        raise ValueError(f"no pretrained weights {tag!r} for {name!r}; {known}")
+        raise CheckpointError(f"no pretrained weights {tag!r} for {name!r}; {known}")
     if entry.unsupported:
-        raise ValueError(f"{name} {tag!r}: {entry.unsupported}; loading them would give different features")
+        raise CheckpointError(f"{name} {tag!r}: {entry.unsupported}; loading them would give different features")
     return entry

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from clipforge.evaluate.retrieval import chunked_topk
+from clipforge.inference.similarity import chunked_topk
+from clipforge.errors import MissingDependency, SearchError
 
 EXACT_MAX = 50_000
 KINDS = ("auto", "exact", "faiss-ivf", "faiss-hnsw")
@@ -36,7 +37,7 @@ def _faiss() -> Any:
     try:
         import faiss
     except ImportError:  # a dependency, but give a clear message if an install lacks it
-        raise RuntimeError("the FAISS backend needs the faiss-cpu package: pip install faiss-cpu") from None
+        raise MissingDependency("the FAISS backend needs the faiss-cpu package: pip install faiss-cpu") from None
     return faiss
 
 
@@ -98,7 +99,7 @@ def _search_params(faiss: Any, kind: str, params: dict[str, Any]) -> Any:
 def choose_kind(n: int, kind: str = "auto") -> str:
     """The backend for `n` vectors: "exact" up to EXACT_MAX, "faiss-ivf" above, unless one is asked for."""
     if kind not in KINDS:
-        raise ValueError(f"unknown search backend {kind!r}; choose from {', '.join(KINDS)}")
+        raise SearchError(f"unknown search backend {kind!r}; choose from {', '.join(KINDS)}")
     if kind != "auto":
         return kind
     return "exact" if n <= EXACT_MAX else "faiss-ivf"
@@ -239,11 +240,11 @@ def load_backend(description: dict[str, Any], path: Path, vectors: np.ndarray) -
     if kind == "exact":
         return Backend("exact", params, vectors)
     if kind not in ("faiss-ivf", "faiss-hnsw"):
-        raise ValueError(f"unknown search backend {kind!r} in the manifest")
+        raise SearchError(f"unknown search backend {kind!r} in the manifest")
     faiss = _faiss()
     index = faiss.read_index(str(path))
     if index.ntotal != len(vectors):
-        raise ValueError(f"{path}: holds {index.ntotal} vectors, the index {len(vectors)}")
+        raise SearchError(f"{path}: holds {index.ntotal} vectors, the index {len(vectors)}")
     if kind == "faiss-ivf":
         index = attach_refine(faiss, index, vectors)
     return Backend(kind, params, None, index)

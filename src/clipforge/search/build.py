@@ -27,6 +27,7 @@ from clipforge.device import resolve_device
 from clipforge.search import store
 from clipforge.search.backend import build_backend, save_backend
 from clipforge.search.sources import Item, ItemReader, list_source
+from clipforge.errors import IndexLocked, SearchError
 
 BACKEND_FILE = "backend.faiss"
 LOCK_FILE = ".lock"
@@ -119,7 +120,7 @@ def _diff(con: Any, scan: dict[str, Item], stats: BuildStats) -> list[Item]:
 def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: int, precision: str,
            bar: Any) -> tuple[list[Item], np.ndarray | None, list[tuple[str, str]]]:
     """Embeddings of the readable `items` (which ones, the [n, d] array) and (path, reason) of the others."""
-    from clipforge.evaluate.features import extract_image_features
+    from clipforge.inference.features import extract_image_features
 
     reader, failed = ItemReader(), []
     kept: list[Item] = []
@@ -232,7 +233,7 @@ def _dist() -> tuple[int, int]:
     """(rank, world size): joins the process group under torchrun, (0, 1) otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    from clipforge.train.distributed import init_distributed
+    from clipforge.distributed import init_distributed
 
     info = init_distributed()
     return info.rank, info.world_size
@@ -291,7 +292,7 @@ def _prepare(index_dir: Path, con: Any, source: Any, name: str, pretrained: str 
     recorded_tag = store.get_meta(con, "pretrained") or None
     if recorded is not None and (recorded, recorded_tag) != (name, pretrained):
         built = recorded + (f" (pretrained {recorded_tag})" if recorded_tag else "")
-        raise ValueError(f"{index_dir} was built with model {built}, not {name}"
+        raise SearchError(f"{index_dir} was built with model {built}, not {name}"
                          f"{f' (pretrained {pretrained})' if pretrained else ''}: use the same model or a new index folder")
     if recorded is None:
         if pretrained is None:
@@ -320,7 +321,7 @@ def _lock(index_dir: Path) -> Any:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise RuntimeError(f"{index_dir}: another `clipforge index` is updating this index") from None
+        raise IndexLocked(f"{index_dir}: another `clipforge index` is updating this index") from None
     return lock
 
 
@@ -334,7 +335,7 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
     import clipforge
 
     if batch_size < 1 or shard_size < 1:
-        raise ValueError("batch_size and shard_size must be positive")
+        raise SearchError("batch_size and shard_size must be positive")
     start = time.perf_counter()
     index_dir, name = Path(out_dir), model_id(model)
     pretrained = model_id(pretrained) if pretrained is not None and Path(pretrained).is_file() else pretrained
@@ -369,7 +370,7 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
                 store.set_meta(con, "dim", str(dim))
         if store.get_meta(con, "dim") is None:
             state["discard"] = state["fresh"]  # no half-made index left to be mistaken for an interrupted build
-            raise ValueError(f"{source}: no readable images to index (skipped: {stats.skipped or 'none'})")
+            raise SearchError(f"{source}: no readable images to index (skipped: {stats.skipped or 'none'})")
         _compact(index_dir, con, shard_size, f"{run_id}-r0")
         _finish(index_dir, con, stats, args, str(source))
         stats.seconds = round(time.perf_counter() - start, 2)

@@ -34,7 +34,7 @@ class QueryEncoder:
 
     def embed_texts(self, texts: Sequence[str], truncate: bool = False) -> np.ndarray:
         """[n, d] normalised float32 text embeddings; a text over the context is refused unless `truncate`."""
-        from clipforge.evaluate.features import extract_text_features
+        from clipforge.inference.features import extract_text_features
 
         texts = list(texts)
         if not texts:
@@ -47,7 +47,7 @@ class QueryEncoder:
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """[n, d] normalised float32 image embeddings (preprocessed as the index's images were)."""
-        from clipforge.evaluate.features import extract_image_features
+        from clipforge.inference.features import extract_image_features
 
         images = list(images)
         if not images:

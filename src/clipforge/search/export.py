@@ -14,6 +14,7 @@ import numpy as np
 
 from clipforge.io import write_atomic
 from clipforge.search import store
+from clipforge.errors import SearchError
 
 
 def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int = 1_000_000,
@@ -23,9 +24,9 @@ def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError("the parquet metadata needs pyarrow: pip install 'clipforge[export]'") from None
+        raise SearchError("the parquet metadata needs pyarrow: pip install 'clipforge[export]'") from None
     if dtype not in ("float16", "float32") or part_size < 1:
-        raise ValueError(f"dtype must be float16 or float32 and part_size positive, got {dtype!r}, {part_size}")
+        raise SearchError(f"dtype must be float16 or float32 and part_size positive, got {dtype!r}, {part_size}")
     index_dir, out = Path(index_dir), Path(out_dir)
     manifest = store.read_manifest(index_dir)
     con = store.connect_readonly(index_dir)

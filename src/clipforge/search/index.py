@@ -12,6 +12,7 @@ import numpy as np
 from clipforge.search import store
 from clipforge.search.backend import Backend, build_backend, load_backend
 from clipforge.search.build import BACKEND_FILE
+from clipforge.errors import SearchError
 
 
 class ImageIndex:
@@ -27,13 +28,13 @@ class ImageIndex:
         index_dir = Path(index_dir)
         manifest = store.read_manifest(index_dir)
         if not (index_dir / store.DATABASE).is_file():
-            raise ValueError(f"{index_dir}: the index has no {store.DATABASE}; rebuild it with `clipforge index`")
+            raise SearchError(f"{index_dir}: the index has no {store.DATABASE}; rebuild it with `clipforge index`")
         con = store.connect_readonly(index_dir)
         try:
             ids, vectors = store.load_vectors(index_dir, con, int(manifest["dim"]))
             generation = int(store.get_meta(con, "generation") or 0)
         except sqlite3.DatabaseError as error:
-            raise ValueError(f"{index_dir}: unreadable {store.DATABASE}: {error}") from None
+            raise SearchError(f"{index_dir}: unreadable {store.DATABASE}: {error}") from None
         finally:
             con.close()
         described = manifest.get("backend", {"kind": "exact"})
@@ -75,9 +76,9 @@ class ImageIndex:
         if queries.ndim == 1:
             queries = queries[None]
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be [q, {self.dim}], got {list(queries.shape)}")
+            raise SearchError(f"queries must be [q, {self.dim}], got {list(queries.shape)}")
         if k < 1:
-            raise ValueError(f"k must be positive, got {k}")
+            raise SearchError(f"k must be positive, got {k}")
         k = min(k, len(self))
         if k == 0 or len(queries) == 0:
             return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)

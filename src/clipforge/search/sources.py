@@ -16,6 +16,7 @@ from typing import Sequence
 
 from clipforge.data.captions import split_captions
 from clipforge.data.images import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
+from clipforge.errors import SearchError
 
 TAR_SEPARATOR = "#"
 
@@ -55,7 +56,7 @@ def _list_csv(path: Path, separator: str) -> tuple[list[Item], list[str]]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if "image" not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: needs an image column (and optionally caption); found {reader.fieldnames}")
+            raise SearchError(f"{path}: needs an image column (and optionally caption); found {reader.fieldnames}")
         rows = list(reader)
     items: dict[str, Item] = {}
     missing = []
@@ -105,7 +106,7 @@ def _list_tar(shard: str) -> list[Item]:
                     caption = _tar_caption(tar, parts.get("txt") or parts.get("json"))
                     items.append(Item(f"{path}{TAR_SEPARATOR}{image.name}", image.size, mtime, caption))
     except (tarfile.TarError, OSError) as error:
-        raise ValueError(f"{shard}: unreadable shard: {error}") from None
+        raise SearchError(f"{shard}: unreadable shard: {error}") from None
     return items
 
 
@@ -125,7 +126,7 @@ def list_source(source: str | Path | Sequence[str | Path], separator: str = "|")
         elif path.is_file() and path.suffix.lower() == ".csv":
             items, missing = _list_csv(path, separator)
         elif path.exists():
-            raise ValueError(f"{path}: not an image folder, caption CSV or webdataset .tar shard")
+            raise SearchError(f"{path}: not an image folder, caption CSV or webdataset .tar shard")
         else:
             raise FileNotFoundError(f"source not found: {path}")
     return sorted(items, key=lambda item: item.path), missing

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from clipforge.io import write_atomic
+from clipforge.errors import SearchError
 
 FORMAT = "clipforge-index"
 VERSION = 1
@@ -56,11 +57,11 @@ def read_manifest(index_dir: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON: {error}") from None
+        raise SearchError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{index_dir} is not a clipforge index: {MANIFEST} has no format {FORMAT!r}")
+        raise SearchError(f"{index_dir} is not a clipforge index: {MANIFEST} has no format {FORMAT!r}")
     if manifest.get("version") != VERSION:
-        raise ValueError(f"{index_dir}: index format version {manifest.get('version')} is not supported "
+        raise SearchError(f"{index_dir}: index format version {manifest.get('version')} is not supported "
                          f"(this clipforge reads version {VERSION}); rebuild it with `clipforge index`")
     return manifest
 
@@ -192,7 +193,7 @@ def load_vectors(index_dir: Path, con: sqlite3.Connection, dim: int) -> tuple[np
     for shard, (shard_ids, rows) in live.items():
         path = index_dir / SHARD_DIR / shard
         if not path.is_file():
-            raise ValueError(f"{index_dir}: shard {shard} is missing; rebuild the index with `clipforge index`")
+            raise SearchError(f"{index_dir}: shard {shard} is missing; rebuild the index with `clipforge index`")
         embeddings = read_shard_embeddings(path)
         ids[start : start + len(rows)] = shard_ids
         vectors[start : start + len(rows)] = embeddings[rows]

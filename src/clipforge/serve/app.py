@@ -31,6 +31,7 @@ from clipforge.data.images import SampleError, decode_image
 from clipforge.text.tokenizer import TextTooLong
 from clipforge.serve.schemas import (EmbedImageResponse, EmbedTextResponse, HealthResponse, SearchResponse,
                                      error_texts, errors)
+from clipforge.errors import ConfigError
 
 log = logging.getLogger("clipforge.serve")
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an upload
@@ -123,7 +124,7 @@ def create_app(index_dir: str | Path, config: ServeConfig | None = None, encoder
 
     cfg = config or ServeConfig()
     if not 1 <= cfg.default_k <= cfg.max_k:
-        raise ValueError(f"default_k must be within 1..{cfg.max_k}, got {cfg.default_k}")
+        raise ConfigError(f"default_k must be within 1..{cfg.max_k}, got {cfg.default_k}")
     index = ImageIndex.open(index_dir)
     if encoder is None:
         from clipforge.checkpoint.io import refuse_random_weights

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Generic, TypeVar
 
 import numpy as np
+from clipforge.errors import ConfigError
 
 T = TypeVar("T")
 _STOP = object()
@@ -26,7 +27,7 @@ class MicroBatcher(Generic[T]):
     def __init__(self, fn: Callable[[list[T]], np.ndarray], max_batch: int = 32, max_wait_s: float = 0.005,
                  name: str = "batcher") -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+            raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s

@@ -19,6 +19,7 @@ from clipforge.text.tokenizer import (
     normalize,
     write_merges,
 )
+from clipforge.errors import TokenizerError
 
 # 256 byte symbols, the same with "</w>", and SOT/EOT are in every vocab besides the merges.
 FIXED_TOKENS = 2 * 256 + len(SPECIAL_TOKENS)
@@ -61,7 +62,7 @@ def train_bpe(
     """Train a BPE of at most `vocab_size` ids (512 bytes + merges + SOT/EOT), write it, load it."""
     num_merges = vocab_size - FIXED_TOKENS
     if num_merges < 0:
-        raise ValueError(f"vocab_size must be at least {FIXED_TOKENS} (bytes, bytes</w>, SOT, EOT)")
+        raise TokenizerError(f"vocab_size must be at least {FIXED_TOKENS} (bytes, bytes</w>, SOT, EOT)")
     trainer = trainers.BpeTrainer(
         # The trainer counts the alphabet and the "x</w>" symbols it meets in its size; leave room
         # so that it learns at least `num_merges` merges when the corpus allows.

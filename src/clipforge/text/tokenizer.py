@@ -18,6 +18,7 @@ import numpy as np
 import regex
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from clipforge.errors import TextTooLong, TokenizerError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -135,9 +136,9 @@ def read_merges(path: PathLike, num_merges: int | None = None) -> list[tuple[str
     merges = [tuple(line.split()) for line in lines[1 : limit + 1] if line.strip()]
     bad = [m for m in merges if len(m) != 2]
     if bad:
-        raise ValueError(f"{path}: merge lines must hold two symbols, got {bad[0]!r}")
+        raise TokenizerError(f"{path}: merge lines must hold two symbols, got {bad[0]!r}")
     if num_merges is not None and len(merges) < num_merges:
-        raise ValueError(f"{path}: holds {len(merges)} merges, {num_merges} requested")
+        raise TokenizerError(f"{path}: holds {len(merges)} merges, {num_merges} requested")
     return merges  # type: ignore[return-value]
 
 
@@ -155,10 +156,6 @@ def standard_vocab(merges: Sequence[tuple[str, str]], special_tokens: Sequence[s
     return base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + list(special_tokens)
 
 
-class TextTooLong(ValueError):
-    """A text longer than the model's context, refused because truncation was not asked for."""
-
-
 class CLIPTokenizer:
     """OpenAI CLIP's BPE tokenizer (same ids as OpenAI and open_clip), BPE done by `tokenizers`."""
 
@@ -173,7 +170,7 @@ class CLIPTokenizer:
         merges = read_merges(vocab_path or DEFAULT_VOCAB_PATH, num_merges)
         vocab = standard_vocab(merges, special_tokens)
         if len(set(vocab)) != len(vocab):
-            raise ValueError("vocab file has merges with duplicate results; ids would be ambiguous")
+            raise TokenizerError("vocab file has merges with duplicate results; ids would be ambiguous")
         self._setup(dict(zip(vocab, range(len(vocab)))), merges, special_tokens, context_length)
 
     def _setup(self, encoder: dict[str, int], merges: list, special_tokens: Sequence[str], ctx: int) -> None:
@@ -268,7 +265,7 @@ class CLIPTokenizer:
             texts = [texts]
         ctx = context_length or self._context_length
         if ctx < 2:
-            raise ValueError(f"context_length must be at least 2 (SOT and EOT), got {ctx}")
+            raise TokenizerError(f"context_length must be at least 2 (SOT and EOT), got {ctx}")
         rows = self.encode_batch(texts)
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         for i in np.flatnonzero(lengths > ctx - 2).tolist():
@@ -298,7 +295,7 @@ class CLIPTokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.encoder != dict(zip(standard_vocab(self.merges, self.special_tokens), range(self.vocab_size))):
-            raise ValueError("this vocab's ids do not follow the standard order; use save_hf instead")
+            raise TokenizerError("this vocab's ids do not follow the standard order; use save_hf instead")
         write_merges(d / VOCAB_FILE, self.merges)
         config = {"tokenizer_class": "CLIPTokenizer", "vocab_file": VOCAB_FILE, "num_merges": len(self.merges),
                   "context_length": self._context_length, "special_tokens": list(self.special_tokens),
@@ -327,10 +324,10 @@ class CLIPTokenizer:
         lines = Path(merges_txt).read_text(encoding="utf-8").split("\n")
         merges = [tuple(l.split()) for l in lines if l.strip() and not l.startswith("#version")]
         if any(len(m) != 2 for m in merges):
-            raise ValueError(f"{merges_txt}: merge lines must hold two symbols")
+            raise TokenizerError(f"{merges_txt}: merge lines must hold two symbols")
         missing = [t for t in SPECIAL_TOKENS if t not in encoder]
         if missing:
-            raise ValueError(f"{vocab_json} lacks special tokens {missing}")
+            raise TokenizerError(f"{vocab_json} lacks special tokens {missing}")
         # The ids are taken from vocab.json as they stand; when they follow OpenAI's order (they
         # do for OpenAI's checkpoints) this is the same tokenizer as the packaged one.
         self = cls.__new__(cls)
@@ -343,7 +340,7 @@ class CLIPTokenizer:
         d.mkdir(parents=True, exist_ok=True)
         sot, eot = self.special_tokens
         if (sot, eot) != SPECIAL_TOKENS:
-            raise ValueError(f"Hugging Face's CLIPTokenizer expects special tokens {SPECIAL_TOKENS}")
+            raise TokenizerError(f"Hugging Face's CLIPTokenizer expects special tokens {SPECIAL_TOKENS}")
         vocab = dict(sorted(self.encoder.items(), key=lambda kv: kv[1]))
         (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         merges = "\n".join([_HEADER] + [f"{a} {b}" for a, b in self.merges]) + "\n"

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from clipforge.io import write_atomic
+from clipforge.errors import TrainingError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 LATEST_FILE = "latest"
@@ -74,7 +75,7 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
-            raise ValueError(f"resume checkpoint {path} has no {STATE_FILE}")
+            raise TrainingError(f"resume checkpoint {path} has no {STATE_FILE}")
         return path
     pointer = run_dir / LATEST_FILE
     if pointer.is_file():
@@ -83,7 +84,7 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
             return candidate
     complete = [p for p in list_checkpoints(run_dir) if (p / STATE_FILE).is_file()]
     if not complete:
-        raise ValueError(f"--resume latest: no checkpoint in {run_dir}")
+        raise TrainingError(f"--resume latest: no checkpoint in {run_dir}")
     return complete[-1]
 
 

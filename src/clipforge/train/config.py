@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import get_type_hints
 
 from clipforge.config_flags import add_dataclass_arguments
+from clipforge.errors import ConfigError
 
 
 CHOICES = {"precision": ("fp32", "bf16"), "loss": ("contrastive", "siglip"), "text_tower": ("clip", "minilm")}
@@ -74,35 +75,35 @@ class TrainConfig:
         """Reject inconsistent settings with a message naming the field."""
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.train_data:
-            raise ValueError("train_data is required (a caption CSV/TSV or a shard pattern)")
+            raise ConfigError("train_data is required (a caption CSV/TSV or a shard pattern)")
         if self.batch_size < 1 or self.accum_steps < 1 or self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of accum_steps {self.accum_steps}")
+            raise ConfigError(f"batch_size {self.batch_size} must be a positive multiple of accum_steps {self.accum_steps}")
         if not isinstance(self.model_overrides, dict):
-            raise ValueError(f"model_overrides must be a JSON object, got {self.model_overrides!r}")
+            raise ConfigError(f"model_overrides must be a JSON object, got {self.model_overrides!r}")
         if self.bpe_vocab and self.text_tower != "clip":
-            raise ValueError("bpe_vocab applies to the 'clip' text tower only")
+            raise ConfigError("bpe_vocab applies to the 'clip' text tower only")
         if self.lock_image and self.lock_text:
-            raise ValueError("lock_image and lock_text together leave nothing to train")
+            raise ConfigError("lock_image and lock_text together leave nothing to train")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
         """Load a JSON config file; unknown keys and wrongly typed values are errors."""
         values = json.loads(Path(path).read_text())
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: a config file holds one JSON object")
+            raise ConfigError(f"{path}: a config file holds one JSON object")
         hints = get_type_hints(cls)
         unknown = set(values) - set(hints)
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+            raise ConfigError(f"{path}: unknown config keys {sorted(unknown)}")
         for name, value in values.items():
             kind = hints[name]
             ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 values[name], ok = float(value), True
             if not ok:
-                raise ValueError(f"{path}: {name} must be {kind.__name__}, got {value!r}")
+                raise ConfigError(f"{path}: {name} must be {kind.__name__}, got {value!r}")
         return cls(**values)
 
 

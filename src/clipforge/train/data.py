@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from clipforge.data.captions import CaptionDataset
 from clipforge.data.loader import DataConfig, SkipCounter, TrainLoader, build_from_config, collate_samples
 from clipforge.train.config import TrainConfig
-from clipforge.train.distributed import DistInfo
+from clipforge.distributed import DistInfo
+from clipforge.errors import TrainingError
 
 
 @dataclass
@@ -37,10 +38,10 @@ def build_train_data(config: TrainConfig, transform: Callable, tokenizer: Callab
     )
     loader = build_from_config(data_config, tokenizer, rank=info.rank, world_size=info.world_size, transform=transform)
     if data_config.is_shards and not config.steps:
-        raise ValueError("webdataset shards have no length: set steps (--steps N)")
+        raise TrainingError("webdataset shards have no length: set steps (--steps N)")
     steps = None if data_config.is_shards else len(loader)
     if steps == 0:
-        raise ValueError(f"{config.train_data}: fewer samples than one global batch "
+        raise TrainingError(f"{config.train_data}: fewer samples than one global batch "
                          f"({config.batch_size} x {info.world_size} processes)")
     dropped = getattr(loader.dataset, "dropped_captions", None) or Counter()
     return TrainData(loader, SkipCounter(), steps, Counter(dropped))

@@ -9,6 +9,7 @@ from clipforge.model import CLIP, create_model, list_models
 from clipforge.model.minilm import WordPieceTokenizer
 from clipforge.text import CLIPTokenizer
 from clipforge.train.config import TrainConfig
+from clipforge.errors import TrainingError
 
 
 def build_model_and_tokenizer(config: TrainConfig, resume_from: Path | None) -> tuple[CLIP, Any]:
@@ -24,7 +25,7 @@ def build_model_and_tokenizer(config: TrainConfig, resume_from: Path | None) -> 
         tokenizer = CLIPTokenizer(config.bpe_vocab, **({"context_length": context} if context else {}))
         overrides["text.vocab_size"] = tokenizer.vocab_size
         if config.model not in list_models():
-            raise ValueError("bpe_vocab needs a registry model (a new text tower), not a checkpoint")
+            raise TrainingError("bpe_vocab needs a registry model (a new text tower), not a checkpoint")
         model = create_model(config.model, seed=config.seed, **overrides)
         tokenizer = CLIPTokenizer(config.bpe_vocab, context_length=model.context_length)
         return model, tokenizer

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.train.distributed import DistInfo, average_gradients
+from clipforge.distributed import DistInfo, average_gradients
 
 PROJECTIONS = ("visual.proj", "visual.attnpool.c_proj", "text_projection", "text_tower.projection")
 

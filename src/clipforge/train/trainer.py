@@ -20,16 +20,11 @@ from clipforge.model import list_models
 from clipforge.train import checkpoints, optim
 from clipforge.train.config import TrainConfig
 from clipforge.train.data import build_train_data, build_val_data
-from clipforge.train.distributed import DistInfo, barrier, init_distributed
+from clipforge.distributed import DistInfo, barrier, init_distributed
 from clipforge.train.models import build_model_and_tokenizer
 from clipforge.train.step import TrainStep, lock_tower, train_mode
 from clipforge.train.validate import ZeroShotProbe, validate
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops and the last good checkpoint stays as it is."""
-
-    user_facing = True
+from clipforge.errors import TrainingDiverged
 
 
 def build_loss(config: TrainConfig) -> torch.nn.Module:

@@ -5,6 +5,7 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from clipforge.errors import TrainingError
 
 
 @torch.no_grad()
@@ -16,7 +17,7 @@ def embed_pairs(model: torch.nn.Module, batches: Iterable[dict], device: torch.d
         images.append(model.encode_image(batch["pixels"].to(device), normalize=True).float())
         texts.append(model.encode_text(batch["tokens"].to(device), normalize=True).float())
     if not images:
-        raise ValueError("validation split is empty")
+        raise TrainingError("validation split is empty")
     return torch.cat(images), torch.cat(texts)
 
 
@@ -39,13 +40,13 @@ class ZeroShotProbe:
     """Zero-shot top-1 on a labelled image set; images are decoded once, at start-up."""
 
     def __init__(self, data: str, styles: str, split: str, templates: str, preprocess, tokenizer) -> None:
-        from clipforge.evaluate.datasets import decode_all, load_labelled_images
-        from clipforge.evaluate.templates import get_templates
+        from clipforge.data.labelled import decode_all, load_labelled_images
+        from clipforge.inference.templates import get_templates
 
         images = load_labelled_images(data, [s for s in styles.split(",") if s] or None, split or None)
         self.pixels, keep = decode_all(images.paths, preprocess)
         if not len(self.pixels):
-            raise ValueError(f"val_zeroshot {data}: no readable images")
+            raise TrainingError(f"val_zeroshot {data}: no readable images")
         self.images = images.subset(keep)
         self.templates = get_templates(templates)
         self.tokenizer = tokenizer
@@ -53,7 +54,7 @@ class ZeroShotProbe:
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
         """{"zeroshot_top1", "zeroshot_top5"} with the model as it is now."""
-        from clipforge.evaluate.zeroshot import build_classifier, evaluate_zero_shot
+        from clipforge.inference.zeroshot import build_classifier, evaluate_zero_shot
 
         model.eval()
         features = torch.cat([model.encode_image(self.pixels[i : i + 256].to(device), normalize=True).float().cpu()

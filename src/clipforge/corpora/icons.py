@@ -35,12 +35,13 @@ from typing import Callable, Container, Iterable, Sequence
 
 from tqdm import tqdm
 
-from clipforge.datasets.emoji import iconify_svg
-from clipforge.datasets.fetch import (
+from clipforge.corpora.emoji import iconify_svg
+from clipforge.corpora.fetch import (
     DatasetError, NpmPackage, atomic_dataset, clipforge_version, fetch_npm, prefix_filter, read_manifest,
     safe_extract, write_csv, write_json,
 )
-from clipforge.datasets.svg import BLANK_INK, drawing_hash, render_many
+from clipforge.corpora.svg import BLANK_INK, drawing_hash, render_many
+from clipforge.errors import DataError
 
 BUILDER_VERSION = 1
 PACKAGE = NpmPackage("@iconify/json", "2.2.535", "1a545f86fa224d6531d8fb101dcbe83aac2b28689a21cbed6fc68318a5af4d91")
@@ -374,7 +375,7 @@ def build_icons(root: Path, size: int = 64, variants: int = 1, exclude_labels: I
     """Build ROOT/icons (module docstring); returns the manifest, with "up_to_date": True when nothing was done."""
     root = Path(root)
     if size < 8 or variants < 1 or (limit is not None and limit < 1):
-        raise ValueError("--size must be >= 8, --variants >= 1 and --limit >= 1")
+        raise DataError("--size must be >= 8, --variants >= 1 and --limit >= 1")
     exclude = sorted({label.strip() for label in exclude_labels if label.strip()})
     options = {"builder_version": BUILDER_VERSION, "size": size, "variants": variants, "limit": limit,
                "exclude_labels": hashlib.sha256("\n".join(exclude).encode()).hexdigest()[:16] if exclude else None,

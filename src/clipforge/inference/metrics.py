@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from clipforge.errors import EvaluationError
 
 
 def _as_predictions(preds: torch.Tensor) -> torch.Tensor:
@@ -15,7 +16,7 @@ def _as_predictions(preds: torch.Tensor) -> torch.Tensor:
 def _check_labels(labels: torch.Tensor, num_classes: int | None, name: str = "labels") -> torch.Tensor:
     labels = torch.as_tensor(labels).long().reshape(-1).cpu()
     if labels.numel() and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
-        raise ValueError(f"{name} must lie in [0, {num_classes}), got range "
+        raise EvaluationError(f"{name} must lie in [0, {num_classes}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     return labels
 
@@ -23,9 +24,9 @@ def _check_labels(labels: torch.Tensor, num_classes: int | None, name: str = "la
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """{k: fraction of rows whose label is among the k highest scores}; k is capped at the class count."""
     if logits.dim() != 2 or logits.shape[0] != len(labels):
-        raise ValueError(f"logits must be [N, C] with N = len(labels), got {tuple(logits.shape)} and {len(labels)}")
+        raise EvaluationError(f"logits must be [N, C] with N = len(labels), got {tuple(logits.shape)} and {len(labels)}")
     if not len(labels):
-        raise ValueError("no samples")
+        raise EvaluationError("no samples")
     labels = _check_labels(labels, logits.shape[1]).to(logits.device)
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = (top == labels[:, None]).long().cumsum(dim=1)  # hits[:, j]: label within the top j+1
@@ -36,7 +37,7 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
     """LongTensor [C, C]: row = true class, column = predicted class (scikit-learn's convention)."""
     preds, labels = _check_labels(_as_predictions(preds), num_classes, "preds"), _check_labels(labels, num_classes)
     if preds.shape != labels.shape:
-        raise ValueError(f"preds and labels differ in length: {len(preds)} vs {len(labels)}")
+        raise EvaluationError(f"preds and labels differ in length: {len(preds)} vs {len(labels)}")
     return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).view(num_classes, num_classes)
 
 
@@ -50,7 +51,7 @@ def per_class_recall(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 def mean_per_class_recall(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Mean recall over the classes present in `labels` (= sklearn recall_score macro over those labels)."""
     if not len(labels):
-        raise ValueError("no samples")
+        raise EvaluationError("no samples")
     # Absent classes have no defined recall; averaging only present ones matches balanced accuracy.
     return per_class_recall(preds, labels, num_classes).nanmean().item()
 

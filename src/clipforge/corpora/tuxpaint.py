@@ -28,10 +28,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from clipforge.datasets.fetch import (
+from clipforge.corpora.fetch import (
     DatasetError, atomic_dataset, clipforge_version, deb_field, fetch_deb, installed_version, read_manifest,
     render_svg, sha256_file, to_size, unpack_deb_cached, write_csv, write_json,
 )
+from clipforge.errors import DataError
 
 BUILDER_VERSION = 1
 PACKAGE = "tuxpaint-stamps-default"
@@ -115,7 +116,7 @@ def _source(cache: Path, stamps: Path | None) -> tuple[Path, dict]:
     """The stamps folder to read and a description of where it came from."""
     if stamps is not None:
         if not Path(stamps).is_dir():
-            raise ValueError(f"--stamps {stamps} is not a folder")
+            raise DataError(f"--stamps {stamps} is not a folder")
         return Path(stamps), {"kind": "folder", "path": str(stamps)}
     if not any(cache.glob(f"{PACKAGE}_*.deb")) and INSTALLED.is_dir():
         return INSTALLED, {"kind": "installed", "path": str(INSTALLED), "package": PACKAGE,
@@ -139,7 +140,7 @@ def build_tuxpaint(root: Path, size: int = 64, limit: int | None = None, cache: 
     """Build ROOT/tuxpaint (module docstring); returns the manifest, with "up_to_date": True when nothing was done."""
     root = Path(root)
     if size < 8 or (limit is not None and limit < 1):
-        raise ValueError("--size must be >= 8 and --limit >= 1")
+        raise DataError("--size must be >= 8 and --limit >= 1")
     options = {"builder_version": BUILDER_VERSION, "size": size, "limit": limit,
                "stamps": str(Path(stamps).resolve()) if stamps else None}
     existing = read_manifest(root / "tuxpaint")

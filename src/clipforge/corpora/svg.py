@@ -11,7 +11,7 @@ from typing import Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from clipforge.datasets.emoji import render_emoji
+from clipforge.corpora.emoji import render_emoji
 
 BLANK_INK = 0.005  # share of non-white pixels below which a render is empty (animated or clipped drawings)
 

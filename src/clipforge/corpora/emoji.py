@@ -37,10 +37,11 @@ from typing import Callable, Sequence, Union
 from PIL import Image
 from tqdm import tqdm
 
-from clipforge.datasets.fetch import (
+from clipforge.corpora.fetch import (
     DatasetError, NpmPackage, atomic_dataset, clipforge_version, fetch_npm, prefix_filter, read_manifest,
     render_svg, safe_extract, to_size, write_csv, write_json,
 )
+from clipforge.errors import DataError
 
 BUILDER_VERSION = 1
 STYLES = ("google", "twitter", "openmoji-color", "openmoji-black", "fluent-flat", "fluent-3d")
@@ -308,7 +309,7 @@ def _parse_styles(styles: Sequence[str] | None) -> list[str]:
     chosen = list(STYLES) if not styles else [s.strip() for item in styles for s in item.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STYLES + EVAL_STYLES]
     if unknown:
-        raise ValueError(f"unknown emoji style(s) {unknown}; choose from {', '.join(STYLES)} "
+        raise DataError(f"unknown emoji style(s) {unknown}; choose from {', '.join(STYLES)} "
                          f"(evaluation only: {', '.join(EVAL_STYLES)})")
     return [s for s in STYLES + EVAL_STYLES if s in chosen]  # canonical order
 
@@ -336,7 +337,7 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
     root = Path(root)
     chosen = _parse_styles(styles)
     if size < 8 or (limit is not None and limit < 1):
-        raise ValueError("--size must be >= 8 and --limit >= 1")
+        raise DataError("--size must be >= 8 and --limit >= 1")
     evals = [s for s in chosen if s in EVAL_STYLES]
     packages = {**PACKAGES, **{s: EVAL_PACKAGES[s] for s in evals}}
     options = {"builder_version": BUILDER_VERSION, "size": size, "styles": chosen, "limit": limit, "seed": seed,

@@ -19,9 +19,10 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
-from clipforge.evaluate.features import iter_text_features, model_device
-from clipforge.evaluate.metrics import classification_metrics
+from clipforge.inference.features import iter_text_features, model_device
+from clipforge.inference.metrics import classification_metrics
 from clipforge.model.clip import CLIP
+from clipforge.errors import EvaluationError
 
 # The 7-template subset OpenAI found best on ImageNet (CLIP prompt-engineering notebook).
 OPENAI_TEMPLATES_7 = (
@@ -72,9 +73,9 @@ def build_classifier(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor]
                      cache: bool = True, precision: str = "fp32") -> torch.Tensor:
     """[embed_dim, n_classes] weights: per class, mean of L2-normalised template embeddings, renormalised."""
     if not classnames:
-        raise ValueError("no class names given")
+        raise EvaluationError("no class names given")
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"every template needs a '{{}}' placeholder, got {list(templates)}")
+        raise EvaluationError(f"every template needs a '{{}}' placeholder, got {list(templates)}")
     fingerprint = weights_fingerprint(model) if cache else None
     key = (id(model), fingerprint, id(tokenizer), precision, tuple(classnames), tuple(templates))
     if fingerprint is not None and key in _CACHE:

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from clipforge.data.images import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
-from clipforge.evaluate.features import extract_image_features
+from clipforge.errors import DataError
 
 
 
@@ -41,15 +41,15 @@ def _read_labels_csv(path: Path) -> LabelledImages:
         reader = csv.DictReader(handle)
         missing = {"image", "label"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: unknown class file format: needs columns image,label "
+            raise DataError(f"{path}: unknown class file format: needs columns image,label "
                              f"(optional class_index, style, split); found {reader.fieldnames}")
         rows = list(reader)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     order: dict[str, int] = {}
     short = next((i for i, r in enumerate(rows, start=2) if not r.get("image") or not r.get("label")), None)
     if short is not None:
-        raise ValueError(f"{path}: line {short} has no image or no label")
+        raise DataError(f"{path}: line {short} has no image or no label")
     for row in sorted(rows, key=lambda r: int(r["class_index"]) if (r.get("class_index") or "").isdigit() else 0):
         order.setdefault(row["label"], len(order))
     root = path.parent
@@ -68,7 +68,7 @@ def _read_image_folder(root: Path) -> LabelledImages:
         paths += files
         labels += [index] * len(files)
     if empty:
-        raise ValueError(f"{root}: empty class folder(s) with no images: {', '.join(empty)}")
+        raise DataError(f"{root}: empty class folder(s) with no images: {', '.join(empty)}")
     names = [c.name.replace("_", " ") for c in classes]
     return LabelledImages(paths, torch.tensor(labels), names, [""] * len(paths), [""] * len(paths), str(root))
 
@@ -84,34 +84,23 @@ def load_labelled_images(data: str | Path, domains: Sequence[str] | None = None,
     elif path.is_dir() and any(p.is_dir() for p in path.iterdir()):
         images = _read_image_folder(path)
     elif path.exists():
-        raise ValueError(f"{path}: unknown class file format: give a labels CSV (image,label[,style,split]), "
+        raise DataError(f"{path}: unknown class file format: give a labels CSV (image,label[,style,split]), "
                          "a dataset folder holding labels.csv, or a folder with one sub-folder of images per class")
     else:
         raise FileNotFoundError(f"evaluation data not found: {path}")
     if domains:
         unknown = set(domains) - set(images.domains)
         if unknown:
-            raise ValueError(f"{path}: no images of style(s) {sorted(unknown)}; styles: {sorted(set(images.domains))}")
+            raise DataError(f"{path}: no images of style(s) {sorted(unknown)}; styles: {sorted(set(images.domains))}")
         images = images.subset([d in domains for d in images.domains])
     if split:
         if split not in images.splits:
-            raise ValueError(f"{path}: no images in split {split!r}; splits: {sorted(set(images.splits) - {''})}")
+            raise DataError(f"{path}: no images in split {split!r}; splits: {sorted(set(images.splits) - {''})}")
         images = images.subset([s == split for s in images.splits])
     if not images.paths:
-        raise ValueError(f"{path}: no images left after filtering (styles={domains}, split={split})")
+        raise DataError(f"{path}: no images left after filtering (styles={domains}, split={split})")
     return images
 
-
-def image_features(model: torch.nn.Module, images: LabelledImages, preprocess: Callable,
-                   batch_size: int = 128) -> tuple[torch.Tensor, LabelledImages]:
-    """Normalised features of every readable image; unreadable ones are dropped and counted."""
-    pixels, keep = decode_all(images.paths, preprocess)
-    kept = images.subset(keep) if not all(keep) else images
-    if not all(keep):
-        kept.skipped["unreadable_image"] += keep.count(False)
-    if not len(pixels):
-        raise ValueError(f"{images.source}: none of the {len(images.paths)} images could be read")
-    return extract_image_features(model, pixels, batch_size=batch_size), kept
 
 
 def decode_all(paths: Sequence[Path], preprocess: Callable) -> tuple[torch.Tensor, list[bool]]:
@@ -148,7 +137,7 @@ def load_captioned_images(path: str | Path, separator: str = "|", domains: Seque
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if {"image", "caption"} - set(reader.fieldnames or []):
-            raise ValueError(f"{path}: needs columns image,caption; found {reader.fieldnames}")
+            raise DataError(f"{path}: needs columns image,caption; found {reader.fieldnames}")
         rows = [r for r in reader if (not domains or r.get("style") in domains) and (not split or r.get("split") == split)]
     paths, captions, owner = [], [], []
     for row in rows:
@@ -159,7 +148,7 @@ def load_captioned_images(path: str | Path, separator: str = "|", domains: Seque
         captions += texts
         owner += [len(paths) - 1] * len(texts)
     if not paths:
-        raise ValueError(f"{path}: no captioned images (after filtering styles={domains}, split={split})")
+        raise DataError(f"{path}: no captioned images (after filtering styles={domains}, split={split})")
     return CaptionedImages(paths, captions, torch.tensor(owner))
 
 
@@ -184,7 +173,7 @@ def _load_captioned_shards(pattern: str, separator: str) -> CaptionedImages:
                         stem, ext = base.split(".", 1)
                         samples.setdefault(f"{folder}/{stem}", {})[ext.lower()] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError) as error:
-            raise ValueError(f"{shard}: unreadable shard: {error}") from None
+            raise DataError(f"{shard}: unreadable shard: {error}") from None
         for key, parts in samples.items():
             image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
             if image is None:
@@ -204,5 +193,5 @@ def _load_captioned_shards(pattern: str, separator: str) -> CaptionedImages:
                 captions += texts
                 owner += [len(images) - 1] * len(texts)
     if not images:
-        raise ValueError(f"{pattern}: no captioned images in the shards")
+        raise DataError(f"{pattern}: no captioned images in the shards")
     return CaptionedImages(images, captions, torch.tensor(owner))

@@ -5,6 +5,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 from typing import Any
+from clipforge.errors import EvaluationError
 
 # "simple" is the CLIP paper's single default prompt; "openai_7" is the notebook's best 7-template subset
 # (what open_clip calls SIMPLE_IMAGENET_TEMPLATES).
@@ -15,7 +16,7 @@ _INLINE = {"simple": ["a photo of a {}."], "label": ["{}"]}
 
 @lru_cache(maxsize=None)
 def _load(filename: str) -> dict[str, Any]:
-    return json.loads(resources.files("clipforge.evaluate").joinpath("data", filename).read_text("utf-8"))
+    return json.loads(resources.files("clipforge.inference").joinpath("data", filename).read_text("utf-8"))
 
 
 def list_templates() -> list[str]:
@@ -28,7 +29,7 @@ def get_templates(name: str) -> list[str]:
     if name in _INLINE:
         return list(_INLINE[name])
     if name not in _FILES:
-        raise ValueError(f"unknown template set {name!r}; choose from {list_templates()}")
+        raise EvaluationError(f"unknown template set {name!r}; choose from {list_templates()}")
     return list(_load(_FILES[name])[name])
 
 

@@ -19,17 +19,12 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
+from clipforge.errors import DatasetError
 
 MANIFEST = "manifest.json"
 FALLBACK_FONT = "DejaVu Sans"  # Debian's default font; SVG text in a missing font renders nothing without it
 # What a truncated or garbled archive raises, depending on where the damage is.
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
-
-
-class DatasetError(RuntimeError):
-    """A fetch, archive or tool problem the user can fix; the message says how."""
-
-    user_facing = True  # clipforge's CLI prints the message instead of a traceback
 
 
 @dataclass(frozen=True)
