@@ -60,7 +60,7 @@ def run_variant(impl: str, precision: str, batch: int, steps: int) -> dict:
     else:
         import clipforge
         from clipforge.loss import ContrastiveLoss
-        from clipforge.train.distributed import DistInfo
+        from clipforge.distributed import DistInfo
         from clipforge.train.step import TrainStep
 
         model = clipforge.create_model("cpu-vit-small-64", quick_gelu=True).train()

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from clipforge.cli import data as data_cli
-from clipforge.datasets import DatasetError, build_emoji, build_tuxpaint, emoji, fetch, tuxpaint
-from clipforge.datasets.fetch import NpmPackage, safe_extract
+from clipforge.corpora import DatasetError, build_emoji, build_tuxpaint, emoji, fetch, tuxpaint
+from clipforge.corpora.fetch import NpmPackage, safe_extract
 
 OFFLINE = os.environ.get("CLIPFORGE_OFFLINE") == "1"
 REAL_CACHE = Path(os.environ.get("CLIPFORGE_DATA_CACHE", Path.home() / ".cache" / "clipforge" / "datasets"))

@@ -125,7 +125,7 @@ def test_retrieval_from_webdataset_shards(styled, tmp_path):
 
 
 def test_labels_csv_with_bom_and_short_rows(tmp_path, folder):
-    from clipforge.evaluate.datasets import load_labelled_images
+    from clipforge.data.labelled import load_labelled_images
 
     image = next(folder.glob("square_shape/*.png"))
     (tmp_path / "labels.csv").write_text(f"image,label\n{image},square\n", encoding="utf-8-sig")

@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 
 from clipforge.cli import data as data_cli
-from clipforge.datasets import DatasetError, build_icons, icons
-from clipforge.datasets.fetch import NpmPackage
-from clipforge.datasets.icons import (
+from clipforge.corpora import DatasetError, build_icons, icons
+from clipforge.corpora.fetch import NpmPackage
+from clipforge.corpora.icons import (
     Icon, brand_icon, category_caption, code_named_set, concept_key, deduplicate, emoji_set, exclude_concepts,
     excluded_category, hidden_set, icon_captions, keep_variants, lookalike_sibling, name_words, read_labels,
     restricted_licence, set_icons, split_style, style_caption,
 )
-from clipforge.datasets.svg import drawing_hash, ink_fraction, render_many
+from clipforge.corpora.svg import drawing_hash, ink_fraction, render_many
 from test_datasets import _tar
 
 SQUARE = '<path fill="currentColor" d="M4 4h16v16H4z"/>'

@@ -16,7 +16,7 @@ from PIL import Image
 
 import clipforge
 from clipforge.cli.main import main
-from clipforge.evaluate.features import extract_image_features
+from clipforge.inference.features import extract_image_features
 from clipforge.search import ImageIndex, QueryEncoder, build_backend, build_index, exact_search
 from clipforge.search import build as build_module
 from clipforge.search import store

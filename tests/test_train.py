@@ -20,7 +20,7 @@ import clipforge
 from clipforge.loss import ContrastiveLoss
 from clipforge.train import checkpoints
 from clipforge.train.config import TrainConfig
-from clipforge.train.distributed import DistInfo
+from clipforge.distributed import DistInfo
 from clipforge.train.step import TrainStep
 from clipforge.train.trainer import TrainingDiverged, train
 from conftest import random_tokens
