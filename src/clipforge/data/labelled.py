@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from clipforge.data.images import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
+from clipforge.data.images import IMAGE_SUFFIXES
+from clipforge.data.webdataset import Sample, read_caption, read_samples
 from clipforge.errors import DataError
 
 
@@ -152,46 +155,33 @@ def load_captioned_images(path: str | Path, separator: str = "|", domains: Seque
     return CaptionedImages(paths, captions, torch.tensor(owner))
 
 
+def _shard_captions(tar: tarfile.TarFile, sample: Sample, separator: str) -> list[str]:
+    """A sample's captions: a .txt split on `separator`, a .json caption string or list as it is."""
+    value = read_caption(tar, sample)
+    if isinstance(value, str) and sample.text is not None and separator:
+        value = value.split(separator)
+    texts = value if isinstance(value, list) else [value]
+    return [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+
+
 def _load_captioned_shards(pattern: str, separator: str) -> CaptionedImages:
     """Images (kept as encoded bytes) and captions from webdataset tar shards: NAME.{jpg,png,webp} + NAME.{txt,json}."""
-    import io
-    import json
-    import tarfile
-
     from clipforge.data.shards import expand_shards
 
     images: list = []
     captions: list[str] = []
     owner: list[int] = []
     for shard in expand_shards(pattern):
-        samples: dict[str, dict[str, bytes]] = {}
         try:
             with tarfile.open(shard) as tar:
-                for member in tar:
-                    folder, _, base = member.name.rpartition("/")
-                    if member.isfile() and "." in base:  # webdataset: key = path up to the basename's first dot
-                        stem, ext = base.split(".", 1)
-                        samples.setdefault(f"{folder}/{stem}", {})[ext.lower()] = tar.extractfile(member).read()
+                for sample in read_samples(tar):
+                    texts = _shard_captions(tar, sample, separator)
+                    if texts:
+                        images.append(io.BytesIO(tar.extractfile(sample.image).read()))
+                        captions += texts
+                        owner += [len(images) - 1] * len(texts)
         except (tarfile.TarError, OSError) as error:
             raise DataError(f"{shard}: unreadable shard: {error}") from None
-        for key, parts in samples.items():
-            image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-            if image is None:
-                continue
-            if "txt" in parts:
-                text = parts["txt"].decode("utf-8", errors="replace")
-                texts = text.split(separator) if separator else [text]
-            elif "json" in parts:
-                meta = json.loads(parts["json"])
-                value = meta.get("caption", meta.get("text", "")) if isinstance(meta, dict) else ""
-                texts = value if isinstance(value, list) else [value]
-            else:
-                continue
-            texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
-            if texts:
-                images.append(io.BytesIO(image))
-                captions += texts
-                owner += [len(images) - 1] * len(texts)
     if not images:
         raise DataError(f"{pattern}: no captioned images in the shards")
     return CaptionedImages(images, captions, torch.tensor(owner))

@@ -7,7 +7,6 @@ A source is listed (stat only, no decoding) as `Item`s keyed by an absolute path
 from __future__ import annotations
 
 import csv
-import json
 import os
 import tarfile
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from clipforge.data.captions import split_captions
-from clipforge.data.images import IMAGE_EXTENSIONS, IMAGE_SUFFIXES
+from clipforge.data.images import IMAGE_SUFFIXES
+from clipforge.data.webdataset import Sample, read_caption, read_samples
 from clipforge.errors import SearchError
 
 TAR_SEPARATOR = "#"
@@ -73,19 +73,15 @@ def _list_csv(path: Path, separator: str) -> tuple[list[Item], list[str]]:
     return list(items.values()), missing
 
 
-def _tar_caption(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> str | None:
-    if member is None:
+def _tar_caption(tar: tarfile.TarFile, sample: Sample) -> str | None:
+    """The caption an index records: a JSON list joined with " | ", blank or malformed as none."""
+    try:
+        value = read_caption(tar, sample)
+    except ValueError:  # a bad caption is no reason to leave its image out of the index
         return None
-    data = tar.extractfile(member).read()
-    if member.name.endswith(".json"):
-        try:
-            meta = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        value = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
-        value = " | ".join(v for v in value if isinstance(v, str)) if isinstance(value, list) else value
-        return value.strip() or None if isinstance(value, str) else None
-    return data.decode("utf-8", errors="replace").strip() or None
+    if isinstance(value, list):
+        value = " | ".join(v for v in value if isinstance(v, str))
+    return value.strip() or None if isinstance(value, str) else None
 
 
 def _list_tar(shard: str) -> list[Item]:
@@ -93,21 +89,10 @@ def _list_tar(shard: str) -> list[Item]:
     mtime = path.stat().st_mtime_ns
     try:
         with tarfile.open(path) as tar:
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for member in tar:
-                folder, _, base = member.name.rpartition("/")
-                if member.isfile() and "." in base:  # webdataset: key = path up to the basename's first dot
-                    stem, ext = base.split(".", 1)
-                    groups.setdefault(f"{folder}/{stem}", {})[ext.lower()] = member
-            items = []
-            for parts in groups.values():
-                image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-                if image is not None:
-                    caption = _tar_caption(tar, parts.get("txt") or parts.get("json"))
-                    items.append(Item(f"{path}{TAR_SEPARATOR}{image.name}", image.size, mtime, caption))
+            return [Item(f"{path}{TAR_SEPARATOR}{sample.image.name}", sample.image.size, mtime,
+                         _tar_caption(tar, sample)) for sample in read_samples(tar)]
     except (tarfile.TarError, OSError) as error:
         raise SearchError(f"{shard}: unreadable shard: {error}") from None
-    return items
 
 
 def list_source(source: str | Path | Sequence[str | Path], separator: str = "|") -> tuple[list[Item], list[str]]:
