@@ -10,21 +10,21 @@ single process's.
 from __future__ import annotations
 
 import fcntl
-import os
 import shutil
+import sqlite3
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from clipforge.data.captions import SampleError, decode_image
+from clipforge.data.images import SampleError, decode_image
 from clipforge.device import resolve_device
-from clipforge.search import store
+from clipforge.search import ranks, store
 from clipforge.search.backend import build_backend, save_backend
 from clipforge.search.sources import Item, ItemReader, list_source
 from clipforge.errors import IndexLocked, SearchError
@@ -46,6 +46,41 @@ class BuildStats:
     resumed: int = 0  # of added + updated: taken from shards that an interrupted run had finished
     backend: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """How a build embeds, stores and searches (the options of `build_index` besides source, folder, model)."""
+
+    batch_size: int
+    progress: bool
+    backend: str
+    shard_size: int
+    precision: str
+    target_recall: float
+    device: str
+
+
+@dataclass
+class _Run:
+    """One `build_index` run on one rank: what it was asked, and what it holds open or has found so far."""
+
+    index_dir: Path
+    source: Any
+    model: str
+    pretrained: str | None
+    separator: str
+    settings: _Settings
+    started: float
+    rank: int = 0
+    world: int = 1
+    stats: BuildStats = field(default_factory=BuildStats)
+    run_id: str = ""  # prefixes this run's shard names; rank 0 picks it
+    fresh: bool = False  # the folder held nothing of the user's before this run
+    lock: IO[str] | None = None
+    con: sqlite3.Connection | None = None
+    scan: dict[str, Item] = field(default_factory=dict)  # the source's listing, by path
+    discard: bool = False  # remove the folder on the way out: this run made it and nothing came of it
 
 
 def model_id(model: str | Path) -> str:
@@ -156,120 +191,38 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: 
     return kept, (np.concatenate(chunks) if chunks else None), failed
 
 
-def _write_shards(index_dir: Path, prefix: str, items: Sequence[Item], model: Any, preprocess: Callable,
-                  args: dict[str, Any], on_shard: Callable[[str], None], failed: list[tuple[str, str]]) -> int:
-    """Embed `items` shard by shard (each written atomically, then `on_shard(name)`); return the dim."""
+def _write_shards(run: _Run, items: Sequence[Item], model: Any, preprocess: Callable,
+                  failed: list[tuple[str, str]]) -> int:
+    """Embed this rank's `items` shard by shard (each written atomically, then handed on); return the dim."""
     from tqdm import tqdm
 
     dim = 0
-    shard_size = args["shard_size"]
-    bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not args["progress"])
-    for number, start in enumerate(range(0, len(items), shard_size)):
-        chunk = items[start : start + shard_size]
-        kept, embeddings, chunk_failed = _embed(chunk, model, preprocess, args["batch_size"], args["precision"], bar)
+    settings = run.settings
+    bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not (settings.progress and run.rank == 0))
+    for number, start in enumerate(range(0, len(items), settings.shard_size)):
+        chunk = items[start : start + settings.shard_size]
+        kept, embeddings, chunk_failed = _embed(chunk, model, preprocess, settings.batch_size, settings.precision, bar)
         failed += chunk_failed
         bar.set_postfix(skipped=len(failed), refresh=False)
         if embeddings is None:
             continue
         dim = embeddings.shape[1]
-        name = f"{prefix}-{number:05d}{store.SHARD_SUFFIX}"
-        store.write_shard(index_dir / store.SHARD_DIR / name, store.ShardRows(
+        name = f"{run.run_id}-r{run.rank}-{number:05d}{store.SHARD_SUFFIX}"
+        store.write_shard(run.index_dir / store.SHARD_DIR / name, store.ShardRows(
             embeddings, [i.path for i in kept], np.array([i.size for i in kept]),
             np.array([i.mtime_ns for i in kept]), [i.caption for i in kept]))
-        on_shard(name)
+        if run.world == 1:  # in one process each shard is final at once; under torchrun rank 0 merges at the end
+            _ingest(run.index_dir, run.con, [name], run.scan, run.stats)
     bar.close()
     return dim
 
 
-def _drop_broken(index_dir: Path, con: Any) -> None:
-    """Forget temp files of a killed run, and rows whose shard file is gone (the diff re-embeds them)."""
-    for folder in (index_dir, index_dir / store.SHARD_DIR):
-        for tmp in folder.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-    files = store.shard_files(index_dir)
-    lost = [name for (name,) in con.execute("SELECT name FROM shards") if name not in files]
-    if lost:
-        with store.transaction(con):
-            con.executemany("DELETE FROM images WHERE shard = ?", [(n,) for n in lost])
-            con.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in lost])
-            store.bump_generation(con)
-
-
-def _compact(index_dir: Path, con: Any, shard_size: int, prefix: str) -> None:
-    """Delete shards nothing points at; re-pack half-empty shards (and many small ones) into full ones."""
-    rows = dict(con.execute("SELECT name, rows FROM shards"))
-    live = dict(con.execute("SELECT shard, COUNT(*) FROM images GROUP BY shard"))
-    dead = [name for name in rows if not live.get(name)]
-    sparse = [name for name in rows if 0 < live.get(name, 0) and live[name] * 2 < rows[name]]
-    small = [name for name in rows if 0 < live.get(name, 0) < shard_size // 4 and name not in sparse]
-    repack = sparse + (small if len(small) >= 8 else [])  # each incremental run adds one small shard
-    moves, cache = [], {}
-    for number, start in enumerate(range(0, sum(live[n] for n in repack), shard_size) if repack else []):
-        picked = con.execute(
-            f"SELECT id, path, size, mtime_ns, caption, shard, row FROM images WHERE shard IN "
-            f"({','.join('?' * len(repack))}) ORDER BY id LIMIT ? OFFSET ?", (*repack, shard_size, start)).fetchall()
-        for shard in {r[5] for r in picked} - set(cache):
-            cache[shard] = store.read_shard_embeddings(index_dir / store.SHARD_DIR / shard)
-        embeddings = np.stack([cache[r[5]][r[6]] for r in picked])
-        name = f"{prefix}-c{number:05d}{store.SHARD_SUFFIX}"
-        store.write_shard(index_dir / store.SHARD_DIR / name, store.ShardRows(
-            embeddings, [r[1] for r in picked], np.array([r[2] for r in picked]), np.array([r[3] for r in picked]),
-            [r[4] for r in picked]))
-        moves.append((name, picked))
-    if not dead and not moves:
-        return
-    with store.transaction(con):
-        for name, picked in moves:
-            store.register_shard(con, name, len(picked))
-            con.executemany("UPDATE images SET shard = ?, row = ? WHERE id = ?",
-                            [(name, row, r[0]) for row, r in enumerate(picked)])
-        con.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in dead + repack])
-        store.bump_generation(con)
-    for name in dead + repack:
-        (index_dir / store.SHARD_DIR / name).unlink(missing_ok=True)
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world size): joins the process group under torchrun, (0, 1) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    from clipforge.distributed import init_distributed
-
-    info = init_distributed()
-    return info.rank, info.world_size
-
-
-def _on_rank0(rank: int, world: int, step: Callable[[], Any]) -> Any:
-    """Run `step` on rank 0 and hand every rank its result; its error is raised on every rank (none hangs)."""
-    result: Any = None
-    if rank == 0:
-        try:
-            result = step()
-        except Exception as error:
-            if world > 1:
-                _broadcast(error)
-            raise
-    if world <= 1:
-        return result
-    result = _broadcast(result)
-    if isinstance(result, Exception):
-        raise RuntimeError(f"rank 0 failed: {result}")
-    return result
-
-
-def _broadcast(value: Any) -> Any:
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _finish(index_dir: Path, con: Any, stats: BuildStats, args: dict[str, Any], source: str) -> None:
+def _finish(run: _Run) -> None:
     """Build the search backend over every live vector and write the manifest (the index's commit point)."""
+    index_dir, con, stats, settings = run.index_dir, run.con, run.stats, run.settings
     dim = int(store.get_meta(con, "dim") or 0)
     ids, vectors = store.load_vectors(index_dir, con, dim)
-    backend = build_backend(vectors, args["backend"], args["target_recall"])
+    backend = build_backend(vectors, settings.backend, settings.target_recall)
     if backend.index is not None:
         save_backend(backend, index_dir / BACKEND_FILE)
     else:
@@ -279,20 +232,20 @@ def _finish(index_dir: Path, con: Any, stats: BuildStats, args: dict[str, Any], 
         "format": store.FORMAT, "version": store.VERSION, "model": store.get_meta(con, "model"),
         "pretrained": store.get_meta(con, "pretrained") or None, "dim": dim,
         "count": len(ids), "generation": int(store.get_meta(con, "generation") or 0),
-        "shards": len(store.shard_files(index_dir)), "backend": backend.describe(), "source": source,
-        "precision": args["precision"], "skipped": stats.skipped,
+        "shards": len(store.shard_files(index_dir)), "backend": backend.describe(), "source": str(run.source),
+        "precision": settings.precision, "skipped": stats.skipped,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
 
 
-def _prepare(index_dir: Path, con: Any, source: Any, name: str, pretrained: str | None, separator: str,
-             stats: BuildStats) -> tuple[dict[str, Item], list[Item]]:
-    """(listing, items to embed): check the model, resume finished shards, apply the diff."""
+def _check_model(run: _Run) -> None:
+    """Refuse a folder indexed with another model; record the model in a new one."""
+    con, name, pretrained = run.con, run.model, run.pretrained
     recorded = store.get_meta(con, "model")
     recorded_tag = store.get_meta(con, "pretrained") or None
     if recorded is not None and (recorded, recorded_tag) != (name, pretrained):
         built = recorded + (f" (pretrained {recorded_tag})" if recorded_tag else "")
-        raise SearchError(f"{index_dir} was built with model {built}, not {name}"
+        raise SearchError(f"{run.index_dir} was built with model {built}, not {name}"
                          f"{f' (pretrained {pretrained})' if pretrained else ''}: use the same model or a new index folder")
     if recorded is None:
         if pretrained is None:
@@ -301,17 +254,29 @@ def _prepare(index_dir: Path, con: Any, source: Any, name: str, pretrained: str 
             store.set_meta(con, "model", name)
             if pretrained is not None:
                 store.set_meta(con, "pretrained", pretrained)
-    items, missing = list_source(source, separator)
+
+
+def _open(run: _Run) -> tuple[list[Item], str]:
+    """Rank 0's first step: lock and open the index, list the source, resume finished shards, apply the diff.
+
+    Returns the items to embed and the run id.
+    """
+    index_dir, stats = run.index_dir, run.stats
+    run.fresh = not index_dir.exists() or not any(index_dir.iterdir())
+    run.lock = _lock(index_dir)
+    run.con = store.connect(index_dir)
+    _check_model(run)
+    items, missing = list_source(run.source, run.separator)
     if missing:
         stats.skipped["missing_file"] = len(missing)
-    scan = {item.path: item for item in items}
-    _drop_broken(index_dir, con)
-    registered = {n for (n,) in con.execute("SELECT name FROM shards")}
-    _ingest(index_dir, con, [n for n in store.shard_files(index_dir) if n not in registered], scan, stats)
+    run.scan = {item.path: item for item in items}
+    store.drop_broken(index_dir, run.con)
+    registered = {n for (n,) in run.con.execute("SELECT name FROM shards")}
+    _ingest(index_dir, run.con, [n for n in store.shard_files(index_dir) if n not in registered], run.scan, stats)
     stats.resumed = stats.added + stats.updated
-    todo = _diff(con, scan, stats)
+    todo = _diff(run.con, run.scan, stats)
     stats.unchanged -= stats.resumed  # the diff sees the adopted rows as indexed already
-    return scan, todo
+    return todo, f"{time.time_ns():x}"
 
 
 def _lock(index_dir: Path) -> Any:
@@ -325,6 +290,52 @@ def _lock(index_dir: Path) -> Any:
     return lock
 
 
+def _embed_share(run: _Run, todo: Sequence[Item]) -> tuple[list[tuple[str, str]], int]:
+    """Every rank's middle step: embed its slice of `todo`; returns (path, reason) of all ranks' failures and the dim."""
+    import clipforge
+
+    mine = todo[run.rank :: run.world]
+    loaded, preprocess = (clipforge.load(run.model, resolve_device(run.settings.device), pretrained=run.pretrained)
+                          if mine else (None, None))
+    failed: list[tuple[str, str]] = []
+    dim = _write_shards(run, mine, loaded, preprocess, failed)
+    gathered = ranks.gather(run.world, (failed, dim))
+    return [entry for rank_failed, _ in gathered for entry in rank_failed], max(d for _, d in gathered)
+
+
+def _merge(run: _Run, failed: list[tuple[str, str]], dim: int) -> BuildStats:
+    """Rank 0's last step: take every rank's shards, forget failed files, re-pack, build the backend and manifest."""
+    con, stats = run.con, run.stats
+    if run.world > 1:
+        _ingest(run.index_dir, con, [n for n in store.shard_files(run.index_dir) if n.startswith(f"{run.run_id}-")],
+                run.scan, stats)
+    stats.skipped = dict(Counter(stats.skipped) + Counter(reason for _, reason in failed))
+    if failed:  # a file that changed into an unreadable one: its old embedding no longer stands for it
+        with store.transaction(con):
+            con.executemany("DELETE FROM images WHERE path = ?", [(path,) for path, _ in failed])
+            store.bump_generation(con)
+    if dim and store.get_meta(con, "dim") is None:
+        with store.transaction(con):
+            store.set_meta(con, "dim", str(dim))
+    if store.get_meta(con, "dim") is None:
+        run.discard = run.fresh  # no half-made index left to be mistaken for an interrupted build
+        raise SearchError(f"{run.source}: no readable images to index (skipped: {stats.skipped or 'none'})")
+    store.compact(run.index_dir, con, run.settings.shard_size, f"{run.run_id}-r0")
+    _finish(run)
+    stats.seconds = round(time.perf_counter() - run.started, 2)
+    return stats
+
+
+def _close(run: _Run) -> None:
+    """Release what the run holds; remove the folder if the run made it and nothing came of it."""
+    if run.con is not None:
+        run.con.close()
+    if run.lock is not None:
+        run.lock.close()
+    if run.discard:
+        shutil.rmtree(run.index_dir, ignore_errors=True)
+
+
 def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, model: str | Path,
                 batch_size: int = 64, progress: bool = True, *, backend: str = "auto", shard_size: int = 4096,
                 precision: str = "fp32", target_recall: float = 0.97, separator: str = "|",
@@ -332,70 +343,16 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
     """Create or update the index in `out_dir` of an image folder, caption CSV or webdataset shard(s).
 
     `model` is any name clipforge.load takes (with `pretrained`, an architecture and its weights tag)."""
-    import clipforge
-
     if batch_size < 1 or shard_size < 1:
         raise SearchError("batch_size and shard_size must be positive")
-    start = time.perf_counter()
-    index_dir, name = Path(out_dir), model_id(model)
+    started = time.perf_counter()
     pretrained = model_id(pretrained) if pretrained is not None and Path(pretrained).is_file() else pretrained
-    args = {"batch_size": batch_size, "progress": progress, "backend": backend, "shard_size": shard_size,
-            "precision": precision, "target_recall": target_recall}
-    rank, world = _dist()  # under torchrun the out_dir must be on a file system every rank sees
-    stats, state = BuildStats(), {}
-
-    def prepare() -> tuple[list[Item], str]:
-        state["fresh"] = not index_dir.exists() or not any(index_dir.iterdir())  # nothing of the user's to keep
-        state["lock"] = _lock(index_dir)
-        state["con"] = store.connect(index_dir)
-        state["scan"], todo = _prepare(index_dir, state["con"], source, name, pretrained, separator, stats)
-        return todo, f"{time.time_ns():x}"
-
-    def on_shard(shard: str) -> None:
-        if world == 1:  # in one process each shard is final at once; under torchrun rank 0 merges at the end
-            _ingest(index_dir, state["con"], [shard], state["scan"], stats)
-
-    def merge(failed: list[tuple[str, str]], dim: int) -> BuildStats:
-        con = state["con"]
-        if world > 1:
-            _ingest(index_dir, con, [n for n in store.shard_files(index_dir) if n.startswith(f"{run_id}-")],
-                    state["scan"], stats)
-        stats.skipped = dict(Counter(stats.skipped) + Counter(reason for _, reason in failed))
-        if failed:  # a file that changed into an unreadable one: its old embedding no longer stands for it
-            with store.transaction(con):
-                con.executemany("DELETE FROM images WHERE path = ?", [(path,) for path, _ in failed])
-                store.bump_generation(con)
-        if dim and store.get_meta(con, "dim") is None:
-            with store.transaction(con):
-                store.set_meta(con, "dim", str(dim))
-        if store.get_meta(con, "dim") is None:
-            state["discard"] = state["fresh"]  # no half-made index left to be mistaken for an interrupted build
-            raise SearchError(f"{source}: no readable images to index (skipped: {stats.skipped or 'none'})")
-        _compact(index_dir, con, shard_size, f"{run_id}-r0")
-        _finish(index_dir, con, stats, args, str(source))
-        stats.seconds = round(time.perf_counter() - start, 2)
-        return stats
-
+    settings = _Settings(batch_size, progress, backend, shard_size, precision, target_recall, device)
+    rank, world = ranks.rank_and_world()  # under torchrun the out_dir must be on a file system every rank sees
+    run = _Run(Path(out_dir), source, model_id(model), pretrained, separator, settings, started, rank, world)
     try:
-        todo, run_id = _on_rank0(rank, world, prepare)
-        mine = todo[rank::world]
-        loaded, preprocess = (clipforge.load(name, resolve_device(device), pretrained=pretrained) if mine
-                              else (None, None))
-        failed: list[tuple[str, str]] = []
-        dim = _write_shards(index_dir, f"{run_id}-r{rank}", mine, loaded, preprocess,
-                            {**args, "progress": progress and rank == 0}, on_shard, failed)
-        if world > 1:
-            import torch.distributed as dist
-
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, (failed, dim))
-            failed = [entry for rank_failed, _ in gathered for entry in rank_failed]
-            dim = max(d for _, d in gathered)
-        return _on_rank0(rank, world, lambda: merge(failed, dim))
+        todo, run.run_id = ranks.on_rank0(rank, world, lambda: _open(run))
+        failed, dim = _embed_share(run, todo)
+        return ranks.on_rank0(rank, world, lambda: _merge(run, failed, dim))
     finally:
-        if "con" in state:
-            state["con"].close()
-        if "lock" in state:
-            state["lock"].close()
-        if state.get("discard"):
-            shutil.rmtree(index_dir, ignore_errors=True)
+        _close(run)

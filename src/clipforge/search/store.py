@@ -200,3 +200,51 @@ def load_vectors(index_dir: Path, con: sqlite3.Connection, dim: int) -> tuple[np
         start += len(rows)
     order = np.argsort(ids, kind="stable")  # id order: the same vectors give the same matrix however sharded
     return ids[order], vectors[order]
+
+
+def drop_broken(index_dir: Path, con: sqlite3.Connection) -> None:
+    """Forget temp files of a killed run, and rows whose shard file is gone (the diff re-embeds them)."""
+    for folder in (index_dir, index_dir / SHARD_DIR):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    files = shard_files(index_dir)
+    lost = [name for (name,) in con.execute("SELECT name FROM shards") if name not in files]
+    if lost:
+        with transaction(con):
+            con.executemany("DELETE FROM images WHERE shard = ?", [(n,) for n in lost])
+            con.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in lost])
+            bump_generation(con)
+
+
+def compact(index_dir: Path, con: sqlite3.Connection, shard_size: int, prefix: str) -> None:
+    """Delete shards nothing points at; re-pack half-empty shards (and many small ones) into full ones."""
+    rows = dict(con.execute("SELECT name, rows FROM shards"))
+    live = dict(con.execute("SELECT shard, COUNT(*) FROM images GROUP BY shard"))
+    dead = [name for name in rows if not live.get(name)]
+    sparse = [name for name in rows if 0 < live.get(name, 0) and live[name] * 2 < rows[name]]
+    small = [name for name in rows if 0 < live.get(name, 0) < shard_size // 4 and name not in sparse]
+    repack = sparse + (small if len(small) >= 8 else [])  # each incremental run adds one small shard
+    moves, cache = [], {}
+    for number, start in enumerate(range(0, sum(live[n] for n in repack), shard_size) if repack else []):
+        picked = con.execute(
+            f"SELECT id, path, size, mtime_ns, caption, shard, row FROM images WHERE shard IN "
+            f"({','.join('?' * len(repack))}) ORDER BY id LIMIT ? OFFSET ?", (*repack, shard_size, start)).fetchall()
+        for shard in {r[5] for r in picked} - set(cache):
+            cache[shard] = read_shard_embeddings(index_dir / SHARD_DIR / shard)
+        embeddings = np.stack([cache[r[5]][r[6]] for r in picked])
+        name = f"{prefix}-c{number:05d}{SHARD_SUFFIX}"
+        write_shard(index_dir / SHARD_DIR / name, ShardRows(
+            embeddings, [r[1] for r in picked], np.array([r[2] for r in picked]), np.array([r[3] for r in picked]),
+            [r[4] for r in picked]))
+        moves.append((name, picked))
+    if not dead and not moves:
+        return
+    with transaction(con):
+        for name, picked in moves:
+            register_shard(con, name, len(picked))
+            con.executemany("UPDATE images SET shard = ?, row = ? WHERE id = ?",
+                            [(name, row, r[0]) for row, r in enumerate(picked)])
+        con.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in dead + repack])
+        bump_generation(con)
+    for name in dead + repack:
+        (index_dir / SHARD_DIR / name).unlink(missing_ok=True)
