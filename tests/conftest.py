@@ -1,24 +1,62 @@
-"""Shared test helpers: fixture location and tiny models."""
+"""Shared test helpers: reference fixtures, tiny models, the open_clip reference package.
+
+Reference fixtures (tests/golden.py): the `golden` tests take `reference`, parametrised over the in-repo
+cut of the reference fixtures (tests/fixtures/golden/, always there) and, as extra cases, every model of
+the shared fixtures when they are found (CLIPFORGE_SHARED_FIXTURES, default ../shared/fixtures; set it
+to `none` to leave them out). Tests that only need an OpenAI-layout checkpoint and its images take
+`fixtures_dir`: the in-repo cut, rebuilt in the shared layout.
+"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+import golden
+
 REPO = Path(__file__).resolve().parents[1]
-# The shared fixtures are bare OpenAI-layout state dicts: OpenAI's 64-wide heads and QuickGELU (their README).
+# The reference fixtures are bare OpenAI-layout state dicts: OpenAI's 64-wide heads and QuickGELU (their README).
 OPENAI = {"head_width": 64, "quick_gelu": True}
 OPENAI_FLAGS = ("--head-width", "64", "--quick-gelu")
-FIXTURES = Path(os.environ.get("CLIPFORGE_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def reference_cases() -> list[tuple[str, str]]:
+    """(source, model name) of every reference model: the in-repo ones, then the shared ones if found."""
+    cases = [("repo", name) for name in golden.golden_names()]
+    shared = golden.shared_root()
+    if shared is not None:
+        cases += [("shared", name) for name in golden.model_names(shared)]
+    return cases
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "reference" in metafunc.fixturenames:
+        cases = reference_cases()
+        metafunc.parametrize("reference", cases, ids=[f"{s}-{n}" for s, n in cases], indirect=True)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    shared = golden.shared_root()
+    extra = f"and shared {shared}" if shared else f"only (no shared fixtures; {golden.SHARED_ENV}=<dir> adds them)"
+    return f"reference fixtures: in-repo {golden.GOLDEN.relative_to(REPO)} {extra}"
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir() -> Path:
-    if not (FIXTURES / "openai-vit-tiny").is_dir():
-        pytest.skip(f"reference fixtures not found at {FIXTURES} (set CLIPFORGE_FIXTURES)")
-    return FIXTURES
+def fixtures_dir(tmp_path_factory) -> Path:
+    """The in-repo reference models rebuilt in the shared layout: <dir>/openai-vit-tiny/openai_state_dict.*"""
+    root = tmp_path_factory.mktemp("golden")
+    for name in golden.golden_names():
+        golden.materialise(name, root)
+    return root
+
+
+@pytest.fixture
+def reference(request, fixtures_dir) -> golden.Reference:
+    """One reference model folder with its recorded outputs (parametrised by pytest_generate_tests)."""
+    source, name = request.param
+    root = fixtures_dir if source == "repo" else golden.shared_root()
+    return golden.Reference(source, name, root / name)
 
 
 def random_tokens(batch: int, length: int, lengths: list[int], vocab: int = 49408, seed: int = 0) -> torch.Tensor:

@@ -64,6 +64,7 @@ def _max_diff(model, reference) -> float:
     ("bare.safetensors", {"head_width": 32, "quick_gelu": False}),  # the caller's choice
     ("bare.safetensors", {"config": "open_clip/open_clip_config.json"}),  # a config given with the weights
 ])
+@pytest.mark.parity
 def test_32_wide_heads_load_exactly_through_every_path(narrow, path, kwargs):
     root, reference = narrow
     if "config" in kwargs:
@@ -73,6 +74,7 @@ def test_32_wide_heads_load_exactly_through_every_path(narrow, path, kwargs):
     assert _max_diff(model, reference) < 1e-4
 
 
+@pytest.mark.parity
 def test_open_clip_config_beside_a_weight_file_is_used(narrow, tmp_path):
     root, reference = narrow
     (tmp_path / "epoch_5.safetensors").write_bytes((root / "bare.safetensors").read_bytes())
@@ -80,6 +82,7 @@ def test_open_clip_config_beside_a_weight_file_is_used(narrow, tmp_path):
     assert _max_diff(clipforge.load(tmp_path / "epoch_5.safetensors")[0], reference) < 1e-4
 
 
+@pytest.mark.parity
 def test_bare_state_dict_without_a_choice_is_refused_and_a_guess_is_wrong(narrow):
     root, reference = narrow
     with pytest.raises(ValueError, match=r"bare\.safetensors: .*head width .*activation.*head_width=64"):
@@ -95,6 +98,7 @@ def test_bare_state_dict_without_a_choice_is_refused_and_a_guess_is_wrong(narrow
     assert _max_diff(wrong_activation, reference) > 1e-3
 
 
+@pytest.mark.parity
 def test_cli_refuses_the_bare_state_dict_and_takes_the_choice(narrow, tmp_path, capsys):
     from clipforge.cli.main import main
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,31 +12,21 @@ from safetensors.torch import load_file, save_file
 import clipforge
 from conftest import OPENAI, perturb_, random_tokens
 
-FIXTURE_NAMES = ["openai-vit-tiny", "openai-rn-tiny"]
-
-
-def _expected(fixtures_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(fixtures_dir / name / "expected.safetensors"))
-
-
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
-@pytest.mark.parametrize("weights", ["openai_state_dict.safetensors", "openai_state_dict.pt"])
-def test_fixture_reproduced_from_pngs_and_captions(fixtures_dir, name, weights):
-    folder = fixtures_dir / name
-    if not (folder / weights).exists():
-        pytest.skip(f"{name} has no {weights}")
-    expected = _expected(fixtures_dir, name)
-    meta = json.loads((folder / "meta.json").read_text())
-    model, preprocess = clipforge.load(folder / weights, **OPENAI)
-    pixels = torch.stack([preprocess(folder / image) for image in meta["images"]])
-    tokens = clipforge.get_tokenizer(folder / weights)(meta["captions"])
-    assert torch.allclose(pixels, expected["pixels"], atol=1e-6)
-    assert torch.equal(tokens, expected["tokens"])
-    with torch.no_grad():
-        image, text = model.encode_image(pixels), model.encode_text(tokens)
-    assert (image - expected["image_features"]).abs().max() < 1e-4
-    assert (text - expected["text_features"]).abs().max() < 1e-4
-    assert abs(model.logit_scale.exp().item() - expected["logit_scale"].item()) < 1e-4
+@pytest.mark.golden
+def test_fixture_reproduced_from_pngs_and_captions(reference):
+    expected = reference.expected()
+    assert reference.weight_files, reference.folder
+    for weights in reference.weight_files:  # the safetensors file, and the torch.save pickle where there is one
+        model, preprocess = clipforge.load(weights, **OPENAI)
+        pixels = torch.stack([preprocess(image) for image in reference.images])
+        tokens = clipforge.get_tokenizer(weights)(reference.captions)
+        assert torch.allclose(pixels, expected["pixels"], atol=1e-6), weights.name
+        assert torch.equal(tokens, expected["tokens"]), weights.name
+        with torch.no_grad():
+            image, text = model.encode_image(pixels), model.encode_text(tokens)
+        assert (image - expected["image_features"]).abs().max() < 1e-4, weights.name
+        assert (text - expected["text_features"]).abs().max() < 1e-4, weights.name
+        assert abs(model.logit_scale.exp().item() - expected["logit_scale"].item()) < 1e-4, weights.name
 
 
 def _roundtrip_features(model, other, size):
@@ -57,13 +46,16 @@ def test_open_clip_training_checkpoint(tmp_path, fixtures_dir):
     _roundtrip_features(ref, model, 32)
 
 
-def test_torchscript_archive_read_without_running_code(tmp_path, fixtures_dir):
-    ref, _ = clipforge.load(fixtures_dir / "openai-rn-tiny" / "openai_state_dict.safetensors", **OPENAI)
+def test_torchscript_archive_read_without_running_code(tmp_path):
+    # A ResNet in OpenAI's head layout (64-wide heads, QuickGELU), as OpenAI's RN archives are.
+    ref = perturb_(clipforge.create_model("cpu-rn-tiny-64", seed=0, text__heads=1, vision__quick_gelu=True,
+                                          text__quick_gelu=True)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace_module(ref, {"encode_image": (torch.randn(1, 3, 64, 64),)})
     torch.jit.save(traced, str(tmp_path / "RN-tiny.pt"))
     model, _ = clipforge.load(tmp_path / "RN-tiny.pt", head_width=64)  # the activation: from the code
+    assert model.config.vision.quick_gelu and model.config.text.heads == 1
     _roundtrip_features(ref, model, 64)
 
 
@@ -136,6 +128,7 @@ def test_resnet_refuses_hf_format(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
+@pytest.mark.parity
 def test_open_clip_format_loads_with_open_clip_create_model(arch, tmp_path, fixtures_dir, open_clip_package):
     from clipforge.cli.main import main
 

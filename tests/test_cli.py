@@ -16,11 +16,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clipforge.cli.main", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_models_lists_registry():
     result = run_cli("models")
     assert result.returncode == 0 and "ViT-B-32" in result.stdout.split()
 
 
+@pytest.mark.integration
 def test_convert_to_hf_and_back(tmp_path, fixtures_dir):
     source = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
     assert run_cli("convert", str(source), str(tmp_path / "hf"), "--format", "hf", *OPENAI_FLAGS).returncode == 0
@@ -33,8 +35,9 @@ def test_convert_to_hf_and_back(tmp_path, fixtures_dir):
         assert (a.encode_text(tokens) - b.encode_text(tokens)).abs().max() < 1e-6
 
 
+@pytest.mark.integration
 def test_classify_json(fixtures_dir):
-    folder = fixtures_dir / "openai-rn-tiny"
+    folder = fixtures_dir / "openai-vit-tiny"
     result = run_cli("classify", str(folder / "image0.png"), str(folder / "image1.png"), "--model",
                      str(folder / "openai_state_dict.pt"), "--labels", "cat,dog,rocket", "--ensemble", "--json", *OPENAI_FLAGS)
     assert result.returncode == 0, result.stderr
@@ -42,13 +45,15 @@ def test_classify_json(fixtures_dir):
     assert len(rows) == 2 and abs(sum(p for _, p in rows[0]["top"]) - 1) < 1e-3
 
 
+@pytest.mark.integration
 def test_bad_input_gives_clear_error_and_exit_2(tmp_path):
     result = run_cli("convert", str(tmp_path / "missing.pt"), str(tmp_path / "out"))
     assert result.returncode == 2 and "missing.pt" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_registry_name_without_weights_is_refused(tmp_path, fixtures_dir):
-    image = str(fixtures_dir / "openai-rn-tiny" / "image0.png")
+    image = str(fixtures_dir / "openai-vit-tiny" / "image0.png")
     for args in (["classify", image, "--labels", "cat,dog"],
                  ["eval", "--task", "zeroshot", "--data", str(tmp_path), "--out", str(tmp_path / "out")],
                  ["index", str(tmp_path), "--out", str(tmp_path / "index")]):
@@ -60,6 +65,7 @@ def test_registry_name_without_weights_is_refused(tmp_path, fixtures_dir):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.integration
 def test_help_documents_every_config_flag_from_the_field_comments():
     from clipforge.config_flags import field_comments
     from clipforge.demo.config import DemoConfig
@@ -91,11 +97,13 @@ def test_field_comments_take_the_line_comment_else_the_block_above():
                                        "inline": "the comment, not the '#' in the default"}
 
 
+@pytest.mark.integration
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"clipforge {clipforge.__version__}"
 
 
+@pytest.mark.integration
 def test_every_flag_of_every_command_has_help_and_shows_its_default():
     import argparse
 

@@ -335,6 +335,7 @@ def test_tuxpaint_from_stamps_folder(tmp_path, resvg):
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not on PATH")
+@pytest.mark.integration
 def test_tuxpaint_from_cached_deb(tmp_path, resvg, monkeypatch):
     monkeypatch.setattr(tuxpaint, "INSTALLED", tmp_path / "not-installed")
     package = tmp_path / "pkg"
@@ -374,6 +375,7 @@ def test_tuxpaint_missing_apt_get(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(OFFLINE or shutil.which("npm") is None,
                     reason="needs npm and the npm registry (CLIPFORGE_OFFLINE=1 skips)")
+@pytest.mark.integration
 def test_real_emoji_limit_20(tmp_path, resvg):
     manifest = build_emoji(tmp_path / "root", limit=20, cache=REAL_CACHE, progress=False)
     assert manifest["concepts_in_all_styles"] == 1594 and manifest["concepts"] == 20
@@ -384,6 +386,7 @@ def test_real_emoji_limit_20(tmp_path, resvg):
 
 @pytest.mark.skipif(OFFLINE or shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
                     reason="needs apt-get, dpkg-deb and the Debian archive (CLIPFORGE_OFFLINE=1 skips)")
+@pytest.mark.integration
 def test_real_tuxpaint_limit_20(tmp_path, resvg):
     manifest = build_tuxpaint(tmp_path / "root", limit=20, cache=REAL_CACHE, progress=False)
     assert manifest["stamps"] == 20 and manifest["source"]["kind"] in ("deb", "installed")

@@ -17,6 +17,7 @@ PLOTS = ("training-curves.png", "prompt-ablation.png", "robustness.png", "effect
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     out = tmp_path / "demo"
     # Archives come from the shared cache the full demo filled (fetched here when absent).

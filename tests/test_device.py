@@ -30,7 +30,7 @@ def test_unknown_devices_are_refused():
 
 @no_gpu
 def test_cli_device_flag(fixtures_dir, capsys):
-    folder = fixtures_dir / "openai-rn-tiny"
+    folder = fixtures_dir / "openai-vit-tiny"
     args = ["classify", str(folder / "image0.png"), "--model", str(folder / "openai_state_dict.pt"), "--labels",
             "cat,dog", "--head-width", "64", "--quick-gelu", "--json"]
     assert main([*args, "--device", "cpu"]) == 0 and '"top"' in capsys.readouterr().out

@@ -54,6 +54,7 @@ def styled(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.integration
 def test_zeroshot_on_fixture_model_and_image_folder(fixtures_dir, folder, tmp_path):
     model = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
     result = run_cli("eval", "--model", str(model), "--task", "zeroshot", "--data", str(folder), "--confusion",
@@ -71,6 +72,7 @@ def test_zeroshot_on_fixture_model_and_image_folder(fixtures_dir, folder, tmp_pa
     assert embedded and all((tmp_path / p).stat().st_size > 0 for p in embedded)
 
 
+@pytest.mark.integration
 def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
     out = tmp_path / "r"
     result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "retrieval", "--data", str(styled / "train.csv"),
@@ -92,6 +94,7 @@ def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
     assert (tmp_path / "rb" / "robustness.png").stat().st_size > 0
 
 
+@pytest.mark.integration
 def test_bad_inputs_are_clear(folder, tmp_path):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("path,name\na.png,cat\n")
@@ -107,6 +110,7 @@ def test_bad_inputs_are_clear(folder, tmp_path):
     assert result.returncode == 2 and "--id-styles" in result.stderr
 
 
+@pytest.mark.integration
 def test_retrieval_from_webdataset_shards(styled, tmp_path):
     import tarfile
 

@@ -120,6 +120,7 @@ def test_templates_and_classnames():
 
 # ---------------------------------------------------------------- metrics
 
+@pytest.mark.parity
 def test_metrics_match_sklearn():
     gen = torch.Generator().manual_seed(0)
     n, c = 500, 12
@@ -234,6 +235,7 @@ def test_linear_probe_picks_sensible_c():
     assert again == result  # deterministic
 
 
+@pytest.mark.parity
 def test_torch_logistic_regression_matches_sklearn():
     """The fast torch L-BFGS probe minimises sklearn's objective: same predictions, close probabilities."""
     from clipforge.evaluate.linear_probe import fit_logistic_regression

@@ -9,6 +9,8 @@ from conftest import OPENAI, perturb_, random_tokens
 
 transformers = pytest.importorskip("transformers", reason="HF transformers is the parity reference (test extra)")
 
+pytestmark = pytest.mark.parity
+
 CONFIGS = {
     # ViT-B-32 shape (full size); odd: patch 14 at 56 px, heads != width/64, context 40, exact GELU.
     "vit-b-32": dict(text_config=dict(), vision_config=dict(), projection_dim=512),

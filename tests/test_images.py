@@ -84,6 +84,7 @@ def test_bomb_is_refused_from_its_header_whatever_its_size():
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "LA", "P", "RGBA"])
+@pytest.mark.parity
 def test_hf_checkpoint_preprocesses_as_transformers_does(tmp_path_factory, mode):
     image = mode_corpus()[mode]
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -107,6 +108,7 @@ def test_origin_rule_survives_conversion(tmp_path):
     assert not clipforge.load(tmp_path / "native")[1].composite_white  # OpenAI-exact for clipforge's own
 
 
+@pytest.mark.parity
 def test_hf_export_agrees_with_the_transformers_pipeline(tmp_path):
     # The pipeline opens images with transformers' `load_image`, which calls convert("RGB") before the
     # processor: transparency is dropped there, while CLIPImageProcessor alone composites on white. So the

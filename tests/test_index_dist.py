@@ -26,6 +26,7 @@ def contents(out: Path) -> tuple[list[tuple], np.ndarray]:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_two_processes_build_the_same_index(tmp_path):
     data = make_caption_set(tmp_path / "data", per_concept=2, name="captions.csv")
     model = tmp_path / "model"

@@ -216,6 +216,7 @@ def distributed_results(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["plain", "tiled", "siglip"])
+@pytest.mark.integration
 def test_distributed_feature_grads_match_single_process(distributed_results: list[dict], name: str):
     # Convention: on each rank the gather's backward sums every rank's contribution, so a rank's
     # feature gradient is world_size x the full-batch gradient of its rows (DDP's division by
@@ -236,6 +237,7 @@ def test_distributed_feature_grads_match_single_process(distributed_results: lis
 
 
 @pytest.mark.parametrize("name", ["plain", "tiled", "siglip"])
+@pytest.mark.integration
 def test_distributed_ddp_grads_match_single_process(distributed_results: list[dict], name: str):
     sys.path.insert(0, str(TESTS))
     import dist_loss_worker as worker

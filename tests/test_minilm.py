@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers", reason="HF transformers is th
 CAPTIONS = ["an emoji of face with thermometer", "A Rocket launching into SPACE!!", "", "café crème brûlée"]
 
 
+@pytest.mark.parity
 def test_minilm_matches_hf_bert_mean_pooling():
     tokenizer = WordPieceTokenizer(context_length=32)
     tokens = tokenizer(CAPTIONS)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import clipforge
 from clipforge.pretrained import cache_dir, download, registry
@@ -77,6 +76,7 @@ def weights(fixtures_dir) -> bytes:
     return (fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors").read_bytes()
 
 
+@pytest.mark.integration
 def test_download_is_verified_cached_and_resumed(server, weights):
     server.files["/w/ViT-tiny.safetensors"] = weights
     server.drop_after["/w/ViT-tiny.safetensors"] = len(weights) // 3  # the first transfer breaks off
@@ -89,6 +89,7 @@ def test_download_is_verified_cached_and_resumed(server, weights):
     assert len(server.requests) == 2  # a cache hit asks nothing
 
 
+@pytest.mark.integration
 def test_checksum_mismatch_keeps_nothing(server, weights):
     server.files["/w/x.safetensors"] = weights
     with pytest.raises(ValueError, match="does not match the published"):
@@ -96,6 +97,7 @@ def test_checksum_mismatch_keeps_nothing(server, weights):
     assert not list(cache_dir().rglob("*x.safetensors*"))
 
 
+@pytest.mark.integration
 def test_offline_mode_names_the_file_and_where_to_put_it(server, weights, monkeypatch):
     monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
     sha = hashlib.sha256(weights).hexdigest()
@@ -109,17 +111,19 @@ def test_offline_mode_names_the_file_and_where_to_put_it(server, weights, monkey
     assert download(url, sha, progress=False) == target and not server.requests
 
 
-def test_load_by_tag_downloads_and_runs_the_tag(server, weights, fixtures_dir, tmp_path, monkeypatch):
-    fixture = fixtures_dir / "openai-vit-tiny"
-    reference, _ = clipforge.load(fixture / "openai_state_dict.safetensors", **OPENAI)
-    clipforge.save_pretrained(reference, tmp_path / "arch", format="open_clip")  # the architecture, as a config
+@pytest.mark.golden
+@pytest.mark.integration
+def test_load_by_tag_downloads_and_runs_the_tag(server, reference, tmp_path, monkeypatch):
+    weights = reference.checkpoint.read_bytes()
+    model, _ = clipforge.load(reference.checkpoint, **OPENAI)
+    clipforge.save_pretrained(model, tmp_path / "arch", format="open_clip")  # the architecture, as a config
     server.files["/w/tiny.safetensors"] = weights
     entry = registry.PretrainedTag("tiny-test", "fixture", str(tmp_path / "arch" / "open_clip_config.json"), "",
                                    (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), url=f"{server.url}/w/tiny.safetensors",
                                    sha256=hashlib.sha256(weights).hexdigest())
     monkeypatch.setattr(registry, "_table", lambda: {("tiny-test", "fixture"): entry})
     model, preprocess = clipforge.load("tiny-test", pretrained="fixture")
-    expected = load_file(str(fixture / "expected.safetensors"))
+    expected = reference.expected()
     with torch.no_grad():
         got = model.encode_image(expected["pixels"])
     assert (got - expected["image_features"]).abs().max() < 1e-4  # the reference implementation's numbers
@@ -128,6 +132,7 @@ def test_load_by_tag_downloads_and_runs_the_tag(server, weights, fixtures_dir, t
         clipforge.load("tiny-test", pretrained="other")
 
 
+@pytest.mark.integration
 def test_hub_repo_through_hf_endpoint_then_offline(server, fixtures_dir, tmp_path, monkeypatch):
     fixture = fixtures_dir / "openai-vit-tiny"
     reference, _ = clipforge.load(fixture / "openai_state_dict.safetensors", **OPENAI)
@@ -149,6 +154,7 @@ def test_hub_repo_through_hf_endpoint_then_offline(server, fixtures_dir, tmp_pat
         clipforge.load("hf-hub:org/other")
 
 
+@pytest.mark.integration
 def test_hub_file_with_a_wrong_checksum_is_removed(server, fixtures_dir, tmp_path, monkeypatch):
     reference, _ = clipforge.load(fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors", **OPENAI)
     clipforge.save_pretrained(reference, tmp_path / "oc", format="open_clip")
@@ -176,6 +182,7 @@ def test_registry_lists_openai_checkpoints_with_their_published_sha256():
         registry.get_pretrained("ViT-H-14", "dfn5b")
 
 
+@pytest.mark.integration
 def test_index_and_query_by_architecture_and_tag(server, weights, fixtures_dir, tmp_path, monkeypatch):
     from PIL import Image
 

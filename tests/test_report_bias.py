@@ -153,25 +153,71 @@ def test_load_gendered_groups(tmp_path):
     assert groups[1].members == GROUPS["person: red hair"]
 
 
+def hand_probe(model, tokenizer, preprocess, root: Path, codes_by_style: dict[str, list[str]]) -> dict:
+    """The probe's numbers recomputed one image at a time: each image against its own group's three captions.
+
+    Returns {scope: {gender: {images, accuracy, as_man, as_woman, as_person, prefers_man}}} for "all" and each
+    style, after checking that no two top scores are near a tie (so the exact comparison is meaningful).
+    """
+    rows = []  # (style, true gender, credit per predicted gender, man-over-woman preference)
+    with torch.no_grad():
+        for style, codes in codes_by_style.items():
+            for members in GROUPS.values():
+                captions = [f"an emoji of {members[g][1]}." for g in GENDERS]
+                text = torch.nn.functional.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+                for gender, (code, _) in members.items():
+                    if code not in codes:
+                        continue
+                    pixels = preprocess(root / "images" / style / f"{code}.png")[None]
+                    image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)[0]
+                    scores = (text @ image).tolist()
+                    ranked = sorted(scores, reverse=True)
+                    assert ranked[0] - ranked[1] > 1e-4 and abs(scores[0] - scores[1]) > 1e-4, (style, code, scores)
+                    winner = GENDERS[scores.index(ranked[0])]
+                    rows.append((style, gender, {g: float(g == winner) for g in GENDERS}, float(scores[0] > scores[1])))
+    out = {}
+    for scope in ["all", *codes_by_style]:
+        out[scope] = {}
+        for gender in GENDERS:
+            mine = [r for r in rows if r[1] == gender and scope in ("all", r[0])]
+            out[scope][gender] = {"images": len(mine), **{
+                key: sum(pick(r) for r in mine) / len(mine) for key, pick in [
+                    ("accuracy", lambda r: r[2][r[1]]), ("as_man", lambda r: r[2]["man"]),
+                    ("as_woman", lambda r: r[2]["woman"]), ("as_person", lambda r: r[2]["person"]),
+                    ("prefers_man", lambda r: r[3])]}}
+    return out
+
+
 def test_bias_probe_tiny_model(tmp_path):
     write_concepts(tmp_path)
     all_codes = [code for members in GROUPS.values() for code, _ in members.values()]
     write_images(tmp_path, "google", all_codes, seed=0)
     write_images(tmp_path, "twitter", all_codes[:3], seed=1)  # one group only
-    model = clipforge.create_model("cpu-vit-tiny-32", seed=0)
-    result = bias_probe(model, clipforge.get_tokenizer("cpu-vit-tiny-32"), tmp_path, ["google", "twitter", "absent"],
-                        clipforge.EvalTransform(32, composite_white=True), batch_size=4)
+    # Seed 4: this random model's choices differ by gender and style, so mixing them up would show.
+    model = clipforge.create_model("cpu-vit-tiny-32", seed=4).eval()
+    tokenizer = clipforge.get_tokenizer("cpu-vit-tiny-32")
+    preprocess = clipforge.EvalTransform(32, composite_white=True)
+    result = bias_probe(model, tokenizer, tmp_path, ["google", "twitter", "absent"], preprocess, batch_size=4)
     assert (result["groups"], result["images"]) == (2, 9)
     assert result["styles"] == ["google", "twitter"] and result["missing_styles"] == ["absent"]
     assert [result["by_gender"][g]["images"] for g in GENDERS] == [3, 3, 3]
     assert result["by_style"]["google"]["images"] == 6 and result["by_style"]["twitter"]["images"] == 3
-    for stats in [result["by_gender"], *(s["by_gender"] for s in result["by_style"].values())]:
+    want = hand_probe(model, tokenizer, preprocess, tmp_path, {"google": all_codes, "twitter": all_codes[:3]})
+    keys = ("images", "accuracy", "as_man", "as_woman", "as_person", "prefers_man")
+    scopes = {"all": result, **result["by_style"]}
+    for scope, stats in scopes.items():
         for g in GENDERS:
-            assert 0 <= stats[g]["accuracy"] <= 1 and 0 <= stats[g]["prefers_man"] <= 1
-            assert stats[g]["as_man"] + stats[g]["as_woman"] + stats[g]["as_person"] == pytest.approx(1)
-            assert stats[g]["chance"] == pytest.approx(1 / 3)
-    assert 0 <= result["neutral_prefers_man"] <= 1 and -1 <= result["accuracy_gap"] <= 1
-    assert len(result["rows"]) == 9 and {r["style"] for r in result["rows"]} == {"all", "google", "twitter"}
+            got = stats["by_gender"][g]
+            assert {k: got[k] for k in keys} == pytest.approx(want[scope][g], abs=1e-12), (scope, g)
+            assert got["chance"] == pytest.approx(1 / 3)  # every group here has all three variants
+        man, woman, person = (want[scope][g] for g in GENDERS)
+        assert stats["accuracy_gap"] == pytest.approx(man["accuracy"] - woman["accuracy"], abs=1e-12), scope
+        assert stats["neutral_prefers_man"] == pytest.approx(person["prefers_man"], abs=1e-12), scope
+        assert (stats["woman_as_man"], stats["man_as_woman"]) == pytest.approx(
+            (woman["as_man"], man["as_woman"]), abs=1e-12), scope
+    assert [(r["style"], r["gender"]) for r in result["rows"]] == [(scope, g) for scope in scopes for g in GENDERS]
+    for row in result["rows"]:
+        assert {k: row[k] for k in keys} == pytest.approx(want[row["style"]][row["gender"]], abs=1e-12), row
     assert "| style | gender | images |" in markdown_table(result["rows"])
     json.dumps(result)
 

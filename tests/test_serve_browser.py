@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("fastapi", reason="clipforge serve needs fastapi")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
 
+pytestmark = pytest.mark.integration
+
 from test_serve import build_test_index  # noqa: E402
 
 from clipforge.serve import create_app  # noqa: E402

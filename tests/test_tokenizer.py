@@ -25,9 +25,6 @@ from clipforge.text import (
 )
 from clipforge.text import tokenizer as tokmod
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-
-
 # ---------------------------------------------------------------------------------------------
 # Reference tokenizers
 
@@ -173,12 +170,14 @@ def test_vocab_layout(tok: CLIPTokenizer) -> None:
     assert tok.eot_token_id == max(tok.encoder.values())
 
 
+@pytest.mark.parity
 def test_parity_openai(tok: CLIPTokenizer, openai_reference, corpus: list[str]) -> None:
     ours = tok.encode_batch(corpus)
     for text, ids in zip(corpus, ours):
         assert ids == openai_reference.encode(text), repr(text)
 
 
+@pytest.mark.parity
 def test_parity_open_clip(open_clip_reference, corpus: list[str]) -> None:
     tok = CLIPTokenizer(special_tokens=OPEN_CLIP_SPECIAL_TOKENS)
     # open_clip's __call__ truncates over-long texts by default (EOT in the last slot).
@@ -188,6 +187,7 @@ def test_parity_open_clip(open_clip_reference, corpus: list[str]) -> None:
     assert torch.equal(tok(short, context_length=16, truncate=True), open_clip_reference(short, 16))
 
 
+@pytest.mark.parity
 def test_decode_matches_reference(tok: CLIPTokenizer, openai_reference, corpus: list[str]) -> None:
     for text in corpus[:2000]:
         ids = tok.encode(text)
@@ -277,15 +277,10 @@ def test_decode_skip_special(tok: CLIPTokenizer) -> None:
 # (d) fixtures
 
 
-@pytest.mark.parametrize("name", ["openai-vit-tiny", "openai-rn-tiny"])
-def test_fixture_tokens(tok: CLIPTokenizer, name: str) -> None:
-    folder = FIXTURES / name
-    if not (folder / "meta.json").is_file():
-        pytest.skip(f"fixtures not found at {folder} (expected a shared/ folder beside the repo)")
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    captions = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["captions"]
-    expected = safetensors_torch.load_file(str(folder / "expected.safetensors"))["tokens"]
-    assert torch.equal(tok(captions, context_length=expected.shape[1]), expected)
+@pytest.mark.golden
+def test_fixture_tokens(tok: CLIPTokenizer, reference) -> None:
+    expected = reference.expected()["tokens"]
+    assert torch.equal(tok(reference.captions, context_length=expected.shape[1]), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +305,7 @@ def test_short_context_config_round_trip(tmp_path: Path) -> None:
     assert CLIPTokenizer.from_directory(tmp_path)("dog").shape == (1, 32)
 
 
+@pytest.mark.parity
 def test_save_hf_loads_in_transformers(tok: CLIPTokenizer, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     tok.save_hf(tmp_path)
@@ -390,6 +386,7 @@ def _random_texts(count: int, seed: int) -> list[str]:
 
 
 @pytest.mark.parametrize("vocab", ["openai", "trained"])
+@pytest.mark.parity
 def test_tokenizer_json_gives_clipforge_ids_for_clean_text(vocab, tmp_path):
     from tokenizers import Tokenizer
 

@@ -97,6 +97,7 @@ def test_failed_checkpoint_write_keeps_latest_loadable(shapes, tmp_path, monkeyp
     assert model.context_length == 32
 
 
+@pytest.mark.integration
 def test_sigkill_during_training_leaves_loadable_latest(shapes, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "clipforge.cli.main", "train", "--model", "cpu-vit-tiny-32", "--train-data",
@@ -196,6 +197,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeyp
     clipforge.load(checkpoints.resolve_resume(out, "latest"))
 
 
+@pytest.mark.integration
 def test_ddp_two_processes_equal_one(shapes, tmp_path):
     common = ["--model", "cpu-vit-tiny-32", "--train-data", str(shapes / "train.csv"), "--workers", "0",
               "--steps", "2", "--warmup", "1", "--lr", "1e-3", "--log-every", "1"]

@@ -3,25 +3,42 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from clipforge.data.transforms import EvalTransform, TrainTransform, composite_on_white
-
-
-@pytest.mark.parametrize("name,size", [("openai-vit-tiny", 32), ("openai-rn-tiny", 64)])
-def test_eval_transform_matches_reference_pixels(fixtures_dir, name, size):
-    expected = load_file(str(fixtures_dir / name / "expected.safetensors"))["pixels"]
-    transform = EvalTransform(size)
-    for i in range(4):
-        assert (transform(fixtures_dir / name / f"image{i}.png") - expected[i]).abs().max() <= 1e-6
+from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, center_crop, composite_on_white
 
 
-def test_eval_transform_small_image_is_padded_then_cropped():
+@pytest.mark.golden
+def test_eval_transform_matches_reference_pixels(reference):
+    expected = reference.expected()["pixels"]
+    transform = EvalTransform(reference.image_size)
+    assert len(reference.images) == len(expected) == 4
+    for i, image in enumerate(reference.images):
+        assert (transform(image) - expected[i]).abs().max() <= 1e-6, image.name
+
+
+def test_eval_transform_resizes_a_small_image_up_so_nothing_is_padded():
+    # The short side is resized to 64 first (10x200 -> 64x1280), so the crop never needs padding: a white
+    # image stays white everywhere (padding would show as black bands).
     out = EvalTransform(64)(Image.new("RGB", (10, 200), "white"))
-    assert out.shape == (3, 64, 64)
+    white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert out.shape == (3, 64, 64) and torch.allclose(out, white.view(3, 1, 1).expand(3, 64, 64), atol=1e-6)
+
+
+def test_center_crop_pads_a_smaller_image_with_black_centred():
+    # 10 wide, 20 high, cropped to 16: padded to 16 x 20 (3 black columns left, 3 right), then rows 2..17.
+    image = Image.new("RGB", (10, 20), (200, 100, 50))
+    image.putpixel((0, 2), (1, 2, 3))  # marks where the top-left of the crop must land
+    out = np.asarray(center_crop(image, 16))
+    want = np.zeros((16, 16, 3), np.uint8)
+    want[:, 3:13] = (200, 100, 50)
+    want[0, 3] = (1, 2, 3)
+    assert out.shape == (16, 16, 3) and np.array_equal(out, want)
+    odd = np.asarray(center_crop(Image.new("L", (5, 5), 255), 8))  # odd padding: the extra column goes right
+    assert np.array_equal(odd, np.pad(np.full((5, 5), 255, np.uint8), ((1, 2), (1, 2))))
 
 
 def test_train_transform_shape_and_determinism():
