@@ -54,7 +54,7 @@ def measure(model, batch: int, steps: int, mode: str, device: torch.device, text
     loss_fn = ContrastiveLoss().to(device)
     if mode.endswith("+compile"):
         model.visual.compile()
-        model.transformer.compile()
+        model.text_tower.transformer.compile()
     if mode.startswith("bf16-weights"):
         step = TrainStep(model, loss_fn, "bf16", 1, 0.0, DistInfo(device=device))
         opt = torch.optim.AdamW(step.optim_params(), lr=1e-4, fused=True)

@@ -55,19 +55,20 @@ def make_losses() -> dict[str, nn.Module]:
     return {
         "plain": ContrastiveLoss(),
         "tiled": ContrastiveLoss(chunk_size=TILED_CHUNK),
-        "siglip": SigLIPLoss(init_logit_bias=-2.0),
+        "siglip": SigLIPLoss(),
     }
 
 
 def feature_grads(loss_fn: nn.Module, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Loss and gradients wrt leaf features and log scale (and the loss's own SigLIP bias)."""
+    """Loss and gradients wrt leaf features and log scale (and SigLIP's bias)."""
     image, text = image.clone().requires_grad_(), text.clone().requires_grad_()
     log_scale = torch.tensor(math.log(10.0), requires_grad=True)
-    loss = loss_fn(image, text, log_scale.exp())
+    bias = torch.tensor(-2.0, requires_grad=True) if isinstance(loss_fn, SigLIPLoss) else None
+    loss = loss_fn(image, text, log_scale.exp(), bias)
     loss.backward()
     out = {"loss": loss.detach(), "image": image.grad, "text": text.grad, "log_scale": log_scale.grad}
-    if isinstance(loss_fn, SigLIPLoss):
-        out["bias"] = loss_fn.logit_bias.grad
+    if bias is not None:
+        out["bias"] = bias.grad
     return out
 
 

@@ -76,13 +76,13 @@ def test_classifier_cache_hit_and_invalidation(tokenizer):
     assert build_classifier(model, tokenizer, ["red", "green"], OPENAI_TEMPLATES_7) is not first
     assert build_classifier(model, tokenizer, ["red", "blue"], OPENAI_TEMPLATES_7, cache=False) is not first
 
-    optimizer = torch.optim.SGD([model.text_projection], lr=1.0)
+    optimizer = torch.optim.SGD([model.text_tower.text_projection], lr=1.0)
     model.encode_text(tokenizer(["a red thing"])).sum().backward()
     optimizer.step()
     updated = build_classifier(model, tokenizer, ["red", "blue"], OPENAI_TEMPLATES_7)
     assert updated is not first and not torch.allclose(updated, first)
     with torch.no_grad():
-        model.ln_final.bias.add_(0.5)  # an in-place edit outside any optimizer
+        model.text_tower.ln_final.bias.add_(0.5)  # an in-place edit outside any optimizer
     assert build_classifier(model, tokenizer, ["red", "blue"], OPENAI_TEMPLATES_7) is not updated
     # A different model object never shares entries, even with identical weights.
     twin = clipforge.create_model(NAME, seed=1)

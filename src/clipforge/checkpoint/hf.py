@@ -7,10 +7,11 @@ import torch
 
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
+from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults: its save_pretrained omits keys equal to them.
 _HF_TEXT_DEFAULTS = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
-                     "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408,
+                     "num_hidden_layers": 12, "max_position_embeddings": DEFAULT_CONTEXT_LENGTH, "vocab_size": OPENAI_VOCAB_SIZE,
                      "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 _HF_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
                        "num_hidden_layers": 12, "image_size": 224, "patch_size": 32,

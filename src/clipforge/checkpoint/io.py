@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
+import pickletools
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,8 +20,12 @@ from clipforge.checkpoint.remote import HUB_PREFIX, hub_repo, is_remote, resolve
 from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_into, read_torchscript
 from clipforge.data.transforms import EvalTransform
 from clipforge.model.clip import CLIP
-from clipforge.model.config import CLIPConfig, PreprocessConfig, apply_overrides, get_model_config, list_models
 from clipforge.errors import CheckpointError
+from clipforge.model.config import (CLIPConfig, PreprocessConfig, TextConfig, apply_overrides, get_model_config,
+                                    list_models)
+from clipforge.model.towers import tokenizer_for
+from clipforge.text.base import Tokenizer
+from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
 
 CONFIG_FILE = "clipforge.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -45,19 +49,42 @@ def read_weights(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
+        unsafe = _unsafe_globals(path)
+        if not unsafe:
             raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
-        # torch's text goes on to suggest weights_only=False, which would run the file's code: not offered.
-        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. |\n\n|$)", str(error), re.S)
-        reason = found.group(1).strip() if found else "not a plain state dict"
-        raise CheckpointError(f"{path}: not a plain weights file ({reason}); clipforge reads tensors only and never "
-                         "runs code from a checkpoint. Save the state dict: "
-                         "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
+        # torch's message goes on to suggest weights_only=False, which would run the file's code: not offered.
+        raise CheckpointError(f"{path}: not a plain weights file (it refers to {', '.join(unsafe[:3])}); clipforge "
+                              "reads tensors only and never runs code from a checkpoint. Save the state dict: "
+                              "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
     except Exception as error:  # torch raises many types for bad pickles; all mean "unreadable"
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: expected a state dict, found a {type(loaded).__name__}")
     return loaded
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Functions and classes a pickle would import (what weights_only refuses); empty if it cannot be listed."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not torch.save's zip format: read the pickle's opcodes instead (never runs it)
+        return _pickle_globals(path)
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Non-torch globals a plain pickle imports, from its opcodes; empty for a truncated or foreign file."""
+    found, strings = [], []
+    try:
+        with open(path, "rb") as handle:
+            for opcode, arg, _ in pickletools.genops(handle):
+                strings += [arg] if isinstance(arg, str) else []
+                if opcode.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(".".join(strings[-2:]))
+    except Exception:  # pickletools raises ValueError and others on garbage
+        return []
+    return [name for name in found if not name.startswith(("torch.", "collections."))]
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -231,10 +258,8 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
     return model, EvalTransform.for_model(model)
 
 
-def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge", tokenizer: Any = None) -> Path:
+def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge", tokenizer: Tokenizer | None = None) -> Path:
     """Write `model` (and its tokenizer) as a clipforge, HF transformers (CLIPModel) or open_clip (hub) directory."""
-    from clipforge.text import CLIPTokenizer  # local: keeps model loading free of tokenizer start-up cost
-
     out = Path(out_dir)
     if format not in ("clipforge", "hf", "open_clip"):
         raise CheckpointError(f"unknown format {format!r}: use 'clipforge', 'hf' or 'open_clip'")
@@ -242,14 +267,10 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
         raise CheckpointError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
     if format == "hf" and model.config.text_tower != "clip":
         raise CheckpointError(f"HF CLIPModel has no {model.config.text_tower!r} text tower: save with format='clipforge'")
-    if tokenizer is None and model.config.text_tower == "minilm":
-        from clipforge.model.minilm import WordPieceTokenizer
-
-        tokenizer = WordPieceTokenizer(context_length=model.context_length)
-    if tokenizer is None:
-        if model.config.text.vocab_size != 49408:
-            raise CheckpointError(f"model has a {model.config.text.vocab_size}-token vocabulary: pass its tokenizer")
-        tokenizer = CLIPTokenizer(context_length=model.context_length)
+    if format != "clipforge" and model.logit_bias is not None:
+        raise CheckpointError(f"{format} has no place for this model's logit_bias (a SigLIP-trained CLIP): save with "
+                              "format='clipforge'")
+    tokenizer = tokenizer or tokenizer_for(model.config, context_length=model.context_length)
     preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
     settings = _open_clip_settings(model.config, tokenizer, preprocess) if format == "open_clip" else None
     out.mkdir(parents=True, exist_ok=True)
@@ -269,17 +290,17 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     return out
 
 
-def _open_clip_settings(config: CLIPConfig, tokenizer: Any, preprocess: PreprocessConfig) -> dict[str, Any]:
+def _open_clip_settings(config: CLIPConfig, tokenizer: Tokenizer, preprocess: PreprocessConfig) -> dict[str, Any]:
     """open_clip_config.json contents, refusing a model open_clip would run or tokenise differently."""
     from clipforge.text.tokenizer import SPECIAL_TOKENS
 
     settings = open_clip.open_clip_config(config, preprocess)
-    if (getattr(tokenizer, "vocab_size", None), getattr(tokenizer, "special_tokens", None)) != (49408, SPECIAL_TOKENS):
+    if (tokenizer.vocab_size, getattr(tokenizer, "special_tokens", None)) != (OPENAI_VOCAB_SIZE, SPECIAL_TOKENS):
         raise CheckpointError("open_clip tokenises with OpenAI's BPE; this model has another vocabulary: use format='clipforge'")
     return settings
 
 
-def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPConfig, tokenizer: Any,
+def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPConfig, tokenizer: Tokenizer,
                         preprocess: PreprocessConfig | None = None) -> None:
     """Write a clipforge model directory: safetensors weights, config JSON (model + preprocessing), tokenizer files."""
     out.mkdir(parents=True, exist_ok=True)
@@ -289,35 +310,25 @@ def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: 
     tokenizer.save(out)
 
 
-def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | None = None) -> Any:
-    """Tokenizer for a registry name or checkpoint: its own vocab file if it ships one, else CLIP's BPE."""
-    from clipforge.text import CLIPTokenizer
-
+def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | None = None) -> Tokenizer:
+    """Tokenizer for a registry name or checkpoint: the files it ships, else its text tower's default (CLIP's BPE)."""
     if isinstance(name_or_path, str) and name_or_path.startswith(HUB_PREFIX):
         from clipforge.pretrained import hub_folder
 
         name_or_path = hub_folder(*hub_repo(name_or_path))  # cached by the load before it
     path = Path(name_or_path) if name_or_path is not None else None
     if path is not None and path.is_dir():
-        if (path / CONFIG_FILE).is_file():
-            model_config = json.loads((path / CONFIG_FILE).read_text())["model"]
-            if model_config.get("text_tower", "clip") == "minilm":
-                from clipforge.model.minilm import TOKENIZER_FILE, WordPieceTokenizer
-
-                length = context_length or model_config["text"].get("context_length", 32)
-                return WordPieceTokenizer(path / TOKENIZER_FILE, context_length=length)
-            return CLIPTokenizer.from_directory(path)
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            hf_cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-            length = context_length or (hf_cfg.get("text_config") or {}).get("max_position_embeddings", 77)
-            return CLIPTokenizer.from_hf_files(path / "vocab.json", path / "merges.txt", context_length=length)
+        return tokenizer_for(_folder_config(path), path, context_length)
     if isinstance(name_or_path, str) and name_or_path in list_models():
-        from clipforge.model.config import get_model_config
+        return tokenizer_for(get_model_config(name_or_path), None, context_length)
+    return tokenizer_for(CLIPConfig(), None, context_length)
 
-        config = get_model_config(name_or_path)
-        if config.text_tower == "minilm":
-            from clipforge.model.minilm import WordPieceTokenizer
 
-            return WordPieceTokenizer(context_length=context_length or config.text.context_length)
-        context_length = context_length or config.text.context_length
-    return CLIPTokenizer(context_length=context_length or 77)
+def _folder_config(path: Path) -> CLIPConfig:
+    """The model config a checkpoint folder records (clipforge's, or HF's text width); CLIP's default otherwise."""
+    if (path / CONFIG_FILE).is_file():
+        return CLIPConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
+    hf_config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    text = hf_config.get("text_config") or {}
+    return CLIPConfig(text=TextConfig(context_length=text.get("max_position_embeddings", DEFAULT_CONTEXT_LENGTH),
+                                      vocab_size=text.get("vocab_size", OPENAI_VOCAB_SIZE)))

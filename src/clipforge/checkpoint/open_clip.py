@@ -8,6 +8,7 @@ from typing import Any
 
 from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
+from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -17,7 +18,7 @@ _VISION_DEFAULTS = {"layers": 12, "width": 768, "head_width": 64, "mlp_ratio": 4
                     "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False,
                     "pool_type": "tok", "output_tokens": False, "timm_model_name": None, "act_kwargs": None,
                     "norm_kwargs": None}
-_TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+_TEXT_DEFAULTS = {"context_length": DEFAULT_CONTEXT_LENGTH, "vocab_size": OPENAI_VOCAB_SIZE, "width": 512, "heads": 8, "layers": 12,
                   "mlp_ratio": 4.0, "ls_init_value": None, "embed_cls": False, "pad_id": 0,
                   "no_causal_mask": False, "final_ln_after_pool": False, "pool_type": "argmax",
                   "proj_bias": False, "proj_type": "linear", "output_tokens": False, "hf_model_name": None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.export.onnx import DEFAULT_OPSET, PARITY_ATOL
 from clipforge.cli.model_args import add_model_arguments, load_model
 
 
@@ -39,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("checkpoint", help="checkpoint (any format clipforge.load reads) or registry name")
     o.add_argument("out_dir", type=Path, help="output folder (graphs, tokenizer, onnx_config.json)")
     add_model_arguments(o, flag=None)
-    o.add_argument("--opset", type=int, default=18, help="ONNX opset of the graphs")
-    o.add_argument("--atol", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| (fp32)")
+    o.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the graphs")
+    o.add_argument("--atol", type=float, default=PARITY_ATOL, help="largest allowed |ONNX - PyTorch| (fp32)")
     o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime parity check")
     o.set_defaults(func=run_onnx)
     n = formats.add_parser("npy", help="an index's embeddings (.npy) + metadata (.parquet), clip-retrieval's layout")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -43,13 +42,12 @@ def _classify(args: argparse.Namespace) -> None:
     import torch
 
     import clipforge
-    from clipforge.evaluate import OPENAI_TEMPLATES_7, build_classifier, classify
+    from clipforge.inference.zeroshot import OPENAI_TEMPLATES_7, build_classifier, classify
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     model, preprocess = load_model(args)
     tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
-    if args.truncate and "truncate" in inspect.signature(tokenizer).parameters:  # WordPiece always cuts
-        tokenizer = functools.partial(tokenizer, truncate=True)
+    tokenizer = functools.partial(tokenizer, truncate=args.truncate)
     templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template,)
     classifier = build_classifier(model, tokenizer, labels, templates)
     probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier)

@@ -14,11 +14,11 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
+from clipforge.text.base import Tokenizer
 from clipforge.data.images import DEFAULT_MAX_PIXELS, IMAGE_ERROR_REASONS, SampleError, decode_image
 from clipforge.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
-Tokenizer = Callable[[list[str]], torch.Tensor]
 
 SKIP_REASONS = IMAGE_ERROR_REASONS + ("empty_caption", "bad_encoding", "bad_shard")
 # Lone surrogates are what errors="surrogateescape" leaves for bytes that are not UTF-8.

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -234,8 +233,7 @@ def build_from_config(
 ) -> TrainLoader:
     """Dataset, sampler and TrainLoader for a config (TrainTransform of config.image_size by default)."""
     transform = transform or TrainTransform(config.image_size, composite_white=config.composite_white)
-    if "truncate" in inspect.signature(tokenizer).parameters:
-        tokenizer = functools.partial(tokenizer, truncate=True)  # an over-long caption is cut, not fatal
+    tokenizer = functools.partial(tokenizer, truncate=True)  # an over-long caption is cut, not fatal
     if config.decoded_cache and (config.is_shards or not isinstance(transform, TrainTransform)):
         raise DataError("decoded_cache needs a CSV/TSV dataset and the standard TrainTransform")
     if config.unique_keys and (config.is_shards or not config.key_column):

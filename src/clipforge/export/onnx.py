@@ -22,9 +22,11 @@ from torch import nn
 
 from clipforge.data.images import composite_on_white, load_image, to_rgb
 from clipforge.data.transforms import center_crop, resize_short_side
-from clipforge.model.config import PreprocessConfig
+from clipforge.errors import ConfigError, ExportError, MissingDependency
 from clipforge.model.clip import CLIP
-from clipforge.errors import MissingDependency, ExportError
+from clipforge.model.config import PreprocessConfig
+from clipforge.model.towers import tokenizer_for
+from clipforge.text import TOKENIZERS, Tokenizer
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
@@ -58,28 +60,8 @@ class TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.model
-        tokens = tokens.long()
-        if m.config.text_tower == "minilm":
-            features = _minilm_untrimmed(m.text_tower, tokens)
-        else:
-            length = tokens.shape[1]
-            x = m.token_embedding(tokens) + m.positional_embedding[:length]
-            x = m.transformer(x, causal=True)
-            x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
-            features = m.ln_final(x) @ m.text_projection
+        features = self.model.text_tower.untrimmed(tokens.long())
         return features, F.normalize(features, dim=-1)
-
-
-def _minilm_untrimmed(tower: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """MiniLMTextTower.forward without its trim of trailing padding (masked anyway, so exact)."""
-    keep = tokens != 0
-    x = tower.embeddings(tokens)
-    for layer in tower.encoder.layer:
-        x = layer(x, keep[:, None, None, :])
-    weights = keep.unsqueeze(-1).to(x.dtype)
-    pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    return tower.projection(F.normalize(pooled, dim=-1))
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, seq_dim: bool, opset: int) -> None:
@@ -114,19 +96,6 @@ RESIZE_RULE = ("bicubic (Pillow, antialiased), short side to image_size, long si
                "(rounded down, as torchvision); an image whose short side is image_size is not resized")
 CROP_RULE = ("center: left = round((width - image_size) / 2), top = round((height - image_size) / 2) (Python's "
              "round, halves to even); a smaller image is first padded with black, centred")
-TOKENIZER_NOTE = ("HF tokenizers pipeline, same ids as clipforge for clean text: no ftfy (mojibake repair, "
-                  "fullwidth forms, Latin ligatures) and no HTML unescaping; rows padded with 0 to context_length "
-                  "and cut keeping SOT and EOT")
-
-
-def _tokenizer_file(text_tower: str) -> dict[str, str]:
-    if text_tower == "clip":
-        return {"file": "tokenizer.json", "file_note": TOKENIZER_NOTE}
-    from clipforge.model.minilm import TOKENIZER_FILE
-
-    return {"file": TOKENIZER_FILE, "file_note": "HF tokenizers WordPiece (BERT uncased); pad with 0 to context_length"}
-
-
 def require_onnx(verify: bool = True) -> None:
     """ImportError naming the missing packages of the onnx extra, before any work is done."""
     needed = ("onnx", "onnxscript") + (("onnxruntime",) if verify else ())  # torch's exporter imports onnxscript
@@ -144,35 +113,32 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
     import clipforge
 
     require_onnx(verify)
-
     if not isinstance(model, nn.Module):
         source = str(model)
         model, _ = clipforge.load(model)
-    tokenizer = clipforge.get_tokenizer(source, context_length=model.context_length) if source else None
+    tokenizer = (clipforge.get_tokenizer(source, context_length=model.context_length) if source
+                 else tokenizer_for(model.config, context_length=model.context_length))
     model = model.float().eval()  # fp32 graphs: half precision on CPU runtimes is slow or missing
-    if tokenizer is None and model.config.text_tower == "minilm":
-        from clipforge.model.minilm import WordPieceTokenizer
-
-        tokenizer = WordPieceTokenizer(context_length=model.context_length)
-    elif tokenizer is None:
-        from clipforge.text import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer(context_length=model.context_length)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = model.image_size
-    preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
-    vocab = tokenizer.vocab_size
     with torch.no_grad():
         _export(ImageEncoder(model), torch.randn(2, 3, size, size), out / IMAGE_FILE, "pixels", False, opset)
-        _export(TextEncoder(model), example_tokens(2, model.context_length, vocab), out / TEXT_FILE, "tokens",
-                True, opset)
-    tokenizer.save(out)
-    if model.config.text_tower == "clip":  # WordPiece's save already writes a tokenizer.json
-        from clipforge.text.fast import save_tokenizer_json
+        _export(TextEncoder(model), example_tokens(2, model.context_length, tokenizer.vocab_size), out / TEXT_FILE,
+                "tokens", True, opset)
+    config = _export_config(model, tokenizer, out, opset)
+    if verify:
+        config["parity"] = verify_onnx(model, out, tokenizer.vocab_size, atol=atol)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    return config
 
-        save_tokenizer_json(tokenizer, out)
-    config: dict[str, Any] = {
+
+def _export_config(model: CLIP, tokenizer: Tokenizer, out: Path, opset: int) -> dict[str, Any]:
+    """What a runtime needs beside the graphs: inputs, preprocessing rules, the tokenizer (whose files it writes)."""
+    size = model.image_size
+    preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
+    tokenizer.save(out)
+    return {
         "format": "clipforge-onnx",
         "image_encoder": IMAGE_FILE,
         "text_encoder": TEXT_FILE,
@@ -186,18 +152,12 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
                        "transparency": "composite on white, then resize" if preprocess.composite_white
                        else "resize and crop in the file's mode, then drop alpha (RGB)",
                        "mean": list(preprocess.mean), "std": list(preprocess.std), "scale": 1 / 255, "layout": "NCHW"},
-        "tokenizer": {"kind": "wordpiece" if model.config.text_tower == "minilm" else "clip",
-                      "context_length": model.context_length, "vocab_size": vocab,
-                      "pooling": "masked mean" if model.config.text_tower == "minilm" else "EOT (highest id)",
-                      **_tokenizer_file(model.config.text_tower)},
+        "tokenizer": {"kind": tokenizer.kind, "context_length": model.context_length, "vocab_size": tokenizer.vocab_size,
+                      "pooling": model.text_tower.pooling, **tokenizer.save_portable(out)},
         "opset": opset,
         # torch's exporter keeps the weights beside each graph; a runtime finds them by this relative name.
         "external_data": {name: f"{name}.data" for name in (IMAGE_FILE, TEXT_FILE) if (out / f"{name}.data").is_file()},
     }
-    if verify:
-        config["parity"] = verify_onnx(model, out, vocab, atol=atol)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
-    return config
 
 
 def verify_onnx(model: CLIP, out_dir: str | Path, vocab: int, atol: float = PARITY_ATOL,
@@ -231,7 +191,7 @@ def as_token_array(tokens: Any) -> np.ndarray:
     """Token ids as the graph's int64 [B, L] (int32 from other tokenizers or runtimes is widened)."""
     array = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
     if array.ndim != 2 or array.dtype.kind not in "iu":
-        raise ExportError(f"tokens must be an integer [batch, length] array, got {array.dtype} {array.shape}")
+        raise ConfigError(f"tokens must be an integer [batch, length] array, got {array.dtype} {array.shape}")
     return array.astype(np.int64, copy=False)
 
 
@@ -248,14 +208,7 @@ class OnnxCLIP:
         self.image_session = ort.InferenceSession(str(self.directory / self.config["image_encoder"]), providers=list(providers))
         self.text_session = ort.InferenceSession(str(self.directory / self.config["text_encoder"]), providers=list(providers))
         tok = self.config["tokenizer"]
-        if tok["kind"] == "wordpiece":
-            from clipforge.model.minilm import TOKENIZER_FILE, WordPieceTokenizer
-
-            self.tokenizer = WordPieceTokenizer(self.directory / TOKENIZER_FILE, context_length=tok["context_length"])
-        else:
-            from clipforge.text import CLIPTokenizer
-
-            self.tokenizer = CLIPTokenizer.from_directory(self.directory)
+        self.tokenizer = TOKENIZERS[tok["kind"]].from_directory(self.directory, context_length=tok["context_length"])
 
     def preprocess(self, image: Image.Image | str | Path) -> np.ndarray:
         """[3, S, S] float32 pixels, the same steps as clipforge's EvalTransform."""
@@ -282,8 +235,6 @@ class OnnxCLIP:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised embeddings of raw strings."""
-        if self.config["tokenizer"]["kind"] == "wordpiece":
-            return self.encode_text(self.tokenizer(list(texts)))  # truncates itself
         return self.encode_text(self.tokenizer(list(texts), truncate=True))
 
     def embed_images(self, images: Sequence[Image.Image | str | Path]) -> np.ndarray:

@@ -9,7 +9,9 @@ from clipforge.loss.losses import (
 )
 from clipforge.loss.tiled import tiled_contrastive_loss
 
+LOSSES = {"contrastive": ContrastiveLoss, "siglip": SigLIPLoss}  # TrainConfig.loss names
+
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "ContrastiveLoss", "SigLIPLoss", "all_gather_with_grad", "clamp_logit_scale_",
+    "DEFAULT_CHUNK_SIZE", "LOSSES", "ContrastiveLoss", "SigLIPLoss", "all_gather_with_grad", "clamp_logit_scale_",
     "contrastive_loss", "gather_features", "tiled_contrastive_loss", "world_info",
 ]

@@ -64,6 +64,8 @@ def contrastive_loss(
 class ContrastiveLoss(nn.Module):
     """CLIP's symmetric cross-entropy over scaled cosine similarities, optionally tiled and all-gathered."""
 
+    model_overrides: dict = {}  # CLIP's own initial temperature, no logit bias
+
     def __init__(
         self, chunk_size: int | None = None, gather: bool = True, group: dist.ProcessGroup | None = None
     ) -> None:
@@ -75,10 +77,13 @@ class ContrastiveLoss(nn.Module):
         self.group = group
 
     def forward(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """Scalar loss of L2-normalised features [B, D] with the exponentiated logit scale."""
         _check_pair(image_features, text_features)
+        if logit_bias is not None:  # a softmax over a row is unchanged by a shared bias: a SigLIP model by mistake
+            raise ConfigError("CLIP's contrastive loss has no logit bias; this model has one (SigLIP): use loss='siglip'")
         world, rank = world_info(self.group) if self.gather else (1, 0)
         rows = image_features.shape[0]
         if world > 1:
@@ -92,27 +97,16 @@ class ContrastiveLoss(nn.Module):
 class SigLIPLoss(nn.Module):
     """Pairwise sigmoid loss (Zhai et al. 2023): -sum(logsigmoid(z_ij * (s * I_i.T_j + b))) / B.
 
-    SigLIP initialises the log logit scale to log(10) (`SIGLIP_INIT_LOGIT_SCALE`) and the bias to -10.
-    The bias is a parameter of this module unless `logit_bias` is passed to forward. Under DDP, a bias
-    living here is not averaged by DDP (the loss is not inside the wrapped model): either keep the bias in
-    the model and pass it in, or all-reduce-average `logit_bias.grad` yourself.
+    The bias b is the model's `logit_bias` parameter (so DDP averages its gradient with the others'), passed
+    to forward like the temperature. `model_overrides` is how a model for this loss starts: SigLIP's log
+    logit scale log(10) and bias -10.
     """
 
     SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+    model_overrides = {"logit_scale_init": SIGLIP_INIT_LOGIT_SCALE, "logit_bias_init": -10.0}
 
-    def __init__(
-        self,
-        init_logit_bias: float = -10.0,
-        learn_bias: bool = True,
-        gather: bool = True,
-        group: dist.ProcessGroup | None = None,
-    ) -> None:
+    def __init__(self, gather: bool = True, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
-        bias = torch.tensor(float(init_logit_bias))
-        if learn_bias:
-            self.logit_bias = nn.Parameter(bias)
-        else:
-            self.register_buffer("logit_bias", bias)
         self.gather = gather
         self.group = group
 
@@ -125,12 +119,14 @@ class SigLIPLoss(nn.Module):
     ) -> torch.Tensor:
         """Scalar loss of this rank's images against every rank's texts, normalised by the local batch."""
         _check_pair(image_features, text_features)
+        if logit_bias is None:
+            raise ConfigError("SigLIP's loss needs a logit bias: create the model with logit_bias_init=-10 "
+                              "(CLIP.set_logit_bias), or pass one")
         world, rank = world_info(self.group) if self.gather else (1, 0)
         rows = image_features.shape[0]
         if world > 1:
             text_features = all_gather_with_grad(text_features, self.group)
-        bias = self.logit_bias if logit_bias is None else logit_bias
-        logits = _as_tensor(logit_scale, image_features) * image_features @ text_features.t() + bias
+        logits = _as_tensor(logit_scale, image_features) * image_features @ text_features.t() + logit_bias
         signs = torch.full_like(logits, -1.0)
         index = torch.arange(rows, device=logits.device)
         signs[index, index + rank * rows] = 1.0

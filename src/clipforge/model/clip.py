@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.model.config import CLIPConfig, PreprocessConfig
-from clipforge.model.minilm import MiniLMTextTower
-from clipforge.model.outputs import TowerOutputs, image_outputs, text_outputs
-from clipforge.model.resnet import ModifiedResNet
-from clipforge.model.transformer import Transformer, VisionTransformer
 from clipforge.errors import ConfigError
+from clipforge.model.config import CLIPConfig, PreprocessConfig
+from clipforge.model.outputs import TowerOutputs, image_outputs
+from clipforge.model.param_groups import weight_decay_groups
+from clipforge.model.resnet import ModifiedResNet
+from clipforge.model.text_tower import TextTower
+from clipforge.model.towers import text_tower_class
+from clipforge.model.transformer import Transformer, VisionTransformer
 
 
 class CLIP(nn.Module):
@@ -22,28 +24,18 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.preprocess_config = PreprocessConfig()  # set by clipforge.load from the checkpoint's origin
-        v, t = config.vision, config.text
+        v = config.vision
         self.visual: nn.Module = (
             ModifiedResNet(v, config.embed_dim) if v.is_resnet else VisionTransformer(v, config.embed_dim)
         )
-        self.context_length = t.context_length
+        self.context_length = config.text.context_length
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
-        if config.text_tower == "minilm":
-            # A pretrained sentence encoder replaces the causal text transformer (LiT-style).
-            self.text_tower = MiniLMTextTower(config.embed_dim, pretrained=pretrained_text)
-            return
-        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
-        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
-        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, t.quick_gelu, t.layer_norm_eps)
-        self.ln_final = nn.LayerNorm(t.width, eps=t.layer_norm_eps)
-        self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
-        self._init_text()
-
-    def _init_text(self) -> None:
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=self.config.text.width**-0.5)
-        self.transformer.init_weights()
+        bias = config.logit_bias_init  # SigLIP's learned bias; CLIP's softmax loss has none
+        self.register_parameter("logit_bias", None if bias is None else nn.Parameter(torch.tensor(float(bias))))
+        self.text_tower: TextTower = text_tower_class(config.text_tower)(config.text, config.embed_dim, pretrained_text)
+        self.locked: set[str] = set()
+        self.register_state_dict_post_hook(_text_keys_to_checkpoint)
+        self.register_load_state_dict_pre_hook(_text_keys_from_checkpoint)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,17 +49,52 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute transformer blocks in backward to save activation memory."""
-        if hasattr(self, "transformer"):
-            self.transformer.grad_checkpointing = enable
-        if isinstance(self.visual, VisionTransformer):
-            self.visual.transformer.grad_checkpointing = enable
+        for module in self.modules():
+            if isinstance(module, Transformer):
+                module.grad_checkpointing = enable
 
     def compile_for_inference(self) -> "CLIP":
         """torch.compile both towers (first calls compile: tens of seconds on CPU; exact up to rounding)."""
         self.visual.compile()
-        if hasattr(self, "transformer"):
-            self.transformer.compile(dynamic=True)  # text length varies with the longest caption
+        for module in self.text_tower.modules():
+            if isinstance(module, Transformer):
+                module.compile(dynamic=True)  # text length varies with the longest caption
         return self
+
+    def lock_image_tower(self) -> int:
+        """Freeze the image tower but its projection (LiT locks it this way); returns how many weights froze."""
+        return self._lock("image", self.visual, self.visual.projection_names)
+
+    def lock_text_tower(self) -> int:
+        """Freeze the text tower but its projection (a pretrained one, typically); returns how many weights froze."""
+        return self._lock("text", self.text_tower, self.text_tower.projection_names)
+
+    def _lock(self, name: str, tower: nn.Module, keep: tuple[str, ...]) -> int:
+        frozen = 0
+        for param_name, param in tower.named_parameters():
+            if not param_name.startswith(keep):
+                param.requires_grad_(False)
+                frozen += param.numel()
+        self.locked.add(name)
+        return frozen
+
+    def train(self, mode: bool = True) -> "CLIP":
+        """nn.Module.train, but a locked tower's BatchNorm layers keep their statistics (they stay in eval mode)."""
+        super().train(mode)
+        for name in self.locked:
+            for module in (self.visual if name == "image" else self.text_tower).modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups of the trainable weights (clipforge's one weight-decay rule)."""
+        return weight_decay_groups(self.named_parameters(), weight_decay)
+
+    def set_logit_bias(self, value: float) -> None:
+        """Give the model a learned logit bias (SigLIP's loss needs one) starting at `value`."""
+        self.config.logit_bias_init = value
+        self.logit_bias = nn.Parameter(torch.tensor(float(value), device=self.logit_scale.device))
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False, output_tokens: bool = False) -> Any:
         """Image embeddings [B, embed_dim] from normalised pixels [B, 3, H, W]; with `output_tokens`,
@@ -82,9 +109,10 @@ class CLIP(nn.Module):
         """Text embeddings [B, embed_dim] from token ids [B, L], pooled at the EOT (highest id) token; with
         `output_tokens`, (embeddings, token features [B, L, width]) as open_clip returns them."""
         if output_tokens:
-            out = text_outputs(self, tokens, normalize=normalize)
+            out = self.text_outputs(tokens, normalize=normalize)
             return out.embeds, out.tokens
-        features = self.project_text(self.text_body(tokens))
+        self._check_tokens(tokens)
+        features = self.text_tower(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
     def image_outputs(self, pixels: torch.Tensor, attentions: bool = False, normalize: bool = False) -> TowerOutputs:
@@ -93,29 +121,17 @@ class CLIP(nn.Module):
 
     def text_outputs(self, tokens: torch.Tensor, attentions: bool = False, normalize: bool = False) -> TowerOutputs:
         """Embeddings, token features, every layer's hidden states and (on request) attention weights."""
-        return text_outputs(self, tokens, attentions, normalize)
+        self._check_tokens(tokens)
+        outputs = self.text_tower.outputs(tokens, attentions)
+        if normalize:
+            outputs.embeds = F.normalize(outputs.embeds, dim=-1)
+        return outputs
 
-    def text_body(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Pooled text features before the projection: what a locked text tower computes (cacheable)."""
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2:
             raise ConfigError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise ConfigError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
-        if self.config.text_tower == "minilm":
-            return self.text_tower.sentence_embedding(tokens)
-        eot = tokens.argmax(dim=-1)
-        # The mask is causal and pooling reads the EOT position, so positions after the longest
-        # EOT never influence the output: dropping them is exact and saves most of the compute.
-        length = int(eot.max()) + 1 if tokens.numel() else 0
-        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length].to(self.dtype)
-        x = self.transformer(x, causal=True)
-        return self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
-
-    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The text projection into the shared space (trainable even when the text tower is locked)."""
-        if self.config.text_tower == "minilm":
-            return self.text_tower.projection(pooled)
-        return pooled @ self.text_projection
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text): scaled cosine similarities, as OpenAI's CLIP returns."""
@@ -123,3 +139,18 @@ class CLIP(nn.Module):
         text = self.encode_text(tokens, normalize=True)
         logits_per_image = self.logit_scale.exp() * image @ text.t()
         return logits_per_image, logits_per_image.t()
+
+
+def _text_keys_to_checkpoint(module: CLIP, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """`text_tower.transformer.*` -> `transformer.*` for a tower saved at the top level (OpenAI's layout)."""
+    inner = prefix + "text_tower."
+    for name in module.text_tower.checkpoint_names:
+        for key in [k for k in state_dict if k.startswith(inner + name)]:
+            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _text_keys_from_checkpoint(module: CLIP, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """The inverse on load, before nn.Module matches keys to parameters."""
+    for name in module.text_tower.checkpoint_names:
+        for key in [k for k in state_dict if k.startswith(prefix + name)]:
+            state_dict[prefix + "text_tower." + key[len(prefix):]] = state_dict.pop(key)

@@ -6,7 +6,9 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
+
 from clipforge.errors import ConfigError
+from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
 
 _ARCH_PACKAGE = "clipforge.model"
 _ARCH_DIR = "architectures"
@@ -74,8 +76,8 @@ class VisionConfig:
 class TextConfig:
     """Causal text Transformer pooled at the EOT (highest id) token."""
 
-    context_length: int = 77
-    vocab_size: int = 49408
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    vocab_size: int = OPENAI_VOCAB_SIZE
     width: int = 512
     heads: int | None = None  # None: width // 64
     layers: int = 12
@@ -99,6 +101,7 @@ class CLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     logit_scale_init: float = 2.659260036932778  # ln(1/0.07)
     text_tower: str = "clip"  # "clip": causal transformer; "minilm": pretrained all-MiniLM-L6-v2 + projection
+    logit_bias_init: float | None = None  # a learned logit bias (SigLIP's loss: -10); None: no bias
 
     def __post_init__(self) -> None:
         if self.text_tower not in ("clip", "minilm"):

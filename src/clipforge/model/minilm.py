@@ -6,16 +6,18 @@ BertModel so its safetensors file loads as is.
 from __future__ import annotations
 
 import importlib
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from clipforge.errors import ConfigError
+from clipforge.model.config import TextConfig
+from clipforge.model.text_tower import TextTower
+from clipforge.text.wordpiece import TOKENIZER_FILE, WordPieceTokenizer
 
 WIDTH, LAYERS, HEADS, MLP, VOCAB, POSITIONS, EPS = 384, 6, 12, 1536, 30522, 512, 1e-12
-TOKENIZER_FILE = "wordpiece_tokenizer.json"
 
 
 def minilm_files() -> Path:
@@ -97,10 +99,14 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(_Layer() for _ in range(LAYERS))
 
 
-class MiniLMTextTower(nn.Module):
+class MiniLMTextTower(TextTower):
     """BERT encoder, masked mean pooling, L2 normalisation (as sentence-transformers), then a trainable projection."""
 
-    def __init__(self, embed_dim: int, pretrained: bool = True) -> None:
+    kind = "minilm"
+    projection_names = ("projection",)
+    pooling = "masked mean"
+
+    def __init__(self, config: TextConfig, embed_dim: int, pretrained: bool = True) -> None:
         super().__init__()
         self.embeddings, self.encoder = _Embeddings(), _Encoder()
         self.projection = nn.Linear(WIDTH, embed_dim, bias=False)
@@ -114,11 +120,16 @@ class MiniLMTextTower(nn.Module):
             if unexpected or set(missing) != {"projection.weight"}:
                 raise ConfigError(f"MiniLM weights do not fit: missing {missing}, unexpected {unexpected}")
 
-    def sentence_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """The 384-d normalised sentence embedding of all-MiniLM-L6-v2 (padding id 0 is masked)."""
         keep = tokens != 0
         length = int(keep.sum(dim=1).max()) if tokens.numel() else 0
-        tokens, keep = tokens[:, :length], keep[:, :length]  # trailing padding is masked anyway
+        return self._mean_pooled(tokens[:, :length], keep[:, :length])  # trailing padding is masked anyway
+
+    def untrimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.projection(self._mean_pooled(tokens, tokens != 0))
+
+    def _mean_pooled(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(tokens)
         mask = keep[:, None, None, :]
         for layer in self.encoder.layer:
@@ -127,35 +138,13 @@ class MiniLMTextTower(nn.Module):
         pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.sentence_embedding(tokens))
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.projection(pooled)
 
-
-class WordPieceTokenizer:
-    """MiniLM's own WordPiece tokenizer (Rust `tokenizers`): list[str] -> LongTensor [N, context_length]."""
-
-    def __init__(self, path: str | Path | None = None, context_length: int = 32) -> None:
-        from tokenizers import Tokenizer
-
-        self.path = Path(path) if path else minilm_files() / "tokenizer.json"
-        self._tokenizer = Tokenizer.from_file(str(self.path))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=context_length)
-        self.context_length = context_length
-        self.vocab_size = self._tokenizer.get_vocab_size()
-        self.eot_token_id = self._tokenizer.token_to_id("[SEP]")
-
-    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        length = context_length or self.context_length
-        out = torch.zeros(len(texts), length, dtype=torch.long)
-        for row, encoding in enumerate(self._tokenizer.encode_batch(texts)):
-            ids = encoding.ids[:length]
-            out[row, : len(ids)] = torch.tensor(ids)
-        return out
-
-    def save(self, directory: str | Path) -> Path:
-        """Copy the tokenizer file into a model directory."""
-        target = Path(directory) / TOKENIZER_FILE
-        shutil.copyfile(self.path, target)
-        return target
+    @classmethod
+    def tokenizer(cls, config: TextConfig, directory: Path | None = None,
+                  context_length: int | None = None) -> WordPieceTokenizer:
+        length = context_length or config.context_length
+        if directory is not None and (Path(directory) / TOKENIZER_FILE).is_file():
+            return WordPieceTokenizer.from_directory(directory, context_length=length)
+        return WordPieceTokenizer(minilm_files() / "tokenizer.json", context_length=length)

@@ -43,21 +43,5 @@ def image_outputs(model: torch.nn.Module, pixels: torch.Tensor, attentions: bool
     return TowerOutputs(_norm(final[:, 0] @ visual.proj, normalize), final[:, 1:], tuple(states), tuple(weights))
 
 
-def text_outputs(model: torch.nn.Module, tokens: torch.Tensor, attentions: bool = False,
-                 normalize: bool = False) -> TowerOutputs:
-    """The text tower's TowerOutputs over every position (no trimming after the EOT, unlike encode_text)."""
-    if model.config.text_tower != "clip":
-        raise ConfigError(f"per-token outputs are implemented for CLIP's causal text tower, not "
-                         f"{model.config.text_tower!r}")
-    if tokens.dim() != 2 or tokens.shape[1] > model.context_length:
-        raise ConfigError(f"tokens must be [batch, length <= {model.context_length}], got {tuple(tokens.shape)}")
-    length = tokens.shape[1]
-    x = model.token_embedding(tokens) + model.positional_embedding[:length].to(model.dtype)
-    states, weights = model.transformer.forward_states(x, causal=True, attentions=attentions)
-    final = model.ln_final(states[-1])
-    pooled = final[torch.arange(final.shape[0], device=final.device), tokens.argmax(dim=-1)]
-    return TowerOutputs(_norm(pooled @ model.text_projection, normalize), final, tuple(states), tuple(weights))
-
-
 def _norm(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return F.normalize(x, dim=-1) if normalize else x

@@ -76,6 +76,8 @@ class AttentionPool2d(nn.Module):
 class ModifiedResNet(nn.Module):
     """OpenAI's CLIP ResNet image tower."""
 
+    projection_names = ("attnpool.c_proj",)  # what stays trainable when the tower is locked
+
     def __init__(self, config: VisionConfig, output_dim: int) -> None:
         super().__init__()
         width, layers = config.width, config.layers

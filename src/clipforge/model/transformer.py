@@ -158,6 +158,8 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT image tower: patchify, class token, pre-norm, transformer, post-norm on the class token, project."""
 
+    projection_names = ("proj",)  # what stays trainable when the tower is locked
+
     def __init__(self, config: VisionConfig, output_dim: int) -> None:
         super().__init__()
         width, grid = config.width, config.image_size // config.patch_size

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -39,9 +38,7 @@ class QueryEncoder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        tokenizer = self.tokenizer
-        if truncate and "truncate" in inspect.signature(tokenizer).parameters:  # WordPiece always cuts
-            tokenizer = functools.partial(tokenizer, truncate=True)
+        tokenizer = functools.partial(self.tokenizer, truncate=truncate)
         with self._lock:
             return extract_text_features(self.model, tokenizer, texts, precision=self.precision).numpy()
 

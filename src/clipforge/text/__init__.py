@@ -1,24 +1,31 @@
-"""CLIP text tokenisation: OpenAI-identical BPE tokenizer and BPE training."""
+"""CLIP text tokenisation: the Tokenizer interface, OpenAI-identical BPE, MiniLM's WordPiece, BPE training."""
 
+from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE, Tokenizer
 from clipforge.text.bpe_train import train_bpe
 from clipforge.text.tokenizer import (
-    DEFAULT_CONTEXT_LENGTH,
     OPEN_CLIP_SPECIAL_TOKENS,
     SPECIAL_TOKENS,
     CLIPTokenizer,
-    TextTooLong,
     bytes_to_unicode,
     default_tokenizer,
     normalize,
     tokenize,
 )
+from clipforge.text.wordpiece import WordPieceTokenizer
+from clipforge.errors import TextTooLong
+
+TOKENIZERS = {tokenizer.kind: tokenizer for tokenizer in (CLIPTokenizer, WordPieceTokenizer)}
 
 __all__ = [
     "CLIPTokenizer",
-    "TextTooLong",
     "DEFAULT_CONTEXT_LENGTH",
+    "OPENAI_VOCAB_SIZE",
     "OPEN_CLIP_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",
+    "TOKENIZERS",
+    "TextTooLong",
+    "Tokenizer",
+    "WordPieceTokenizer",
     "bytes_to_unicode",
     "default_tokenizer",
     "normalize",

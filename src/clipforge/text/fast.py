@@ -13,6 +13,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from clipforge.text.tokenizer import CLIPTokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
+PORTABLE_NOTE = ("HF tokenizers pipeline, same ids as clipforge for clean text: no ftfy (mojibake repair, "
+                 "fullwidth forms, Latin ligatures) and no HTML unescaping; rows padded with 0 to context_length "
+                 "and cut keeping SOT and EOT")
 # OpenAI's pre-tokenisation regex without its special-token branch (added tokens are matched before it).
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 

@@ -19,12 +19,12 @@ import regex
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from clipforge.errors import TextTooLong, TokenizerError
+from clipforge.text.base import DEFAULT_CONTEXT_LENGTH
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 DEFAULT_VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 MAX_MERGES = 49152 - 256 - 2  # OpenAI reads lines[1:49152-256-2+1] of the vocab file
-DEFAULT_CONTEXT_LENGTH = 77
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")  # OpenAI CLIP and Hugging Face
 OPEN_CLIP_SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")  # open_clip's spelling, same ids
 VOCAB_FILE = "bpe_vocab.txt.gz"
@@ -158,6 +158,8 @@ def standard_vocab(merges: Sequence[tuple[str, str]], special_tokens: Sequence[s
 
 class CLIPTokenizer:
     """OpenAI CLIP's BPE tokenizer (same ids as OpenAI and open_clip), BPE done by `tokenizers`."""
+
+    kind = "clip"  # the name an ONNX export records (text.TOKENIZERS)
 
     def __init__(
         self,
@@ -303,17 +305,34 @@ class CLIPTokenizer:
         (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return d
 
+    def save_portable(self, directory: PathLike) -> dict[str, str]:
+        """Write tokenizer.json (one HF `tokenizers` pipeline, for runtimes without clipforge); its name and caveats."""
+        from clipforge.text.fast import PORTABLE_NOTE, TOKENIZER_JSON, save_tokenizer_json
+
+        save_tokenizer_json(self, Path(directory))
+        return {"file": TOKENIZER_JSON, "file_note": PORTABLE_NOTE}
+
     @classmethod
-    def from_directory(cls, directory: PathLike) -> "CLIPTokenizer":
-        """Load a tokenizer written by `save`."""
+    def from_directory(cls, directory: PathLike, context_length: int | None = None) -> "CLIPTokenizer":
+        """Load a tokenizer written by `save` (with its saved context length unless one is given)."""
         d = Path(directory)
         config = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
         return cls(
             d / config.get("vocab_file", VOCAB_FILE),
             num_merges=config.get("num_merges"),
-            context_length=config.get("context_length", DEFAULT_CONTEXT_LENGTH),
+            context_length=context_length or config.get("context_length", DEFAULT_CONTEXT_LENGTH),
             special_tokens=tuple(config.get("special_tokens", SPECIAL_TOKENS)),
         )
+
+    @classmethod
+    def from_model_directory(cls, directory: PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH) -> "CLIPTokenizer | None":
+        """The tokenizer files a model folder carries (clipforge's own, or HF's vocab.json + merges.txt), if any."""
+        d = Path(directory)
+        if (d / CONFIG_FILE).is_file():
+            return cls.from_directory(d)  # its own context length, saved with it
+        if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            return cls.from_hf_files(d / "vocab.json", d / "merges.txt", context_length=context_length)
+        return None
 
     @classmethod
     def from_hf_files(

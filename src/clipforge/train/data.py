@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from torch.utils.data import DataLoader
 
@@ -49,8 +48,7 @@ def build_train_data(config: TrainConfig, transform: Callable, tokenizer: Callab
 
 def build_val_data(config: TrainConfig, transform: Callable, tokenizer: Callable, batch_size: int = 256) -> DataLoader:
     """Held-out pairs (eval transform; caption choice fixed by the seed)."""
-    if _truncates(tokenizer):
-        tokenizer = functools.partial(tokenizer, truncate=True)
+    tokenizer = functools.partial(tokenizer, truncate=True)  # as in training: a long caption is cut
     dataset = CaptionDataset(
         config.val_data, transform, tokenizer,
         image_column=config.image_column, caption_column=config.caption_column,
@@ -58,9 +56,3 @@ def build_val_data(config: TrainConfig, transform: Callable, tokenizer: Callable
     )
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
 
-
-def _truncates(tokenizer: Any) -> bool:
-    try:
-        return "truncate" in inspect.signature(tokenizer).parameters
-    except (TypeError, ValueError):
-        return False

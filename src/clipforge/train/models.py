@@ -2,38 +2,52 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from clipforge.checkpoint.io import get_tokenizer, load
-from clipforge.model import CLIP, create_model, list_models
-from clipforge.model.minilm import WordPieceTokenizer
-from clipforge.text import CLIPTokenizer
-from clipforge.train.config import TrainConfig
 from clipforge.errors import TrainingError
+from clipforge.loss import LOSSES
+from clipforge.model import CLIP, create_model, list_models
+from clipforge.model.towers import tokenizer_for
+from clipforge.text import CLIPTokenizer
+from clipforge.text.base import Tokenizer
+from clipforge.train.config import TrainConfig
 
 
-def build_model_and_tokenizer(config: TrainConfig, resume_from: Path | None) -> tuple[CLIP, Any]:
+def build_model_and_tokenizer(config: TrainConfig, resume_from: Path | None) -> tuple[CLIP, Tokenizer]:
     """fp32 model + its tokenizer: the resume checkpoint's weights, a checkpoint, or a fresh registry model."""
-    overrides = dict(config.model_overrides)
-    if config.text_tower != "clip":
-        overrides["text_tower"] = config.text_tower
     if resume_from is not None:
         model, _ = load(resume_from)
         return model, get_tokenizer(resume_from)
+    overrides = dict(config.model_overrides)
+    if config.text_tower != "clip":
+        overrides["text_tower"] = config.text_tower
+    if config.model not in list_models():
+        if config.bpe_vocab:
+            raise TrainingError("bpe_vocab needs a registry model (a new text tower), not a checkpoint")
+        model, _ = load(config.model, **overrides)
+        _fit_to_loss(model, config.loss)
+        return model, get_tokenizer(config.model, context_length=model.context_length)
+    # The loss's starting point (SigLIP: temperature 10, bias -10) unless the run sets them itself.
+    model = _fresh_model(config, {**LOSSES[config.loss].model_overrides, **overrides})
+    if config.bpe_vocab:
+        return model, CLIPTokenizer(config.bpe_vocab, context_length=model.context_length)
+    return model, tokenizer_for(model.config, context_length=model.context_length)
+
+
+def _fresh_model(config: TrainConfig, overrides: dict) -> CLIP:
+    """A registry model; a BPE vocab of its own sets the text tower's vocabulary size."""
     if config.bpe_vocab:
         context = overrides.get("text.context_length")
         tokenizer = CLIPTokenizer(config.bpe_vocab, **({"context_length": context} if context else {}))
         overrides["text.vocab_size"] = tokenizer.vocab_size
-        if config.model not in list_models():
-            raise TrainingError("bpe_vocab needs a registry model (a new text tower), not a checkpoint")
-        model = create_model(config.model, seed=config.seed, **overrides)
-        tokenizer = CLIPTokenizer(config.bpe_vocab, context_length=model.context_length)
-        return model, tokenizer
-    if config.model in list_models():
-        model = create_model(config.model, seed=config.seed, **overrides)
-    else:
-        model, _ = load(config.model, **overrides)
-    if model.config.text_tower == "minilm":
-        return model, WordPieceTokenizer(context_length=model.context_length)
-    return model, get_tokenizer(config.model if config.model not in list_models() else None,
-                                context_length=model.context_length)
+    return create_model(config.model, seed=config.seed, **overrides)
+
+
+def _fit_to_loss(model: CLIP, loss: str) -> None:
+    """A checkpoint trained with another loss gets what this one needs (SigLIP's logit bias, at its start value)."""
+    bias = LOSSES[loss].model_overrides.get("logit_bias_init")
+    if bias is not None and model.logit_bias is None:
+        model.set_logit_bias(bias)
+    elif bias is None and model.logit_bias is not None:
+        raise TrainingError(f"{loss} loss has no logit bias, but this checkpoint has one (SigLIP-trained): use "
+                            "--loss siglip")

@@ -1,38 +1,12 @@
 """One optimizer step's compute: exact gradient accumulation, bf16 with fp32 master weights, grad sync."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipforge.distributed import DistInfo, average_gradients
-
-PROJECTIONS = ("visual.proj", "visual.attnpool.c_proj", "text_projection", "text_tower.projection")
-
-
-def lock_tower(model: nn.Module, tower: str) -> int:
-    """Freeze the image or text tower's body (its projection into the shared space stays trainable)."""
-    frozen = 0
-    for name, param in model.named_parameters():
-        in_image = name.startswith("visual.")
-        if name == "logit_scale" or name.startswith(PROJECTIONS) or in_image != (tower == "image"):
-            continue
-        param.requires_grad_(False)
-        frozen += param.numel()
-    return frozen
-
-
-def train_mode(model: nn.Module, locked: tuple[str, ...] = ()) -> None:
-    """model.train(), but a locked tower's BatchNorm keeps its statistics frozen (eval mode)."""
-    model.train()
-    for tower in locked:
-        root = model.visual if tower == "image" else model
-        for name, module in root.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (tower == "image" or not name.startswith("visual")):
-                module.eval()
-
+from clipforge.loss import clamp_logit_scale_
 
 class LockedTextCache:
     """Pooled features of a locked text tower by caption: each distinct caption is encoded once.
@@ -61,7 +35,7 @@ class LockedTextCache:
                 first_row.setdefault(key, i)  # one row per distinct caption
         missing = list(first_row.values())
         if missing:
-            pooled = self.model.text_body(tokens[missing])
+            pooled = self.model.text_tower.pooled(tokens[missing])
             for i, feature in zip(missing, pooled):
                 self.features[keys[i]] = feature.clone()
         self.misses += len(missing)
@@ -82,12 +56,9 @@ class TrainStep:
                  grad_clip: float, dist_info: DistInfo) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.accum_steps, self.grad_clip, self.dist = accum_steps, grad_clip, dist_info
-        self.trainable = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.master: list[torch.Tensor] | None = None
-        text_params = [p for n, p in model.named_parameters()
-                       if not n.startswith(("visual.", "logit_scale")) and not n.startswith(PROJECTIONS)]
-        locked_text = bool(text_params) and not any(p.requires_grad for p in text_params)
-        self.text_cache = LockedTextCache(model) if locked_text else None
+        self.text_cache = LockedTextCache(model) if "text" in model.locked else None
         # oneDNN convolutions run ~25% faster on NHWC tensors on CPU (measured, ResNet tower fwd+bwd).
         self.channels_last = bool(getattr(model.config.vision, "is_resnet", False))
         if self.channels_last:
@@ -96,23 +67,40 @@ class TrainStep:
             # Measured on this CPU: bf16 weights run 2x faster than fp32 while CPU autocast is
             # slower than fp32; the fp32 master copies keep small updates from rounding away.
             self.master = [p.detach().float().clone().requires_grad_(True) for p in self.trainable]
-            temperature = model.logit_scale.data.clone()
+            logit_params = [p for p in (model.logit_scale, model.logit_bias) if p is not None]
+            kept = [p.data.clone() for p in logit_params]
             model.to(torch.bfloat16)
-            model.logit_scale.data = temperature  # the temperature stays fp32, unrounded (exact resume)
+            for param, value in zip(logit_params, kept):
+                param.data = value  # temperature and bias stay fp32, unrounded (exact resume)
 
     def optim_params(self) -> list[torch.Tensor]:
         """What the optimizer updates: fp32 master weights in bf16 mode, the parameters otherwise."""
         return self.master if self.master is not None else self.trainable
 
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """The model's weight-decay groups over what the optimizer updates (the fp32 masters in bf16 mode)."""
+        target = {id(p): m for p, m in zip(self.trainable, self.optim_params())}
+        return [{**group, "params": [target[id(p)] for p in group["params"]]}
+                for group in self.model.param_groups(weight_decay)]
+
     def clamp_logit_scale(self, max_value: float = 100.0) -> None:
         """Clamp the temperature at `max_value` (paper), in the master copy too so checkpoints honour it."""
-        limit = math.log(max_value)
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(max=limit)
-            if self.master is not None:
-                for param, master in zip(self.trainable, self.master):
-                    if param is self.model.logit_scale:
-                        master.clamp_(max=limit)
+        clamp_logit_scale_(self.model.logit_scale, max_value)
+        if self.master is not None:
+            for param, master in zip(self.trainable, self.master):
+                if param is self.model.logit_scale:
+                    clamp_logit_scale_(master, max_value)
+
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict for saving: fp32 master values of the weights in bf16 mode, CPU tensors."""
+        masters = {id(p): m for p, m in zip(self.trainable, self.master or [])}
+        out = {}
+        for name, value in self.model.state_dict(keep_vars=True).items():
+            if name.endswith("num_batches_tracked"):  # BatchNorm's counter: unused with momentum, never saved
+                continue
+            tensor = masters.get(id(value), value).detach()
+            out[name] = (tensor.float() if isinstance(value, nn.Parameter) else tensor).cpu().contiguous()
+        return out
 
     def sync_model(self) -> None:
         """Copy updated master weights back into the bf16 model."""
@@ -127,16 +115,16 @@ class TrainStep:
         image = self.model.encode_image(pixels, normalize=True).float()
         if self.text_cache is None:
             return image, self.model.encode_text(tokens, normalize=True).float()
-        text = self.model.project_text(self.text_cache(tokens).to(self.model.dtype))
+        text = self.model.text_tower.project(self.text_cache(tokens).to(self.model.dtype))
         return image, F.normalize(text, dim=-1).float()
 
     def __call__(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
         """Accumulate gradients for one optimizer step; returns the loss value."""
         for p in self.trainable:
             p.grad = None
-        scale = self.model.logit_scale.exp()
+        scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
         if self.accum_steps == 1:
-            loss = self.loss_fn(*self._features(pixels, tokens), scale)
+            loss = self.loss_fn(*self._features(pixels, tokens), scale, bias)
             loss.backward()
             value = loss.item()
         else:
@@ -147,7 +135,7 @@ class TrainStep:
             # for every feature; then each micro-batch is recomputed and back-propagated.
             images = torch.cat([c[0] for c in cached]).requires_grad_(True)
             texts = torch.cat([c[1] for c in cached]).requires_grad_(True)
-            loss = self.loss_fn(images, texts, scale)
+            loss = self.loss_fn(images, texts, scale, bias)
             loss.backward()
             value = loss.item()
             start = 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -15,207 +14,215 @@ from tqdm import tqdm
 
 from clipforge.checkpoint.io import write_clipforge_dir
 from clipforge.data.transforms import EvalTransform, TrainTransform
-from clipforge.loss import ContrastiveLoss, SigLIPLoss
-from clipforge.model import list_models
+from clipforge.distributed import DistInfo, barrier, init_distributed
+from clipforge.errors import TrainingDiverged
+from clipforge.loss import LOSSES
 from clipforge.train import checkpoints, optim
 from clipforge.train.config import TrainConfig
-from clipforge.train.data import build_train_data, build_val_data
-from clipforge.distributed import DistInfo, barrier, init_distributed
+from clipforge.train.data import TrainData, build_train_data, build_val_data
+from clipforge.train.metrics_log import MetricsLog
 from clipforge.train.models import build_model_and_tokenizer
-from clipforge.train.step import TrainStep, lock_tower, train_mode
-from clipforge.train.validate import ZeroShotProbe, validate
-from clipforge.errors import TrainingDiverged
+from clipforge.train.step import TrainStep
+from clipforge.train.validate import Validation, ZeroShotProbe
 
 
 def build_loss(config: TrainConfig) -> torch.nn.Module:
     """The loss named by the config (never inferred from the model)."""
-    if config.loss == "siglip":
-        return SigLIPLoss()
-    return ContrastiveLoss(chunk_size=config.loss_chunk_size or None)
-
-
-class MetricsLog:
-    """metrics.jsonl per step, plus TensorBoard when it is installed (rank 0 only)."""
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.handle = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except (ImportError, ModuleNotFoundError):
-                self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record (and mirror scalars to TensorBoard)."""
-        if not self.enabled:
-            return
-        # JSON has no NaN/inf: such values (e.g. top-5 with fewer than 5 classes) are written as null.
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.handle.write(json.dumps(record, allow_nan=False) + "\n")
-        self.handle.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        """Flush and close the files."""
-        if self.handle:
-            self.handle.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fp32_state_dict(model: torch.nn.Module, step: TrainStep) -> dict[str, torch.Tensor]:
-    """Model weights for saving: the fp32 master values in bf16 mode."""
-    masters = {id(p): m for p, m in zip(step.trainable, step.master or [])}
-    return {name: masters.get(id(param), param).detach().float().cpu().contiguous()
-            for name, param in model.named_parameters()} | {
-        name: buf.detach().cpu().contiguous() for name, buf in model.named_buffers()
-        if not name.endswith(("num_batches_tracked", "attn_mask", "position_ids"))}
+    if config.loss == "contrastive":
+        return LOSSES["contrastive"](chunk_size=config.loss_chunk_size or None)
+    return LOSSES[config.loss]()
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns a summary dict. Only rank 0 writes files."""
     config.validate()
-    info: DistInfo = init_distributed()
-    run_dir = Path(config.output_dir)
-    resume_from = checkpoints.resolve_resume(run_dir, config.resume) if config.resume else None
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    run = TrainingRun(config)
+    run.loop()
+    return run.finish()
 
-    model, tokenizer = build_model_and_tokenizer(config, resume_from)
-    if config.loss == "siglip" and resume_from is None and config.model in list_models() \
-            and "logit_scale_init" not in config.model_overrides:
-        with torch.no_grad():  # SigLIP's initial temperature (log 10), not CLIP's log(1/0.07)
-            model.logit_scale.fill_(SigLIPLoss.SIGLIP_INIT_LOGIT_SCALE)
-    model.to(info.device)
-    if config.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    for tower, locked in (("image", config.lock_image), ("text", config.lock_text)):
-        if locked:
-            lock_tower(model, tower)
-    loss_fn = build_loss(config).to(info.device)
-    if resume_from is not None and config.loss == "siglip":
-        loss_fn.load_state_dict(checkpoints.load_train_state(resume_from)["loss"])
-    locked = tuple(t for t, on in (("image", config.lock_image), ("text", config.lock_text)) if on)
-    train_mode(model, locked)
 
-    transform = TrainTransform(model.image_size, scale=(config.aug_scale_min, 1.0), composite_white=config.composite_white,
-                               color_jitter=config.aug_color_jitter, grayscale_prob=config.aug_grayscale)
-    data = build_train_data(config, transform, tokenizer, info)
-    total_steps = config.steps or config.epochs * data.steps_per_epoch
-    step_fn = TrainStep(model, loss_fn, config.precision, config.accum_steps, config.grad_clip, info)
-    optimizer = optim.build_optimizer(_groups(model, loss_fn, step_fn, config.weight_decay), config.lr,
-                                      (config.beta1, config.beta2), config.eps)
-    step, epoch = 0, 0
-    if resume_from is not None:
-        state = checkpoints.load_train_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch = state["step"], state["epoch"]
-        data.loader.load_state_dict(state["data"])
-        data.skips.load_state_dict(state.get("skipped", {}))
+class TrainingRun:
+    """One run's state — model, data, optimizer, position — and the steps that move it forward."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config, self.info = config, init_distributed()
+        self.run_dir = Path(config.output_dir)
+        resume_from = checkpoints.resolve_resume(self.run_dir, config.resume) if config.resume else None
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.model, self.tokenizer = build_model_and_tokenizer(config, resume_from)
+        self._prepare_model()
+        self.loss_fn = build_loss(config).to(self.info.device)
+        transform = TrainTransform(self.model.image_size, scale=(config.aug_scale_min, 1.0),
+                                   composite_white=config.composite_white, color_jitter=config.aug_color_jitter,
+                                   grayscale_prob=config.aug_grayscale)
+        self.data: TrainData = build_train_data(config, transform, self.tokenizer, self.info)
+        self.total_steps = config.steps or config.epochs * self.data.steps_per_epoch
+        self.step_fn = TrainStep(self.model, self.loss_fn, config.precision, config.accum_steps, config.grad_clip,
+                                 self.info)
+        self.optimizer = optim.build_optimizer(self.step_fn.optimizer_groups(config.weight_decay), config.lr,
+                                               (config.beta1, config.beta2), config.eps)
+        self.step = self.epoch = self.steps_this_run = 0
+        self.loss = math.nan
+        if resume_from is not None:
+            self._restore(checkpoints.load_train_state(resume_from))
+        self.log = self._open_log()
+        eval_transform = EvalTransform(self.model.image_size, composite_white=config.composite_white)
+        # Checkpoints record the transparency rule the model was trained with, so clipforge.load applies it.
+        self.preprocess = dataclasses.replace(self.model.preprocess_config, composite_white=config.composite_white)
+        self.validation = self._validation(eval_transform)
+        self.last_checkpoint: Path | None = None
+        self.val_metrics: dict[str, float] = {}
+
+    def _prepare_model(self) -> None:
+        """Device, activation checkpointing, locked towers, train mode."""
+        self.model.to(self.info.device)
+        if self.config.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if self.config.lock_image:
+            self.model.lock_image_tower()
+        if self.config.lock_text:
+            self.model.lock_text_tower()
+        self.model.train()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Optimizer, position, data order, skip counts and RNGs of a checkpoint: the run continues exactly."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.data.loader.load_state_dict(state["data"])
+        self.data.skips.load_state_dict(state.get("skipped", {}))
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints.write_json(run_dir / "config.json", dataclasses.asdict(config))
-    log = MetricsLog(run_dir, info.is_main)
-    if data.dropped_captions:  # reported like image skips: in the log, metrics.jsonl and the summary
-        log.write({"step": step, "captions_dropped": dict(data.dropped_captions)})
-        if info.is_main:
-            tqdm.write(f"dropped captions (their images keep a good one): {_counts(data.dropped_captions)}")
-    eval_transform = EvalTransform(model.image_size, composite_white=config.composite_white)
-    # Checkpoints record the transparency rule the model was trained with, so clipforge.load applies it.
-    preprocess = dataclasses.replace(model.preprocess_config, composite_white=config.composite_white)
-    val_data = build_val_data(config, eval_transform, tokenizer) if config.val_data else None
-    if config.val_zeroshot and info.is_main:
-        probe = ZeroShotProbe(config.val_zeroshot, config.val_zeroshot_styles, config.val_zeroshot_split,
-                              config.val_zeroshot_templates, eval_transform, tokenizer)
-        val_data = Validation(val_data, probe)
-    elif val_data is not None:
-        val_data = Validation(val_data, None)
-    elif config.val_zeroshot:
-        val_data = Validation(None, None)  # other ranks only keep the schedule of validation calls
 
-    def save() -> Path | None:
-        state = {"step": step, "epoch": epoch, "data": data.loader.state_dict(), "optimizer": optimizer.state_dict(),
-                 "loss": loss_fn.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                 "skipped": data.skips.state_dict(), "config": dataclasses.asdict(config)}
+    def _open_log(self) -> MetricsLog:
+        """The run folder, its config.json and metrics log; dropped captions are reported like skipped images."""
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoints.write_json(self.run_dir / "config.json", dataclasses.asdict(self.config))
+        log = MetricsLog(self.run_dir, self.info.is_main)
+        if self.data.dropped_captions:
+            log.write({"step": self.step, "captions_dropped": dict(self.data.dropped_captions)})
+            if self.info.is_main:
+                tqdm.write(f"dropped captions (their images keep a good one): {_counts(self.data.dropped_captions)}")
+        return log
+
+    def _validation(self, eval_transform: EvalTransform) -> Validation | None:
+        """Held-out pairs and/or the zero-shot probe (rank 0 runs them; other ranks keep the call schedule)."""
+        config = self.config
+        pairs = build_val_data(config, eval_transform, self.tokenizer) if config.val_data else None
+        if config.val_zeroshot and self.info.is_main:
+            probe = ZeroShotProbe(config.val_zeroshot, config.val_zeroshot_styles, config.val_zeroshot_split,
+                                  config.val_zeroshot_templates, eval_transform, self.tokenizer)
+            return Validation(pairs, probe)
+        return Validation(pairs, None) if pairs is not None or config.val_zeroshot else None
+
+    def save(self) -> Path | None:
+        """A checkpoint of the model (fp32 masters in bf16 mode) and of everything needed to resume."""
+        state = {"step": self.step, "epoch": self.epoch, "data": self.data.loader.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "python_rng": random.getstate(), "skipped": self.data.skips.state_dict(),
+                 "config": dataclasses.asdict(self.config)}
         path = None
-        if info.is_main:
-            weights = _fp32_state_dict(model, step_fn)
+        if self.info.is_main:
+            weights, model, tokenizer, preprocess = self.step_fn.fp32_state_dict(), self.model, self.tokenizer, self.preprocess
             path = checkpoints.save_checkpoint(
-                run_dir, step, lambda d: write_clipforge_dir(d, weights, model.config, tokenizer, preprocess), state,
-                config.keep_last)
-        barrier(info)
+                self.run_dir, self.step, lambda d: write_clipforge_dir(d, weights, model.config, tokenizer, preprocess),
+                state, self.config.keep_last)
+        barrier(self.info)
         return path
 
-    steps_this_run, last_checkpoint, val_metrics = 0, None, {}
-    bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, dynamic_ncols=True, desc="train")
-    started = time.perf_counter()
-    while step < total_steps and not (config.max_steps_this_run and steps_this_run >= config.max_steps_this_run):
-        data.loader.set_epoch(epoch)
-        for batch in data.loader:
-            data.skips.update(batch)
-            size = _common_batch_size(len(batch["pixels"]), info)
-            if size == 0:
-                continue  # every sample of this step was bad on some rank
-            tick = time.perf_counter()
-            lr = optim.warmup_cosine(step, total_steps, config.warmup, config.lr, config.min_lr)
-            optim.set_lr(optimizer, lr)
-            loss = _mean_over_ranks(step_fn(batch["pixels"][:size].to(info.device),
-                                            batch["tokens"][:size].to(info.device)), info)
-            if not math.isfinite(loss):
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss is {loss} at step {step + 1}; stopped without saving. Last good checkpoint: "
-                    f"{checkpoints.list_checkpoints(run_dir)[-1] if checkpoints.list_checkpoints(run_dir) else 'none'}. "
-                    "Try a lower --lr, a longer --warmup, --grad-clip 1.0 or --precision fp32.")
-            optimizer.step()
-            step_fn.clamp_logit_scale()
-            step_fn.sync_model()
-            step += 1
-            steps_this_run += 1
-            pairs = size * info.world_size
-            record = {"step": step, "loss": loss, "lr": lr, "logit_scale": model.logit_scale.exp().item(),
-                      "samples_per_s": pairs / (time.perf_counter() - tick)}
-            if step % config.log_every == 0 or step == total_steps:
-                log.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", pairs_s=f"{record['samples_per_s']:.0f}")
-            bar.update(1)
-            if val_data is not None and config.val_every and step % config.val_every == 0:
-                val_metrics = _validate_and_log(model, val_data, log, step, info)
-                train_mode(model, locked)
-            if config.save_every and step % config.save_every == 0:
-                last_checkpoint = save()
-            if step >= total_steps or (config.max_steps_this_run and steps_this_run >= config.max_steps_this_run):
+    def loop(self) -> None:
+        """Epochs of batches until the run's steps (or this session's share of them) are done."""
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, dynamic_ncols=True,
+                   desc="train")
+        self.started = time.perf_counter()
+        try:
+            while not self._done():
+                self.data.loader.set_epoch(self.epoch)
+                for batch in self.data.loader:
+                    self.data.skips.update(batch)
+                    if self._train_step(batch, bar) and self._done():
+                        break
+                else:
+                    self._end_epoch()
+                    continue
                 break
-        else:
-            if info.is_main and data.skips.epoch_total():
-                tqdm.write(f"epoch {epoch}: skipped {data.skips.report_epoch()}")
-            data.skips.new_epoch()
-            epoch += 1
-            continue
-        break
-    bar.close()
-    if val_data is not None and (not config.val_every or step % config.val_every):
-        val_metrics = _validate_and_log(model, val_data, log, step, info)
-    if not (config.save_every and step % config.save_every == 0 and last_checkpoint):
-        last_checkpoint = save()
-    log.close()
-    summary = {"steps": step, "epoch": epoch, "seconds": time.perf_counter() - started, "final_loss": loss if step else None,
-               "skipped": data.skips.totals(), "captions_dropped": dict(data.dropped_captions + data.skips.captions),
-               "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-               "validation": val_metrics}
-    if info.is_main:
-        tqdm.write(f"done: {step} steps; skipped samples: {data.skips.report_total() or 'none'}; "
-                   f"dropped captions: {_counts(data.dropped_captions + data.skips.captions) or 'none'}")
-    return summary
+        finally:
+            bar.close()
+
+    def _done(self) -> bool:
+        limit = self.config.max_steps_this_run
+        return self.step >= self.total_steps or bool(limit and self.steps_this_run >= limit)
+
+    def _end_epoch(self) -> None:
+        if self.info.is_main and self.data.skips.epoch_total():
+            tqdm.write(f"epoch {self.epoch}: skipped {self.data.skips.report_epoch()}")
+        self.data.skips.new_epoch()
+        self.epoch += 1
+
+    def _train_step(self, batch: dict[str, Any], bar: tqdm) -> bool:
+        """One optimizer step on a batch; False when every sample of it was bad on some rank."""
+        config, info = self.config, self.info
+        size = _common_batch_size(len(batch["pixels"]), info)
+        if size == 0:
+            return False
+        tick = time.perf_counter()
+        lr = optim.warmup_cosine(self.step, self.total_steps, config.warmup, config.lr, config.min_lr)
+        optim.set_lr(self.optimizer, lr)
+        self.loss = _mean_over_ranks(self.step_fn(batch["pixels"][:size].to(info.device),
+                                                  batch["tokens"][:size].to(info.device)), info)
+        if not math.isfinite(self.loss):
+            last = checkpoints.list_checkpoints(self.run_dir)
+            raise TrainingDiverged(
+                f"loss is {self.loss} at step {self.step + 1}; stopped without saving. Last good checkpoint: "
+                f"{last[-1] if last else 'none'}. Try a lower --lr, a longer --warmup, --grad-clip 1.0 or "
+                "--precision fp32.")
+        self.optimizer.step()
+        self.step_fn.clamp_logit_scale()
+        self.step_fn.sync_model()
+        self.step += 1
+        self.steps_this_run += 1
+        self._after_step(lr, size * info.world_size / (time.perf_counter() - tick), bar)
+        return True
+
+    def _after_step(self, lr: float, pairs_per_s: float, bar: tqdm) -> None:
+        """Log, progress bar, validation and checkpoint on their schedules."""
+        config, step = self.config, self.step
+        if step % config.log_every == 0 or step == self.total_steps:
+            self.log.write({"step": step, "loss": self.loss, "lr": lr, "logit_scale": self.model.logit_scale.exp().item(),
+                            "samples_per_s": pairs_per_s})
+        bar.set_postfix(loss=f"{self.loss:.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs_per_s:.0f}")
+        bar.update(1)
+        if self.validation is not None and config.val_every and step % config.val_every == 0:
+            self.val_metrics = self._validate()
+            self.model.train()
+        if config.save_every and step % config.save_every == 0:
+            self.last_checkpoint = self.save()
+
+    def _validate(self) -> dict[str, float]:
+        metrics = self.validation(self.model, self.info.device) if self.info.is_main else {}
+        if self.info.is_main:
+            self.log.write({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
+            tqdm.write(f"step {self.step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def finish(self) -> dict[str, Any]:
+        """Final validation and checkpoint (unless the last step just made them); the run's summary."""
+        config, step = self.config, self.step
+        if self.validation is not None and (not config.val_every or step % config.val_every):
+            self.val_metrics = self._validate()
+        if not (config.save_every and step % config.save_every == 0 and self.last_checkpoint):
+            self.last_checkpoint = self.save()
+        self.log.close()
+        dropped = self.data.dropped_captions + self.data.skips.captions
+        if self.info.is_main:
+            tqdm.write(f"done: {step} steps; skipped samples: {self.data.skips.report_total() or 'none'}; "
+                       f"dropped captions: {_counts(dropped) or 'none'}")
+        return {"steps": step, "epoch": self.epoch, "seconds": time.perf_counter() - self.started,
+                "final_loss": self.loss if step else None, "skipped": self.data.skips.totals(),
+                "captions_dropped": dict(dropped),
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "validation": self.val_metrics}
 
 
 def _counts(counter: Counter) -> str:
@@ -238,32 +245,3 @@ def _mean_over_ranks(value: float, info: DistInfo) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
     torch.distributed.all_reduce(tensor)
     return float(tensor.item()) / info.world_size
-
-
-def _groups(model: torch.nn.Module, loss_fn: torch.nn.Module, step_fn: TrainStep, weight_decay: float) -> list[dict]:
-    """Weight-decay groups over what the optimizer updates (fp32 masters in bf16 mode)."""
-    named = [(n, p) for n, p in list(model.named_parameters()) + list(loss_fn.named_parameters()) if p.requires_grad]
-    targets = step_fn.optim_params()
-    decay, no_decay = [], []
-    for (name, param), target in zip(named, targets):
-        (no_decay if param.ndim < 2 or "logit_" in name else decay).append(target)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class Validation:
-    """The held-out pairs (loss, R@1) and/or a zero-shot probe, run together."""
-
-    def __init__(self, pairs: Any, zeroshot: ZeroShotProbe | None) -> None:
-        self.pairs, self.zeroshot = pairs, zeroshot
-
-    def __call__(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
-        metrics = validate(model, self.pairs, device) if self.pairs is not None else {}
-        return {**metrics, **(self.zeroshot(model, device) if self.zeroshot is not None else {})}
-
-
-def _validate_and_log(model, val_data: Validation, log: MetricsLog, step: int, info: DistInfo) -> dict[str, float]:
-    metrics = val_data(model, info.device) if info.is_main else {}
-    if info.is_main:
-        log.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
-        tqdm.write(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return metrics

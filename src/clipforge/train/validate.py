@@ -40,7 +40,7 @@ class ZeroShotProbe:
     """Zero-shot top-1 on a labelled image set; images are decoded once, at start-up."""
 
     def __init__(self, data: str, styles: str, split: str, templates: str, preprocess, tokenizer) -> None:
-        from clipforge.data.labelled import decode_all, load_labelled_images
+        from clipforge.data.labelled import decode_all, load_labelled_images  # local: only runs that probe need them
         from clipforge.inference.templates import get_templates
 
         images = load_labelled_images(data, [s for s in styles.split(",") if s] or None, split or None)
@@ -63,3 +63,15 @@ class ZeroShotProbe:
         metrics = evaluate_zero_shot(model, features, self.images.labels, classifier)
         out = {"zeroshot_top1": metrics["top1"], "zeroshot_top5": metrics.get("top5")}
         return {k: v for k, v in out.items() if isinstance(v, float) and v == v}  # no top-5 under 6 classes
+
+
+class Validation:
+    """The held-out pairs (loss, R@1) and/or a zero-shot probe, run together."""
+
+    def __init__(self, pairs: Iterable[dict] | None, zeroshot: ZeroShotProbe | None) -> None:
+        self.pairs, self.zeroshot = pairs, zeroshot
+
+    def __call__(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Every metric of the split(s), with the model as it is now."""
+        metrics = validate(model, self.pairs, device) if self.pairs is not None else {}
+        return {**metrics, **(self.zeroshot(model, device) if self.zeroshot is not None else {})}

@@ -1,0 +1,115 @@
+"""Text towers behind one interface: token ids -> pooled features -> projection into the shared space.
+
+A tower names its tokenizer (`tokenizer`), which of its parameters stay trainable when it is locked (its
+projection), and computes pooled features that a locked tower can cache (`pooled`). CLIP dispatches to
+the tower and never asks which kind it is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+import torch
+from torch import nn
+
+from clipforge.errors import ConfigError
+from clipforge.model.config import TextConfig
+from clipforge.model.outputs import TowerOutputs
+from clipforge.model.transformer import Transformer
+from clipforge.text.base import OPENAI_VOCAB_SIZE, Tokenizer
+
+# The causal tower's parameters live at the top level of OpenAI's checkpoints; this tower keeps that layout.
+OPENAI_TEXT_NAMES = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+
+
+class TextTower(nn.Module):
+    """Interface of a text tower; subclasses set `kind` (CLIPConfig.text_tower) and `projection_names`."""
+
+    kind: str = ""
+    projection_names: tuple[str, ...] = ()  # parameter names (relative) that stay trainable when locked
+    checkpoint_names: tuple[str, ...] = ()  # children saved at the model's top level instead of under text_tower.
+    pooling: str = ""  # how token features become one vector (recorded by the ONNX export)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled features before the projection: what a locked tower computes (cacheable per caption)."""
+        raise NotImplementedError
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The projection into the shared space."""
+        raise NotImplementedError
+
+    def untrimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Projected features over the full row length (no value-dependent shapes: traceable for export)."""
+        raise NotImplementedError
+
+    def outputs(self, tokens: torch.Tensor, attentions: bool = False) -> TowerOutputs:
+        """Projected features with per-token outputs (see TowerOutputs); towers without them refuse."""
+        raise ConfigError(f"per-token outputs are implemented for CLIP's causal text tower, not {self.kind!r}")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.project(self.pooled(tokens))
+
+    @classmethod
+    def tokenizer(cls, config: TextConfig, directory: Path | None = None,
+                  context_length: int | None = None) -> Tokenizer:
+        """This tower's tokenizer: the files in `directory` when it has them, else the packaged default."""
+        raise NotImplementedError
+
+
+class CausalTextTower(TextTower):
+    """CLIP's causal Transformer pooled at the EOT (highest id) token, with OpenAI's parameter names."""
+
+    kind = "clip"
+    projection_names = ("text_projection",)
+    checkpoint_names = OPENAI_TEXT_NAMES
+    pooling = "EOT (highest id)"
+
+    def __init__(self, config: TextConfig, embed_dim: int, pretrained: bool = True) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
+        self.transformer = Transformer(config.width, config.layers, config.heads, config.mlp_ratio, config.quick_gelu,
+                                       config.layer_norm_eps)
+        self.ln_final = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.text_projection = nn.Parameter(torch.empty(config.width, embed_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=config.width**-0.5)
+        self.transformer.init_weights()
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        eot = tokens.argmax(dim=-1)
+        # The mask is causal and pooling reads the EOT position, so positions after the longest
+        # EOT never influence the output: dropping them is exact and saves most of the compute.
+        length = int(eot.max()) + 1 if tokens.numel() else 0
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length].to(self.token_embedding.weight.dtype)
+        x = self.transformer(x, causal=True)
+        return self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled @ self.text_projection
+
+    def untrimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.transformer(x, causal=True)
+        return self.ln_final(x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]) @ self.text_projection
+
+    def outputs(self, tokens: torch.Tensor, attentions: bool = False) -> TowerOutputs:
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]].to(self.token_embedding.weight.dtype)
+        states, weights = self.transformer.forward_states(x, causal=True, attentions=attentions)
+        final = self.ln_final(states[-1])
+        pooled = final[torch.arange(final.shape[0], device=final.device), tokens.argmax(dim=-1)]
+        return TowerOutputs(pooled @ self.text_projection, final, tuple(states), tuple(weights))
+
+    @classmethod
+    def tokenizer(cls, config: TextConfig, directory: Path | None = None,
+                  context_length: int | None = None) -> Tokenizer:
+        from clipforge.text.tokenizer import CLIPTokenizer  # local: ftfy and regex start-up cost
+
+        length = context_length or config.context_length
+        found = CLIPTokenizer.from_model_directory(directory, length) if directory is not None else None
+        if found is not None:
+            return found
+        if config.vocab_size != OPENAI_VOCAB_SIZE:
+            raise ConfigError(f"this text tower has a {config.vocab_size}-token vocabulary, not OpenAI's: "
+                              "pass its tokenizer (the BPE vocab file it was trained with)")
+        return CLIPTokenizer(context_length=length)
+

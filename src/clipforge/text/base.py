@@ -1,0 +1,39 @@
+"""The tokenizer interface every text tower's tokenizer implements (CLIP's BPE, MiniLM's WordPiece)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+DEFAULT_CONTEXT_LENGTH = 77  # OpenAI's text context: SOT + 75 tokens + EOT
+OPENAI_VOCAB_SIZE = 49408  # 256 bytes + 256 byte</w> + 48,894 merges + SOT + EOT
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Texts -> a [N, context_length] LongTensor of ids, zero-padded; a text too long is refused unless truncated."""
+
+    kind: str  # the name an ONNX export records
+
+    @property
+    def context_length(self) -> int:
+        """Default row length."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (the text tower's embedding rows)."""
+
+    @property
+    def eot_token_id(self) -> int:
+        """The id that ends every row's text."""
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None,
+                 truncate: bool = False) -> torch.Tensor:
+        """Token ids; `truncate=False` raises TextTooLong for a text longer than the row."""
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the tokenizer's files into a model directory (read back by the class's `from_directory`)."""
+
+    def save_portable(self, directory: str | Path) -> dict[str, str]:
+        """Make sure a plain HF `tokenizers` JSON file is in `directory`; {"file": its name, "file_note": caveats}."""
