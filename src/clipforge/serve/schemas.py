@@ -1,9 +1,9 @@
 """Response bodies of the search API, so the OpenAPI spec documents what each endpoint returns."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, StringConstraints, create_model
 
 
 class ErrorResponse(BaseModel):
@@ -59,6 +59,12 @@ class HealthResponse(BaseModel):
     model: str
     limits: dict[str, Any]
     batches: dict[str, dict[str, int]]
+
+
+def text_request_model(max_texts: int, max_chars: int) -> type[BaseModel]:
+    """The /embed/text body, `{"texts": [...]}`, with one app's limits (its spec shows them, so one model per app)."""
+    text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars)]
+    return create_model("EmbedTextRequest", texts=(list[text], Field(min_length=1, max_length=max_texts)))
 
 
 def error_texts(limits: dict[str, int]) -> dict[int, str]:

@@ -1,0 +1,44 @@
+"""What one search app serves with: its settings (`ServeConfig`) and what it loads once (`ServeState`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from clipforge.serve.batching import MicroBatcher
+
+
+@dataclass
+class ServeConfig:
+    """Request limits and batching settings of one app."""
+
+    max_k: int = 100
+    default_k: int = 12
+    max_query_chars: int = 500
+    max_texts: int = 32  # per /embed/text request
+    max_upload_bytes: int = 10 * 2**20
+    max_image_pixels: int = 50_000_000  # decoded size: a small PNG can still inflate to gigabytes
+    max_batch: int = 32
+    batch_wait_ms: float = 5.0
+    allow_random_weights: bool = False  # an index built with a registry name (no weights) answers at random
+    device: str = "cpu"  # where the query model runs (clipforge.device.resolve_device)
+
+
+@dataclass
+class ServeState:
+    """The index, query encoder, micro-batchers ("text", "image"), limits and web page of one app."""
+
+    index: Any  # clipforge.search.ImageIndex
+    encoder: Any  # clipforge.search.QueryEncoder, or anything with its embed_* methods and model
+    config: ServeConfig
+    batchers: dict[str, MicroBatcher]
+    page: str
+
+    @property
+    def texts(self) -> MicroBatcher:
+        """The batcher of text queries."""
+        return self.batchers["text"]
+
+    @property
+    def images(self) -> MicroBatcher:
+        """The batcher of image queries."""
+        return self.batchers["image"]
