@@ -156,3 +156,11 @@ def test_resnet_tokens_are_the_map_its_attention_pool_reads():
         assert torch.equal(tokens[:, 1], grid[:, :, 0, 1])  # row-major: position 1 is row 0, column 1
     with pytest.raises(ValueError, match="no attention layers"):
         model.image_outputs(pixels, attentions=True)
+
+
+def test_every_text_tower_name_has_a_class_and_tokenizer():
+    from clipforge.model.config import TEXT_TOWER_NAMES
+    from clipforge.model.towers import TEXT_TOWERS
+
+    assert tuple(TEXT_TOWERS) == TEXT_TOWER_NAMES  # CLIPConfig validates names against the tuple
+    assert {tower.kind for tower in TEXT_TOWERS.values()} == set(TEXT_TOWER_NAMES)

@@ -39,8 +39,9 @@ from tqdm import tqdm
 
 from clipforge.corpora.fetch import (
     DatasetError, NpmPackage, atomic_dataset, clipforge_version, fetch_npm, prefix_filter, read_manifest,
-    render_svg, safe_extract, to_size, write_csv, write_json,
+    safe_extract, write_csv, write_json,
 )
+from clipforge.corpora.render import render_svg, to_size
 from clipforge.errors import DataError
 
 BUILDER_VERSION = 1

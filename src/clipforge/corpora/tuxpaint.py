@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from clipforge.corpora.fetch import (
     DatasetError, atomic_dataset, clipforge_version, deb_field, fetch_deb, installed_version, read_manifest,
-    render_svg, sha256_file, to_size, unpack_deb_cached, write_csv, write_json,
+    sha256_file, unpack_deb_cached, write_csv, write_json,
 )
+from clipforge.corpora.render import render_svg, to_size
 from clipforge.errors import DataError
 
 BUILDER_VERSION = 1

@@ -18,6 +18,8 @@ from torch import nn
 from clipforge.inference.features import autocast_context
 from clipforge.inference.metrics import classification_metrics
 from clipforge.errors import EvaluationError
+from clipforge.model.param_groups import weight_decay_groups
+from clipforge.train.optim import warmup_cosine
 
 Batches = Iterable[Any] | tuple[torch.Tensor, torch.Tensor]
 
@@ -72,17 +74,6 @@ def _steps_per_epoch(data: Batches, batch_size: int) -> int:
         raise EvaluationError("this iterable has no length: pass `steps` instead of `epochs`") from None
 
 
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        # CLIP's rule: decay only matrices and conv kernels, not gains, biases, embeddings or tokens.
-        skip = param.dim() < 2 or "embedding" in name
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def train_supervised(visual: nn.Module, embed_dim: int, data: Batches, num_classes: int, *,
                      epochs: int | None = None, steps: int | None = None, lr: float = 1e-3,
                      weight_decay: float = 0.1, warmup_steps: int = 0, batch_size: int = 64,
@@ -108,15 +99,9 @@ def train_supervised(visual: nn.Module, embed_dim: int, data: Batches, num_class
         torch.manual_seed(seed)
         model = LinearClassifier(visual, embed_dim, num_classes).to(device).float()
     model.train()
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    # Embeddings (a ResNet's attention-pool positions, a ViT's class token) are not decayed in this baseline.
+    optimizer = torch.optim.AdamW(weight_decay_groups(model.named_parameters(), weight_decay, ("embedding",)), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup_steps, 1.0))
 
     def epochs_of_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for epoch in itertools.count():

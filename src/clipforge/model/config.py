@@ -92,6 +92,9 @@ class TextConfig:
             raise ConfigError(f"text width {self.width} is not divisible by heads {self.heads}")
 
 
+TEXT_TOWER_NAMES = ("clip", "minilm")  # model.towers.TEXT_TOWERS holds their classes
+
+
 @dataclass
 class CLIPConfig:
     """A whole CLIP: two towers projected into an `embed_dim` space."""
@@ -104,7 +107,7 @@ class CLIPConfig:
     logit_bias_init: float | None = None  # a learned logit bias (SigLIP's loss: -10); None: no bias
 
     def __post_init__(self) -> None:
-        if self.text_tower not in ("clip", "minilm"):
+        if self.text_tower not in TEXT_TOWER_NAMES:
             raise ConfigError(f"text_tower must be 'clip' or 'minilm', got {self.text_tower!r}")
 
     def to_dict(self) -> dict[str, Any]:

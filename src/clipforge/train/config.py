@@ -10,9 +10,11 @@ from typing import get_type_hints
 
 from clipforge.config_flags import add_dataclass_arguments
 from clipforge.errors import ConfigError
+from clipforge.loss import LOSSES
+from clipforge.model.config import TEXT_TOWER_NAMES
 
 
-CHOICES = {"precision": ("fp32", "bf16"), "loss": ("contrastive", "siglip"), "text_tower": ("clip", "minilm")}
+CHOICES = {"precision": ("fp32", "bf16"), "loss": tuple(LOSSES), "text_tower": TEXT_TOWER_NAMES}
 
 
 @dataclass
