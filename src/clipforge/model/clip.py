@@ -134,10 +134,12 @@ class CLIP(nn.Module):
             raise ConfigError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits_per_image, logits_per_text): scaled cosine similarities, as OpenAI's CLIP returns."""
+        """(logits_per_image, logits_per_text): scaled cosine similarities (plus the logit bias), as OpenAI's CLIP."""
         image = self.encode_image(pixels, normalize=True)
         text = self.encode_text(tokens, normalize=True)
         logits_per_image = self.logit_scale.exp() * image @ text.t()
+        if self.logit_bias is not None:  # SigLIP's logits: sigmoid(scale * cosine + bias) is the match probability
+            logits_per_image = logits_per_image + self.logit_bias
         return logits_per_image, logits_per_image.t()
 
 
