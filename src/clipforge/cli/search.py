@@ -39,7 +39,7 @@ def run_index(args: argparse.Namespace) -> None:
 
 def run_search(args: argparse.Namespace) -> None:
     """Print the k best matches of a text or image query."""
-    from clipforge.data.transforms import load_image
+    from clipforge.data.images import load_image
     from clipforge.search import ImageIndex, QueryEncoder
 
     if args.text is None and args.image is None:
