@@ -52,3 +52,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type,
         else:
             parser.add_argument(flag, type=kind, default=None, choices=choices.get(f.name), help=help_text,
                                 metavar=None if f.name in choices else f.name.upper())
+
+
+def default_of(function: Any, parameter: str) -> Any:
+    """The default a library function declares for `parameter`, so a CLI flag never types it a second time."""
+    return inspect.signature(function).parameters[parameter].default

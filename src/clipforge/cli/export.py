@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.config_flags import default_of
 from clipforge.export.onnx import DEFAULT_OPSET, PARITY_ATOL
+from clipforge.search.export import export_embeddings
 from clipforge.cli.model_args import add_model_arguments, load_model
 
 
@@ -47,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     n = formats.add_parser("npy", help="an index's embeddings (.npy) + metadata (.parquet), clip-retrieval's layout")
     n.add_argument("index_dir", type=Path, help="folder written by `clipforge index`")
     n.add_argument("out_dir", type=Path, help="output folder (img_emb/, metadata/)")
-    n.add_argument("--part-size", type=int, default=1_000_000, help="rows per .npy / .parquet pair")
-    n.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+    n.add_argument("--part-size", type=int, default=default_of(export_embeddings, "part_size"),
+                   help="rows per .npy / .parquet pair")
+    n.add_argument("--dtype", choices=("float16", "float32"), default=default_of(export_embeddings, "dtype"),
                    help="float16: half the size, as clip-retrieval writes (cosine changes < 1e-3)")
     n.set_defaults(func=run_npy)

@@ -16,6 +16,7 @@ from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
 from clipforge.cli.model_args import add_model_arguments, load_model
 from clipforge.errors import ClipforgeError
+from clipforge.inference.templates import get_templates
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, help="image files")
     add_model_arguments(p, device=True)
     p.add_argument("--labels", required=True, help="comma-separated class names")
-    p.add_argument("--template", default="a photo of a {}.", help="prompt template (without --ensemble)")
+    p.add_argument("--template", default=get_templates("simple")[0], help="prompt template (without --ensemble)")
     p.add_argument("--ensemble", action="store_true", help="average OpenAI's 7 ImageNet templates")
     p.add_argument("--top", type=int, default=3, help="labels printed per image")
     p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the model's context (default: refuse)")

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from clipforge.config_flags import default_of
 from clipforge.device import DEVICE_HELP
 from clipforge.errors import ConfigError
 
@@ -73,6 +74,7 @@ def run_search(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `clipforge index` and `clipforge search`."""
     from clipforge.search.backend import KINDS
+    from clipforge.search.build import build_index
 
     p = sub.add_parser("index", help="embed an image folder / caption CSV / webdataset into a search index",
                        description="Re-running updates the index: only new or changed images are embedded, deleted "
@@ -84,11 +86,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="allow a registry name without weights: randomly initialised, for smoke tests only")
     p.add_argument("--out", required=True, type=Path, help="index folder (created or updated)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--shard-size", type=int, default=4096, help="embeddings per shard file (the unit of resuming)")
-    p.add_argument("--backend", choices=KINDS, default="auto", help="auto: exact up to 50k images, else faiss-ivf")
-    p.add_argument("--target-recall", type=float, default=0.97, help="FAISS: tune to this recall@10 against exact")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--batch-size", type=int, default=default_of(build_index, "batch_size"), help="images per forward pass")
+    p.add_argument("--shard-size", type=int, default=default_of(build_index, "shard_size"), help="embeddings per shard file (the unit of resuming)")
+    p.add_argument("--backend", choices=KINDS, default=default_of(build_index, "backend"), help="auto: exact up to 50k images, else faiss-ivf")
+    p.add_argument("--target-recall", type=float, default=default_of(build_index, "target_recall"), help="FAISS: tune to this recall@10 against exact")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=default_of(build_index, "precision"),
                    help="bf16: faster on CPUs with bf16 units; the embeddings differ slightly from fp32")
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes its local GPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

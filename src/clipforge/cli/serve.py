@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from clipforge.device import DEVICE_HELP
+from clipforge.serve.state import ServeConfig
 
 
 def run(args: argparse.Namespace) -> None:
@@ -29,10 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index_dir", type=Path, help="folder written by `clipforge index`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default: no auth is built in)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload")
-    p.add_argument("--max-batch", type=int, default=32, help="micro-batch size for query embedding")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-k", type=int, default=ServeConfig.max_k, help="largest k a request may ask for")
+    p.add_argument("--max-upload-mb", type=float, default=ServeConfig.max_upload_bytes / 2**20, help="largest image upload")
+    p.add_argument("--max-batch", type=int, default=ServeConfig.max_batch, help="micro-batch size for query embedding")
+    p.add_argument("--batch-wait-ms", type=float, default=ServeConfig.batch_wait_ms, help="how long a batch waits to fill")
     p.add_argument("--random-weights", action="store_true",
                    help="serve an index built with a registry name (random weights): for smoke tests only")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -105,8 +105,10 @@ class SigLIPLoss(nn.Module):
     SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
     model_overrides = {"logit_scale_init": SIGLIP_INIT_LOGIT_SCALE, "logit_bias_init": -10.0}
 
-    def __init__(self, gather: bool = True, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, chunk_size: int | None = None, gather: bool = True, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
+        if chunk_size is not None:  # every loss takes the same arguments, so a trainer never asks which it has
+            raise ConfigError("SigLIP's loss has no tiled form here: leave loss_chunk_size at 0")
         self.gather = gather
         self.group = group
 

@@ -14,7 +14,6 @@ times slower (100k x 512 on 2 cores: ~120 s against ~4 s) and its recall on uncl
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from clipforge.inference.similarity import chunked_topk
+from clipforge.io import atomic_path
 from clipforge.errors import MissingDependency, SearchError
 
 EXACT_MAX = 50_000
@@ -223,14 +223,8 @@ def save_backend(backend: Backend, path: Path) -> None:
     """Write the FAISS structure atomically (for IVF only the codes: the exact vectors live in the shards)."""
     faiss = _faiss()
     index = faiss.downcast_index(backend.index.base_index) if backend.kind == "faiss-ivf" else backend.index
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def load_backend(description: dict[str, Any], path: Path, vectors: np.ndarray) -> Backend:

@@ -28,9 +28,7 @@ from clipforge.train.validate import Validation, ZeroShotProbe
 
 def build_loss(config: TrainConfig) -> torch.nn.Module:
     """The loss named by the config (never inferred from the model)."""
-    if config.loss == "contrastive":
-        return LOSSES["contrastive"](chunk_size=config.loss_chunk_size or None)
-    return LOSSES[config.loss]()
+    return LOSSES[config.loss](chunk_size=config.loss_chunk_size or None)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
