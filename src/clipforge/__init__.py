@@ -2,6 +2,7 @@
 from clipforge.checkpoint import get_tokenizer, load, save_pretrained
 from clipforge.data.transforms import EvalTransform, TrainTransform, image_transform
 from clipforge.model import CLIP, CLIPConfig, TextConfig, VisionConfig, create_model, get_model_config, list_models
+from clipforge.model.quantize import quantize
 from clipforge.pretrained.registry import list_pretrained
 from clipforge.text import CLIPTokenizer, tokenize
 
@@ -9,5 +10,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIP", "CLIPConfig", "CLIPTokenizer", "EvalTransform", "TextConfig", "TrainTransform", "VisionConfig",
     "create_model", "get_model_config", "get_tokenizer", "image_transform", "list_models", "list_pretrained", "load",
-    "save_pretrained", "tokenize",
+    "quantize", "save_pretrained", "tokenize",
 ]

@@ -267,6 +267,9 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
         raise CheckpointError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
     if format == "hf" and model.config.text_tower != "clip":
         raise CheckpointError(f"HF CLIPModel has no {model.config.text_tower!r} text tower: save with format='clipforge'")
+    if getattr(model, "quantized", None):
+        raise CheckpointError("a quantised model is for inference only: save the model it was made from, and "
+                              "quantise again after loading")
     if format != "clipforge" and model.logit_bias is not None:
         raise CheckpointError(f"{format} has no place for this model's logit_bias (a SigLIP-trained CLIP): save with "
                               "format='clipforge'")

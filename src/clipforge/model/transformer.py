@@ -59,7 +59,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False, weights: list | None = None) -> torch.Tensor:
         """Self-attention; with a `weights` list, the softmax weights are computed explicitly and appended."""
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = self.project(x, slice(None))
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if weights is None:
             out = attention(q, k, v, causal)
@@ -67,6 +67,10 @@ class Attention(nn.Module):
             weights.append(attention_weights(q, k, causal))
             out = weights[-1] @ v
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+    def project(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """x through the fused projection's `rows` (q: [:width], k and v: [width:]); quantize() replaces it."""
+        return F.linear(x, self.in_proj_weight[rows], self.in_proj_bias[rows])
 
 
 class MLP(nn.Module):
@@ -103,8 +107,8 @@ class ResidualAttentionBlock(nn.Module):
         attn = self.attn
         batch, length, width = x.shape
         head = width // attn.heads
-        q = F.linear(h[:, :1], attn.in_proj_weight[:width], attn.in_proj_bias[:width])
-        kv = F.linear(h, attn.in_proj_weight[width:], attn.in_proj_bias[width:])
+        q = attn.project(h[:, :1], slice(None, width))
+        kv = attn.project(h, slice(width, None))
         k, v = kv.view(batch, length, 2, attn.heads, head).permute(2, 0, 3, 1, 4).unbind(0)
         out = attention(q.view(batch, 1, attn.heads, head).transpose(1, 2), k, v)
         y = x[:, :1] + attn.out_proj(out.transpose(1, 2).reshape(batch, 1, width))
