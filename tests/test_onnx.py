@@ -136,3 +136,24 @@ def test_export_without_the_extra_names_what_to_install(tmp_path, monkeypatch, c
     assert main(["export", "onnx", "cpu-vit-tiny-32", str(tmp_path / "out"), "--random-weights"]) == 2
     assert "needs onnxscript: pip install 'clipforge[onnx]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_export_runs_quantised_graphs_close_to_fp32(tmp_path):
+    import onnx
+
+    model = perturb_(clipforge.create_model("cpu-vit-tiny-32", seed=0)).eval()
+    config = export_onnx(model, tmp_path, int8=True)
+    assert config["image_encoder"] == "image_encoder.int8.onnx" and config["text_encoder"] == "text_encoder.int8.onnx"
+    for name in (config["image_encoder"], config["text_encoder"]):
+        ops = {node.op_type for node in onnx.load(str(tmp_path / name)).graph.node}
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # the matmuls really run in integers
+    runner = OnnxCLIP(tmp_path)  # reads the int8 graphs the config names
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    captions = ["a red circle", "two cats on a sofa", ""]
+    tokens = clipforge.get_tokenizer("cpu-vit-tiny-32", context_length=model.context_length)(captions)
+    with torch.no_grad():
+        want_image = model.encode_image(pixels, normalize=True).numpy()
+        want_text = model.encode_text(tokens, normalize=True).numpy()
+    got_image, got_text = runner.encode_image(pixels.numpy()), runner.embed_texts(captions)
+    cosines = np.concatenate([(want_image * got_image).sum(1), (want_text * got_text).sum(1)])
+    assert cosines.min() > 0.99 and np.abs(got_image - want_image).max() > 1e-6  # close, and not the fp32 graph

@@ -16,13 +16,17 @@ def run_onnx(args: argparse.Namespace) -> None:
 
     require_onnx(verify=not args.no_verify)  # onnx, onnxscript and onnxruntime are an extra
     model, _ = load_model(args, args.checkpoint)
-    config = export_onnx(model, args.out_dir, source=args.checkpoint, opset=args.opset, verify=not args.no_verify, atol=args.atol)
+    config = export_onnx(model, args.out_dir, source=args.checkpoint, opset=args.opset, verify=not args.no_verify,
+                         atol=args.atol, int8=args.int8)
     print(f"wrote {args.out_dir / config['image_encoder']} and {args.out_dir / config['text_encoder']} "
           f"(opset {config['opset']}, embed dim {config['embed_dim']}) with tokenizer and onnx_config.json")
     if "parity" in config:
         parity = config["parity"]
         print(f"onnxruntime vs PyTorch: max abs diff {parity['max_abs_diff']:.3g} (limit {parity['atol']:g}) "
               f"over batch 1 and 3, int32 and int64 tokens")
+    if "int8" in config:
+        print(f"int8 graphs {config['image_encoder']}, {config['text_encoder']}: embedding cosine to fp32 "
+              f">= {config['int8']['min_cosine']:.4f} (limit {config['int8']['limit']})")
 
 
 def run_npy(args: argparse.Namespace) -> None:
@@ -45,6 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the graphs")
     o.add_argument("--atol", type=float, default=PARITY_ATOL, help="largest allowed |ONNX - PyTorch| (fp32)")
     o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime parity check")
+    o.add_argument("--int8", action="store_true",
+                   help="also write int8 graphs (onnxruntime dynamic quantisation) and name them in the config")
     o.set_defaults(func=run_onnx)
     n = formats.add_parser("npy", help="an index's embeddings (.npy) + metadata (.parquet), clip-retrieval's layout")
     n.add_argument("index_dir", type=Path, help="folder written by `clipforge index`")

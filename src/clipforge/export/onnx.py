@@ -23,6 +23,7 @@ from torch import nn
 from clipforge.data.images import composite_on_white, load_image, to_rgb
 from clipforge.data.transforms import center_crop, resize_short_side
 from clipforge.errors import ConfigError, ExportError, MissingDependency
+from clipforge.export.onnx_int8 import quantize_graphs
 from clipforge.model.clip import CLIP
 from clipforge.model.config import PreprocessConfig
 from clipforge.model.towers import tokenizer_for
@@ -105,10 +106,11 @@ def require_onnx(verify: bool = True) -> None:
 
 
 def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
-                atol: float = PARITY_ATOL, source: str | Path | None = None) -> dict[str, Any]:
+                atol: float = PARITY_ATOL, source: str | Path | None = None, int8: bool = False) -> dict[str, Any]:
     """Write image/text ONNX graphs, tokenizer and config into out_dir; return the config (with parity results).
 
-    `source`: where a loaded `model` came from, so its own tokenizer files are used.
+    `source`: where a loaded `model` came from, so its own tokenizer files are used. `int8`: also write
+    dynamically quantised graphs (`*.int8.onnx`, what the config then names), refused below cosine 0.99 to fp32.
     """
     import clipforge
 
@@ -129,6 +131,8 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
     config = _export_config(model, tokenizer, out, opset)
     if verify:
         config["parity"] = verify_onnx(model, out, tokenizer.vocab_size, atol=atol)
+    if int8:
+        config["int8"] = quantize_graphs(model, out, config, example_tokens)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     return config
 
