@@ -147,6 +147,25 @@ def test_unreadable_images_are_skipped_and_counted(shapes, model_dir, tmp_path):
     assert str(victim.absolute()) not in {index.record(int(i))["path"] for i in index.ids}
 
 
+def test_decoding_workers_give_the_same_index_as_one_process(shapes, model_dir, tmp_path):
+    images = shapes / "images"
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    shard = tmp_path / "part.tar"  # tar members too: each worker opens the shard itself
+    with tarfile.open(shard, "w") as tar:
+        for i, path in enumerate(sorted(images.glob("*.png"))[:11]):
+            tar.add(path, arcname=f"{i:04d}.png")
+    for source, count in ((images, 72), (shard, 10)):
+        built = {}
+        for workers in (0, 2):
+            out = tmp_path / f"{source.name}-{workers}"
+            stats = build_index(source, out, model=model_dir, progress=False, batch_size=8, workers=workers)
+            index = ImageIndex.open(out)
+            built[workers] = (stats.skipped, result_paths(index, index.ids[None]), index_vectors_of(index))
+        assert built[0][0] == built[2][0] == {"corrupt_image": 1}
+        assert built[0][1] == built[2][1] and len(built[0][1][0]) == count
+        assert np.array_equal(built[0][2], built[2][2])  # the same batches reach the model: identical vectors
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL: not an Exception, so nothing on the way catches it."""
 

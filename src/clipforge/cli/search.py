@@ -23,7 +23,7 @@ def run_index(args: argparse.Namespace) -> None:
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
                         shard_size=args.shard_size, precision=args.precision, target_recall=args.target_recall,
-                        device=args.device, pretrained=args.pretrained)
+                        device=args.device, pretrained=args.pretrained, workers=args.workers)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
         return
     if args.json:
@@ -93,6 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default=default_of(build_index, "precision"),
                    help="bf16: faster on CPUs with bf16 units; the embeddings differ slightly from fp32")
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes its local GPU")
+    p.add_argument("--workers", type=int, default=default_of(build_index, "workers"),
+                   help="processes decoding images while the model embeds (0: in the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the build statistics as JSON")
     p.set_defaults(func=run_index)

@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ class _Settings:
     precision: str
     target_recall: float
     device: str
+    workers: int
 
 
 @dataclass
@@ -152,42 +153,67 @@ def _diff(con: Any, scan: dict[str, Item], stats: BuildStats) -> list[Item]:
     return sorted(todo, key=lambda item: item.path)
 
 
-def _embed(items: Sequence[Item], model: Any, preprocess: Callable, batch_size: int, precision: str,
+class _DecodedItems(torch.utils.data.Dataset):
+    """Item i -> (i, pixels or None, skip reason or None): decoding and preprocessing, in DataLoader workers."""
+
+    def __init__(self, items: Sequence[Item], preprocess: Callable) -> None:
+        self.items, self.preprocess = items, preprocess
+        self.reader: ItemReader | None = None  # made in each process that reads: open tar handles are not shared
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        self.reader = self.reader or ItemReader()
+        path = self.items[i].path
+        try:
+            return i, self.preprocess(decode_image(self.reader.read(path), name=path)), None
+        except SampleError as error:
+            return i, None, error.reason
+        except FileNotFoundError:
+            return i, None, "missing_file"
+        except (OSError, ValueError):  # a tar that went bad since the listing, or the transform refused it
+            return i, None, "corrupt_image"
+
+
+def _decoded(items: Sequence[Item], preprocess: Callable, batch_size: int, workers: int,
+             pin: bool) -> Iterator[tuple[int, torch.Tensor | None, str | None]]:
+    """Every item decoded, in order; `workers` processes decode the next batches while the model runs."""
+    dataset = _DecodedItems(items, preprocess)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list,
+                                         pin_memory=pin, prefetch_factor=4 if workers else None)
+    try:
+        for batch in loader:
+            yield from batch
+    finally:
+        if dataset.reader is not None:  # workers=0: this process read the files
+            dataset.reader.close()
+
+
+def _embed(items: Sequence[Item], model: Any, preprocess: Callable, settings: _Settings,
            bar: Any) -> tuple[list[Item], np.ndarray | None, list[tuple[str, str]]]:
     """Embeddings of the readable `items` (which ones, the [n, d] array) and (path, reason) of the others."""
     from clipforge.inference.features import extract_image_features
 
-    reader, failed = ItemReader(), []
-    kept: list[Item] = []
-    chunks: list[np.ndarray] = []
-    pixels: list[torch.Tensor] = []
+    kept, chunks, pixels, failed = [], [], [], []
 
     def flush() -> None:
         if pixels:
             chunks.append(extract_image_features(model, torch.stack(pixels), batch_size=len(pixels),
-                                                 precision=precision).numpy())
+                                                 precision=settings.precision).numpy())
             pixels.clear()
 
-    try:
-        for item in items:
-            bar.update()
-            try:
-                pixels.append(preprocess(decode_image(reader.read(item.path), name=item.path)))
-            except SampleError as error:
-                failed.append((item.path, error.reason))
-                continue
-            except FileNotFoundError:
-                failed.append((item.path, "missing_file"))
-                continue
-            except (OSError, ValueError):  # a tar that went bad since the listing, or the transform refused it
-                failed.append((item.path, "corrupt_image"))
-                continue
-            kept.append(item)
-            if len(pixels) == batch_size:
-                flush()
-        flush()
-    finally:
-        reader.close()
+    pin = str(settings.device).startswith("cuda")
+    for i, image, reason in _decoded(items, preprocess, settings.batch_size, settings.workers, pin):
+        bar.update()
+        if image is None:
+            failed.append((items[i].path, reason))
+            continue
+        kept.append(items[i])
+        pixels.append(image)
+        if len(pixels) == settings.batch_size:  # full batches of readable images, as the model's best shape
+            flush()
+    flush()
     return kept, (np.concatenate(chunks) if chunks else None), failed
 
 
@@ -201,7 +227,7 @@ def _write_shards(run: _Run, items: Sequence[Item], model: Any, preprocess: Call
     bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not (settings.progress and run.rank == 0))
     for number, start in enumerate(range(0, len(items), settings.shard_size)):
         chunk = items[start : start + settings.shard_size]
-        kept, embeddings, chunk_failed = _embed(chunk, model, preprocess, settings.batch_size, settings.precision, bar)
+        kept, embeddings, chunk_failed = _embed(chunk, model, preprocess, settings, bar)
         failed += chunk_failed
         bar.set_postfix(skipped=len(failed), refresh=False)
         if embeddings is None:
@@ -339,15 +365,16 @@ def _close(run: _Run) -> None:
 def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, model: str | Path,
                 batch_size: int = 64, progress: bool = True, *, backend: str = "auto", shard_size: int = 4096,
                 precision: str = "fp32", target_recall: float = 0.97, separator: str = "|",
-                device: str = "cpu", pretrained: str | None = None) -> BuildStats:
+                device: str = "cpu", pretrained: str | None = None, workers: int = 2) -> BuildStats:
     """Create or update the index in `out_dir` of an image folder, caption CSV or webdataset shard(s).
 
-    `model` is any name clipforge.load takes (with `pretrained`, an architecture and its weights tag)."""
-    if batch_size < 1 or shard_size < 1:
-        raise SearchError("batch_size and shard_size must be positive")
+    `model` is any name clipforge.load takes (with `pretrained`, an architecture and its weights tag);
+    `workers` processes decode images while the model embeds (0: decode in this process)."""
+    if batch_size < 1 or shard_size < 1 or workers < 0:
+        raise SearchError("batch_size and shard_size must be positive, workers at least 0")
     started = time.perf_counter()
     pretrained = model_id(pretrained) if pretrained is not None and Path(pretrained).is_file() else pretrained
-    settings = _Settings(batch_size, progress, backend, shard_size, precision, target_recall, device)
+    settings = _Settings(batch_size, progress, backend, shard_size, precision, target_recall, device, workers)
     rank, world = ranks.rank_and_world()  # under torchrun the out_dir must be on a file system every rank sees
     run = _Run(Path(out_dir), source, model_id(model), pretrained, separator, settings, started, rank, world)
     try:
