@@ -125,55 +125,49 @@ def _activation_in_code(archive: zipfile.ZipFile) -> bool | None:
     return False if re.search(rb"\bgelu\(", code) else None
 
 
-def read_torchscript(path: Path) -> tuple[dict[str, torch.Tensor], ArchitectureHints]:
-    """Tensors of a TorchScript archive and its heads/activation, read without running any of its code."""
-    with zipfile.ZipFile(path) as archive:
-        quick_gelu = _activation_in_code(archive)
-        names = archive.namelist()
-        data_pkl = next((n for n in names if n.endswith("/data.pkl")), None)
-        if data_pkl is None:
-            raise CheckpointError(f"{path}: a zip archive without data.pkl is not a TorchScript or torch.save file")
-        prefix = data_pkl[: -len("data.pkl")]
+class _TorchScriptUnpickler(pickle.Unpickler):
+    """Reads an archive's data.pkl allowing only tensors, plain containers and module objects' attribute dicts."""
 
-        storages: dict[str, torch.UntypedStorage] = {}  # tensors that share a record share its storage
+    def __init__(self, archive: zipfile.ZipFile, data_pkl: str, path: Path) -> None:
+        super().__init__(io.BytesIO(archive.read(data_pkl)))
+        self.archive, self.prefix, self.path = archive, data_pkl[: -len("data.pkl")], path
+        self.storages: dict[str, torch.UntypedStorage] = {}  # tensors that share a record share its storage
 
-        def storage(record: str, dtype: torch.dtype, numel: int) -> torch.UntypedStorage:
-            if record not in storages:
-                raw = bytearray(archive.read(f"{prefix}data/{record}"))
-                storages[record] = (torch.frombuffer(raw, dtype=dtype, count=numel).untyped_storage()
-                                    if numel else torch.UntypedStorage(0))
-            return storages[record]
+    def find_class(self, module: str, name: str) -> Any:
+        """The few callables a weights-only archive needs; anything else is refused."""
+        if module.startswith("__torch__"):
+            return _ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, requires_grad, hooks: data
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch.jit._pickle":
+            # torch.jit.script archives wrap lists and tag types; both are plain data.
+            if name == "restore_type_tag":
+                return lambda value, _tag: value
+            if name.startswith("build_"):
+                return lambda value: value
+        if module == "torch" and name in _DTYPE_OF_STORAGE:
+            return name
+        raise pickle.UnpicklingError(f"{self.path}: refusing to load {module}.{name} from a checkpoint")
 
-        class Unpickler(pickle.Unpickler):
-            def find_class(self, module: str, name: str) -> Any:
-                if module.startswith("__torch__"):
-                    return _ScriptObject
-                if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-                    return torch._utils._rebuild_tensor_v2
-                if (module, name) == ("torch._utils", "_rebuild_parameter"):
-                    return lambda data, requires_grad, hooks: data
-                if (module, name) == ("collections", "OrderedDict"):
-                    return dict
-                if module == "torch.jit._pickle":
-                    # torch.jit.script archives wrap lists and tag types; both are plain data.
-                    if name == "restore_type_tag":
-                        return lambda value, _tag: value
-                    if name.startswith("build_"):
-                        return lambda value: value
-                if module == "torch" and name in _DTYPE_OF_STORAGE:
-                    return name
-                raise pickle.UnpicklingError(f"{path}: refusing to load {module}.{name} from a checkpoint")
+    def persistent_load(self, pid: Any) -> Any:
+        """A typed storage over the bytes of the archive's data/RECORD entry."""
+        _, storage_type, record, _location, numel = pid
+        dtype = _DTYPE_OF_STORAGE.get(storage_type)
+        if dtype is None:
+            raise pickle.UnpicklingError(f"{self.path}: unsupported storage type {storage_type}")
+        if record not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}data/{record}"))
+            self.storages[record] = (torch.frombuffer(raw, dtype=dtype, count=numel).untyped_storage()
+                                     if numel else torch.UntypedStorage(0))
+        return torch.storage.TypedStorage(wrap_storage=self.storages[record], dtype=dtype, _internal=True)
 
-            def persistent_load(self, pid: Any) -> Any:
-                _, storage_type, record, _location, numel = pid
-                dtype = _DTYPE_OF_STORAGE.get(storage_type)
-                if dtype is None:
-                    raise pickle.UnpicklingError(f"{path}: unsupported storage type {storage_type}")
-                return torch.storage.TypedStorage(wrap_storage=storage(record, dtype, numel), dtype=dtype,
-                                                  _internal=True)
 
-        root = Unpickler(io.BytesIO(archive.read(data_pkl))).load()
-
+def _module_tensors(root: Any) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every tensor under its dotted name, and num_heads under its module's prefix."""
     tensors: dict[str, torch.Tensor] = {}
     heads: dict[str, int] = {}  # MultiheadAttention / AttentionPool2d keep num_heads as a module attribute
 
@@ -189,6 +183,18 @@ def read_torchscript(path: Path) -> tuple[dict[str, torch.Tensor], ArchitectureH
                 heads[prefix_name] = value
 
     walk(root, "")
+    return tensors, heads
+
+
+def read_torchscript(path: Path) -> tuple[dict[str, torch.Tensor], ArchitectureHints]:
+    """Tensors of a TorchScript archive and its heads/activation, read without running any of its code."""
+    with zipfile.ZipFile(path) as archive:
+        quick_gelu = _activation_in_code(archive)
+        data_pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+        if data_pkl is None:
+            raise CheckpointError(f"{path}: a zip archive without data.pkl is not a TorchScript or torch.save file")
+        root = _TorchScriptUnpickler(archive, data_pkl, path).load()
+    tensors, heads = _module_tensors(root)
     hints = ArchitectureHints(
         vision_heads=next((h for p, h in heads.items() if p.startswith("visual.")), None),
         text_heads=next((h for p, h in heads.items() if p.startswith("transformer.")), None),
