@@ -10,7 +10,7 @@ first.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,18 +52,71 @@ def _rate(values: torch.Tensor) -> float | None:
     return float(values.double().mean()) if len(values) else None
 
 
-def _summary(credit: torch.Tensor, own: torch.Tensor, prefers_man: torch.Tensor, chance: torch.Tensor,
-             mask: torch.Tensor) -> dict[str, dict[str, Any]]:
+@dataclass
+class _GenderedImages:
+    """The probe's images with each one's style index, true gender index and its group's caption columns."""
+
+    paths: list[Path] = field(default_factory=list)
+    styles: list[int] = field(default_factory=list)
+    genders: list[int] = field(default_factory=list)
+    columns: list[list[int]] = field(default_factory=list)  # caption column per gender in GENDERS order, or -1
+    groups: set[int] = field(default_factory=set)  # indices of the groups with an image
+
+
+@dataclass
+class _Choices:
+    """Per image: its credit per gender (ties split evenly), true gender, man-over-woman preference and chance."""
+
+    credit: torch.Tensor
+    own: torch.Tensor
+    prefers_man: torch.Tensor
+    chance: torch.Tensor
+
+
+def _gendered_images(root: Path, styles: Sequence[str], groups: list[GenderGroup],
+                     column: dict[str, int]) -> _GenderedImages:
+    """Every variant image of every group in each style that has it; at least one, or EvaluationError."""
+    found = _GenderedImages()
+    for s, style in enumerate(styles):
+        for index, group in enumerate(groups):
+            # -1 where the group has no such variant (e.g. no 'person').
+            cols = [column[group.members[g][1]] if g in group.members else -1 for g in GENDERS]
+            for gender, (hexcode, _) in group.members.items():
+                path = root / "images" / style / f"{hexcode}.png"
+                if path.is_file():
+                    found.paths.append(path)
+                    found.styles.append(s)
+                    found.genders.append(GENDERS.index(gender))
+                    found.columns.append(cols)
+                    found.groups.add(index)
+    if not found.paths:
+        raise EvaluationError(f"no images of gendered concepts under {root / 'images'} for styles {list(styles)}")
+    return found
+
+
+def _choices(logits: torch.Tensor, images: _GenderedImages) -> _Choices:
+    """Each image's choice among its own group's captions only."""
+    cols = torch.tensor(images.columns)
+    present = cols >= 0
+    scores = torch.where(present, logits.gather(1, cols.clamp(min=0)), torch.tensor(-torch.inf, dtype=torch.double))
+    top = present & (scores == scores.max(dim=1, keepdim=True).values)
+    credit = top.double() / top.sum(dim=1, keepdim=True)  # ties share one prediction evenly
+    man, woman = scores[:, 0], scores[:, 1]
+    prefers_man = (man > woman).double() + 0.5 * (man == woman).double()
+    return _Choices(credit, torch.tensor(images.genders), prefers_man, 1.0 / present.sum(dim=1).double())
+
+
+def _summary(choices: _Choices, mask: torch.Tensor) -> dict[str, dict[str, Any]]:
     """Per true gender: image count, within-group accuracy, share of predictions per gender, man-vs-woman."""
     out = {}
     for g, gender in enumerate(GENDERS):
-        rows = mask & (own == g)
+        rows = mask & (choices.own == g)
         out[gender] = {
             "images": int(rows.sum()),
-            "accuracy": _rate(credit[rows, g]),
-            "chance": _rate(chance[rows]),
-            **{f"as_{other}": _rate(credit[rows, k]) for k, other in enumerate(GENDERS)},
-            "prefers_man": _rate(prefers_man[rows]),
+            "accuracy": _rate(choices.credit[rows, g]),
+            "chance": _rate(choices.chance[rows]),
+            **{f"as_{other}": _rate(choices.credit[rows, k]) for k, other in enumerate(GENDERS)},
+            "prefers_man": _rate(choices.prefers_man[rows]),
         }
     return out
 
@@ -73,6 +126,26 @@ def _headline(by_gender: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     gap = None if man["accuracy"] is None or woman["accuracy"] is None else man["accuracy"] - woman["accuracy"]
     return {"accuracy_gap": gap, "neutral_prefers_man": by_gender["person"]["prefers_man"],
             "woman_as_man": woman["as_man"], "man_as_woman": man["as_woman"]}
+
+
+def _by_style(choices: _Choices, images: _GenderedImages, styles: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The headline numbers and per-gender summary of each style that has images."""
+    style_t = torch.tensor(images.styles)
+    by_style = {}
+    for s, style in enumerate(styles):
+        mask = style_t == s
+        if mask.any():
+            per_gender = _summary(choices, mask)
+            by_style[style] = {"images": int(mask.sum()), **_headline(per_gender), "by_gender": per_gender}
+    return by_style
+
+
+def _table(by_gender: dict[str, dict[str, Any]], by_style: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Report rows: all styles together, then each style, one row per gender with images."""
+    columns = ("images", "accuracy", "chance", "as_man", "as_woman", "as_person", "prefers_man")
+    return [{"style": scope, "gender": gender, **{c: stats[gender][c] for c in columns}}
+            for scope, stats in [("all", by_gender)] + [(s, v["by_gender"]) for s, v in by_style.items()]
+            for gender in GENDERS if stats[gender]["images"]]
 
 
 @torch.inference_mode()
@@ -86,57 +159,20 @@ def bias_probe(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Te
                          "as written by `clipforge data emoji`")
     groups = load_gendered_groups(root / "concepts.csv")
     labels = list(dict.fromkeys(label for group in groups for _, label in group.members.values()))
-    column = {label: i for i, label in enumerate(labels)}
-    paths, style_ids, own, member_cols, used_groups = [], [], [], [], set()
-    for s, style in enumerate(styles):
-        for index, group in enumerate(groups):
-            # Caption columns in GENDERS order, -1 where the group has no such variant (e.g. no 'person').
-            cols = [column[group.members[g][1]] if g in group.members else -1 for g in GENDERS]
-            for gender, (hexcode, _) in group.members.items():
-                path = root / "images" / style / f"{hexcode}.png"
-                if path.is_file():
-                    paths.append(path)
-                    style_ids.append(s)
-                    own.append(GENDERS.index(gender))
-                    member_cols.append(cols)
-                    used_groups.add(index)
-    if not paths:
-        raise EvaluationError(f"no images of gendered concepts under {root / 'images'} for styles {list(styles)}")
-
-    features = extract_image_features(model, paths, preprocess, batch_size=batch_size, device=device)
+    images = _gendered_images(root, styles, groups, {label: i for i, label in enumerate(labels)})
+    features = extract_image_features(model, images.paths, preprocess, batch_size=batch_size, device=device)
     classifier = build_classifier(model, tokenizer, labels, templates=[template])
-    logits = zero_shot_predict(model, features, classifier).cpu().double()
-    cols = torch.tensor(member_cols)
-    present = cols >= 0
-    scores = torch.where(present, logits.gather(1, cols.clamp(min=0)), torch.tensor(-torch.inf, dtype=torch.double))
-    top = present & (scores == scores.max(dim=1, keepdim=True).values)
-    credit = top.double() / top.sum(dim=1, keepdim=True)  # ties share one prediction evenly
-    man, woman = scores[:, 0], scores[:, 1]
-    prefers_man = (man > woman).double() + 0.5 * (man == woman).double()
-    chance = 1.0 / present.sum(dim=1).double()
-    own_t, style_t = torch.tensor(own), torch.tensor(style_ids)
-
-    everything = torch.ones(len(paths), dtype=torch.bool)
-    by_gender = _summary(credit, own_t, prefers_man, chance, everything)
-    by_style = {}
-    for s, style in enumerate(styles):
-        mask = style_t == s
-        if mask.any():
-            per_gender = _summary(credit, own_t, prefers_man, chance, mask)
-            by_style[style] = {"images": int(mask.sum()), **_headline(per_gender), "by_gender": per_gender}
-
-    columns = ("images", "accuracy", "chance", "as_man", "as_woman", "as_person", "prefers_man")
-    rows = [{"style": scope, "gender": gender, **{c: stats[gender][c] for c in columns}}
-            for scope, stats in [("all", by_gender)] + [(s, v["by_gender"]) for s, v in by_style.items()]
-            for gender in GENDERS if stats[gender]["images"]]
+    choices = _choices(zero_shot_predict(model, features, classifier).cpu().double(), images)
+    by_gender = _summary(choices, torch.ones(len(images.paths), dtype=torch.bool))
+    by_style = _by_style(choices, images, styles)
     return {
-        "groups": len(used_groups),
-        "images": len(paths),
+        "groups": len(images.groups),
+        "images": len(images.paths),
         "template": template,
         "styles": list(by_style),
         "missing_styles": [s for s in styles if s not in by_style],
         **_headline(by_gender),
         "by_gender": by_gender,
         "by_style": by_style,
-        "rows": rows,
+        "rows": _table(by_gender, by_style),
     }

@@ -6,7 +6,6 @@ pyplot: no global figure registry to leak into, and a caller's interactive backe
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
@@ -294,7 +293,7 @@ def plot_examples(images: list[Any], titles: list[str], predictions: list[list[t
     if not images or not (len(images) == len(titles) == len(predictions)):
         raise EvaluationError(f"need equally many images, titles and predictions, got "
                          f"{len(images)}, {len(titles)}, {len(predictions)}")
-    from PIL import Image
+    from clipforge.data.images import load_image
 
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
@@ -308,9 +307,8 @@ def plot_examples(images: list[Any], titles: list[str], predictions: list[list[t
                            ((rows - 1 - row) * cell_h + below) / fig.get_figheight(),
                            side / fig.get_figwidth(), side / fig.get_figheight()))
         ax.axis("off")
-        with Image.open(image) if isinstance(image, (str, Path)) else contextlib.nullcontext(image) as img:
-            # RGBA over a white figure: transparent emoji backgrounds show as white, as in the eval pixels.
-            ax.imshow(img.convert("RGBA"))
+        # RGBA over a white figure: transparent emoji backgrounds show as white, as in the eval pixels.
+        ax.imshow(load_image(image).convert("RGBA"))
         ax.set_title(f"{title_prefix}: {_short(str(title), 28)}", fontsize=9, fontweight="bold")
         for k, (label, score) in enumerate(list(preds)[:3]):
             correct = str(label) == str(title)
