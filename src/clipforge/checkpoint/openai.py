@@ -11,12 +11,14 @@ from typing import Any
 import torch
 
 from clipforge.checkpoint.architecture import ArchitectureHints
-from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
+from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+from clipforge.model.text_tower import OPENAI_TEXT_NAMES
 
 # Entries OpenAI's archives carry that are not weights, and buffers rebuilt at construction.
 _NON_WEIGHT_KEYS = {"input_resolution", "context_length", "vocab_size"}
 _BUFFER_SUFFIXES = ("attn_mask", "position_ids", "num_batches_tracked")
+_MODULE_TEXT_NAMES = tuple(f"text_tower.{name}" for name in OPENAI_TEXT_NAMES)
 
 
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -29,6 +31,8 @@ def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
         key = key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key  # torch.compile
         if key.startswith("text.") and not key.startswith("text_projection"):
             key = key[len("text."):]  # open_clip CustomTextCLIP keeps its text tower under "text."
+        if key.startswith(_MODULE_TEXT_NAMES):
+            key = key[len("text_tower."):]  # clipforge's module names (TorchScript of a clipforge CLIP)
         if key in _NON_WEIGHT_KEYS or key.endswith(_BUFFER_SUFFIXES) or key.endswith(".attn_mask"):
             continue
         if not isinstance(value, torch.Tensor):
