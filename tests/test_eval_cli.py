@@ -89,7 +89,7 @@ def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
                      "--id-styles", "plain", "--supervised-steps", "30", "--out", str(tmp_path / "rb"))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "rb" / "results.json").read_text())
-    assert set(results["domains"]) == {"CLIP zero-shot", "CLIP linear probe", "supervised"}
+    assert set(results["domains"]) == {"clip-zero-shot", "clip-linear-probe", "supervised"}  # method ids
     assert results["domains"]["supervised"]["in_distribution"] > 0.2  # it learned the training style
     assert (tmp_path / "rb" / "robustness.png").stat().st_size > 0
 

@@ -15,7 +15,8 @@ def run(args: argparse.Namespace) -> None:
     import clipforge
     from clipforge.cli.model_args import load_model
     from clipforge.evaluate.report import Section, markdown_table, write_report
-    from clipforge.evaluate.tasks import EvalContext, linear_probe_vs_zeroshot, load_for_eval, retrieval, robustness, zeroshot
+    from clipforge.evaluate.tasks import (EvalContext, RobustnessSettings, linear_probe_vs_zeroshot, load_for_eval,
+                                          retrieval, robustness, zeroshot)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -36,9 +37,9 @@ def run(args: argparse.Namespace) -> None:
         id_styles = [s for s in args.id_styles.split(",") if s]
         if not id_styles:
             raise ConfigError("--task robustness needs --id-styles (the styles the model was trained on)")
-        extra = {"tuxpaint": load_for_eval(args.tuxpaint)} if args.tuxpaint else None
-        results = robustness(ctx, load_for_eval(args.data, args.styles, args.split), id_styles,
-                             supervised_steps=args.supervised_steps, extra_zero_shot=extra)
+        extra = {"tuxpaint": load_for_eval(args.tuxpaint)} if args.tuxpaint else {}
+        settings = RobustnessSettings(id_styles, args.supervised_steps, extra)
+        results = robustness(ctx, load_for_eval(args.data, args.styles, args.split), settings)
     else:
         from clipforge.evaluate.bias import bias_probe
 

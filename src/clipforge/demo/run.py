@@ -11,24 +11,26 @@ import dataclasses
 import json
 import random
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from clipforge.data.labelled import LabelledImages, load_labelled_images
 from clipforge.demo.ablation import ablation_models, main_setting
+from clipforge.demo.baselines import SupervisedFamily, effective_robustness, supervised_family
 from clipforge.demo.config import DemoConfig
-from clipforge.demo.data import clip_table, prepare_datasets, read_concepts, training_captions
-from clipforge.demo.evaluation import (embed_all, few_shot_vs_zero_shot, logits_for, photos_and_examples,
+from clipforge.demo.data import DemoData, clip_table, prepare_datasets, read_concepts, training_captions
+from clipforge.demo.evaluation import (Evaluated, embed_all, few_shot_vs_zero_shot, logits_for, photos_and_examples,
                                        prompt_ablation, zero_shot_by_style)
+from clipforge.demo.robustness import demo_robustness, held_out_split, zero_shot_method
 from clipforge.demo.summary import claims, summary_rows
-from clipforge.demo.baselines import effective_robustness, supervised_family
-from clipforge.demo.training import read_training_rows, run_contrastive, train_config
+from clipforge.demo.training import TrainedModel, read_training_rows, run_contrastive, train_config
 from clipforge.evaluate.bias import bias_probe
-from clipforge.data.labelled import load_labelled_images
 from clipforge.evaluate.report import Section, markdown_table, plot_training_curves, write_report
-from clipforge.evaluate.tasks import EvalContext, retrieval, robustness
+from clipforge.evaluate.tasks import METHOD_LABELS, EvalContext, RobustnessSettings, retrieval
 from clipforge.inference.templates import get_templates
 
 # Seconds per optimizer step of each run at the default model and batch, measured on the 2-core
@@ -83,104 +85,199 @@ def training_tables(cfg: DemoConfig, data: Any, concepts: list[dict[str, str]], 
     return TrainingTables(clip_csv, emoji_csv, pairs, icons, excluded)
 
 
+@dataclass
+class DemoInputs:
+    """The data a run trains and evaluates on: the built datasets, the concepts, the held-out images, the tables."""
+
+    data: DemoData
+    concepts: list[dict[str, str]]
+    id_test: set[tuple[str, str]]  # (concept key, style) pairs no model trains on
+    tables: TrainingTables
+
+
+@dataclass
+class DemoModels:
+    """CLIP and LiT, every evaluated model with its image features, the seen-concept images, the baselines."""
+
+    clip: TrainedModel
+    lit: TrainedModel
+    evaluated: list[Evaluated]  # CLIP, LiT, then the data ablation's CLIPs
+    everything: LabelledImages
+    seen: LabelledImages
+    family: SupervisedFamily
+
+
+@dataclass
+class DemoRun:
+    """What every phase shares: config, output folder, step budget, and the timings, sections and results so far."""
+
+    cfg: DemoConfig
+    out: Path
+    steps: dict[str, int]
+    started: float
+    timings: dict[str, float] = field(default_factory=dict)
+    sections: list[Section] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Record the block's wall time as `phase`'s."""
+        tick = time.perf_counter()
+        yield
+        self.timings[phase] = time.perf_counter() - tick
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """The whole demo; writes OUT/report.md, OUT/results.json and the plots; returns the results."""
     cfg.validate()
+    run = _start(cfg)
+    inputs = _prepare_inputs(run)
+    models = _train_models(run, inputs)
+    tables = inputs.tables
+    run.results.update({"config": dataclasses.asdict(cfg), "steps": run.steps, "training_pairs": tables.emoji_rows,
+                        "training_icons": tables.icons, "icons_excluded": tables.icons_excluded,
+                        "data_setting": main_setting(cfg)})
+    _zero_shot_tables(run, models)
+    _robustness(run, inputs, models)
+    _retrieval(run, inputs, models)
+    _bias_photos_plots(run, inputs, models)
+    return _finish(run, models)
+
+
+def _start(cfg: DemoConfig) -> DemoRun:
+    """Create the output folder, seed torch and print the step budget and config."""
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     steps = budget(cfg)
     print(f"clipforge demo: seed {cfg.seed}, steps {steps}, output {out}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
-    timings: dict[str, float] = {}
+    return DemoRun(cfg, out, steps, started)
 
+
+def _prepare_inputs(run: DemoRun) -> DemoInputs:
+    """Build (or find) the datasets, hold out the in-distribution test images and write the training tables."""
+    cfg = run.cfg
     data = prepare_datasets(cfg.data_dir(), limit=cfg.limit or None, cache=cfg.cache_dir(),
                             icons=cfg.icons > 0, styles=cfg.styles("built"))
-    timings["data (fetch + build)" if data.fetched else "data (cached)"] = data.seconds
-    train_styles, held_out = cfg.styles("train"), cfg.styles("held_out")
+    run.timings["data (fetch + build)" if data.fetched else "data (cached)"] = data.seconds
     concepts = read_concepts(data.emoji)
-    id_test = choose_id_test(concepts, train_styles, cfg.seed)
-    tables = training_tables(cfg, data, concepts, id_test, out)
+    id_test = choose_id_test(concepts, cfg.styles("train"), cfg.seed)
+    return DemoInputs(data, concepts, id_test, training_tables(cfg, data, concepts, id_test, run.out))
+
+
+def _train_models(run: DemoRun, inputs: DemoInputs) -> DemoModels:
+    """Train CLIP and LiT, embed every emoji image under each (and the data ablation's CLIPs), train the baselines."""
+    cfg, steps, tables = run.cfg, run.steps, inputs.tables
     lit_csv = tables.emoji if cfg.lit_data == "emoji" else tables.clip
+    clip = run_contrastive("CLIP", train_config(cfg, tables.clip, run.out / "clip", steps["clip"]))
+    run.timings["train CLIP"] = clip.seconds
+    lit = run_contrastive("LiT", train_config(cfg, lit_csv, run.out / "lit", steps["lit"], text_tower="minilm"))
+    run.timings["train LiT"] = lit.seconds
+    with run.timed("embed images"):
+        everything = load_labelled_images(inputs.data.emoji)
+        evaluated = [embed_all(m.name, m.model, m.tokenizer, m.preprocess, everything) for m in (clip, lit)]
+        ablation_seconds = _data_ablation(run, inputs, everything, evaluated)
+        seen = evaluated[0].images.subset([s == "seen" for s in evaluated[0].images.splits])
+        key_to_label = {c["hexcode"]: c["label"] for c in inputs.concepts}
+        paths, labels = read_training_rows(tables.emoji, seen.classnames, key_to_label)
+    run.timings["embed images"] -= ablation_seconds  # the ablation's training is its own row
+    family = supervised_family(cfg, paths, labels, seen.classnames, steps["supervised"], run.out,
+                               clip.model.image_size)
+    run.timings["train supervised (family)"] = family.info["family_seconds"]
+    return DemoModels(clip, lit, evaluated, everything, seen, family)
 
-    clip = run_contrastive("CLIP", train_config(cfg, tables.clip, out / "clip", steps["clip"]))
-    timings["train CLIP"] = clip.seconds
-    lit = run_contrastive("LiT", train_config(cfg, lit_csv, out / "lit", steps["lit"], text_tower="minilm"))
-    timings["train LiT"] = lit.seconds
 
-    tick = time.perf_counter()
-    everything = load_labelled_images(data.emoji)
-    models = [embed_all(m.name, m.model, m.tokenizer, m.preprocess, everything) for m in (clip, lit)]
-    ablation_seconds = 0.0
-    if cfg.ablation:  # the data ablation: same steps, the other data settings
-        ablation, seconds = ablation_models(cfg, data.emoji, data.icons, concepts, id_test, everything, out,
-                                            steps["clip"])
-        models += ablation
-        timings.update({f"train {name}": s for name, s in seconds.items()})
-        ablation_seconds = sum(seconds.values())
-    seen = models[0].images.subset([s == "seen" for s in models[0].images.splits])
-    key_to_label = {c["hexcode"]: c["label"] for c in concepts}
-    paths, labels = read_training_rows(tables.emoji, seen.classnames, key_to_label)
-    timings["embed images"] = time.perf_counter() - tick - ablation_seconds  # the ablation's training is its own row
-    supervised, family, supervised_info = supervised_family(cfg, paths, labels, seen.classnames, steps["supervised"],
-                                                            out, clip.model.image_size)
-    timings["train supervised (family)"] = supervised_info["family_seconds"]
+def _data_ablation(run: DemoRun, inputs: DemoInputs, everything: LabelledImages,
+                   evaluated: list[Evaluated]) -> float:
+    """With --ablation 1, CLIPs on the other data settings (same steps) join `evaluated`; their training seconds."""
+    if not run.cfg.ablation:
+        return 0.0
+    ablation, seconds = ablation_models(run.cfg, inputs.data.emoji, inputs.data.icons, inputs.concepts,
+                                        inputs.id_test, everything, run.out, run.steps["clip"])
+    evaluated += ablation
+    run.timings.update({f"train {name}": s for name, s in seconds.items()})
+    return sum(seconds.values())
 
-    tick = time.perf_counter()
-    sections: list[Section] = []
-    styles = [s for s in sorted(set(everything.domains), key=lambda s: (s not in train_styles, s))]
-    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": steps, "training_pairs": tables.emoji_rows,
-                               "training_icons": tables.icons, "icons_excluded": tables.icons_excluded,
-                               "data_setting": main_setting(cfg)}
-    results["zero_shot"] = zero_shot_by_style(models, styles, held_out, cfg.templates, sections)
-    results["prompt_ablation"] = prompt_ablation(models, held_out, cfg.templates, out, sections,
-                                                 cfg.prompt_validation_style)
-    shot_styles = [s for s in held_out if s not in (held_out[0], cfg.prompt_validation_style)]
-    results["few_shot"] = few_shot_vs_zero_shot(models[0], held_out[0], shot_styles, cfg.prompt_validation_style,
-                                                cfg.templates, sections, seed=cfg.seed)
-    timings["zero-shot tables"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    ctx = EvalContext(clip.model, clip.tokenizer, clip.preprocess, out, cfg.templates, 256, sections)
-    id_mask = [(Path(p).stem, d) in id_test for p, d in zip(seen.paths, seen.domains)]
-    tux = load_labelled_images(data.tuxpaint)
-    ensemble = get_templates(cfg.templates)
-    seen_rows = torch.tensor([s == "seen" for s in models[0].images.splits])
-    # The paper's C sweep is 1e-3..1e3; at 1,282 classes the weakly regularised end needs hundreds of
-    # L-BFGS iterations and never wins on these features, so the demo sweeps 0.1..100.
-    results["robustness"] = robustness(ctx, seen, train_styles, extra_zero_shot={"tuxpaint": tux}, id_test=id_mask,
-                                       predictors={"LiT zero-shot": logits_for(models[1], ensemble), **family,
-                                                   **{f"{m.name} zero-shot": logits_for(m, ensemble) for m in models[2:]}},
-                                       name="Robustness", probe_cs=(0.1, 1.0, 10.0, 100.0),
-                                       features=models[0].features[seen_rows])
-    results["effective_robustness"] = effective_robustness(results["robustness"]["domains"], list(family), held_out,
-                                                           out, sections, [f"{m.name} zero-shot" for m in models[2:]])
-    timings["robustness"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    results["retrieval"] = {}
-    for model, ev in ((clip, models[0]), (lit, models[1])):
-        mctx = EvalContext(model.model, model.tokenizer, model.preprocess, out, cfg.templates, 256, sections)
-        results["retrieval"][model.name] = retrieval(mctx, data.emoji / "captions.csv", [held_out[0]], "seen",
-                                                     name=f"Retrieval ({model.name}, {held_out[0]}, seen concepts)")
-    timings["retrieval"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    results["bias"] = _bias(clip, data.emoji, sections)
-    results["photos"] = photos_and_examples(models[:2], held_out[0], cfg.templates, out, sections, seed=cfg.seed)
-    curves = plot_training_curves([clip.metrics, lit.metrics, Path(supervised_info["metrics"])], out / "training-curves.png",
-                                  ["CLIP", "LiT", "supervised"])
-    sections.insert(0, Section("Training", _training_text(cfg, steps, tables, clip, lit, supervised_info), None, None,
-                               [curves]))
-    timings["bias, photos, plots"] = time.perf_counter() - tick
-    timings["total"] = time.perf_counter() - started
-    summary = summary_rows(results, held_out, train_styles)
-    sections.insert(0, Section("Summary", f"Seed {cfg.seed}; wall time {timings['total'] / 60:.1f} min "
-                               f"(timings below). Reproduce: `clipforge demo --config {out / 'config.json'}`.", summary))
-    sections.append(Section("Timings", "", [{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]))
+
+def _zero_shot_tables(run: DemoRun, models: DemoModels) -> None:
+    """Zero-shot top-1 by style and split, the prompt ablation, and zero-shot vs few-shot probes."""
+    cfg, evaluated = run.cfg, models.evaluated
+    train_styles, held_out, validation = cfg.styles("train"), cfg.styles("held_out"), cfg.prompt_validation_style
+    with run.timed("zero-shot tables"):
+        styles = [s for s in sorted(set(models.everything.domains), key=lambda s: (s not in train_styles, s))]
+        run.results["zero_shot"] = zero_shot_by_style(evaluated, styles, held_out, cfg.templates, run.sections)
+        run.results["prompt_ablation"] = prompt_ablation(evaluated, held_out, cfg.templates, run.out, run.sections,
+                                                         validation)
+        shot_styles = [s for s in held_out if s not in (held_out[0], validation)]
+        run.results["few_shot"] = few_shot_vs_zero_shot(evaluated[0], held_out[0], shot_styles, validation,
+                                                        cfg.templates, run.sections, seed=cfg.seed)
+
+
+def _robustness(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> None:
+    """Accuracy per style of every method (CLIP's from its cached features), then the supervised trend."""
+    cfg, evaluated, family = run.cfg, models.evaluated, models.family
+    with run.timed("robustness"):
+        clip = models.clip
+        ctx = EvalContext(clip.model, clip.tokenizer, clip.preprocess, run.out, cfg.templates, 256, run.sections)
+        settings = RobustnessSettings(cfg.styles("train"), name="Robustness",
+                                      extra_zero_shot={"tuxpaint": load_labelled_images(inputs.data.tuxpaint)})
+        ensemble = get_templates(cfg.templates)
+        lit, ablation = evaluated[1], [zero_shot_method(m.name) for m in evaluated[2:]]
+        predictors = {zero_shot_method(lit.name): logits_for(lit, ensemble), **family.members,
+                      **{method: logits_for(m, ensemble) for method, m in zip(ablation, evaluated[2:])}}
+        labels = {**METHOD_LABELS, **{zero_shot_method(m.name): f"{m.name} zero-shot" for m in evaluated},
+                  **family.labels}
+        seen_rows = torch.tensor([s == "seen" for s in evaluated[0].images.splits])
+        split = held_out_split(models.seen, settings.id_domains, inputs.id_test)
+        results = demo_robustness(ctx, models.seen, evaluated[0].features[seen_rows], split, predictors, labels,
+                                  settings)
+        run.results["robustness"] = results
+        run.results["effective_robustness"] = effective_robustness(results["domains"], list(family.members),
+                                                                   cfg.styles("held_out"), run.out, run.sections,
+                                                                   ablation, labels)
+
+
+def _retrieval(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> None:
+    """Image <-> text recall of CLIP and LiT on the first held-out style's seen concepts."""
+    style = run.cfg.styles("held_out")[0]
+    with run.timed("retrieval"):
+        run.results["retrieval"] = {}
+        for model in (models.clip, models.lit):
+            ctx = EvalContext(model.model, model.tokenizer, model.preprocess, run.out, run.cfg.templates, 256,
+                              run.sections)
+            run.results["retrieval"][model.name] = retrieval(ctx, inputs.data.emoji / "captions.csv", [style], "seen",
+                                                             name=f"Retrieval ({model.name}, {style}, seen concepts)")
+
+
+def _bias_photos_plots(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> None:
+    """The bias probe, real photos and held-out examples, and the training curves (the report's first section)."""
+    cfg, clip, lit, supervised = run.cfg, models.clip, models.lit, models.family.info
+    with run.timed("bias, photos, plots"):
+        run.results["bias"] = _bias(clip, inputs.data.emoji, run.sections)
+        run.results["photos"] = photos_and_examples(models.evaluated[:2], cfg.styles("held_out")[0], cfg.templates,
+                                                    run.out, run.sections, seed=cfg.seed)
+        curves = plot_training_curves([clip.metrics, lit.metrics, Path(supervised["metrics"])],
+                                      run.out / "training-curves.png", ["CLIP", "LiT", "supervised"])
+        run.sections.insert(0, Section("Training", _training_text(cfg, run.steps, inputs.tables, clip, lit, supervised),
+                                       None, None, [curves]))
+
+
+def _finish(run: DemoRun, models: DemoModels) -> dict[str, Any]:
+    """The summary table and claims, the timings, config.json and the report; prints the summary."""
+    cfg, out, timings, results = run.cfg, run.out, run.timings, run.results
+    timings["total"] = time.perf_counter() - run.started
+    summary = summary_rows(results, cfg.styles("held_out"), cfg.styles("train"))
+    run.sections.insert(0, Section("Summary", f"Seed {cfg.seed}; wall time {timings['total'] / 60:.1f} min "
+                                   f"(timings below). Reproduce: `clipforge demo --config {out / 'config.json'}`.",
+                                   summary))
+    run.sections.append(Section("Timings", "", [{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]))
     results["timings"], results["summary"] = timings, summary
     data_seconds = timings.get("data (fetch + build)", 0.0)  # the first run's build has its own target
     results["claims"] = claims(summary, results, (timings["total"] - data_seconds) / 60, data_seconds / 60)
-    results["checkpoints"] = {m.name: str(Path(m.checkpoint).resolve()) for m in (clip, lit)}
+    results["checkpoints"] = {m.name: str(Path(m.checkpoint).resolve()) for m in (models.clip, models.lit)}
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    report = write_report(out, "clipforge demo: CLIP on multi-style emoji", sections, results)
+    report = write_report(out, "clipforge demo: CLIP on multi-style emoji", run.sections, results)
     print("\n" + markdown_table(summary) + f"\n\nwrote {report} ({timings['total'] / 60:.1f} min)")
     return results
 

@@ -1,13 +1,18 @@
 """The demo's headline table: the claims, this run's numbers and the targets they are checked against."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from clipforge.demo.robustness import zero_shot_method
+from clipforge.evaluate.tasks import CLIP_LINEAR_PROBE, CLIP_ZERO_SHOT, SUPERVISED
 
 HELD_OUT_TARGET = 0.50  # held-out colour style, seen concepts, top-1 zero-shot (CLIP)
 UNSEEN_TARGET = 0.25  # unseen concepts, top-1, CLIP or LiT
 ROBUSTNESS_TARGET = 0.05  # effective robustness of zero-shot CLIP over the supervised trend, held-out mean
 MINUTES_TARGET = 10.0  # the whole default demo, wall time (data cached)
 DATA_MINUTES_TARGET = 4.0  # the first run's extra time to fetch and build the data
+LIT_ZERO_SHOT = zero_shot_method("LiT")
 
 
 def _get(tree: dict, *keys: str) -> Any:
@@ -26,80 +31,136 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "not met")
 
 
+@dataclass
+class _Findings:
+    """Lookups into the demo's results; None where a number is missing (e.g. a style a small subset lacks)."""
+
+    results: dict[str, Any]
+    colour: str  # the first held-out style: the headline numbers are measured there
+
+    def zero_shot(self, model: str, split: str, style: str, k: str = "top1") -> Any:
+        """Zero-shot metric `k` of a model (by name) on one split and style."""
+        return _get(self.results["zero_shot"], model, split, style, k)
+
+    def method(self, method: str, *keys: str) -> Any:
+        """A robustness number of a method (by id): in_distribution, retained, per_domain/STYLE, ..."""
+        return _get(self.results["robustness"]["domains"], method, *keys)
+
+    def er(self, method: str) -> Any:
+        """A method's mean effective robustness over the supervised trend."""
+        return _get(self.results, "effective_robustness", "models", method, "mean")
+
+
+def _row(claim: str, clip: str = "", lit: str = "", supervised: str = "", target: str = "",
+         verdict: str = "") -> dict[str, str]:
+    return {"claim": claim, "CLIP": clip, "LiT": lit, "supervised": supervised, "target": target, "verdict": verdict}
+
+
 def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: list[str]) -> list[dict[str, str]]:
     """Rows of (claim, CLIP, LiT, supervised, target, verdict) from the demo's results."""
-    colour, rows = held_out[0], []
-    zs, rob = results["zero_shot"], results["robustness"]["domains"]
+    found = _Findings(results, held_out[0])
+    return [*_held_out_rows(found, held_out), _unseen_row(found, train_styles + held_out), _prompt_row(results),
+            *_robustness_rows(found), _few_shot_row(found), *_ablation_rows(found), _probe_row(found),
+            _tuxpaint_row(results), _retrieval_row(results, found.colour)]
 
-    def zero_shot(model: str, split: str, style: str, k: str = "top1") -> Any:
-        return _get(zs, model, split, style, k)
 
-    clip_colour, lit_unseen = zero_shot("CLIP", "seen", colour), zero_shot("LiT", "unseen", colour)
-    rows.append({"claim": f"zero-shot, held-out style {colour}, seen concepts: top-1 (top-5)",
-                 "CLIP": f"{_fmt(clip_colour)} ({_fmt(zero_shot('CLIP', 'seen', colour, 'top5'))})",
-                 "LiT": f"{_fmt(zero_shot('LiT', 'seen', colour))} ({_fmt(zero_shot('LiT', 'seen', colour, 'top5'))})",
-                 "supervised": _fmt(_get(rob, "supervised", "per_domain", colour)),
-                 "target": f"CLIP >= {HELD_OUT_TARGET}", "verdict": _verdict(None if clip_colour is None else clip_colour >= HELD_OUT_TARGET)})
+def _held_out_rows(found: _Findings, held_out: list[str]) -> list[dict[str, str]]:
+    """Zero-shot top-1 on each held-out style (seen concepts); the first (colour) one has the target and top-5."""
+    colour, zero_shot = found.colour, found.zero_shot
+    clip_colour = zero_shot("CLIP", "seen", colour)
+    rows = [_row(f"zero-shot, held-out style {colour}, seen concepts: top-1 (top-5)",
+                 f"{_fmt(clip_colour)} ({_fmt(zero_shot('CLIP', 'seen', colour, 'top5'))})",
+                 f"{_fmt(zero_shot('LiT', 'seen', colour))} ({_fmt(zero_shot('LiT', 'seen', colour, 'top5'))})",
+                 _fmt(found.method(SUPERVISED, "per_domain", colour)), f"CLIP >= {HELD_OUT_TARGET}",
+                 _verdict(None if clip_colour is None else clip_colour >= HELD_OUT_TARGET))]
     for style in held_out[1:]:
-        rows.append({"claim": f"zero-shot, held-out style {style}, seen concepts: top-1",
-                     "CLIP": _fmt(zero_shot("CLIP", "seen", style)), "LiT": _fmt(zero_shot("LiT", "seen", style)),
-                     "supervised": _fmt(_get(rob, "supervised", "per_domain", style)), "target": "", "verdict": ""})
-    unseen_mean = {m: _mean([zero_shot(m, "unseen", s) for s in train_styles + held_out]) for m in ("CLIP", "LiT")}
-    best_unseen = max([v for v in (zero_shot("CLIP", "unseen", colour), lit_unseen) if v is not None], default=None)
-    rows.append({"claim": f"zero-shot, unseen concepts, {colour}: top-1 (mean over all styles)",
-                 "CLIP": f"{_fmt(zero_shot('CLIP', 'unseen', colour))} ({_fmt(unseen_mean['CLIP'])})",
-                 "LiT": f"{_fmt(lit_unseen)} ({_fmt(unseen_mean['LiT'])})", "supervised": "cannot",
-                 "target": f"CLIP or LiT >= {UNSEEN_TARGET}",
-                 "verdict": _verdict(None if best_unseen is None else best_unseen >= UNSEEN_TARGET)})
+        rows.append(_row(f"zero-shot, held-out style {style}, seen concepts: top-1",
+                         _fmt(zero_shot("CLIP", "seen", style)), _fmt(zero_shot("LiT", "seen", style)),
+                         _fmt(found.method(SUPERVISED, "per_domain", style))))
+    return rows
+
+
+def _unseen_row(found: _Findings, styles: list[str]) -> dict[str, str]:
+    """Zero-shot top-1 on concepts no caption named: on the colour style, and the mean over all styles."""
+    colour, zero_shot = found.colour, found.zero_shot
+    clip_unseen, lit_unseen = zero_shot("CLIP", "unseen", colour), zero_shot("LiT", "unseen", colour)
+    unseen_mean = {m: _mean([zero_shot(m, "unseen", s) for s in styles]) for m in ("CLIP", "LiT")}
+    best_unseen = max([v for v in (clip_unseen, lit_unseen) if v is not None], default=None)
+    return _row(f"zero-shot, unseen concepts, {colour}: top-1 (mean over all styles)",
+                f"{_fmt(clip_unseen)} ({_fmt(unseen_mean['CLIP'])})",
+                f"{_fmt(lit_unseen)} ({_fmt(unseen_mean['LiT'])})", "cannot", f"CLIP or LiT >= {UNSEEN_TARGET}",
+                _verdict(None if best_unseen is None else best_unseen >= UNSEEN_TARGET))
+
+
+def _prompt_row(results: dict[str, Any]) -> dict[str, str]:
+    """The prompt ablation's means: bare label / default / chosen template / ensemble."""
     ablation = {m: _get(results, "prompt_ablation", m, "mean") for m in ("CLIP", "LiT")}
     cell = {m: "n/a" if not a else " / ".join(f"{a[k]:.3f}" for k in ("label", "default template", "chosen template",
                                                                          "ensemble"))
             for m, a in ablation.items()}
     ordered = all(a and a["ensemble"] >= a["chosen template"] >= a["label"] for a in ablation.values())
     validation = _get(results, "prompt_ablation", "validation_style")
-    rows.append({"claim": f"prompts (template chosen on {validation}; mean of the other held-out styles): label / "
-                          "default / chosen template / ensemble", "CLIP": cell["CLIP"], "LiT": cell["LiT"],
-                 "supervised": "", "target": "ensemble >= chosen template >= label", "verdict": _verdict(ordered)})
-    retained = {m: _get(rob, m, "retained") for m in ("CLIP zero-shot", "LiT zero-shot", "supervised")}
-    id_acc = {m: _get(rob, m, "in_distribution") for m in retained}
-    rows.append({"claim": "in-distribution top-1 (held-out images of the training styles)",
-                 "CLIP": _fmt(id_acc["CLIP zero-shot"]), "LiT": _fmt(id_acc["LiT zero-shot"]),
-                 "supervised": _fmt(id_acc["supervised"]), "target": "", "verdict": ""})
-    rows.append({"claim": "share of in-distribution accuracy kept on held-out styles",
-                 "CLIP": _fmt(retained["CLIP zero-shot"]), "LiT": _fmt(retained["LiT zero-shot"]),
-                 "supervised": _fmt(retained["supervised"]), "target": "", "verdict": ""})
-    er = {m: _get(results, "effective_robustness", "models", m, "mean") for m in ("CLIP zero-shot", "LiT zero-shot")}
-    rows.append({"claim": "effective robustness over the supervised trend (mean of held-out styles)",
-                 "CLIP": _signed(er["CLIP zero-shot"]), "LiT": _signed(er["LiT zero-shot"]), "supervised": "0 (the trend)",
-                 "target": f"CLIP >= +{ROBUSTNESS_TARGET}",
-                 "verdict": _verdict(None if er["CLIP zero-shot"] is None else er["CLIP zero-shot"] >= ROBUSTNESS_TARGET)})
+    return _row(f"prompts (template chosen on {validation}; mean of the other held-out styles): label / "
+                "default / chosen template / ensemble", cell["CLIP"], cell["LiT"], "",
+                "ensemble >= chosen template >= label", _verdict(ordered))
+
+
+def _robustness_rows(found: _Findings) -> list[dict[str, str]]:
+    """In-distribution top-1, the share of it kept on held-out styles, and effective robustness."""
+    methods = (CLIP_ZERO_SHOT, LIT_ZERO_SHOT, SUPERVISED)
+    id_acc = [_fmt(found.method(m, "in_distribution")) for m in methods]
+    retained = [_fmt(found.method(m, "retained")) for m in methods]
+    clip_er = found.er(CLIP_ZERO_SHOT)
+    return [_row("in-distribution top-1 (held-out images of the training styles)", *id_acc),
+            _row("share of in-distribution accuracy kept on held-out styles", *retained),
+            _row("effective robustness over the supervised trend (mean of held-out styles)", _signed(clip_er),
+                 _signed(found.er(LIT_ZERO_SHOT)), "0 (the trend)", f"CLIP >= +{ROBUSTNESS_TARGET}",
+                 _verdict(None if clip_er is None else clip_er >= ROBUSTNESS_TARGET))]
+
+
+def _few_shot_row(found: _Findings) -> dict[str, str]:
+    """Zero-shot on the colour style against k-shot linear probes: how many labels per class it is worth."""
+    results = found.results
     shots = _get(results, "few_shot", "probes") or {}
-    rows.append({"claim": f"zero-shot on {colour} vs k-shot linear probes (k = {', '.join(str(k) for k in shots)}): "
-                          "zero-shot is worth k labels per class",
-                 "CLIP": f"{_fmt(_get(results, 'few_shot', 'zero_shot'))} vs "
-                         f"{' / '.join(_fmt(p['top1']) for p in shots.values())}: k "
-                         f"{_get(results, 'few_shot', 'zero_shot_matches_k') or 'n/a'}",
-                 "LiT": "", "supervised": "", "target": "", "verdict": ""})
-    for name in [m for m in zs if m not in ("CLIP", "LiT")]:  # the data ablation (--ablation 1)
-        er_extra = _get(results, "effective_robustness", "models", f"{name} zero-shot", "mean")
-        rows.append({"claim": f"data ablation, {name}, same steps: {colour} seen top-1 / unseen top-1 / effective "
-                              f"robustness (this run's CLIP, {results.get('data_setting')}, in the CLIP column)",
-                     "CLIP": f"{_fmt(zero_shot('CLIP', 'seen', colour))} / {_fmt(zero_shot('CLIP', 'unseen', colour))} "
-                             f"/ {_signed(er['CLIP zero-shot'])}",
-                     "LiT": f"{_fmt(zero_shot(name, 'seen', colour))} / {_fmt(zero_shot(name, 'unseen', colour))} / "
-                            f"{_signed(er_extra)}", "supervised": "", "target": "", "verdict": ""})
-    probe = _get(rob, "CLIP linear probe", "per_domain", colour)
-    rows.append({"claim": f"linear probe on CLIP features (fit on training styles), {colour} top-1", "CLIP": _fmt(probe),
-                 "LiT": "", "supervised": "", "target": "", "verdict": ""})
+    return _row(f"zero-shot on {found.colour} vs k-shot linear probes (k = {', '.join(str(k) for k in shots)}): "
+                "zero-shot is worth k labels per class",
+                f"{_fmt(_get(results, 'few_shot', 'zero_shot'))} vs "
+                f"{' / '.join(_fmt(p['top1']) for p in shots.values())}: k "
+                f"{_get(results, 'few_shot', 'zero_shot_matches_k') or 'n/a'}")
+
+
+def _ablation_rows(found: _Findings) -> list[dict[str, str]]:
+    """The data ablation (--ablation 1): each other data setting's CLIP against this run's, same steps."""
+    colour, zero_shot, results = found.colour, found.zero_shot, found.results
+    clip = (f"{_fmt(zero_shot('CLIP', 'seen', colour))} / {_fmt(zero_shot('CLIP', 'unseen', colour))} "
+            f"/ {_signed(found.er(CLIP_ZERO_SHOT))}")
+    return [_row(f"data ablation, {name}, same steps: {colour} seen top-1 / unseen top-1 / effective "
+                 f"robustness (this run's CLIP, {results.get('data_setting')}, in the CLIP column)", clip,
+                 f"{_fmt(zero_shot(name, 'seen', colour))} / {_fmt(zero_shot(name, 'unseen', colour))} / "
+                 f"{_signed(found.er(zero_shot_method(name)))}")
+            for name in results["zero_shot"] if name not in ("CLIP", "LiT")]
+
+
+def _probe_row(found: _Findings) -> dict[str, str]:
+    """The linear probe on CLIP's features (fit on the training styles) on the colour style."""
+    return _row(f"linear probe on CLIP features (fit on training styles), {found.colour} top-1",
+                _fmt(found.method(CLIP_LINEAR_PROBE, "per_domain", found.colour)))
+
+
+def _tuxpaint_row(results: dict[str, Any]) -> dict[str, str]:
+    """Zero-shot CLIP on the Tux Paint stamps."""
     tux = _get(results, "robustness", "tuxpaint", "ensemble", "top1")
     classes = _get(results, "robustness", "tuxpaint", "classes")
-    rows.append({"claim": f"zero-shot Tux Paint stamps ({classes}-way categories, photos and clip art)", "CLIP": _fmt(tux),
-                 "LiT": "", "supervised": "cannot", "target": "", "verdict": ""})
+    return _row(f"zero-shot Tux Paint stamps ({classes}-way categories, photos and clip art)", _fmt(tux), "",
+                "cannot")
+
+
+def _retrieval_row(results: dict[str, Any], colour: str) -> dict[str, str]:
+    """Retrieval R@1 both ways for CLIP and LiT."""
     ret = results.get("retrieval", {})
-    rows.append({"claim": f"retrieval R@1 image->text / text->image ({colour}, seen)",
-                 **{m: f"{_fmt(_get(ret, m, 'image_to_text_r1'))} / {_fmt(_get(ret, m, 'text_to_image_r1'))}" for m in ("CLIP", "LiT")},
-                 "supervised": "", "target": "", "verdict": ""})
-    return rows
+    cells = [f"{_fmt(_get(ret, m, 'image_to_text_r1'))} / {_fmt(_get(ret, m, 'text_to_image_r1'))}"
+             for m in ("CLIP", "LiT")]
+    return _row(f"retrieval R@1 image->text / text->image ({colour}, seen)", *cells)
 
 
 def _signed(value: float | None) -> str:

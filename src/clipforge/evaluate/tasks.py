@@ -117,6 +117,42 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
     return {"linear_probe": probe, "zero_shot": zs, "train_images": int(train.sum()), "test_images": int(test.sum())}
 
 
+CLIP_ZERO_SHOT, CLIP_LINEAR_PROBE, SUPERVISED = "clip-zero-shot", "clip-linear-probe", "supervised"
+METHOD_LABELS = {CLIP_ZERO_SHOT: "CLIP zero-shot", CLIP_LINEAR_PROBE: "CLIP linear probe", SUPERVISED: "supervised"}
+
+
+@dataclass
+class RobustnessSettings:
+    """What `robustness` measures: the in-distribution styles, an optional supervised baseline, extra zero-shot sets."""
+
+    id_domains: Sequence[str]
+    supervised_steps: int = 0  # 0: no supervised baseline
+    extra_zero_shot: dict[str, LabelledImages] = field(default_factory=dict)
+    name: str = "robustness"
+
+
+@dataclass
+class RobustnessSplit:
+    """Row masks over the evaluated images: the in-distribution styles' rows and those held out of training."""
+
+    in_id: torch.Tensor
+    id_test: torch.Tensor
+
+    @property
+    def id_train(self) -> torch.Tensor:
+        """In-distribution rows a baseline may train on."""
+        return self.in_id & ~self.id_test
+
+
+def in_distribution_rows(data: LabelledImages, id_domains: Sequence[str]) -> torch.Tensor:
+    """Mask of the images of an in-distribution style; every named style must be in the data."""
+    domains = sorted(set(data.domains))
+    missing = set(id_domains) - set(domains)
+    if missing:
+        raise EvaluationError(f"in-distribution style(s) {sorted(missing)} not in the data ({domains})")
+    return torch.tensor([d in id_domains for d in data.domains])
+
+
 def in_distribution_split(labels: torch.Tensor, in_id: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Held-out in-distribution test rows: one random image per class that has at least two."""
     gen = torch.Generator().manual_seed(seed)
@@ -130,79 +166,90 @@ def in_distribution_split(labels: torch.Tensor, in_id: torch.Tensor, seed: int =
     return test
 
 
-def robustness(ctx: EvalContext, data: LabelledImages, id_domains: Sequence[str], supervised_steps: int = 0,
-               extra_zero_shot: dict[str, LabelledImages] | None = None, name: str = "robustness",
-               id_test: Sequence[bool] | None = None,
-               predictors: dict[str, Callable[[Sequence[Path]], torch.Tensor]] | None = None,
-               probe_cs: Sequence[float] | None = None, features: torch.Tensor | None = None) -> dict[str, Any]:
-    """Accuracy per domain for CLIP zero-shot, a CLIP linear probe and (optionally) a supervised model.
+def clip_predictions(ctx: EvalContext, data: LabelledImages, features: torch.Tensor, split: RobustnessSplit,
+                     probe_cs: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """Predicted class of every image by zero-shot CLIP (prompt ensemble) and by a linear probe on its features.
 
-    In-distribution = the domains the baselines train on; images of those domains are held out (one
-    per class, or the `id_test` rows: images no model trained on), and every method's in-distribution
-    accuracy is measured on them. Every other domain is a shift (all its images are used).
-    `predictors` adds already-trained models (paths -> logits over data.classnames); `probe_cs` the
-    linear probe's C sweep (default: the paper's 1e-3 .. 1e3); `features` the images' features when
-    already computed (every image then counts as readable).
+    The probe's C comes from the `probe_cs` sweep (default: the paper's 1e-3 .. 1e3) on a validation split of
+    the in-distribution training rows; the sweep's final model is refit on all of them with the best C.
     """
     from clipforge.evaluate.linear_probe import DEFAULT_CS, evaluate_linear_probe
 
-    if id_test is not None:
-        if len(id_test) != len(data.paths):
-            raise EvaluationError(f"id_test has {len(id_test)} entries for {len(data.paths)} images")
-        data = replace(data, splits=["id-test" if t else s for s, t in zip(data.splits, id_test)])
-    if features is None:
-        features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
-    elif len(features) != len(data.paths):
-        raise EvaluationError(f"{len(features)} feature rows for {len(data.paths)} images")
-    domains = sorted(set(data.domains))
-    missing = set(id_domains) - set(domains)
-    if missing:
-        raise EvaluationError(f"in-distribution style(s) {sorted(missing)} not in the data ({domains})")
-    in_id = torch.tensor([d in id_domains for d in data.domains])
-    if id_test is not None:  # carried through labelled_image_features' subset via the split column
-        id_test = torch.tensor([s == "id-test" for s in data.splits]) & in_id
-        if not id_test.any():
-            raise EvaluationError("id_test marks no in-distribution image")
-    else:
-        id_test = in_distribution_split(data.labels, in_id)
-    id_train = in_id & ~id_test
     classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
-    predictions = {"CLIP zero-shot": zero_shot_predict(ctx.model, features, classifier).argmax(-1)}
-    # C by the paper's sweep on a validation split of the training rows, then refit on all of them.
-    # The sweep's final model is refit on all id_train rows (its train + validation split) with the best C.
-    sweep = evaluate_linear_probe(features[id_train], data.labels[id_train], features[id_test], data.labels[id_test],
-                                  num_classes=len(data.classnames), Cs=probe_cs or DEFAULT_CS, return_model=True)
-    probe = sweep.pop("model")
-    probe_classes = torch.as_tensor(probe.classes_)
-    predictions["CLIP linear probe"] = probe_classes[torch.as_tensor(probe.predict_proba(features.numpy())).argmax(-1)]
-    if supervised_steps:
-        supervised = supervised_baseline(ctx, data, id_train, supervised_steps)
-        predictions["supervised"] = supervised(data.paths).argmax(-1)  # paths were all readable above
-    for method, predict in (predictors or {}).items():
-        predictions[method] = predict(data.paths).argmax(-1)
-    rows, points, results = [], [], {"domains": {}, "id_domains": list(id_domains)}
-    for method, pred in predictions.items():
-        correct = (pred == data.labels).float()
-        per_domain = {d: correct[torch.tensor([x == d for x in data.domains]) & ~id_train].mean().item()
-                      for d in domains}  # in-distribution domains: held-out images only
-        id_acc = correct[id_test].mean().item()
-        shifted = [d for d in domains if d not in id_domains]
-        ood_acc = sum(per_domain[d] for d in shifted) / max(1, len(shifted))
-        results["domains"][method] = {"in_distribution": id_acc, "shifted_mean": ood_acc, "per_domain": per_domain,
-                                      "retained": ood_acc / id_acc if id_acc else 0.0}
-        rows.append({"method": method, "in-dist": id_acc, "shifted (mean)": ood_acc,
-                     "retained": results["domains"][method]["retained"], **per_domain})
-        points += [{"name": method, "domain": d, "id_acc": id_acc, "ood_acc": per_domain[d]} for d in shifted]
-    for label, extra in (extra_zero_shot or {}).items():
-        # A domain with its own template set (e.g. "tuxpaint") is prompted with it.
-        own = label if label in list_templates() else None
-        results[label] = zeroshot(ctx, extra, name=f"{label} (zero-shot)", templates=own)
+    predictions = {CLIP_ZERO_SHOT: zero_shot_predict(ctx.model, features, classifier).argmax(-1)}
+    train, test = split.id_train, split.id_test
+    probe = evaluate_linear_probe(features[train], data.labels[train], features[test], data.labels[test],
+                                  num_classes=len(data.classnames), Cs=probe_cs or DEFAULT_CS,
+                                  return_model=True)["model"]
+    scores = torch.as_tensor(probe.predict_proba(features.numpy()))
+    predictions[CLIP_LINEAR_PROBE] = torch.as_tensor(probe.classes_)[scores.argmax(-1)]
+    return predictions
+
+
+def method_accuracy(pred: torch.Tensor, data: LabelledImages, split: RobustnessSplit,
+                    id_domains: Sequence[str]) -> dict[str, Any]:
+    """One method's top-1: held-out in-distribution, per style, the shifted styles' mean and its retained share."""
+    domains = sorted(set(data.domains))
+    correct = (pred == data.labels).float()
+    per_domain = {d: correct[torch.tensor([x == d for x in data.domains]) & ~split.id_train].mean().item()
+                  for d in domains}  # in-distribution styles: held-out images only
+    id_acc = correct[split.id_test].mean().item()
+    shifted = [d for d in domains if d not in id_domains]
+    ood_acc = sum(per_domain[d] for d in shifted) / max(1, len(shifted))
+    return {"in_distribution": id_acc, "shifted_mean": ood_acc, "per_domain": per_domain,
+            "retained": ood_acc / id_acc if id_acc else 0.0}
+
+
+def extra_zero_shot(ctx: EvalContext, sets: dict[str, LabelledImages]) -> dict[str, Any]:
+    """Zero-shot results of each extra image set, by its name."""
+    # A set named like a template set (e.g. "tuxpaint") is prompted with it.
+    return {label: zeroshot(ctx, images, name=f"{label} (zero-shot)",
+                            templates=label if label in list_templates() else None)
+            for label, images in sets.items()}
+
+
+def robustness_section(ctx: EvalContext, name: str, results: dict[str, Any], held_out: int, classes: int,
+                       labels: dict[str, str]) -> None:
+    """The report's robustness table and scatter plot: methods under their display labels."""
+    rows, points = [], []
+    for method, acc in results["domains"].items():
+        label = labels.get(method, method)
+        rows.append({"method": label, "in-dist": acc["in_distribution"], "shifted (mean)": acc["shifted_mean"],
+                     "retained": acc["retained"], **acc["per_domain"]})
+        points += [{"name": label, "domain": d, "id_acc": acc["in_distribution"], "ood_acc": a}
+                   for d, a in acc["per_domain"].items() if d not in results["id_domains"]]
     plot = plot_robustness(points, ctx.out_dir / f"{_slug(name)}.png", "shifted vs in-distribution top-1")
-    ctx.sections.append(Section(name, f"in-distribution styles: {', '.join(id_domains)} (baselines train on them; "
-                                f"{int(id_test.sum())} held-out images measure in-distribution accuracy); "
-                                f"{len(data.classnames)} classes.",
-                                rows, None, [plot]))
+    ctx.sections.append(Section(name, f"in-distribution styles: {', '.join(results['id_domains'])} (baselines "
+                                f"train on them; {held_out} held-out images measure in-distribution accuracy); "
+                                f"{classes} classes.", rows, None, [plot]))
+
+
+def robustness_results(ctx: EvalContext, data: LabelledImages, split: RobustnessSplit,
+                       predictions: dict[str, torch.Tensor], settings: RobustnessSettings,
+                       labels: dict[str, str] = METHOD_LABELS) -> dict[str, Any]:
+    """Accuracies of every method (by method id), the extra zero-shot sets, and the report section."""
+    accuracies = {m: method_accuracy(pred, data, split, settings.id_domains) for m, pred in predictions.items()}
+    results: dict[str, Any] = {"domains": accuracies, "id_domains": list(settings.id_domains)}
+    results.update(extra_zero_shot(ctx, settings.extra_zero_shot))
+    robustness_section(ctx, settings.name, results, int(split.id_test.sum()), len(data.classnames), labels)
     return results
+
+
+def robustness(ctx: EvalContext, data: LabelledImages, settings: RobustnessSettings) -> dict[str, Any]:
+    """Accuracy per style for CLIP zero-shot, a CLIP linear probe and (optionally) a supervised model.
+
+    In-distribution = the styles the baselines train on; one image per class of those styles is held out
+    and every method's in-distribution accuracy is measured on them. Every other style is a shift (all its
+    images are used). Results are keyed by method id (METHOD_LABELS gives the report's names).
+    """
+    features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    in_id = in_distribution_rows(data, settings.id_domains)
+    split = RobustnessSplit(in_id, in_distribution_split(data.labels, in_id))
+    predictions = clip_predictions(ctx, data, features, split)
+    if settings.supervised_steps:
+        supervised = supervised_baseline(ctx, data, split.id_train, settings.supervised_steps)
+        predictions[SUPERVISED] = supervised(data.paths).argmax(-1)  # paths were all readable above
+    return robustness_results(ctx, data, split, predictions, settings)
 
 
 def supervised_baseline(ctx: EvalContext, data: LabelledImages, train_rows: torch.Tensor, steps: int,
