@@ -11,12 +11,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
-import torch
 from torch.utils.data import Dataset
 
-from clipforge.text.base import Tokenizer
 from clipforge.data.images import DEFAULT_MAX_PIXELS, IMAGE_ERROR_REASONS, SampleError, decode_image
 from clipforge.errors import DataError
+from clipforge.text.base import Tokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]
 
