@@ -1,7 +1,7 @@
 """Inference throughput: clipforge vs HF transformers CLIPModel on the same random ViT-B-32 weights.
 
 Run:  python benchmarks/inference.py [--repeats 7] [--threads N]
-Prints images/s and texts/s (median of repeats) for fp32 and bf16, and clipforge/HF ratios.
+Prints images/s and texts/s (median of repeats) for fp32, bf16 and int8 (clipforge.quantize), and ratios.
 HF bf16 is measured both with weights cast to bf16 and with CPU autocast; the ratio uses the faster.
 """
 from __future__ import annotations
@@ -80,6 +80,14 @@ def main() -> None:
             rows.append((precision, label, img_s, txt_s, "", ""))
         rows.append((precision, "clipforge", ours_img, ours_txt, f"{best_img / ours_img:.2f}x", f"{best_txt / ours_txt:.2f}x"))
 
+    # int8 (clipforge.quantize): dynamic int8 linear layers on the fp32 model.
+    quantized = clipforge.quantize(model, "int8")
+    q_img = median_seconds(lambda: quantized.encode_image(pixels), args.repeats)
+    q_txt = median_seconds(lambda: quantized.encode_text(tokens), args.repeats)
+    rows.append(("int8", "clipforge.quantize", q_img, q_txt, f"{best_img / q_img:.2f}x", f"{best_txt / q_txt:.2f}x"))
+    bf16_img, bf16_txt = next((r[2], r[3]) for r in rows if r[:2] == ("bf16", "clipforge"))
+    int8_note = f"int8 vs clipforge bf16: {bf16_img / q_img:.2f}x images/s, {bf16_txt / q_txt:.2f}x texts/s"
+
     # torch.compile'd towers (inductor), bf16: the compile itself is timed separately.
     compiled = clipforge.create_model("ViT-B-32").eval()
     compiled.load_state_dict(model.state_dict())
@@ -100,6 +108,7 @@ def main() -> None:
     for precision, label, img_s, txt_s, r_img, r_txt in rows:
         print(f"| {precision} | {label} | {img_s * 1e3:.0f} | {args.image_batch / img_s:.1f} | {txt_s * 1e3:.0f} "
               f"| {args.text_batch / txt_s:.0f} | {r_img} | {r_txt} |")
+    print(f"\n{int8_note} (ratio columns: against the best HF bf16 row)")
 
 
 if __name__ == "__main__":
