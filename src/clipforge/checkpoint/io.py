@@ -24,8 +24,7 @@ from clipforge.errors import CheckpointError
 from clipforge.model.config import (CLIPConfig, PreprocessConfig, TextConfig, apply_overrides, get_model_config,
                                     list_models)
 from clipforge.model.towers import tokenizer_for
-from clipforge.text.base import Tokenizer
-from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
+from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE, Tokenizer
 
 CONFIG_FILE = "clipforge.json"
 WEIGHTS_FILE = "model.safetensors"

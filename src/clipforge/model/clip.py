@@ -145,14 +145,14 @@ class CLIP(nn.Module):
 
 def _text_keys_to_checkpoint(module: CLIP, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
     """`text_tower.transformer.*` -> `transformer.*` for a tower saved at the top level (OpenAI's layout)."""
-    inner = prefix + "text_tower."
-    for name in module.text_tower.checkpoint_names:
-        for key in [k for k in state_dict if k.startswith(inner + name)]:
-            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    _move_keys(state_dict, prefix + "text_tower.", prefix, module.text_tower.checkpoint_names)
 
 
 def _text_keys_from_checkpoint(module: CLIP, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """The inverse on load, before nn.Module matches keys to parameters."""
-    for name in module.text_tower.checkpoint_names:
-        for key in [k for k in state_dict if k.startswith(prefix + name)]:
-            state_dict[prefix + "text_tower." + key[len(prefix):]] = state_dict.pop(key)
+    _move_keys(state_dict, prefix, prefix + "text_tower.", module.text_tower.checkpoint_names)
+
+
+def _move_keys(state_dict: dict[str, Any], old: str, new: str, names: tuple[str, ...]) -> None:
+    for key in [k for k in state_dict if k.startswith(tuple(old + name for name in names))]:
+        state_dict[new + key[len(old):]] = state_dict.pop(key)

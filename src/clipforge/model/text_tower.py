@@ -76,28 +76,30 @@ class CausalTextTower(TextTower):
         self.transformer.init_weights()
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
-        eot = tokens.argmax(dim=-1)
         # The mask is causal and pooling reads the EOT position, so positions after the longest
         # EOT never influence the output: dropping them is exact and saves most of the compute.
-        length = int(eot.max()) + 1 if tokens.numel() else 0
-        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length].to(self.token_embedding.weight.dtype)
-        x = self.transformer(x, causal=True)
-        return self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
+        length = int(tokens.argmax(dim=-1).max()) + 1 if tokens.numel() else 0
+        return self._at_eot(self.transformer(self._embed(tokens[:, :length]), causal=True), tokens)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled @ self.text_projection
 
     def untrimmed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x = self.transformer(x, causal=True)
-        return self.ln_final(x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]) @ self.text_projection
+        return self.project(self._at_eot(self.transformer(self._embed(tokens), causal=True), tokens))
 
     def outputs(self, tokens: torch.Tensor, attentions: bool = False) -> TowerOutputs:
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]].to(self.token_embedding.weight.dtype)
-        states, weights = self.transformer.forward_states(x, causal=True, attentions=attentions)
+        states, weights = self.transformer.forward_states(self._embed(tokens), causal=True, attentions=attentions)
         final = self.ln_final(states[-1])
         pooled = final[torch.arange(final.shape[0], device=final.device), tokens.argmax(dim=-1)]
-        return TowerOutputs(pooled @ self.text_projection, final, tuple(states), tuple(weights))
+        return TowerOutputs(self.project(pooled), final, tuple(states), tuple(weights))
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = self.positional_embedding[: tokens.shape[1]].to(self.token_embedding.weight.dtype)
+        return self.token_embedding(tokens) + positions
+
+    def _at_eot(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The final layer norm of each row's features at its EOT (highest id) position."""
+        return self.ln_final(x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)])
 
     @classmethod
     def tokenizer(cls, config: TextConfig, directory: Path | None = None,

@@ -8,6 +8,7 @@ from torch import nn
 from clipforge.distributed import DistInfo, average_gradients
 from clipforge.loss import clamp_logit_scale_
 
+
 class LockedTextCache:
     """Pooled features of a locked text tower by caption: each distinct caption is encoded once.
 
