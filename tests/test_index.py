@@ -229,6 +229,23 @@ def test_interrupted_update_falls_back_to_exact(shapes, model_dir, tmp_path):
         assert ImageIndex.open(out).backend["kind"] == "exact"
 
 
+def test_open_reads_the_vector_file_not_the_shards(shapes, model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "index"
+    build_index(shapes / "images", out, model=model_dir, progress=False, backend="faiss-ivf")
+    want = index_vectors_of(ImageIndex.open(out))
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "load_vectors", lambda *a: pytest.fail("the shards were read"))
+        index = ImageIndex.open(out)
+        scores, ids = index.search(want[:4], 5)
+    found = want[np.searchsorted(index.ids, ids)]  # [4, 5, dim]: the vectors of the returned ids
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", want[:4], found), atol=1e-5)  # exact scores
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["vectors"]  # as an index written before the vector file existed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="older clipforge"):
+        assert ImageIndex.open(out).backend["kind"] == "exact"
+
+
 def test_caption_csv_source_and_caption_only_change(shapes, model_dir, tmp_path):
     csv_path, out = shapes / "captions.csv", tmp_path / "index"
     stats = build_index(csv_path, out, model=model_dir, progress=False)

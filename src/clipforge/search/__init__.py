@@ -19,9 +19,13 @@ Index format (version 1), one folder:
 - `shards/*.npz`: `embeddings` [n, dim] float32 L2-normalised, plus `paths`, `sizes`, `mtimes_ns`,
   `captions` for each row, so a shard written by a killed run or another rank can be adopted later. A
   shard file not in `shards` is pending; rows that no image points at any more are dropped by re-packing.
-- `backend.faiss`: the FAISS structure when the backend is one (for IVF only its codes: the exact
-  vectors for re-ranking come from the shards). If `generation` differs from the manifest's (a build was
-  killed after changing the table), the index is searched exactly until the next build.
+- `vectors.npy`: every live embedding [count, dim] float32, in id order (an ordinary `.npy`): what
+  search scores exactly, read by row (the exact backend loads it whole). Written by each build from the
+  shards; the manifest's `"vectors"` names it.
+- `backend.faiss`: the FAISS structure when the backend is one (IVF: the 4-bit PQ candidates and the
+  8-bit re-ranking codes, `search/ivf.py`). If `generation` differs from the manifest's (a build was
+  killed after changing the table), or the manifest names no `vectors` file (an index built before it
+  existed), the index is searched exactly from the shards until the next build.
 
 Image paths are absolute; an image inside a webdataset tar is `/abs/shard.tar#member.jpg`.
 """

@@ -27,6 +27,7 @@ from clipforge.device import resolve_device
 from clipforge.search import ranks, store
 from clipforge.search.backend import build_backend, save_backend
 from clipforge.search.sources import Item, ItemReader, list_source
+from clipforge.search.vectors import VectorFile
 from clipforge.errors import IndexLocked, SearchError
 
 BACKEND_FILE = "backend.faiss"
@@ -247,7 +248,8 @@ def _finish(run: _Run) -> None:
     """Build the search backend over every live vector and write the manifest (the index's commit point)."""
     index_dir, con, stats, settings = run.index_dir, run.con, run.stats, run.settings
     dim = int(store.get_meta(con, "dim") or 0)
-    ids, vectors = store.load_vectors(index_dir, con, dim)
+    ids = store.write_vectors_file(index_dir, con, dim)
+    vectors = VectorFile(index_dir / store.VECTORS)
     backend = build_backend(vectors, settings.backend, settings.target_recall)
     if backend.index is not None:
         save_backend(backend, index_dir / BACKEND_FILE)
@@ -258,7 +260,8 @@ def _finish(run: _Run) -> None:
         "format": store.FORMAT, "version": store.VERSION, "model": store.get_meta(con, "model"),
         "pretrained": store.get_meta(con, "pretrained") or None, "dim": dim,
         "count": len(ids), "generation": int(store.get_meta(con, "generation") or 0),
-        "shards": len(store.shard_files(index_dir)), "backend": backend.describe(), "source": str(run.source),
+        "shards": len(store.shard_files(index_dir)), "vectors": store.VECTORS, "backend": backend.describe(),
+        "source": str(run.source),
         "precision": settings.precision, "skipped": stats.skipped,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })

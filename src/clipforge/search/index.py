@@ -12,6 +12,7 @@ import numpy as np
 from clipforge.search import store
 from clipforge.search.backend import Backend, build_backend, load_backend
 from clipforge.search.build import BACKEND_FILE
+from clipforge.search.vectors import VectorFile
 from clipforge.errors import SearchError
 
 
@@ -31,20 +32,22 @@ class ImageIndex:
             raise SearchError(f"{index_dir}: the index has no {store.DATABASE}; rebuild it with `clipforge index`")
         con = store.connect_readonly(index_dir)
         try:
-            ids, vectors = store.load_vectors(index_dir, con, int(manifest["dim"]))
+            ids = store.live_ids(con)
             generation = int(store.get_meta(con, "generation") or 0)
+            stale = _why_stale(index_dir, manifest, generation, len(ids))
+            if stale:
+                # The table and shards are consistent, the saved vectors and FAISS structure may not be:
+                # search exactly until the next `clipforge index` finishes.
+                warnings.warn(f"{index_dir}: {stale}; searching exactly until `clipforge index` is re-run",
+                              stacklevel=2)
+                ids, array = store.load_vectors(index_dir, con, int(manifest["dim"]))
+                return cls(index_dir, manifest, ids, build_backend(array, "exact"))
         except sqlite3.DatabaseError as error:
             raise SearchError(f"{index_dir}: unreadable {store.DATABASE}: {error}") from None
         finally:
             con.close()
-        described = manifest.get("backend", {"kind": "exact"})
-        if generation != manifest.get("generation"):
-            # A build was interrupted after changing the table: the table and shards are consistent, the
-            # saved FAISS structure may not be, so search exactly until the next `clipforge index` finishes.
-            warnings.warn(f"{index_dir}: changed since its last complete build (interrupted `clipforge index`?); "
-                          "searching exactly until it is re-run", stacklevel=2)
-            described = {"kind": "exact"}
-        backend = load_backend(described, index_dir / BACKEND_FILE, vectors) if len(ids) else build_backend(vectors)
+        vectors = VectorFile(index_dir / store.VECTORS)
+        backend = load_backend(manifest.get("backend", {"kind": "exact"}), index_dir / BACKEND_FILE, vectors)
         return cls(index_dir, manifest, ids, backend)
 
     def __len__(self) -> int:
@@ -98,3 +101,15 @@ class ImageIndex:
         return {"id": row[0], "path": row[1], "size": row[2], "mtime": row[3] / 1e9, "caption": row[4]}
 
 
+
+
+def _why_stale(index_dir: Path, manifest: dict[str, Any], generation: int, count: int) -> str | None:
+    """Why the saved vectors / backend cannot be used as they are, or None if they can."""
+    if generation != manifest.get("generation"):
+        return "changed since its last complete build (interrupted `clipforge index`?)"
+    if manifest.get("vectors") != store.VECTORS or not (index_dir / store.VECTORS).is_file():
+        return f"no {store.VECTORS} (built by an older clipforge?)"
+    rows = VectorFile(index_dir / store.VECTORS).n
+    if rows != count:
+        return f"{store.VECTORS} holds {rows} rows, the table {count}"
+    return None

@@ -16,8 +16,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from clipforge.io import write_atomic
 from clipforge.errors import SearchError
+from clipforge.io import write_atomic
+from clipforge.search.vectors import write_vectors
 
 FORMAT = "clipforge-index"
 VERSION = 1
@@ -25,6 +26,7 @@ MANIFEST = "manifest.json"
 DATABASE = "metadata.sqlite"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".npz"
+VECTORS = "vectors.npy"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -200,6 +202,28 @@ def load_vectors(index_dir: Path, con: sqlite3.Connection, dim: int) -> tuple[np
         start += len(rows)
     order = np.argsort(ids, kind="stable")  # id order: the same vectors give the same matrix however sharded
     return ids[order], vectors[order]
+
+
+def live_ids(con: sqlite3.Connection) -> np.ndarray:
+    """The ids of every live image, ascending: the row order of `VECTORS` and of `load_vectors`."""
+    count = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    return np.fromiter((i for (i,) in con.execute("SELECT id FROM images ORDER BY id")), np.int64, count)
+
+
+def write_vectors_file(index_dir: Path, con: sqlite3.Connection, dim: int) -> np.ndarray:
+    """Write every live embedding in id order to `VECTORS`, one shard in memory at a time; returns the ids."""
+    live = live_rows(con)
+    ids = np.sort(np.concatenate([i for i, _ in live.values()])) if live else np.zeros(0, np.int64)
+
+    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for shard, (shard_ids, rows) in live.items():
+            path = index_dir / SHARD_DIR / shard
+            if not path.is_file():
+                raise SearchError(f"{index_dir}: shard {shard} is missing; rebuild the index with `clipforge index`")
+            yield np.searchsorted(ids, shard_ids), read_shard_embeddings(path)[rows]
+
+    write_vectors(index_dir / VECTORS, len(ids), dim, blocks())
+    return ids
 
 
 def drop_broken(index_dir: Path, con: sqlite3.Connection) -> None:
