@@ -26,12 +26,13 @@ def main() -> None:
     parser.add_argument("--styles", default="twitter,openmoji-black,noto-v1,emojione")
     parser.add_argument("--split", default="seen")
     parser.add_argument("--templates", default="emoji")
+    parser.add_argument("--towers", default="image,text", help="which towers run int8 (clipforge.quantize's towers)")
     args = parser.parse_args()
     model, preprocess = clipforge.load(args.model)
-    models = {"fp32": model, "int8": clipforge.quantize(model, "int8")}
+    models = {"fp32": model, "int8": clipforge.quantize(model, "int8", towers=tuple(args.towers.split(",")))}
     tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
     print(f"{args.model}: {model.config.vision.layers if model.config.vision.is_resnet else 'ViT'} image tower, "
-          f"{model.config.text_tower} text tower; templates {args.templates}")
+          f"{model.config.text_tower} text tower; templates {args.templates}; int8 towers: {args.towers}")
     print("\n| style | images | classes | image cosine min / mean | text cosine min | top-1 fp32 | top-1 int8 "
           "| same class |\n|---|---|---|---|---|---|---|---|")
     for style in args.styles.split(","):

@@ -40,3 +40,17 @@ def test_quantize_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="inference only"):
         clipforge.save_pretrained(clipforge.quantize(model), tmp_path / "q")
     assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="towers must name"):
+        clipforge.quantize(model, towers=("audio",))
+
+
+def test_quantize_one_tower_leaves_the_other_exact():
+    model = clipforge.create_model("cpu-vit-tiny-32", seed=0).eval()
+    image_only = clipforge.quantize(model, towers=("image",))
+    pixels, tokens = torch.randn(3, 3, 32, 32), clipforge.tokenize(["a cat", "a dog"], context_length=32)
+    with torch.inference_mode():
+        assert torch.equal(image_only.encode_text(tokens), model.encode_text(tokens))
+        int8_image, fp32_image = image_only.encode_image(pixels), model.encode_image(pixels)
+    assert not torch.equal(int8_image, fp32_image)
+    assert torch.nn.functional.cosine_similarity(int8_image, fp32_image).min() > 0.99
+    assert not any(isinstance(m, Int8Attention) for m in image_only.text_tower.modules())

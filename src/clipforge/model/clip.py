@@ -1,6 +1,7 @@
 """The CLIP model: image tower + causal text tower projected into one space, with a learned temperature."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.errors import ConfigError
+from clipforge.model.compiled import compile_tower, use_compile_cache
 from clipforge.model.config import CLIPConfig, PreprocessConfig
 from clipforge.model.outputs import TowerOutputs, image_outputs
 from clipforge.model.param_groups import weight_decay_groups
@@ -53,12 +55,14 @@ class CLIP(nn.Module):
             if isinstance(module, Transformer):
                 module.grad_checkpointing = enable
 
-    def compile_for_inference(self) -> "CLIP":
-        """torch.compile both towers (first calls compile: tens of seconds on CPU; exact up to rounding)."""
-        self.visual.compile()
+    def compile_for_inference(self, cache_dir: str | Path | None = None) -> "CLIP":
+        """torch.compile both towers for inference; the first call of each shape compiles (a minute or more on
+        a CPU) unless the on-disk cache (`model/compiled.py`) already holds it. Exact up to rounding."""
+        use_compile_cache(cache_dir)
+        compile_tower(self.visual)
         for module in self.text_tower.modules():
             if isinstance(module, Transformer):
-                module.compile(dynamic=True)  # text length varies with the longest caption
+                compile_tower(module, dynamic=True)  # text length varies with the longest caption
         return self
 
     def lock_image_tower(self) -> int:

@@ -15,6 +15,7 @@ from clipforge.errors import ConfigError
 from clipforge.model.transformer import Attention
 
 MODES = ("int8",)
+TOWERS = ("image", "text")
 
 
 def _dynamic_int8(linear: nn.Linear) -> nn.Module:
@@ -54,20 +55,31 @@ class Int8Attention(Attention):
         return self.qkv[part](x)
 
 
-def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """A copy of a CLIP for CPU inference with int8 linear layers; same encode_image / encode_text / forward."""
+def quantize(model: nn.Module, mode: str = "int8", towers: tuple[str, ...] = TOWERS) -> nn.Module:
+    """A copy of a CLIP for CPU inference with int8 linear layers; same encode_image / encode_text / forward.
+
+    `towers` picks which run int8: ("image",) keeps text fp32, for a zero-shot classifier whose class
+    embeddings are computed once while every image pays the image tower.
+    """
     if mode not in MODES:
         raise ConfigError(f"unknown quantisation mode {mode!r}: use one of {', '.join(MODES)}")
+    if not towers or set(towers) - set(TOWERS):
+        raise ConfigError(f"towers must name some of {', '.join(TOWERS)}, got {towers!r}")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ConfigError("int8 quantisation runs on CPU kernels: move the model to the CPU first (model.cpu())")
     quantized = copy.deepcopy(model).float().eval()
-    for parent in list(quantized.modules()):
+    for tower in towers:
+        _quantize_linears(quantized.visual if tower == "image" else quantized.text_tower)
+    quantized.quantized = mode  # save_pretrained refuses it: int8 weights are not a checkpoint format
+    for param in quantized.parameters():
+        param.requires_grad_(False)
+    return quantized
+
+
+def _quantize_linears(root: nn.Module) -> None:
+    for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Attention):
                 setattr(parent, name, Int8Attention(child))
             elif type(child) is nn.Linear:
                 setattr(parent, name, _dynamic_int8(child))
-    quantized.quantized = mode  # save_pretrained refuses it: int8 weights are not a checkpoint format
-    for param in quantized.parameters():
-        param.requires_grad_(False)
-    return quantized

@@ -85,9 +85,13 @@ class IvfSq8:
 
     def _exact_top(self, queries: np.ndarray, shortlist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         valid = shortlist >= 0
-        rows = self.exact.rows(shortlist[valid])
-        scores = np.full(shortlist.shape, -np.inf, np.float32)
-        scores[valid] = np.einsum("rd,rd->r", rows, np.repeat(queries, valid.sum(axis=1), axis=0))
+        if valid.all():  # the usual case: no masking, one batched product
+            rows = self.exact.rows(shortlist).reshape(*shortlist.shape, -1)
+            scores = np.matmul(rows, queries[:, :, None])[..., 0]
+        else:
+            scores = np.full(shortlist.shape, -np.inf, np.float32)
+            rows = self.exact.rows(shortlist[valid])
+            scores[valid] = np.einsum("rd,rd->r", rows, np.repeat(queries, valid.sum(axis=1), axis=0))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         positions = np.take_along_axis(shortlist, order, axis=1)
         top = np.take_along_axis(scores, order, axis=1)

@@ -86,13 +86,16 @@ class VectorFile:
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """One read per run of consecutive positions, in file order, then put back in the asked order."""
         positions = np.asarray(positions, dtype=np.int64).ravel()
-        if len(positions) and (positions.min() < 0 or positions.max() >= self.n):
+        order = np.argsort(positions, kind="stable")
+        ascending = positions[order]
+        if len(ascending) and (ascending[0] < 0 or ascending[-1] >= self.n):
             raise SearchError(f"{self.path}: row positions must be in [0, {self.n})")
-        unique, inverse = np.unique(positions, return_inverse=True)
-        out = np.empty((len(unique), self.dim), np.float32)
-        for first, end in _runs(unique):
-            self._read_into(out[first:end], int(unique[first]))
-        return out[inverse]
+        rows = np.empty((len(ascending), self.dim), np.float32)
+        for first, end in _runs(ascending):  # a repeated position starts a new run: read again, still right
+            self._read_into(rows[first:end], int(ascending[first]))
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out
 
     def load(self) -> np.ndarray:
         """The whole matrix in memory."""
