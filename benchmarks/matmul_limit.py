@@ -4,20 +4,21 @@ Run:  python benchmarks/matmul_limit.py [--model ViT-B-32] [--batch 16] [--dtype
 Prints, per distinct matmul shape of one forward pass (patch embedding, q/k/v, attention, output
 projection, MLP, the class-token-only last block, the final projection): how often it runs, its GFLOP,
 the best GFLOP/s measured for that shape alone (the faster of `F.linear` and `torch.mm` on contiguous
-operands, median of repeats), and the time the model spends in it at that rate. The sum is the
+operands, the fastest of repeats: a limit, where model timings are medians), and the time the model spends in it at that rate. The sum is the
 fastest the tower can run if everything that is not a matmul were free: benchmarks/inference.py
 divides it by the measured time ("% of matmul limit"). `inference.py` imports `matmul_limit`.
 """
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import clipforge
-from clipforge.timing import median_seconds
 
 
 @dataclass(frozen=True)
@@ -59,16 +60,27 @@ def vit_shapes(model_name: str, images: int) -> list[Shape]:
     ]
 
 
+def fastest_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def best_seconds(shape: Shape, dtype: torch.dtype, repeats: int) -> float:
-    """The fastest median time of one run of `shape` (F.linear or torch.mm / bmm, contiguous operands)."""
-    if shape.batch > 1:
-        a, b = torch.randn(shape.batch, shape.m, shape.k, dtype=dtype), torch.randn(shape.batch, shape.k, shape.n,
-                                                                                      dtype=dtype)
-        return median_seconds(lambda: torch.bmm(a, b), repeats)
-    x, w = torch.randn(shape.m, shape.k, dtype=dtype), torch.randn(shape.n, shape.k, dtype=dtype)
-    wt = w.t().contiguous()
+    """The fastest time of one run of `shape` (F.linear or torch.mm / bmm, contiguous operands)."""
     with torch.inference_mode():
-        return min(median_seconds(lambda: F.linear(x, w), repeats), median_seconds(lambda: torch.mm(x, wt), repeats))
+        if shape.batch > 1:
+            a = torch.randn(shape.batch, shape.m, shape.k, dtype=dtype)
+            b = torch.randn(shape.batch, shape.k, shape.n, dtype=dtype)
+            return fastest_seconds(lambda: torch.bmm(a, b), repeats)
+        x, w = torch.randn(shape.m, shape.k, dtype=dtype), torch.randn(shape.n, shape.k, dtype=dtype)
+        wt = w.t().contiguous()
+        return min(fastest_seconds(lambda: F.linear(x, w), repeats), fastest_seconds(lambda: torch.mm(x, wt), repeats))
 
 
 def matmul_limit(model_name: str, images: int, dtype: torch.dtype, repeats: int) -> tuple[float, list[tuple]]:
