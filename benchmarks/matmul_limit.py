@@ -11,7 +11,6 @@ divides it by the measured time ("% of matmul limit"). `inference.py` imports `m
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import clipforge
+from clipforge.timing import call_seconds
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,7 @@ def vit_shapes(model_name: str, images: int) -> list[Shape]:
 
 def fastest_seconds(fn: Callable[[], object], repeats: int) -> float:
     """The fastest of `repeats` timed calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(call_seconds(fn, repeats))
 
 
 def best_seconds(shape: Shape, dtype: torch.dtype, repeats: int) -> float:

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() under inference mode, after `warmup` untimed calls."""
+def call_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall time of each of `repeats` calls of fn() under inference mode, after `warmup` untimed calls."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
@@ -18,4 +18,9 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() under inference mode, after `warmup` untimed calls."""
+    return statistics.median(call_seconds(fn, repeats, warmup))
