@@ -371,12 +371,14 @@ def test_query_encoder_is_thread_safe(encoder):
     assert encoder.embed_texts([]).shape == (0, encoder.dim)
 
 
-def test_export_npy_in_clip_retrievals_layout(shapes, model_dir, tmp_path, capsys):
+def test_export_npy_in_clip_retrievals_layout(shapes, model_dir, tmp_path, capsys, monkeypatch):
     pq = pytest.importorskip("pyarrow.parquet", reason="the export extra")
     build_index(shapes / "images", tmp_path / "index", model=model_dir, progress=False)
     index = ImageIndex.open(tmp_path / "index")
-    assert main(["export", "npy", str(tmp_path / "index"), str(tmp_path / "out"), "--part-size", "50",
-                 "--dtype", "float32"]) == 0
+    with monkeypatch.context() as patch:  # a current index exports from vectors.npy, part by part
+        patch.setattr(store, "load_vectors", lambda *a: pytest.fail("the shards were read whole"))
+        assert main(["export", "npy", str(tmp_path / "index"), str(tmp_path / "out"), "--part-size", "50",
+                     "--dtype", "float32"]) == 0
     assert "72 embeddings" in capsys.readouterr().out
     vectors = np.concatenate([np.load(tmp_path / "out" / "img_emb" / f"img_emb_{i}.npy") for i in range(2)])
     meta = [pq.read_table(tmp_path / "out" / "metadata" / f"metadata_{i}.parquet").to_pylist() for i in range(2)]

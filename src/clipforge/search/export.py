@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from clipforge.errors import SearchError
 from clipforge.io import write_atomic
 from clipforge.search import store
-from clipforge.errors import SearchError
+from clipforge.search.vectors import ArrayVectors, VectorFile, Vectors
 
 
 def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int = 1_000_000,
@@ -31,7 +32,12 @@ def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int
     manifest = store.read_manifest(index_dir)
     con = store.connect_readonly(index_dir)
     try:
-        ids, vectors = store.load_vectors(index_dir, con, int(manifest["dim"]))
+        ids = store.live_ids(con)
+        if store.why_vectors_stale(index_dir, con, manifest, len(ids)) is None:
+            vectors: Vectors = VectorFile(index_dir / store.VECTORS)  # read part by part, never whole
+        else:
+            ids, array = store.load_vectors(index_dir, con, int(manifest["dim"]))
+            vectors = ArrayVectors(array)
         rows = {i: (path, caption) for i, path, caption in con.execute("SELECT id, path, caption FROM images")}
     finally:
         con.close()
@@ -41,7 +47,7 @@ def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int
     for part in range(parts):
         chunk = slice(part * part_size, (part + 1) * part_size)
         array = io.BytesIO()
-        np.save(array, vectors[chunk].astype(dtype))
+        np.save(array, vectors.rows(np.arange(len(ids))[chunk]).astype(dtype))
         write_atomic(out / "img_emb" / f"img_emb_{part}.npy", array.getvalue())
         table = pa.table({"image_path": [rows[int(i)][0] for i in ids[chunk]],
                           "caption": [rows[int(i)][1] for i in ids[chunk]], "id": ids[chunk]})

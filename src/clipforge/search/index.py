@@ -1,4 +1,5 @@
-"""`ImageIndex`: a read-only view of a built index (vectors in memory, metadata looked up in SQLite)."""
+"""`ImageIndex`: a read-only view of a built index (the search structure in memory, exact vectors read by row
+from `vectors.npy`, metadata looked up in SQLite)."""
 from __future__ import annotations
 
 import sqlite3
@@ -33,8 +34,7 @@ class ImageIndex:
         con = store.connect_readonly(index_dir)
         try:
             ids = store.live_ids(con)
-            generation = int(store.get_meta(con, "generation") or 0)
-            stale = _why_stale(index_dir, manifest, generation, len(ids))
+            stale = store.why_vectors_stale(index_dir, con, manifest, len(ids))
             if stale:
                 # The table and shards are consistent, the saved vectors and FAISS structure may not be:
                 # search exactly until the next `clipforge index` finishes.
@@ -99,17 +99,3 @@ class ImageIndex:
         if row is None:
             raise KeyError(id)
         return {"id": row[0], "path": row[1], "size": row[2], "mtime": row[3] / 1e9, "caption": row[4]}
-
-
-
-
-def _why_stale(index_dir: Path, manifest: dict[str, Any], generation: int, count: int) -> str | None:
-    """Why the saved vectors / backend cannot be used as they are, or None if they can."""
-    if generation != manifest.get("generation"):
-        return "changed since its last complete build (interrupted `clipforge index`?)"
-    if manifest.get("vectors") != store.VECTORS or not (index_dir / store.VECTORS).is_file():
-        return f"no {store.VECTORS} (built by an older clipforge?)"
-    rows = VectorFile(index_dir / store.VECTORS).n
-    if rows != count:
-        return f"{store.VECTORS} holds {rows} rows, the table {count}"
-    return None

@@ -18,7 +18,7 @@ import numpy as np
 
 from clipforge.errors import SearchError
 from clipforge.io import write_atomic
-from clipforge.search.vectors import write_vectors
+from clipforge.search.vectors import VectorFile, write_vectors
 
 FORMAT = "clipforge-index"
 VERSION = 1
@@ -224,6 +224,18 @@ def write_vectors_file(index_dir: Path, con: sqlite3.Connection, dim: int) -> np
 
     write_vectors(index_dir / VECTORS, len(ids), dim, blocks())
     return ids
+
+
+def why_vectors_stale(index_dir: Path, con: sqlite3.Connection, manifest: dict[str, Any], count: int) -> str | None:
+    """Why `VECTORS` and the saved backend may not match the table (so read the shards), or None if they do."""
+    if int(get_meta(con, "generation") or 0) != manifest.get("generation"):
+        return "changed since its last complete build (interrupted `clipforge index`?)"
+    if manifest.get("vectors") != VECTORS or not (index_dir / VECTORS).is_file():
+        return f"no {VECTORS} (built by an older clipforge?)"
+    rows = VectorFile(index_dir / VECTORS).n
+    if rows != count:
+        return f"{VECTORS} holds {rows} rows, the table {count}"
+    return None
 
 
 def drop_broken(index_dir: Path, con: sqlite3.Connection) -> None:
