@@ -150,10 +150,9 @@ def build_backend(vectors: np.ndarray | Vectors, kind: str = "auto", target_reca
     source = ArrayVectors(vectors) if isinstance(vectors, np.ndarray) else vectors
     kind = choose_kind(source.n, kind)
     if kind == "exact" or source.n < MIN_FAISS:
-        array = source.array if isinstance(source, ArrayVectors) else source.load()
         # Too few points to train 16 PQ centroids per sub-space; an exact scan is instant anyway.
         note = {} if kind == "exact" else {"requested": kind, "reason": f"fewer than {MIN_FAISS} vectors"}
-        return Backend("exact", note, array)
+        return Backend("exact", note, source.load())
     faiss = _faiss()
     faiss.omp_set_num_threads(faiss_threads())
     start = time.perf_counter()
@@ -231,11 +230,8 @@ def _deeper(setting: dict, than: dict) -> bool:
 def save_backend(backend: Backend, path: Path) -> None:
     """Write the FAISS structure atomically (for IVF not the exact vectors: they are the index's own file)."""
     faiss = _faiss()
-    if backend.kind == "faiss-ivf":
-        backend.index.save(faiss, path)
-        return
     with atomic_path(path) as tmp:
-        faiss.write_index(backend.index, str(tmp))
+        faiss.write_index(backend.index.index if backend.kind == "faiss-ivf" else backend.index, str(tmp))
 
 
 def load_backend(description: dict[str, Any], path: Path, vectors: Vectors) -> Backend:
@@ -243,12 +239,13 @@ def load_backend(description: dict[str, Any], path: Path, vectors: Vectors) -> B
     kind = description.get("kind")
     params = {k: v for k, v in description.items() if k != "kind"}
     if kind == "exact":
-        return Backend("exact", params, vectors.array if isinstance(vectors, ArrayVectors) else vectors.load())
+        return Backend("exact", params, vectors.load())
     if kind not in ("faiss-ivf", "faiss-hnsw"):
         raise SearchError(f"unknown search backend {kind!r} in the manifest")
     faiss = _faiss()
-    index = IvfSq8.load(faiss, path, vectors) if kind == "faiss-ivf" else faiss.read_index(str(path))
-    count = index.n if kind == "faiss-ivf" else index.ntotal
-    if count != vectors.n:
-        raise SearchError(f"{path}: holds {count} vectors, the index {vectors.n}")
+    if kind == "faiss-ivf":
+        return Backend(kind, params, None, IvfSq8.load(faiss, path, vectors))  # it checks the counts agree
+    index = faiss.read_index(str(path))
+    if index.ntotal != vectors.n:
+        raise SearchError(f"{path}: holds {index.ntotal} vectors, the index {vectors.n}")
     return Backend(kind, params, None, index)

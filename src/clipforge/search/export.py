@@ -15,7 +15,6 @@ import numpy as np
 from clipforge.errors import SearchError
 from clipforge.io import write_atomic
 from clipforge.search import store
-from clipforge.search.vectors import ArrayVectors, VectorFile, Vectors
 
 
 def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int = 1_000_000,
@@ -32,12 +31,7 @@ def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int
     manifest = store.read_manifest(index_dir)
     con = store.connect_readonly(index_dir)
     try:
-        ids = store.live_ids(con)
-        if store.why_vectors_stale(index_dir, con, manifest, len(ids)) is None:
-            vectors: Vectors = VectorFile(index_dir / store.VECTORS)  # read part by part, never whole
-        else:
-            ids, array = store.load_vectors(index_dir, con, int(manifest["dim"]))
-            vectors = ArrayVectors(array)
+        ids, vectors, _ = store.open_vectors(index_dir, con, manifest)  # read part by part below
         rows = {i: (path, caption) for i, path, caption in con.execute("SELECT id, path, caption FROM images")}
     finally:
         con.close()

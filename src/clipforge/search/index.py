@@ -13,7 +13,6 @@ import numpy as np
 from clipforge.search import store
 from clipforge.search.backend import Backend, build_backend, load_backend
 from clipforge.search.build import BACKEND_FILE
-from clipforge.search.vectors import VectorFile
 from clipforge.errors import SearchError
 
 
@@ -33,20 +32,16 @@ class ImageIndex:
             raise SearchError(f"{index_dir}: the index has no {store.DATABASE}; rebuild it with `clipforge index`")
         con = store.connect_readonly(index_dir)
         try:
-            ids = store.live_ids(con)
-            stale = store.why_vectors_stale(index_dir, con, manifest, len(ids))
-            if stale:
-                # The table and shards are consistent, the saved vectors and FAISS structure may not be:
-                # search exactly until the next `clipforge index` finishes.
-                warnings.warn(f"{index_dir}: {stale}; searching exactly until `clipforge index` is re-run",
-                              stacklevel=2)
-                ids, array = store.load_vectors(index_dir, con, int(manifest["dim"]))
-                return cls(index_dir, manifest, ids, build_backend(array, "exact"))
+            ids, vectors, stale = store.open_vectors(index_dir, con, manifest)
         except sqlite3.DatabaseError as error:
             raise SearchError(f"{index_dir}: unreadable {store.DATABASE}: {error}") from None
         finally:
             con.close()
-        vectors = VectorFile(index_dir / store.VECTORS)
+        if stale:
+            # The table and shards are consistent, the saved vectors and FAISS structure may not be:
+            # search exactly until the next `clipforge index` finishes.
+            warnings.warn(f"{index_dir}: {stale}; searching exactly until `clipforge index` is re-run", stacklevel=2)
+            return cls(index_dir, manifest, ids, build_backend(vectors.load(), "exact"))
         backend = load_backend(manifest.get("backend", {"kind": "exact"}), index_dir / BACKEND_FILE, vectors)
         return cls(index_dir, manifest, ids, backend)
 

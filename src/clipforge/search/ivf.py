@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from clipforge.errors import SearchError
-from clipforge.io import atomic_path
 from clipforge.search.vectors import Vectors
 
 RESCORE = 2  # stage 2 hands k x RESCORE candidates to the exact stage
@@ -84,27 +83,17 @@ class IvfSq8:
         return self._exact_top(queries, positions, k)
 
     def _exact_top(self, queries: np.ndarray, shortlist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        valid = shortlist >= 0
-        if valid.all():  # the usual case: no masking, one batched product
-            rows = self.exact.rows(shortlist).reshape(*shortlist.shape, -1)
-            scores = np.matmul(rows, queries[:, :, None])[..., 0]
-        else:
-            scores = np.full(shortlist.shape, -np.inf, np.float32)
-            rows = self.exact.rows(shortlist[valid])
-            scores[valid] = np.einsum("rd,rd->r", rows, np.repeat(queries, valid.sum(axis=1), axis=0))
+        valid = shortlist >= 0  # FAISS pads with -1 when it found fewer: read row 0 there, then mask it
+        rows = self.exact.rows(np.maximum(shortlist, 0)).reshape(*shortlist.shape, -1)
+        scores = np.where(valid, np.matmul(rows, queries[:, :, None])[..., 0], -np.inf).astype(np.float32)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         positions = np.take_along_axis(shortlist, order, axis=1)
         top = np.take_along_axis(scores, order, axis=1)
         return top, np.where(np.isfinite(top), positions, -1)
 
-    def save(self, faiss: Any, path: Path) -> None:
-        """Both FAISS stages to `path`, atomically (the exact vectors are the caller's to keep)."""
-        with atomic_path(path) as tmp:
-            faiss.write_index(self.index, str(tmp))
-
     @classmethod
     def load(cls, faiss: Any, path: Path, exact: Vectors) -> "IvfSq8":
-        """Read what `save` wrote; `exact` holds the same rows in the same order."""
+        """Read the `IndexRefine` that `save_backend` wrote; `exact` holds the same rows in the same order."""
         index = faiss.read_index(str(path))  # already of its own class; it owns both stages it read
         if not isinstance(index, faiss.IndexRefine):
             raise SearchError(f"{path}: not a faiss-ivf structure of this clipforge; rebuild the index")

@@ -18,7 +18,7 @@ import numpy as np
 
 from clipforge.errors import SearchError
 from clipforge.io import write_atomic
-from clipforge.search.vectors import VectorFile, write_vectors
+from clipforge.search.vectors import ArrayVectors, VectorFile, Vectors, write_vectors
 
 FORMAT = "clipforge-index"
 VERSION = 1
@@ -185,23 +185,40 @@ def live_rows(con: sqlite3.Connection) -> dict[str, tuple[np.ndarray, np.ndarray
     return {s: (np.array(i, dtype=np.int64), np.array(r, dtype=np.int64)) for s, (i, r) in out.items()}
 
 
-def load_vectors(index_dir: Path, con: sqlite3.Connection, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [n] ascending, embeddings [n, dim] float32) of every live image, gathered from the shards."""
+Blocks = Iterator[tuple[np.ndarray, np.ndarray]]  # (row positions, embeddings [len, dim]), as write_vectors takes
+
+
+def _id_ordered_blocks(index_dir: Path, con: sqlite3.Connection) -> tuple[np.ndarray, Blocks]:
+    """(ids ascending, (positions in that order, embeddings) of each shard, one shard read at a time)."""
     live = live_rows(con)
-    total = sum(len(ids) for ids, _ in live.values())
-    ids = np.empty(total, dtype=np.int64)
-    vectors = np.empty((total, dim), dtype=np.float32)
-    start = 0
-    for shard, (shard_ids, rows) in live.items():
-        path = index_dir / SHARD_DIR / shard
-        if not path.is_file():
-            raise SearchError(f"{index_dir}: shard {shard} is missing; rebuild the index with `clipforge index`")
-        embeddings = read_shard_embeddings(path)
-        ids[start : start + len(rows)] = shard_ids
-        vectors[start : start + len(rows)] = embeddings[rows]
-        start += len(rows)
-    order = np.argsort(ids, kind="stable")  # id order: the same vectors give the same matrix however sharded
-    return ids[order], vectors[order]
+    ids = np.sort(np.concatenate([i for i, _ in live.values()])) if live else np.zeros(0, np.int64)
+
+    def blocks() -> Blocks:
+        for shard, (shard_ids, rows) in live.items():
+            path = index_dir / SHARD_DIR / shard
+            if not path.is_file():
+                raise SearchError(f"{index_dir}: shard {shard} is missing; rebuild the index with `clipforge index`")
+            yield np.searchsorted(ids, shard_ids), read_shard_embeddings(path)[rows]
+
+    return ids, blocks()
+
+
+def load_vectors(index_dir: Path, con: sqlite3.Connection, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n] ascending, embeddings [n, dim] float32) of every live image, gathered from the shards.
+
+    Id order: the same vectors give the same matrix however they are sharded."""
+    ids, blocks = _id_ordered_blocks(index_dir, con)
+    vectors = np.empty((len(ids), dim), dtype=np.float32)
+    for positions, rows in blocks:
+        vectors[positions] = rows
+    return ids, vectors
+
+
+def write_vectors_file(index_dir: Path, con: sqlite3.Connection, dim: int) -> np.ndarray:
+    """Write every live embedding in id order to `VECTORS`, one shard in memory at a time; returns the ids."""
+    ids, blocks = _id_ordered_blocks(index_dir, con)
+    write_vectors(index_dir / VECTORS, len(ids), dim, blocks)
+    return ids
 
 
 def live_ids(con: sqlite3.Connection) -> np.ndarray:
@@ -210,20 +227,18 @@ def live_ids(con: sqlite3.Connection) -> np.ndarray:
     return np.fromiter((i for (i,) in con.execute("SELECT id FROM images ORDER BY id")), np.int64, count)
 
 
-def write_vectors_file(index_dir: Path, con: sqlite3.Connection, dim: int) -> np.ndarray:
-    """Write every live embedding in id order to `VECTORS`, one shard in memory at a time; returns the ids."""
-    live = live_rows(con)
-    ids = np.sort(np.concatenate([i for i, _ in live.values()])) if live else np.zeros(0, np.int64)
+def open_vectors(index_dir: Path, con: sqlite3.Connection,
+                 manifest: dict[str, Any]) -> tuple[np.ndarray, Vectors, str | None]:
+    """(ids, their vectors in that order, why `VECTORS` could not be used or None).
 
-    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for shard, (shard_ids, rows) in live.items():
-            path = index_dir / SHARD_DIR / shard
-            if not path.is_file():
-                raise SearchError(f"{index_dir}: shard {shard} is missing; rebuild the index with `clipforge index`")
-            yield np.searchsorted(ids, shard_ids), read_shard_embeddings(path)[rows]
-
-    write_vectors(index_dir / VECTORS, len(ids), dim, blocks())
-    return ids
+    A current index gives its `VECTORS` file, read by row; a stale one (see `why_vectors_stale`) the
+    shards, gathered in memory: its saved backend may not match them either."""
+    ids = live_ids(con)
+    stale = why_vectors_stale(index_dir, con, manifest, len(ids))
+    if stale is None:
+        return ids, VectorFile(index_dir / VECTORS), None
+    ids, array = load_vectors(index_dir, con, int(manifest["dim"]))
+    return ids, ArrayVectors(array), stale
 
 
 def why_vectors_stale(index_dir: Path, con: sqlite3.Connection, manifest: dict[str, Any], count: int) -> str | None:

@@ -34,6 +34,9 @@ class Vectors(Protocol):
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """The rows at `positions` (any order, repeats allowed), as a new [len, dim] array."""
 
+    def load(self) -> np.ndarray:
+        """The whole matrix in memory."""
+
 
 class ArrayVectors:
     """An in-memory float32 matrix as `Vectors`."""
@@ -50,6 +53,10 @@ class ArrayVectors:
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """Fancy indexing (a copy)."""
         return self.array[np.asarray(positions, dtype=np.int64)]
+
+    def load(self) -> np.ndarray:
+        """The array itself (no copy)."""
+        return self.array
 
 
 class VectorFile:
