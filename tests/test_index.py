@@ -172,15 +172,15 @@ class Killed(BaseException):
 
 def test_resume_after_kill_before_a_shard_is_recorded(shapes, model_dir, encoder, tmp_path, monkeypatch):
     images, out = shapes / "images", tmp_path / "index"
-    real_ingest, calls = build_module._ingest, []
+    real_ingest, calls = build_module.IndexBuild._ingest, []
 
-    def ingest_then_die(index_dir, con, names, scan, stats):
+    def ingest_then_die(build, names):
         calls.append(names)
         if len(calls) == 3:  # calls: adopting pending shards (none), shard 1, shard 2: dies before recording it
             raise Killed
-        real_ingest(index_dir, con, names, scan, stats)
+        return real_ingest(build, names)
 
-    monkeypatch.setattr(build_module, "_ingest", ingest_then_die)
+    monkeypatch.setattr(build_module.IndexBuild, "_ingest", ingest_then_die)
     with pytest.raises(Killed):
         build_index(images, out, model=model_dir, progress=False, shard_size=16)
     monkeypatch.undo()

@@ -18,6 +18,7 @@ def run_index(args: argparse.Namespace) -> None:
 
     from clipforge.checkpoint.io import refuse_random_weights
     from clipforge.search import build_index
+    from clipforge.search.store import SKIP_LOG
 
     refuse_random_weights(args.model, args.random_weights, args.pretrained)
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
@@ -30,6 +31,8 @@ def run_index(args: argparse.Namespace) -> None:
         print(json.dumps(asdict(stats), indent=1))
         return
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(stats.skipped.items())) or "none"
+    if stats.skipped:
+        skipped += f" (listed in {args.out / SKIP_LOG})"
     resumed = f" ({stats.resumed} from an interrupted run)" if stats.resumed else ""
     print(f"{args.out}: {stats.total} images; added {stats.added}, updated {stats.updated}{resumed}, "
           f"removed {stats.removed}, unchanged {stats.unchanged}; skipped: {skipped}")
@@ -48,8 +51,8 @@ def run_search(args: argparse.Namespace) -> None:
     if args.text is not None and args.image is not None:
         raise ConfigError("give a text query or --image, not both")
     index = ImageIndex.open(args.index)
-    pretrained = args.pretrained if args.model else index.pretrained
-    encoder = QueryEncoder(args.model or index.model, device=args.device, pretrained=pretrained)
+    model = index.query_model(args.model, args.pretrained)  # another model than the index's is refused
+    encoder = QueryEncoder(model.name, device=args.device, pretrained=model.pretrained)
     if args.image is not None:
         query = encoder.embed_images([load_image(args.image)])
     else:
@@ -86,27 +89,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="allow a registry name without weights: randomly initialised, for smoke tests only")
     p.add_argument("--out", required=True, type=Path, help="index folder (created or updated)")
-    p.add_argument("--batch-size", type=int, default=default_of(build_index, "batch_size"), help="images per forward pass")
-    p.add_argument("--shard-size", type=int, default=default_of(build_index, "shard_size"), help="embeddings per shard file (the unit of resuming)")
-    p.add_argument("--backend", choices=KINDS, default=default_of(build_index, "backend"), help="auto: exact up to 50k images, else faiss-ivf")
-    p.add_argument("--target-recall", type=float, default=default_of(build_index, "target_recall"), help="FAISS: tune to this recall@10 against exact")
+    p.add_argument("--batch-size", type=int, default=default_of(build_index, "batch_size"),
+                   help="images per forward pass")
+    p.add_argument("--shard-size", type=int, default=default_of(build_index, "shard_size"),
+                   help="embeddings per shard file (the unit of resuming)")
+    p.add_argument("--backend", choices=KINDS, default=default_of(build_index, "backend"),
+                   help="auto: exact up to 50k images, else faiss-ivf")
+    p.add_argument("--target-recall", type=float, default=default_of(build_index, "target_recall"),
+                   help="FAISS: tune to this recall@10 against exact")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=default_of(build_index, "precision"),
                    help="bf16: faster on CPUs with bf16 units; the embeddings differ slightly from fp32")
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes its local GPU")
     p.add_argument("--workers", type=int, default=default_of(build_index, "workers"),
                    help="processes decoding images while the model embeds (0: in the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the build statistics as JSON")
+    p.add_argument("--json", action="store_true", help="print the build statistics as JSON (skipped files by reason "
+                                                      "under skipped_files; OUT/skipped.jsonl lists them too)")
     p.set_defaults(func=run_index)
 
     p = sub.add_parser("search", help="search an index by text or by image")
     p.add_argument("index", type=Path, help="index folder written by `clipforge index`")
     p.add_argument("text", nargs="?", help="text query")
     p.add_argument("--image", type=Path, help="image query instead of a text")
-    p.add_argument("-k", type=int, default=10, help="number of results")
-    p.add_argument("--model", default=None, help="query model (default: the one the index was built with)")
+    p.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="number of results")
+    p.add_argument("--model", default=None, help="query model (default: the one the index was built with); another "
+                                                 "model is refused, a new location of a moved checkpoint is taken")
     p.add_argument("--pretrained", default=None, help="weights tag of --model (default: the index's)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--truncate", action="store_true", help="cut a text longer than the model's context (default: refuse)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut a text longer than the model's context (default: refuse)")
     p.add_argument("--json", action="store_true", help="print the query and results as JSON")
     p.set_defaults(func=run_search)

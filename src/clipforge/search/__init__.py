@@ -9,9 +9,13 @@
 Index format (version 1), one folder:
 
 - `manifest.json`: {"format": "clipforge-index", "version": 1, "model" (absolute checkpoint path, hf-hub:
-  name or registry name), "pretrained" (its weights tag, or null), "dim", "count", "generation", "shards", "backend": {"kind": "exact" | "faiss-ivf" |
-  "faiss-hnsw", parameters, measured recall@10, timings}, "source", "precision", "skipped", "built_at"}.
-  Written last, atomically: it is the commit point of a build.
+  name or registry name), "pretrained" (its weights tag, or null), "dim", "count", "generation", "shards",
+  "backend": {"kind": "exact" | "faiss-ivf" | "faiss-hnsw", parameters, measured recall@10, timings},
+  "source", "precision", "skipped" (counts by reason), "built_at"}. Written last, atomically: it is the
+  commit point of a build. `index` and `search --model` refuse any other model (`search/model_ref.py`).
+- `skipped.jsonl`: the files this build left out, one {"path", "reason"} a line in path order (empty when
+  none); "missing_file" (listed by a CSV, or gone since the listing) is apart from unreadable images
+  ("empty_file", "corrupt_image", ...). Rewritten by every build, before the manifest.
 - `metadata.sqlite`: table `images(id INTEGER PRIMARY KEY AUTOINCREMENT, path UNIQUE, size, mtime_ns,
   caption, shard, row)`: `id` is the stable id search returns (a changed file keeps its id, a deleted id
   is never reused); `shard`/`row` locate its embedding. Table `shards(name, rows)` lists shards already

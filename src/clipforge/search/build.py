@@ -14,7 +14,6 @@ import shutil
 import sqlite3
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
@@ -26,6 +25,7 @@ from clipforge.data.images import SampleError, decode_image
 from clipforge.device import resolve_device
 from clipforge.search import ranks, store
 from clipforge.search.backend import build_backend, save_backend
+from clipforge.search.model_ref import ModelRef, check_model
 from clipforge.search.sources import Item, ItemReader, list_source
 from clipforge.search.vectors import VectorFile
 from clipforge.errors import IndexLocked, SearchError
@@ -36,13 +36,14 @@ LOCK_FILE = ".lock"
 
 @dataclass
 class BuildStats:
-    """What one `build_index` run did; `skipped` counts unreadable images by reason."""
+    """What one `build_index` run did; `skipped` counts unreadable images by reason, `skipped_files` names them."""
 
     added: int = 0
     updated: int = 0
     removed: int = 0
     unchanged: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_files: dict[str, list[str]] = field(default_factory=dict)  # reason -> paths, sorted
     total: int = 0
     resumed: int = 0  # of added + updated: taken from shards that an interrupted run had finished
     backend: dict[str, Any] = field(default_factory=dict)
@@ -59,36 +60,8 @@ class _Settings:
     shard_size: int
     precision: str
     target_recall: float
-    device: str
+    device: torch.device
     workers: int
-
-
-@dataclass
-class _Run:
-    """One `build_index` run on one rank: what it was asked, and what it holds open or has found so far."""
-
-    index_dir: Path
-    source: Any
-    model: str
-    pretrained: str | None
-    separator: str
-    settings: _Settings
-    started: float
-    rank: int = 0
-    world: int = 1
-    stats: BuildStats = field(default_factory=BuildStats)
-    run_id: str = ""  # prefixes this run's shard names; rank 0 picks it
-    fresh: bool = False  # the folder held nothing of the user's before this run
-    lock: IO[str] | None = None
-    con: sqlite3.Connection | None = None
-    scan: dict[str, Item] = field(default_factory=dict)  # the source's listing, by path
-    discard: bool = False  # remove the folder on the way out: this run made it and nothing came of it
-
-
-def model_id(model: str | Path) -> str:
-    """How the index records a model: an absolute path for a checkpoint, else the registry name."""
-    path = Path(model)
-    return str(path.resolve()) if path.exists() else str(model)
 
 
 def _warn_if_random(model: str) -> None:
@@ -96,62 +69,7 @@ def _warn_if_random(model: str) -> None:
 
     if model in clipforge.list_models() and not Path(model).exists():
         warnings.warn(f"{model!r} is a registry architecture with random weights: every load differs, so "
-                      "queries will not match the index; index with a checkpoint file or folder", stacklevel=3)
-
-
-def _ingest(index_dir: Path, con: Any, names: Sequence[str], scan: dict[str, Item], stats: BuildStats) -> None:
-    """Hand finished shards to the table in one transaction, rows in path order (so ids follow paths).
-
-    A row is taken only while the listing still shows its file as it was embedded (size and mtime) and
-    the table does not already hold that version; anything else is left to the diff to re-embed.
-    """
-    if not names:
-        return
-    known = store.known_files(con)
-    sizes: dict[str, int] = {}
-    entries = []
-    for name in names:
-        rows = store.read_shard(index_dir / store.SHARD_DIR / name)
-        sizes[name] = len(rows.paths)
-        for row, path in enumerate(rows.paths):
-            item, old = scan.get(path), known.get(path)
-            if item is None or (item.size, item.mtime_ns) != (int(rows.sizes[row]), int(rows.mtimes_ns[row])):
-                continue
-            if old is None or (old[1], old[2]) != (item.size, item.mtime_ns):
-                entries.append((path, item.size, item.mtime_ns, item.caption, name, row))
-    entries.sort()
-    with store.transaction(con):
-        for name, size in sizes.items():  # registered even when nothing was taken: never read again
-            store.register_shard(con, name, size)
-        store.upsert_rows(con, entries)
-        if entries:
-            store.bump_generation(con)
-    updated = sum(entry[0] in known for entry in entries)
-    stats.updated += updated
-    stats.added += len(entries) - updated
-
-
-def _diff(con: Any, scan: dict[str, Item], stats: BuildStats) -> list[Item]:
-    """Apply deletions and caption-only changes; return the items to embed (new or changed, path order)."""
-    known = store.known_files(con)
-    removed = [path for path in known if path not in scan]
-    todo, recaptioned = [], []
-    for path, item in scan.items():
-        old = known.get(path)
-        if old is None or (old[1], old[2]) != (item.size, item.mtime_ns):
-            todo.append(item)
-        elif old[3] != item.caption:
-            recaptioned.append((item.caption, old[0]))
-        else:
-            stats.unchanged += 1
-    if removed or recaptioned:
-        with store.transaction(con):
-            con.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in removed])
-            con.executemany("UPDATE images SET caption = ? WHERE id = ?", recaptioned)
-            store.bump_generation(con)
-    stats.removed += len(removed)
-    stats.updated += len(recaptioned)
-    return sorted(todo, key=lambda item: item.path)
+                      "queries will not match the index; index with a checkpoint file or folder", stacklevel=6)
 
 
 class _DecodedItems(torch.utils.data.Dataset):
@@ -192,8 +110,8 @@ def _decoded(items: Sequence[Item], preprocess: Callable, batch_size: int, worke
 
 
 def _embed(items: Sequence[Item], model: Any, preprocess: Callable, settings: _Settings,
-           bar: Any) -> tuple[list[Item], np.ndarray | None, list[tuple[str, str]]]:
-    """Embeddings of the readable `items` (which ones, the [n, d] array) and (path, reason) of the others."""
+           bar: Any) -> tuple[list[Item], np.ndarray | None, list[store.Skip]]:
+    """Embeddings of the readable `items` (which ones, the [n, d] array) and the skips of the others."""
     from clipforge.inference.features import extract_image_features
 
     kept, chunks, pixels, failed = [], [], [], []
@@ -204,11 +122,11 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, settings: _S
                                                  precision=settings.precision).numpy())
             pixels.clear()
 
-    pin = str(settings.device).startswith("cuda")
+    pin = settings.device.type == "cuda"
     for i, image, reason in _decoded(items, preprocess, settings.batch_size, settings.workers, pin):
         bar.update()
         if image is None:
-            failed.append((items[i].path, reason))
+            failed.append(store.Skip(items[i].path, reason))
             continue
         kept.append(items[i])
         pixels.append(image)
@@ -218,97 +136,15 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, settings: _S
     return kept, (np.concatenate(chunks) if chunks else None), failed
 
 
-def _write_shards(run: _Run, items: Sequence[Item], model: Any, preprocess: Callable,
-                  failed: list[tuple[str, str]]) -> int:
-    """Embed this rank's `items` shard by shard (each written atomically, then handed on); return the dim."""
-    from tqdm import tqdm
-
-    dim = 0
-    settings = run.settings
-    bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not (settings.progress and run.rank == 0))
-    for number, start in enumerate(range(0, len(items), settings.shard_size)):
-        chunk = items[start : start + settings.shard_size]
-        kept, embeddings, chunk_failed = _embed(chunk, model, preprocess, settings, bar)
-        failed += chunk_failed
-        bar.set_postfix(skipped=len(failed), refresh=False)
-        if embeddings is None:
-            continue
-        dim = embeddings.shape[1]
-        name = f"{run.run_id}-r{run.rank}-{number:05d}{store.SHARD_SUFFIX}"
-        store.write_shard(run.index_dir / store.SHARD_DIR / name, store.ShardRows(
-            embeddings, [i.path for i in kept], np.array([i.size for i in kept]),
-            np.array([i.mtime_ns for i in kept]), [i.caption for i in kept]))
-        if run.world == 1:  # in one process each shard is final at once; under torchrun rank 0 merges at the end
-            _ingest(run.index_dir, run.con, [name], run.scan, run.stats)
-    bar.close()
-    return dim
+def _by_reason(skips: Sequence[store.Skip]) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """(reason -> count, reason -> sorted paths), reasons in the order they first occur."""
+    files: dict[str, list[str]] = {}
+    for skip in skips:
+        files.setdefault(skip.reason, []).append(skip.path)
+    return {reason: len(paths) for reason, paths in files.items()}, {r: sorted(p) for r, p in files.items()}
 
 
-def _finish(run: _Run) -> None:
-    """Build the search backend over every live vector and write the manifest (the index's commit point)."""
-    index_dir, con, stats, settings = run.index_dir, run.con, run.stats, run.settings
-    dim = int(store.get_meta(con, "dim") or 0)
-    ids = store.write_vectors_file(index_dir, con, dim)
-    vectors = VectorFile(index_dir / store.VECTORS)
-    backend = build_backend(vectors, settings.backend, settings.target_recall)
-    if backend.index is not None:
-        save_backend(backend, index_dir / BACKEND_FILE)
-    else:
-        (index_dir / BACKEND_FILE).unlink(missing_ok=True)
-    stats.total, stats.backend = len(ids), backend.describe()
-    store.write_manifest(index_dir, {
-        "format": store.FORMAT, "version": store.VERSION, "model": store.get_meta(con, "model"),
-        "pretrained": store.get_meta(con, "pretrained") or None, "dim": dim,
-        "count": len(ids), "generation": int(store.get_meta(con, "generation") or 0),
-        "shards": len(store.shard_files(index_dir)), "vectors": store.VECTORS, "backend": backend.describe(),
-        "source": str(run.source),
-        "precision": settings.precision, "skipped": stats.skipped,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-
-
-def _check_model(run: _Run) -> None:
-    """Refuse a folder indexed with another model; record the model in a new one."""
-    con, name, pretrained = run.con, run.model, run.pretrained
-    recorded = store.get_meta(con, "model")
-    recorded_tag = store.get_meta(con, "pretrained") or None
-    if recorded is not None and (recorded, recorded_tag) != (name, pretrained):
-        built = recorded + (f" (pretrained {recorded_tag})" if recorded_tag else "")
-        raise SearchError(f"{run.index_dir} was built with model {built}, not {name}"
-                         f"{f' (pretrained {pretrained})' if pretrained else ''}: use the same model or a new index folder")
-    if recorded is None:
-        if pretrained is None:
-            _warn_if_random(name)
-        with store.transaction(con):
-            store.set_meta(con, "model", name)
-            if pretrained is not None:
-                store.set_meta(con, "pretrained", pretrained)
-
-
-def _open(run: _Run) -> tuple[list[Item], str]:
-    """Rank 0's first step: lock and open the index, list the source, resume finished shards, apply the diff.
-
-    Returns the items to embed and the run id.
-    """
-    index_dir, stats = run.index_dir, run.stats
-    run.fresh = not index_dir.exists() or not any(index_dir.iterdir())
-    run.lock = _lock(index_dir)
-    run.con = store.connect(index_dir)
-    _check_model(run)
-    items, missing = list_source(run.source, run.separator)
-    if missing:
-        stats.skipped["missing_file"] = len(missing)
-    run.scan = {item.path: item for item in items}
-    store.drop_broken(index_dir, run.con)
-    registered = {n for (n,) in run.con.execute("SELECT name FROM shards")}
-    _ingest(index_dir, run.con, [n for n in store.shard_files(index_dir) if n not in registered], run.scan, stats)
-    stats.resumed = stats.added + stats.updated
-    todo = _diff(run.con, run.scan, stats)
-    stats.unchanged -= stats.resumed  # the diff sees the adopted rows as indexed already
-    return todo, f"{time.time_ns():x}"
-
-
-def _lock(index_dir: Path) -> Any:
+def _lock(index_dir: Path) -> IO[str]:
     index_dir.mkdir(parents=True, exist_ok=True)
     lock = open(index_dir / LOCK_FILE, "w")
     try:
@@ -319,50 +155,209 @@ def _lock(index_dir: Path) -> Any:
     return lock
 
 
-def _embed_share(run: _Run, todo: Sequence[Item]) -> tuple[list[tuple[str, str]], int]:
-    """Every rank's middle step: embed its slice of `todo`; returns (path, reason) of all ranks' failures and the dim."""
-    import clipforge
+class IndexBuild:
+    """One `build_index` run on one rank; on rank 0 it holds the index's lock and metadata connection and counts.
 
-    mine = todo[run.rank :: run.world]
-    loaded, preprocess = (clipforge.load(run.model, resolve_device(run.settings.device), pretrained=run.pretrained)
-                          if mine else (None, None))
-    failed: list[tuple[str, str]] = []
-    dim = _write_shards(run, mine, loaded, preprocess, failed)
-    gathered = ranks.gather(run.world, (failed, dim))
-    return [entry for rank_failed, _ in gathered for entry in rank_failed], max(d for _, d in gathered)
+    `open` (rank 0) lists the source, adopts the shards an interrupted run finished and applies the diff;
+    `embed` (every rank) embeds its slice of the work list into shards of its own; `merge` (rank 0) takes
+    every rank's shards, forgets failed files, re-packs, builds the backend and writes the manifest.
+    """
 
+    def __init__(self, index_dir: Path, source: Any, model: ModelRef, separator: str, settings: _Settings,
+                 rank: int = 0, world: int = 1) -> None:
+        self.index_dir, self.source, self.model, self.separator = index_dir, source, model, separator
+        self.settings, self.rank, self.world = settings, rank, world
+        self.stats = BuildStats()
+        self.run_id = ""  # prefixes this run's shard names; rank 0 picks it, `embed` hands it to every rank
+        self._started = time.perf_counter()
+        self._lock: IO[str] | None = None
+        self._con: sqlite3.Connection | None = None
+        self._scan: dict[str, Item] = {}  # the source's listing, by path
+        self._adopted: set[str] = set()  # paths taken from an interrupted run's shards (counted when taken)
+        self._skips: list[store.Skip] = []
+        self._fresh = False  # the folder held nothing of the user's before this run
+        self._discard = False  # remove the folder on the way out: this run made it and nothing came of it
 
-def _merge(run: _Run, failed: list[tuple[str, str]], dim: int) -> BuildStats:
-    """Rank 0's last step: take every rank's shards, forget failed files, re-pack, build the backend and manifest."""
-    con, stats = run.con, run.stats
-    if run.world > 1:
-        _ingest(run.index_dir, con, [n for n in store.shard_files(run.index_dir) if n.startswith(f"{run.run_id}-")],
-                run.scan, stats)
-    stats.skipped = dict(Counter(stats.skipped) + Counter(reason for _, reason in failed))
-    if failed:  # a file that changed into an unreadable one: its old embedding no longer stands for it
+    def __enter__(self) -> "IndexBuild":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> tuple[list[Item], str]:
+        """Rank 0's first step: lock and open the index, list the source, adopt finished shards, apply the diff.
+
+        Returns the items to embed (new or changed, in path order) and the run id."""
+        self._fresh = not self.index_dir.exists() or not any(self.index_dir.iterdir())
+        self._lock = _lock(self.index_dir)
+        self._con = store.connect(self.index_dir)
+        self._check_model()
+        items, missing = list_source(self.source, self.separator)
+        self._skips = [store.Skip(path, "missing_file") for path in missing]
+        self._scan = {item.path: item for item in items}
+        store.drop_broken(self.index_dir, self._con)
+        registered = store.registered_shards(self._con)
+        adopted = self._ingest([n for n in store.shard_files(self.index_dir) if n not in registered])
+        self.stats.resumed, self._adopted = len(adopted), {placement.path for placement in adopted}
+        self.run_id = f"{time.time_ns():x}"
+        return self._diff(), self.run_id
+
+    def embed(self, todo: Sequence[Item], run_id: str) -> tuple[list[store.Skip], int]:
+        """Every rank's middle step: embed this rank's slice of `todo`; returns every rank's skips and the dim."""
+        import clipforge
+
+        self.run_id = run_id
+        mine = todo[self.rank :: self.world]
+        model, preprocess = (clipforge.load(self.model.name, self.settings.device, pretrained=self.model.pretrained)
+                             if mine else (None, None))
+        failed, dim = self._write_shards(mine, model, preprocess)
+        gathered = ranks.gather(self.world, (failed, dim))
+        return [skip for rank_failed, _ in gathered for skip in rank_failed], max(d for _, d in gathered)
+
+    def merge(self, failed: Sequence[store.Skip], dim: int) -> BuildStats:
+        """Rank 0's last step: take every rank's shards, forget failed files, re-pack, build backend and manifest."""
+        con, stats = self._con, self.stats
+        if self.world > 1:
+            self._ingest([n for n in store.shard_files(self.index_dir) if n.startswith(f"{self.run_id}-")])
+        self._skips += failed
+        stats.skipped, stats.skipped_files = _by_reason(self._skips)
+        if failed:  # a file that changed into an unreadable one: its old embedding no longer stands for it
+            with store.transaction(con):
+                store.delete_paths(con, [skip.path for skip in failed])
+                store.bump_generation(con)
+        if dim and store.get_meta(con, "dim") is None:
+            with store.transaction(con):
+                store.set_meta(con, "dim", str(dim))
+        if store.get_meta(con, "dim") is None:
+            self._discard = self._fresh  # no half-made index left to be mistaken for an interrupted build
+            raise SearchError(f"{self.source}: no readable images to index (skipped: {stats.skipped or 'none'})")
+        store.compact(self.index_dir, con, self.settings.shard_size, f"{self.run_id}-r0")
+        self._finish()
+        stats.seconds = round(time.perf_counter() - self._started, 2)
+        return stats
+
+    def close(self) -> None:
+        """Release what the run holds; remove the folder if the run made it and nothing came of it."""
+        if self._con is not None:
+            self._con.close()
+        if self._lock is not None:
+            self._lock.close()
+        if self._discard:
+            shutil.rmtree(self.index_dir, ignore_errors=True)
+
+    def _check_model(self) -> None:
+        """Refuse a folder indexed with another model; record the model in a new one."""
+        con = self._con
+        recorded = store.get_meta(con, "model")
+        if recorded is not None:
+            check_model(self.index_dir, ModelRef(recorded, store.get_meta(con, "pretrained") or None), self.model)
+            return
+        if self.model.pretrained is None:
+            _warn_if_random(self.model.name)
         with store.transaction(con):
-            con.executemany("DELETE FROM images WHERE path = ?", [(path,) for path, _ in failed])
-            store.bump_generation(con)
-    if dim and store.get_meta(con, "dim") is None:
-        with store.transaction(con):
-            store.set_meta(con, "dim", str(dim))
-    if store.get_meta(con, "dim") is None:
-        run.discard = run.fresh  # no half-made index left to be mistaken for an interrupted build
-        raise SearchError(f"{run.source}: no readable images to index (skipped: {stats.skipped or 'none'})")
-    store.compact(run.index_dir, con, run.settings.shard_size, f"{run.run_id}-r0")
-    _finish(run)
-    stats.seconds = round(time.perf_counter() - run.started, 2)
-    return stats
+            store.set_meta(con, "model", self.model.name)
+            if self.model.pretrained is not None:
+                store.set_meta(con, "pretrained", self.model.pretrained)
 
+    def _ingest(self, names: Sequence[str]) -> list[store.Placement]:
+        """Hand finished shards to the table in one transaction, rows in path order (so ids follow paths).
 
-def _close(run: _Run) -> None:
-    """Release what the run holds; remove the folder if the run made it and nothing came of it."""
-    if run.con is not None:
-        run.con.close()
-    if run.lock is not None:
-        run.lock.close()
-    if run.discard:
-        shutil.rmtree(run.index_dir, ignore_errors=True)
+        A row is taken only while the listing still shows its file as it was embedded (size and mtime) and
+        the table does not already hold that version; anything else is left to the diff to re-embed. Each
+        row taken is counted as added or updated; returns them.
+        """
+        if not names:
+            return []
+        known = store.known_files(self._con)
+        sizes: dict[str, int] = {}
+        taken = []
+        for name in names:
+            shard = store.read_shard(self.index_dir / store.SHARD_DIR / name)
+            sizes[name] = len(shard.paths)
+            for row, path in enumerate(shard.paths):
+                item, old = self._scan.get(path), known.get(path)
+                if item is None or item.version != (int(shard.sizes[row]), int(shard.mtimes_ns[row])):
+                    continue
+                if old is None or old.version != item.version:
+                    taken.append(store.Placement(path, item.size, item.mtime_ns, item.caption, name, row))
+        taken.sort()
+        with store.transaction(self._con):
+            for name, size in sizes.items():  # registered even when nothing was taken: never read again
+                store.register_shard(self._con, name, size)
+            store.upsert_rows(self._con, taken)
+            if taken:
+                store.bump_generation(self._con)
+        updated = sum(placement.path in known for placement in taken)
+        self.stats.updated += updated
+        self.stats.added += len(taken) - updated
+        return taken
+
+    def _diff(self) -> list[Item]:
+        """Apply deletions and caption-only changes; return the items to embed (new or changed, path order)."""
+        known = store.known_files(self._con)
+        removed = [path for path in known if path not in self._scan]
+        todo, captions = [], {}
+        for path, item in self._scan.items():
+            old = known.get(path)
+            if old is None or old.version != item.version:
+                todo.append(item)
+            elif old.caption != item.caption:
+                captions[old.id] = item.caption
+                self.stats.updated += 1
+            elif path not in self._adopted:  # an adopted row was counted when it was taken
+                self.stats.unchanged += 1
+        if removed or captions:
+            with store.transaction(self._con):
+                store.delete_paths(self._con, removed)
+                store.set_captions(self._con, captions)
+                store.bump_generation(self._con)
+        self.stats.removed += len(removed)
+        return sorted(todo, key=lambda item: item.path)
+
+    def _write_shards(self, items: Sequence[Item], model: Any, preprocess: Callable) -> tuple[list[store.Skip], int]:
+        """Embed this rank's `items` shard by shard (each written atomically, then handed on); (skips, dim)."""
+        from tqdm import tqdm
+
+        dim, failed, settings = 0, [], self.settings
+        bar = tqdm(total=len(items), unit="img", desc="embedding", disable=not (settings.progress and self.rank == 0))
+        for number, start in enumerate(range(0, len(items), settings.shard_size)):
+            kept, embeddings, chunk_failed = _embed(items[start : start + settings.shard_size], model, preprocess,
+                                                    settings, bar)
+            failed += chunk_failed
+            bar.set_postfix(skipped=len(failed), refresh=False)
+            if embeddings is None:
+                continue
+            dim = embeddings.shape[1]
+            name = f"{self.run_id}-r{self.rank}-{number:05d}{store.SHARD_SUFFIX}"
+            store.write_shard(self.index_dir / store.SHARD_DIR / name, store.ShardRows(
+                embeddings, [i.path for i in kept], np.array([i.size for i in kept]),
+                np.array([i.mtime_ns for i in kept]), [i.caption for i in kept]))
+            if self.world == 1:  # in one process each shard is final at once; under torchrun rank 0 merges at the end
+                self._ingest([name])
+        bar.close()
+        return failed, dim
+
+    def _finish(self) -> None:
+        """Build the search backend over every live vector, write the skip log, then the manifest (the commit point)."""
+        index_dir, con, stats, settings = self.index_dir, self._con, self.stats, self.settings
+        dim = int(store.get_meta(con, "dim") or 0)
+        ids = store.write_vectors_file(index_dir, con, dim)
+        backend = build_backend(VectorFile(index_dir / store.VECTORS), settings.backend, settings.target_recall)
+        if backend.index is not None:
+            save_backend(backend, index_dir / BACKEND_FILE)
+        else:
+            (index_dir / BACKEND_FILE).unlink(missing_ok=True)
+        stats.total, stats.backend = len(ids), backend.describe()
+        store.write_skip_log(index_dir, self._skips)
+        store.write_manifest(index_dir, {
+            "format": store.FORMAT, "version": store.VERSION, "model": store.get_meta(con, "model"),
+            "pretrained": store.get_meta(con, "pretrained") or None, "dim": dim,
+            "count": len(ids), "generation": int(store.get_meta(con, "generation") or 0),
+            "shards": len(store.shard_files(index_dir)), "vectors": store.VECTORS, "backend": backend.describe(),
+            "source": str(self.source),
+            "precision": settings.precision, "skipped": stats.skipped,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
 
 
 def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, model: str | Path,
@@ -372,17 +367,16 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
     """Create or update the index in `out_dir` of an image folder, caption CSV or webdataset shard(s).
 
     `model` is any name clipforge.load takes (with `pretrained`, an architecture and its weights tag);
-    `workers` processes decode images while the model embeds (0: decode in this process)."""
+    `workers` processes decode images while the model embeds (0: decode in this process). Unreadable
+    images are skipped: `BuildStats.skipped_files` and the index's `skipped.jsonl` name them."""
     if batch_size < 1 or shard_size < 1 or workers < 0:
         raise SearchError("batch_size and shard_size must be positive, workers at least 0")
-    started = time.perf_counter()
-    pretrained = model_id(pretrained) if pretrained is not None and Path(pretrained).is_file() else pretrained
-    settings = _Settings(batch_size, progress, backend, shard_size, precision, target_recall, device, workers)
     rank, world = ranks.rank_and_world()  # under torchrun the out_dir must be on a file system every rank sees
-    run = _Run(Path(out_dir), source, model_id(model), pretrained, separator, settings, started, rank, world)
-    try:
-        todo, run.run_id = ranks.on_rank0(rank, world, lambda: _open(run))
-        failed, dim = _embed_share(run, todo)
-        return ranks.on_rank0(rank, world, lambda: _merge(run, failed, dim))
-    finally:
-        _close(run)
+    # Resolved before anything else, after torchrun picked each rank's GPU: an up-to-date index embeds
+    # nothing, and a device that is not there is refused all the same.
+    settings = _Settings(batch_size, progress, backend, shard_size, precision, target_recall,
+                         resolve_device(device), workers)
+    with IndexBuild(Path(out_dir), source, ModelRef.of(model, pretrained), separator, settings, rank, world) as build:
+        todo, run_id = ranks.on_rank0(rank, world, build.open)
+        failed, dim = build.embed(todo, run_id)
+        return ranks.on_rank0(rank, world, lambda: build.merge(failed, dim))

@@ -32,7 +32,7 @@ def export_embeddings(index_dir: str | Path, out_dir: str | Path, part_size: int
     con = store.connect_readonly(index_dir)
     try:
         ids, vectors, _ = store.open_vectors(index_dir, con, manifest)  # read part by part below
-        rows = {i: (path, caption) for i, path, caption in con.execute("SELECT id, path, caption FROM images")}
+        rows = {row.id: (row.path, row.caption) for row in store.image_rows(con)}
     finally:
         con.close()
     (out / "img_emb").mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import numpy as np
 from clipforge.search import store
 from clipforge.search.backend import Backend, build_backend, load_backend
 from clipforge.search.build import BACKEND_FILE
+from clipforge.search.model_ref import ModelRef, check_model
 from clipforge.errors import SearchError
 
 
@@ -63,6 +64,26 @@ class ImageIndex:
         """The weights tag the index was built with (None: `model` names its weights itself)."""
         return self.manifest.get("pretrained")
 
+    def query_model(self, model: str | Path | None = None, pretrained: str | None = None) -> ModelRef:
+        """The model to embed queries with: the index's own, or `model` (with `pretrained`) once checked to be it.
+
+        A recorded checkpoint path that no longer exists can neither be loaded nor compared: without `model`
+        that is refused, saying so; `model` is then taken as the checkpoint's new location, with a warning."""
+        recorded = ModelRef(self.model, self.pretrained)
+        gone = recorded.missing_files()
+        if model is None and gone:
+            raise SearchError(f"{self.path} was built with {gone[0]} (the path recorded in its {store.MANIFEST}), "
+                              "which no longer exists: if the checkpoint moved, pass its new location with --model")
+        if model is None and pretrained is None:
+            return recorded
+        asked = ModelRef.of(self.model if model is None else model, pretrained)
+        if gone:
+            warnings.warn(f"{self.path}: {gone[0]}, the model it was built with, no longer exists; taking "
+                          f"{asked} as that checkpoint moved (not checked)", stacklevel=2)
+            return asked
+        check_model(self.path, recorded, asked)
+        return asked
+
     @property
     def backend(self) -> dict[str, Any]:
         """{"kind": "exact" | "faiss-ivf" | "faiss-hnsw", **parameters and measured recall}."""
@@ -90,7 +111,7 @@ class ImageIndex:
         con = getattr(self._local, "con", None)
         if con is None:
             con = self._local.con = store.connect_readonly(self.path)
-        row = con.execute("SELECT id, path, size, mtime_ns, caption FROM images WHERE id = ?", (int(id),)).fetchone()
+        row = store.image_row(con, id)
         if row is None:
             raise KeyError(id)
-        return {"id": row[0], "path": row[1], "size": row[2], "mtime": row[3] / 1e9, "caption": row[4]}
+        return {"id": row.id, "path": row.path, "size": row.size, "mtime": row.mtime_ns / 1e9, "caption": row.caption}

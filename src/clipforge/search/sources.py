@@ -30,6 +30,11 @@ class Item:
     mtime_ns: int
     caption: str | None = None
 
+    @property
+    def version(self) -> tuple[int, int]:
+        """(size, mtime_ns): what tells a changed file from an indexed one."""
+        return self.size, self.mtime_ns
+
 
 def _stat_item(path: Path, caption: str | None) -> Item:
     info = path.stat()

@@ -1,4 +1,5 @@
-"""The on-disk index: atomic file writes, the manifest, embedding shards and the SQLite metadata table.
+"""The on-disk index: atomic file writes, the manifest, embedding shards, the SQLite metadata table (all of
+the index's SQL is here) and the skip log.
 
 Every write is a temp file + `os.replace`, and every metadata change one SQLite transaction, so a kill at
 any point leaves either the old or the new state. Shards are self-describing (embeddings plus each row's
@@ -12,7 +13,7 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -27,6 +28,7 @@ DATABASE = "metadata.sqlite"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".npz"
 VECTORS = "vectors.npy"
+SKIP_LOG = "skipped.jsonl"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -41,11 +43,53 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_IMAGE_COLUMNS = "id, path, size, mtime_ns, caption, shard, row"
+
+
+class Placement(NamedTuple):
+    """An image version (path, size, mtime_ns, caption) and the shard row that holds its embedding."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    caption: str | None
+    shard: str
+    row: int
+
+
+class ImageRow(NamedTuple):
+    """One row of the `images` table: the image's stable id, then what `Placement` holds."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    caption: str | None
+    shard: str
+    row: int
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """(size, mtime_ns) of the file as it was embedded."""
+        return self.size, self.mtime_ns
+
+
+class Skip(NamedTuple):
+    """A file a build left out, and why (a `SampleError` reason such as "corrupt_image", or "missing_file")."""
+
+    path: str
+    reason: str
 
 
 def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
     """Atomically write manifest.json."""
     write_atomic(index_dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_skip_log(index_dir: Path, skips: Iterable[Skip]) -> None:
+    """Atomically write `SKIP_LOG`: one JSON object {"path", "reason"} a line, in path order (empty: none)."""
+    lines = [json.dumps(skip._asdict()) + "\n" for skip in sorted(skips)]
+    write_atomic(index_dir / SKIP_LOG, "".join(lines).encode())
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
@@ -149,18 +193,43 @@ def set_meta(con: sqlite3.Connection, key: str, value: str) -> None:
                 (key, value))
 
 
-def known_files(con: sqlite3.Connection) -> dict[str, tuple[int, int, int, str | None]]:
-    """path -> (id, size, mtime_ns, caption) of every indexed image."""
-    return {path: (rowid, size, mtime, caption)
-            for rowid, path, size, mtime, caption in con.execute("SELECT id, path, size, mtime_ns, caption FROM images")}
+def image_rows(con: sqlite3.Connection) -> Iterator[ImageRow]:
+    """Every row of `images`, in no particular order."""
+    return map(ImageRow._make, con.execute(f"SELECT {_IMAGE_COLUMNS} FROM images"))
 
 
-def upsert_rows(con: sqlite3.Connection, entries: Sequence[tuple[str, int, int, str | None, str, int]]) -> None:
-    """Point each (path, size, mtime_ns, caption, shard, row) at its shard row; a known path keeps its id."""
+def image_row(con: sqlite3.Connection, id: int) -> ImageRow | None:
+    """The row of image `id`, or None if no image has it."""
+    row = con.execute(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id = ?", (int(id),)).fetchone()
+    return None if row is None else ImageRow._make(row)
+
+
+def known_files(con: sqlite3.Connection) -> dict[str, ImageRow]:
+    """path -> row of every indexed image."""
+    return {row.path: row for row in image_rows(con)}
+
+
+def upsert_rows(con: sqlite3.Connection, placements: Sequence[Placement]) -> None:
+    """Point each image at its shard row (inside the caller's transaction); a known path keeps its id."""
     con.executemany(
         "INSERT INTO images(path, size, mtime_ns, caption, shard, row) VALUES(?, ?, ?, ?, ?, ?) "
         "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
-        "caption = excluded.caption, shard = excluded.shard, row = excluded.row", entries)
+        "caption = excluded.caption, shard = excluded.shard, row = excluded.row", placements)
+
+
+def delete_paths(con: sqlite3.Connection, paths: Iterable[str]) -> None:
+    """Forget these images (inside the caller's transaction); their ids are never handed out again."""
+    con.executemany("DELETE FROM images WHERE path = ?", [(path,) for path in paths])
+
+
+def set_captions(con: sqlite3.Connection, captions: dict[int, str | None]) -> None:
+    """Set the caption of each image id (inside the caller's transaction)."""
+    con.executemany("UPDATE images SET caption = ? WHERE id = ?", [(c, i) for i, c in captions.items()])
+
+
+def registered_shards(con: sqlite3.Connection) -> set[str]:
+    """The names of the shards already handed to `images` (a shard file not among them is pending)."""
+    return {name for (name,) in con.execute("SELECT name FROM shards")}
 
 
 def register_shard(con: sqlite3.Connection, name: str, rows: int) -> None:
@@ -259,7 +328,7 @@ def drop_broken(index_dir: Path, con: sqlite3.Connection) -> None:
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
     files = shard_files(index_dir)
-    lost = [name for (name,) in con.execute("SELECT name FROM shards") if name not in files]
+    lost = [name for name in registered_shards(con) if name not in files]
     if lost:
         with transaction(con):
             con.executemany("DELETE FROM images WHERE shard = ?", [(n,) for n in lost])
@@ -277,16 +346,16 @@ def compact(index_dir: Path, con: sqlite3.Connection, shard_size: int, prefix: s
     repack = sparse + (small if len(small) >= 8 else [])  # each incremental run adds one small shard
     moves, cache = [], {}
     for number, start in enumerate(range(0, sum(live[n] for n in repack), shard_size) if repack else []):
-        picked = con.execute(
-            f"SELECT id, path, size, mtime_ns, caption, shard, row FROM images WHERE shard IN "
-            f"({','.join('?' * len(repack))}) ORDER BY id LIMIT ? OFFSET ?", (*repack, shard_size, start)).fetchall()
-        for shard in {r[5] for r in picked} - set(cache):
+        picked = [ImageRow._make(row) for row in con.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE shard IN ({','.join('?' * len(repack))}) "
+            "ORDER BY id LIMIT ? OFFSET ?", (*repack, shard_size, start))]
+        for shard in {r.shard for r in picked} - set(cache):
             cache[shard] = read_shard_embeddings(index_dir / SHARD_DIR / shard)
-        embeddings = np.stack([cache[r[5]][r[6]] for r in picked])
+        embeddings = np.stack([cache[r.shard][r.row] for r in picked])
         name = f"{prefix}-c{number:05d}{SHARD_SUFFIX}"
         write_shard(index_dir / SHARD_DIR / name, ShardRows(
-            embeddings, [r[1] for r in picked], np.array([r[2] for r in picked]), np.array([r[3] for r in picked]),
-            [r[4] for r in picked]))
+            embeddings, [r.path for r in picked], np.array([r.size for r in picked]),
+            np.array([r.mtime_ns for r in picked]), [r.caption for r in picked]))
         moves.append((name, picked))
     if not dead and not moves:
         return
@@ -294,7 +363,7 @@ def compact(index_dir: Path, con: sqlite3.Connection, shard_size: int, prefix: s
         for name, picked in moves:
             register_shard(con, name, len(picked))
             con.executemany("UPDATE images SET shard = ?, row = ? WHERE id = ?",
-                            [(name, row, r[0]) for row, r in enumerate(picked)])
+                            [(name, row, r.id) for row, r in enumerate(picked)])
         con.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in dead + repack])
         bump_generation(con)
     for name in dead + repack:

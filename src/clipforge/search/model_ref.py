@@ -1,0 +1,43 @@
+"""Which model an index was built with: how it is recorded, and the one check that `index` and `search` share.
+
+Embeddings of two models are not comparable, even at the same size: a query embedded by another model
+ranks the index's images at random. So `clipforge index` refuses to update an index with another model
+and `clipforge search --model` refuses to query it with one, both through `check_model`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from clipforge.errors import SearchError
+
+
+class ModelRef(NamedTuple):
+    """A model as an index records it: `name` (an absolute checkpoint path, hf-hub: name or registry name)
+    and `pretrained` (a weights tag, an absolute weights file, or None)."""
+
+    name: str
+    pretrained: str | None = None
+
+    @classmethod
+    def of(cls, model: str | Path, pretrained: str | None = None) -> "ModelRef":
+        """How `model` and `pretrained`, as given to `clipforge.load`, are recorded: existing paths made absolute."""
+        path = Path(model)
+        name = str(path.resolve()) if path.exists() else str(model)
+        if pretrained is not None and Path(pretrained).is_file():  # a tag is never taken for a folder of its name
+            pretrained = str(Path(pretrained).resolve())
+        return cls(name, pretrained)
+
+    def __str__(self) -> str:
+        return self.name + (f" (pretrained {self.pretrained})" if self.pretrained else "")
+
+    def missing_files(self) -> list[str]:
+        """The recorded checkpoint paths that no longer exist (the checkpoint moved or was deleted)."""
+        return [value for value in self if value is not None and Path(value).is_absolute() and not Path(value).exists()]
+
+
+def check_model(index_dir: Path, recorded: ModelRef, asked: ModelRef) -> None:
+    """Refuse `asked` when the index in `index_dir` was built with another model (`recorded`)."""
+    if asked != recorded:
+        raise SearchError(f"{index_dir} was built with model {recorded}, not {asked}: use the same model "
+                          "(its embeddings only compare with their own), or a new index folder for another")
