@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipforge
-from conftest import OPENAI, perturb_, random_tokens
+from conftest import OPENAI, OPENAI_FLAGS, perturb_, random_tokens
 
 @pytest.mark.golden
 def test_fixture_reproduced_from_pngs_and_captions(reference):
@@ -122,8 +124,22 @@ def test_bad_inputs_have_clear_errors(tmp_path, fixtures_dir):
 
 def test_resnet_refuses_hf_format(tmp_path):
     model = clipforge.create_model("cpu-rn-tiny-64")
-    with pytest.raises(ValueError, match="no CLIP ResNet"):
+    with pytest.raises(ValueError, match="no ResNet image tower"):
         clipforge.save_pretrained(model, tmp_path / "hf", format="hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.integration
+def test_convert_resnet_to_hf_names_the_formats_that_work(tmp_path):
+    model = tmp_path / "rn"
+    clipforge.save_pretrained(clipforge.create_model("cpu-rn-tiny-64", seed=0), model)
+    result = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "convert", str(model), str(tmp_path / "hf"),
+                             "--format", "hf"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("clipforge convert: error:") and len(message.splitlines()) == 1, message
+    assert "CLIPModel has no ResNet image tower" in message and "--format open_clip" in message, message
+    assert "clipforge export onnx" in message, message
     assert not (tmp_path / "hf").exists()
 
 
@@ -136,7 +152,7 @@ def test_open_clip_format_loads_with_open_clip_create_model(arch, tmp_path, fixt
     if arch == "vit":  # through the CLI, from OpenAI's layout
         source = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
         model, _ = clipforge.load(source, **OPENAI)
-        assert main(["convert", str(source), str(out), "--format", "open_clip", "--head-width", "64", "--quick-gelu"]) == 0
+        assert main(["convert", str(source), str(out), "--format", "open_clip", *OPENAI_FLAGS]) == 0
     else:
         model = perturb_(clipforge.create_model("cpu-rn-tiny-64", seed=0)).eval()
         clipforge.save_pretrained(model, out, format="open_clip")
@@ -155,3 +171,42 @@ def test_open_clip_format_refuses_what_open_clip_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="open_clip has no 'minilm' text tower"):
         clipforge.save_pretrained(lit, tmp_path / "lit", format="open_clip")
     assert not (tmp_path / "lit").exists()
+
+
+def _checkpoint_of_kind(kind, tmp_path, fixtures_dir):
+    """A checkpoint of each kind `load` reads, with a 32-token context where the kind records one."""
+    if kind == "openai-file":  # OpenAI's bare layout records no context length: its releases all use 77
+        return fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors", OPENAI
+    model = perturb_(clipforge.create_model("cpu-vit-tiny-32", seed=0)).eval()
+    if kind == "open_clip-file":  # open_clip's training output: weights with open_clip_config.json beside them
+        clipforge.save_pretrained(model, tmp_path / "oc", format="open_clip")
+        (tmp_path / "oc" / "open_clip_model.safetensors").rename(tmp_path / "oc" / "epoch_1.safetensors")
+        return tmp_path / "oc" / "epoch_1.safetensors", {}
+    return clipforge.save_pretrained(model, tmp_path / kind, format=kind), {}
+
+
+@pytest.mark.parametrize("kind", ["clipforge", "hf", "open_clip", "open_clip-file", "openai-file"])
+def test_load_and_get_tokenizer_read_every_checkpoint_alike(kind, tmp_path, fixtures_dir):
+    from clipforge.model.towers import tokenizer_for
+
+    path, flags = _checkpoint_of_kind(kind, tmp_path, fixtures_dir)
+    model, _ = clipforge.load(path, **flags)
+    tokenizer = clipforge.get_tokenizer(path)
+    assert tokenizer.context_length == model.context_length
+    captions = ["a photo of a dog.", "the quick brown fox jumps over the lazy dog " * 2]
+    expected = tokenizer_for(model.config, path if path.is_dir() else None)(captions, truncate=True)
+    assert torch.equal(tokenizer(captions, truncate=True), expected)
+    with torch.no_grad():
+        model.encode_text(tokenizer(captions[:1]))  # tokens this model takes as they come
+
+
+def test_load_options_carry_the_choice_of_the_keywords(fixtures_dir):
+    source = fixtures_dir / "openai-vit-tiny" / "openai_state_dict.safetensors"
+    by_keywords, _ = clipforge.load(source, **OPENAI)
+    by_options, _ = clipforge.load(source, options=clipforge.LoadOptions(**OPENAI))
+    assert by_options.config == by_keywords.config
+    assert all(torch.equal(a, b) for a, b in zip(by_options.state_dict().values(), by_keywords.state_dict().values()))
+    with pytest.raises(ValueError, match="head_width.*not both"):
+        clipforge.load(source, options=clipforge.LoadOptions(quick_gelu=True), head_width=64)
+    with pytest.raises(ValueError, match="head_width must be an int"):
+        clipforge.LoadOptions(head_width="64")

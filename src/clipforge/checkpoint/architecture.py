@@ -42,7 +42,8 @@ def registry_matches(config: CLIPConfig) -> dict[str, CLIPConfig]:
 
 
 def heads_for_width(vision: VisionConfig, text_width: int, head_width: int) -> tuple[int, int]:
-    """(vision heads, text heads) for one head width, as open_clip derives them; ValueError if it does not divide."""
+    """(vision heads, text heads) for one head width, as open_clip derives them; CheckpointError if it does not
+    divide."""
     vision_width = vision.width * 32 if vision.is_resnet else vision.width  # the attention pool's width
     bad = [w for w in (vision_width, text_width) if w % head_width]
     if head_width <= 0 or bad:
@@ -87,7 +88,8 @@ def _ambiguity_message(shapes: CLIPConfig, source: str, matches: dict[str, CLIPC
             parts.append(f"the attention heads (image/text): {_describe(heads)}")
         else:
             v, t = shapes.vision, shapes.text
-            widths = [w for w in (128, 104, 96, 88, 80, 64, 32) if not (t.width % w or (v.width * (32 if v.is_resnet else 1)) % w)]
+            vision_width = v.width * 32 if v.is_resnet else v.width  # the attention pool's width
+            widths = [w for w in (128, 104, 96, 88, 80, 64, 32) if not (t.width % w or vision_width % w)]
             fits = " or ".join(str(w) for w in widths) or "several divisors"
             parts.append(f"the attention head width (image width {v.width}, text width {t.width}: {fits} all fit; "
                          f"OpenAI's releases use 64)")

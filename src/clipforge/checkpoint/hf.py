@@ -11,8 +11,8 @@ from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults: its save_pretrained omits keys equal to them.
 _HF_TEXT_DEFAULTS = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
-                     "num_hidden_layers": 12, "max_position_embeddings": DEFAULT_CONTEXT_LENGTH, "vocab_size": OPENAI_VOCAB_SIZE,
-                     "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+                     "num_hidden_layers": 12, "max_position_embeddings": DEFAULT_CONTEXT_LENGTH,
+                     "vocab_size": OPENAI_VOCAB_SIZE, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 _HF_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
                        "num_hidden_layers": 12, "image_size": 224, "patch_size": 32,
                        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "num_channels": 3}
@@ -44,18 +44,30 @@ def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
                             heads=v["num_attention_heads"], patch_size=v["patch_size"],
                             mlp_ratio=v["intermediate_size"] / v["hidden_size"],
                             quick_gelu=_quick_gelu(v["hidden_act"], "vision"), layer_norm_eps=v["layer_norm_eps"]),
-        text=TextConfig(context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"], width=t["hidden_size"],
-                        heads=t["num_attention_heads"], layers=t["num_hidden_layers"],
+        text=TextConfig(context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"],
+                        width=t["hidden_size"], heads=t["num_attention_heads"], layers=t["num_hidden_layers"],
                         mlp_ratio=t["intermediate_size"] / t["hidden_size"],
                         quick_gelu=_quick_gelu(t["hidden_act"], "text"), layer_norm_eps=t["layer_norm_eps"]),
     )
 
 
+def refuse_unwritable(config: CLIPConfig) -> None:
+    """CheckpointError for a model that HF's CLIPModel cannot hold, naming the formats that do hold it."""
+    if config.vision.is_resnet:
+        raise CheckpointError("HF transformers' CLIPModel has no ResNet image tower, so this ResNet model cannot be "
+                              "written in HF format. These work: --format open_clip (open_clip's create_model loads "
+                              "it), --format clipforge, or `clipforge export onnx` (in Python: "
+                              "save_pretrained(..., format='open_clip'))")
+    if config.text_tower != "clip":
+        raise CheckpointError(f"HF transformers' CLIPModel has no {config.text_tower!r} text tower, so this model "
+                              "cannot be written in HF format. These work: --format clipforge, or `clipforge export "
+                              "onnx` (in Python: save_pretrained(..., format='clipforge'))")
+
+
 def hf_config(config: CLIPConfig, eot_token_id: int) -> dict[str, Any]:
     """HF CLIPModel config.json dict for a clipforge ViT config."""
+    refuse_unwritable(config)
     v, t = config.vision, config.text
-    if v.is_resnet:
-        raise CheckpointError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
     act = {True: "quick_gelu", False: "gelu"}
     return {
         "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.embed_dim,
@@ -98,10 +110,12 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[
         _encoder_from_hf(sd, "vision_model", "visual.transformer", config.vision.layers, out)
         renames = {
             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-            "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias",
+            "text_model.final_layer_norm.weight": "ln_final.weight",
+            "text_model.final_layer_norm.bias": "ln_final.bias",
             "vision_model.embeddings.class_embedding": "visual.class_embedding",
             "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-            "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight", "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+            "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+            "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
             "vision_model.post_layernorm.weight": "visual.ln_post.weight",
             "vision_model.post_layernorm.bias": "visual.ln_post.bias",
             "logit_scale": "logit_scale",
@@ -121,8 +135,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
     """HF CLIPModel weights from OpenAI-layout weights (inverse of `state_dict_from_hf`)."""
-    if config.vision.is_resnet:
-        raise CheckpointError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
+    refuse_unwritable(config)
     out: dict[str, torch.Tensor] = {}
     for hf_prefix, oa_prefix, layers in (("text_model", "transformer", config.text.layers),
                                          ("vision_model", "visual.transformer", config.vision.layers)):
@@ -137,11 +150,13 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[st
     out.update({
         "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
         "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
-        "text_model.final_layer_norm.weight": sd["ln_final.weight"], "text_model.final_layer_norm.bias": sd["ln_final.bias"],
+        "text_model.final_layer_norm.weight": sd["ln_final.weight"],
+        "text_model.final_layer_norm.bias": sd["ln_final.bias"],
         "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
         "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
         "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
-        "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"], "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
+        "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
         "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
         "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
         "text_projection.weight": sd["text_projection"].t(), "visual_projection.weight": sd["visual.proj"].t(),

@@ -6,8 +6,9 @@ import pickle
 import pickletools
 import warnings
 import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -16,15 +17,16 @@ from safetensors.torch import load_file, save_file
 from clipforge.checkpoint import hf, open_clip
 from clipforge.checkpoint.architecture import ArchitectureHints, heads_for_width, resolve_architecture
 from clipforge.checkpoint.open_clip import config_from_open_clip
+from clipforge.checkpoint.options import LoadOptions, merge_options
 from clipforge.checkpoint.remote import HUB_PREFIX, hub_repo, is_remote, resolve_remote
 from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_into, read_torchscript
 from clipforge.data.transforms import EvalTransform
 from clipforge.model.clip import CLIP
 from clipforge.errors import CheckpointError
-from clipforge.model.config import (CLIPConfig, PreprocessConfig, TextConfig, apply_overrides, get_model_config,
-                                    list_models)
+from clipforge.io import atomic_path
+from clipforge.model.config import CLIPConfig, PreprocessConfig, apply_overrides, get_model_config, list_models
 from clipforge.model.towers import tokenizer_for
-from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE, Tokenizer
+from clipforge.text.base import OPENAI_VOCAB_SIZE, Tokenizer
 
 CONFIG_FILE = "clipforge.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -106,11 +108,15 @@ def _hf_preprocess(directory: Path, image_size: int) -> PreprocessConfig:
     """transformers' CLIPImageProcessor settings: composite on white (`do_convert_rgb`), its mean and std."""
     path = directory / "preprocessor_config.json"
     pp = json.loads(path.read_text()) if path.is_file() else {}
-    size = pp.get("size", {}).get("shortest_edge", image_size) if isinstance(pp.get("size"), dict) else pp.get("size", image_size)
-    crop = pp.get("crop_size", {}).get("height", image_size) if isinstance(pp.get("crop_size"), dict) else pp.get("crop_size", image_size)
+    size = pp.get("size", image_size)
+    if isinstance(size, dict):  # {"shortest_edge": N}, or a bare N in older files (openai/clip-vit-base-patch32)
+        size = size.get("shortest_edge", image_size)
+    crop = pp.get("crop_size", image_size)
+    if isinstance(crop, dict):
+        crop = crop.get("height", image_size)
     if pp.get("resample", 3) != 3 or size != image_size or crop != image_size or not pp.get("do_center_crop", True):
-        raise CheckpointError(f"{path}: resize to {size}, crop {crop}, resample {pp.get('resample')} differ from CLIP's "
-                         f"bicubic {image_size} px resize + crop, which is all clipforge implements")
+        raise CheckpointError(f"{path}: resize to {size}, crop {crop}, resample {pp.get('resample')} differ from "
+                              f"CLIP's bicubic {image_size} px resize + crop, which is all clipforge implements")
     default = PreprocessConfig()
     return PreprocessConfig(composite_white=bool(pp.get("do_convert_rgb", True)),
                             mean=tuple(pp.get("image_mean", default.mean)), std=tuple(pp.get("image_std", default.std)))
@@ -147,67 +153,88 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], ArchitectureHints]:
     return clean_state_dict(read_weights(path)), ArchitectureHints()
 
 
-def _file_config(path: Path, state_dict: dict[str, torch.Tensor], hints: ArchitectureHints,
-                 choice: dict[str, Any]) -> tuple[CLIPConfig, PreprocessConfig | None]:
-    """Config for a weight file: the caller's, an open_clip_config.json beside it, else resolved from shapes."""
-    if choice["config"] is not None:
-        return _given_config(choice["config"])
+def _declared_file_config(path: Path, options: LoadOptions) -> tuple[CLIPConfig, PreprocessConfig | None] | None:
+    """A weight file's config when one is declared: the caller's, else an open_clip_config.json beside it."""
+    if options.config is not None:
+        return _given_config(options.config)
     beside = path.parent / open_clip.CONFIG_FILE
     if beside.is_file():
         return open_clip.read_open_clip_config(beside)
+    return None
+
+
+def _file_config(path: Path, state_dict: dict[str, torch.Tensor], hints: ArchitectureHints,
+                 options: LoadOptions) -> tuple[CLIPConfig, PreprocessConfig | None]:
+    """Config for a weight file: the caller's, an open_clip_config.json beside it, else resolved from shapes."""
+    declared = _declared_file_config(path, options)
+    if declared is not None:
+        return declared
     try:
         shapes = infer_shapes(state_dict)
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    return resolve_architecture(shapes, str(path), choice["head_width"], choice["quick_gelu"], hints), None
+    return resolve_architecture(shapes, str(path), options.head_width, options.quick_gelu, hints), None
 
 
-def _directory_config(directory: Path) -> tuple[CLIPConfig, PreprocessConfig | None, Path]:
-    """(config, preprocessing, weights) of a clipforge, open_clip (hub layout) or HF transformers folder."""
+@dataclass(frozen=True)
+class CheckpointFolder:
+    """What a checkpoint folder holds, as `read_folder` (the one folder detector) finds it."""
+
+    kind: Literal["clipforge", "open_clip", "hf"]
+    config: CLIPConfig
+    preprocess: PreprocessConfig | None
+    weights: Path  # the weight file; for "hf", the folder (weights under transformers' names, maybe sharded)
+
+
+def read_folder(directory: Path) -> CheckpointFolder:
+    """The checkpoint in a clipforge, open_clip (hub layout) or HF transformers folder; `load` and
+    `get_tokenizer` both read folders through it, so they agree on every folder."""
     if (directory / CONFIG_FILE).is_file():
         config, preprocess = config_from_file(directory / CONFIG_FILE)
-        return config, preprocess, directory / WEIGHTS_FILE
+        return CheckpointFolder("clipforge", config, preprocess, directory / WEIGHTS_FILE)
     steps = sorted(directory.glob(f"step-*/{CONFIG_FILE}"))
     if steps:  # a `clipforge train` output folder: its config.json is the run's, not a model's
         latest = directory / "latest"
         newest = directory / latest.read_text().strip() if latest.is_file() else steps[-1].parent
         raise CheckpointError(f"{directory}: a training run folder, not a model: pass one of its checkpoints "
-                         f"(the latest is {newest})")
+                              f"(the latest is {newest})")
     weights = open_clip.open_clip_weights(directory)
     if (directory / open_clip.CONFIG_FILE).is_file() and weights is not None:
-        return (*open_clip.read_open_clip_config(directory / open_clip.CONFIG_FILE), weights)
+        return CheckpointFolder("open_clip", *open_clip.read_open_clip_config(directory / open_clip.CONFIG_FILE),
+                                weights)
     if (directory / "config.json").is_file():
         config = hf.config_from_hf(json.loads((directory / "config.json").read_text()))
-        return config, _hf_preprocess(directory, config.vision.image_size), directory
-    raise CheckpointError(f"{directory}: no {CONFIG_FILE} (clipforge), {open_clip.CONFIG_FILE} with open_clip weights, "
-                     f"or config.json (HF) in this directory")
+        return CheckpointFolder("hf", config, _hf_preprocess(directory, config.vision.image_size), directory)
+    raise CheckpointError(f"{directory}: no {CONFIG_FILE} (clipforge), {open_clip.CONFIG_FILE} with open_clip "
+                          "weights, or config.json (HF) in this directory")
 
 
-def _apply_choice(config: CLIPConfig, choice: dict[str, Any], overrides: dict[str, Any]) -> CLIPConfig:
+def _apply_choice(config: CLIPConfig, options: LoadOptions, overrides: dict[str, Any]) -> CLIPConfig:
     # Idempotent on a config `resolve_architecture` built from the same choice, so it applies everywhere.
     overrides = dict(overrides)
-    if choice["quick_gelu"] is not None:
-        overrides["quick_gelu"] = choice["quick_gelu"]
-    if choice["head_width"] is not None:
+    if options.quick_gelu is not None:
+        overrides["quick_gelu"] = options.quick_gelu
+    if options.head_width is not None:
         overrides["vision.heads"], overrides["text.heads"] = heads_for_width(
-            config.vision, config.text.width, choice["head_width"])
+            config.vision, config.text.width, options.head_width)
     return apply_overrides(config, overrides) if overrides else config
 
 
-def _load_path(path: Path, choice: dict[str, Any], overrides: dict[str, Any]) -> CLIP:
+def _load_path(path: Path, options: LoadOptions, overrides: dict[str, Any]) -> CLIP:
     if path.is_dir():
-        config, preprocess, weights_path = _directory_config(path)
-        if choice["config"] is not None:
-            config = _given_config(choice["config"])[0]  # the folder's preprocessing stays
-        if weights_path.is_dir():  # HF: weights under transformers' names
+        folder = read_folder(path)
+        weights_path, config, preprocess = folder.weights, folder.config, folder.preprocess
+        if options.config is not None:
+            config = _given_config(options.config)[0]  # the folder's preprocessing stays
+        if folder.kind == "hf":
             state_dict = hf.state_dict_from_hf(_hf_weights(weights_path), config)
         else:
             state_dict = clean_state_dict(read_weights(weights_path))
     else:
         weights_path = path
         state_dict, hints = _read_file(path)
-        config, preprocess = _file_config(path, state_dict, hints, choice)
-    config = _apply_choice(config, choice, overrides)
+        config, preprocess = _file_config(path, state_dict, hints, options)
+    config = _apply_choice(config, options, overrides)
     model = CLIP(config, pretrained_text=False)  # the file holds every weight
     load_into(model, state_dict, str(weights_path))
     model.preprocess_config = preprocess or PreprocessConfig()
@@ -215,15 +242,16 @@ def _load_path(path: Path, choice: dict[str, Any], overrides: dict[str, Any]) ->
 
 
 def refuse_random_weights(name: str | Path, allowed: bool, pretrained: str | None = None) -> None:
-    """ValueError when `name` is a registry architecture (no weights) and random weights were not asked for."""
+    """CheckpointError when `name` is a registry architecture (no weights) and random weights were not asked for."""
     if str(name) in list_models() and not Path(name).exists() and not allowed and pretrained is None:
         raise CheckpointError(f"{name!r} is a registry architecture without weights: its answers would be random. "
-                         "Pass a checkpoint, --pretrained TAG (`clipforge models --pretrained` lists them), or "
-                         "--random-weights to run with randomly initialised weights")
+                              "Pass a checkpoint, --pretrained TAG (`clipforge models --pretrained` lists them), or "
+                              "--random-weights to run with randomly initialised weights")
 
 
 def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
-         pretrained: str | None = None, config: str | Path | CLIPConfig | None = None, head_width: int | None = None,
+         options: LoadOptions | None = None, pretrained: str | None = None,
+         config: str | Path | CLIPConfig | None = None, head_width: int | None = None,
          quick_gelu: bool | None = None, **overrides: Any) -> tuple[CLIP, EvalTransform]:
     """(model in eval mode, its eval transform) from a registry name or any OpenAI/open_clip/HF/clipforge checkpoint.
 
@@ -237,35 +265,40 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
     releases: 64 and True) unless a TorchScript archive or a unique registry match says them; an
     ambiguous one is refused, never guessed. The transform follows the checkpoint's library
     (transformers composites transparency on white, OpenAI and open_clip do not).
+
+    `options=LoadOptions(...)` carries the same choice as one value (the CLI builds one from its flags);
+    give it or the keywords pretrained / config / head_width / quick_gelu, not both. Other keywords
+    override config fields, as create_model's (`vision__width=...`).
     """
+    options = merge_options(options, pretrained, config, head_width, quick_gelu)
     path = Path(name_or_path)
     overrides = {k.replace("__", "."): v for k, v in overrides.items()}  # create_model's vision__width style
-    choice = {"config": config, "head_width": head_width, "quick_gelu": quick_gelu}
-    if is_remote(name_or_path, pretrained):
-        local, found = resolve_remote(str(name_or_path), pretrained)
-        model = _load_path(local, {**choice, "config": config or found.get("config")}, overrides)
+    if is_remote(name_or_path, options.pretrained):
+        local, found = resolve_remote(str(name_or_path), options.pretrained)
+        if options.config is None:
+            options = replace(options, config=found.get("config"))
+        model = _load_path(local, options, overrides)
         if "mean" in found:  # the tag's own normalisation (a few open_clip weights use 0.5 / 0.5)
             model.preprocess_config = PreprocessConfig(mean=tuple(found["mean"]), std=tuple(found["std"]))
     elif isinstance(name_or_path, str) and name_or_path in list_models() and not path.exists():
-        model = CLIP(_apply_choice(get_model_config(name_or_path), choice, overrides))
+        model = CLIP(_apply_choice(get_model_config(name_or_path), options, overrides))
     elif path.exists():
-        model = _load_path(path, choice, overrides)
+        model = _load_path(path, options, overrides)
     else:
         raise CheckpointError(f"{name_or_path!r} is neither a known model name nor an existing path; "
-                         f"known names: {', '.join(list_models())}")
+                              f"known names: {', '.join(list_models())}")
     model = model.to(device=device, dtype=dtype).eval()
     return model, EvalTransform.for_model(model)
 
 
-def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge", tokenizer: Tokenizer | None = None) -> Path:
+def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
+                    tokenizer: Tokenizer | None = None) -> Path:
     """Write `model` (and its tokenizer) as a clipforge, HF transformers (CLIPModel) or open_clip (hub) directory."""
     out = Path(out_dir)
     if format not in ("clipforge", "hf", "open_clip"):
         raise CheckpointError(f"unknown format {format!r}: use 'clipforge', 'hf' or 'open_clip'")
-    if format == "hf" and model.config.vision.is_resnet:
-        raise CheckpointError("HF transformers has no CLIP ResNet image tower: save ResNet models with format='clipforge'")
-    if format == "hf" and model.config.text_tower != "clip":
-        raise CheckpointError(f"HF CLIPModel has no {model.config.text_tower!r} text tower: save with format='clipforge'")
+    if format == "hf":  # refused before anything is written
+        hf.refuse_unwritable(model.config)
     if getattr(model, "quantized", None):
         raise CheckpointError("a quantised model is for inference only: save the model it was made from, and "
                               "quantise again after loading")
@@ -281,10 +314,12 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     if format == "clipforge":
         write_clipforge_dir(out, state_dict, model.config, tokenizer, preprocess)
     elif format == "open_clip":  # open_clip's hub layout; its CLIP uses OpenAI's parameter names, as clipforge
-        save_file(state_dict, str(out / open_clip.WEIGHT_FILES[0]))
+        with atomic_path(out / open_clip.WEIGHT_FILES[0]) as tmp:  # safetensors alone writes 0600 files
+            save_file(state_dict, str(tmp))
         (out / open_clip.CONFIG_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     else:
-        save_file(hf.state_dict_to_hf(state_dict, model.config), str(out / "model.safetensors"), metadata={"format": "pt"})
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(hf.state_dict_to_hf(state_dict, model.config), str(tmp), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(hf.hf_config(model.config, tokenizer.eot_token_id), indent=1))
         (out / "preprocessor_config.json").write_text(
             json.dumps(hf.hf_preprocessor_config(model.config, preprocess.mean, preprocess.std), indent=1))
@@ -298,7 +333,8 @@ def _open_clip_settings(config: CLIPConfig, tokenizer: Tokenizer, preprocess: Pr
 
     settings = open_clip.open_clip_config(config, preprocess)
     if (tokenizer.vocab_size, getattr(tokenizer, "special_tokens", None)) != (OPENAI_VOCAB_SIZE, SPECIAL_TOKENS):
-        raise CheckpointError("open_clip tokenises with OpenAI's BPE; this model has another vocabulary: use format='clipforge'")
+        raise CheckpointError("open_clip tokenises with OpenAI's BPE; this model has another vocabulary: use "
+                              "format='clipforge'")
     return settings
 
 
@@ -306,31 +342,37 @@ def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: 
                         preprocess: PreprocessConfig | None = None) -> None:
     """Write a clipforge model directory: safetensors weights, config JSON (model + preprocessing), tokenizer files."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict, str(out / WEIGHTS_FILE))
-    meta = {"format": "clipforge", "model": config.to_dict(), "preprocess": (preprocess or PreprocessConfig()).to_dict()}
+    with atomic_path(out / WEIGHTS_FILE) as tmp:  # safetensors alone writes 0600 files, unreadable to others
+        save_file(state_dict, str(tmp))
+    meta = {"format": "clipforge", "model": config.to_dict(),
+            "preprocess": (preprocess or PreprocessConfig()).to_dict()}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     tokenizer.save(out)
 
 
-def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | None = None) -> Tokenizer:
-    """Tokenizer for a registry name or checkpoint: the files it ships, else its text tower's default (CLIP's BPE)."""
+def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | None = None,
+                  options: LoadOptions | None = None) -> Tokenizer:
+    """Tokenizer for a registry name or checkpoint: the files it ships, else its text tower's default (CLIP's BPE).
+
+    The architecture is read as `load` reads it with the same `options` (the caller's config, a folder's
+    config through `read_folder`, an open_clip_config.json beside a weights file), so the two agree.
+    """
+    options = options or LoadOptions()
     if isinstance(name_or_path, str) and name_or_path.startswith(HUB_PREFIX):
         from clipforge.pretrained import hub_folder
 
         name_or_path = hub_folder(*hub_repo(name_or_path))  # cached by the load before it
     path = Path(name_or_path) if name_or_path is not None else None
-    if path is not None and path.is_dir():
-        return tokenizer_for(_folder_config(path), path, context_length)
-    if isinstance(name_or_path, str) and name_or_path in list_models():
-        return tokenizer_for(get_model_config(name_or_path), None, context_length)
-    return tokenizer_for(CLIPConfig(), None, context_length)
-
-
-def _folder_config(path: Path) -> CLIPConfig:
-    """The model config a checkpoint folder records (clipforge's, or HF's text width); CLIP's default otherwise."""
-    if (path / CONFIG_FILE).is_file():
-        return CLIPConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
-    hf_config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    text = hf_config.get("text_config") or {}
-    return CLIPConfig(text=TextConfig(context_length=text.get("max_position_embeddings", DEFAULT_CONTEXT_LENGTH),
-                                      vocab_size=text.get("vocab_size", OPENAI_VOCAB_SIZE)))
+    folder = path if path is not None and path.is_dir() else None
+    if options.config is not None:
+        config = _given_config(options.config)[0]
+    elif folder is not None:
+        config = read_folder(folder).config
+    elif path is not None and path.is_file():
+        declared = _declared_file_config(path, options)
+        config = declared[0] if declared is not None else CLIPConfig()  # a bare state dict: CLIP's tokenizer
+    elif isinstance(name_or_path, str) and name_or_path in list_models():
+        config = get_model_config(name_or_path)
+    else:
+        config = CLIPConfig()
+    return tokenizer_for(config, folder, context_length)

@@ -18,15 +18,16 @@ _VISION_DEFAULTS = {"layers": 12, "width": 768, "head_width": 64, "mlp_ratio": 4
                     "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False,
                     "pool_type": "tok", "output_tokens": False, "timm_model_name": None, "act_kwargs": None,
                     "norm_kwargs": None}
-_TEXT_DEFAULTS = {"context_length": DEFAULT_CONTEXT_LENGTH, "vocab_size": OPENAI_VOCAB_SIZE, "width": 512, "heads": 8, "layers": 12,
-                  "mlp_ratio": 4.0, "ls_init_value": None, "embed_cls": False, "pad_id": 0,
+_TEXT_DEFAULTS = {"context_length": DEFAULT_CONTEXT_LENGTH, "vocab_size": OPENAI_VOCAB_SIZE, "width": 512,
+                  "heads": 8, "layers": 12, "mlp_ratio": 4.0, "ls_init_value": None, "embed_cls": False, "pad_id": 0,
                   "no_causal_mask": False, "final_ln_after_pool": False, "pool_type": "argmax",
                   "proj_bias": False, "proj_type": "linear", "output_tokens": False, "hf_model_name": None,
                   "hf_tokenizer_name": None, "tokenizer_kwargs": None, "act_kwargs": None, "norm_kwargs": None}
 _TOP_LEVEL = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "cast_dtype", "init_logit_scale",
               "init_logit_bias", "custom_text"}
 # Values that mean the same as the default (open_clip writes some of them explicitly).
-_SAME_AS_DEFAULT = {"pool_type": {"tok", "argmax", None}, "proj_type": {"linear", None}, "patch_dropout": {0, 0.0, None}}
+_SAME_AS_DEFAULT = {"pool_type": {"tok", "argmax", None}, "proj_type": {"linear", None},
+                    "patch_dropout": {0, 0.0, None}}
 
 
 def _checked(cfg: dict[str, Any], defaults: dict[str, Any], where: str, source: str) -> dict[str, Any]:
@@ -61,9 +62,9 @@ def config_from_open_clip(d: dict[str, Any], source: str = "open_clip config") -
     resnet = isinstance(v["layers"], (list, tuple))
     heads = v["width"] * 32 // v["head_width"] if resnet else v["width"] // v["head_width"]
     vision = VisionConfig(image_size=v["image_size"], layers=tuple(v["layers"]) if resnet else v["layers"],
-                          width=v["width"], heads=heads, patch_size=32 if resnet else v["patch_size"],  # a ResNet's stride
-                          mlp_ratio=v["mlp_ratio"],
-                          quick_gelu=quick_gelu)
+                          width=v["width"], heads=heads,
+                          patch_size=32 if resnet else v["patch_size"],  # a ResNet's stride
+                          mlp_ratio=v["mlp_ratio"], quick_gelu=quick_gelu)
     text = TextConfig(context_length=t["context_length"], vocab_size=t["vocab_size"], width=t["width"],
                       heads=t["heads"], layers=t["layers"], mlp_ratio=t["mlp_ratio"], quick_gelu=quick_gelu)
     logit_scale = model_cfg.get("init_logit_scale")
@@ -76,7 +77,8 @@ def _preprocess_from_open_clip(p: dict[str, Any], source: str) -> PreprocessConf
     exact = {"interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
     for key, value in exact.items():
         if p.get(key, value) != value:
-            raise CheckpointError(f"{source}: preprocess_cfg {key}={p[key]!r} is not implemented (clipforge: {value!r})")
+            raise CheckpointError(f"{source}: preprocess_cfg {key}={p[key]!r} is not implemented "
+                                  f"(clipforge: {value!r})")
     config = PreprocessConfig()
     return PreprocessConfig(mean=tuple(p.get("mean", config.mean)), std=tuple(p.get("std", config.std)))
 

@@ -64,7 +64,8 @@ def infer_shapes(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True) -
             len({k.split(".")[2] for k in state_dict if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4)
         )
         if 0 in counts:
-            raise CheckpointError("not an OpenAI-layout CLIP state dict: no 'visual.proj' (ViT) nor visual.layer1-4 (ResNet)")
+            raise CheckpointError("not an OpenAI-layout CLIP state dict: no 'visual.proj' (ViT) nor "
+                                  "visual.layer1-4 (ResNet)")
         width = _need(state_dict, "visual.layer1.0.conv1.weight").shape[0]
         grid = round((_need(state_dict, "visual.attnpool.positional_embedding").shape[0] - 1) ** 0.5)
         vision = VisionConfig(image_size=grid * 32, layers=counts, width=width, quick_gelu=quick_gelu)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from clipforge.checkpoint.options import LoadOptions
 from clipforge.device import DEVICE_HELP, resolve_device
 
 
@@ -37,6 +38,12 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str | None = "--model"
                        help="allow a registry name without weights: randomly initialised, for smoke tests only")
 
 
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """The caller's choice that the model flags state, for clipforge.load and clipforge.get_tokenizer alike."""
+    return LoadOptions(pretrained=args.pretrained, config=args.model_config, head_width=args.head_width,
+                       quick_gelu=args.quick_gelu)
+
+
 def load_model(args: argparse.Namespace, name: str | Path | None = None) -> tuple[Any, Any]:
     """(model, eval transform) for the command's model flags; refuses random weights unless --random-weights."""
     import clipforge
@@ -45,5 +52,4 @@ def load_model(args: argparse.Namespace, name: str | Path | None = None) -> tupl
     name = args.model if name is None else name
     refuse_random_weights(name, getattr(args, "random_weights", False), args.pretrained)
     device = resolve_device(getattr(args, "device", "cpu"))
-    return clipforge.load(name, device, pretrained=args.pretrained, config=args.model_config,
-                          head_width=args.head_width, quick_gelu=args.quick_gelu)
+    return clipforge.load(name, device, options=load_options(args))
