@@ -2,25 +2,28 @@
 from __future__ import annotations
 
 import io
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient  # needs httpx, of the test extra: a missing one fails here, loudly
 from PIL import Image
 
 import clipforge
 from clipforge.cli.main import main
-
-pytest.importorskip("fastapi", reason="clipforge serve needs fastapi")
-pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from clipforge.serve import ServeConfig, create_app  # noqa: E402
-from clipforge.serve.batching import MicroBatcher  # noqa: E402
+from clipforge.device import resolve_device
+from clipforge.serve import ServeConfig, create_app
+from clipforge.serve.batching import MicroBatcher
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40),
            "black": (10, 10, 10), "white": (250, 250, 250), "purple": (140, 40, 160), "orange": (250, 140, 20)}
@@ -84,7 +87,8 @@ def test_healthz_page_and_openapi(client, built):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert 'id="q"' in page.text and 'id="drop"' in page.text and 'id="results"' in page.text
     spec = client.get("/openapi.json").json()
-    assert {"/embed/text", "/embed/image", "/search", "/search/image", "/images/{image_id}", "/healthz"} <= set(spec["paths"])
+    paths = {"/embed/text", "/embed/image", "/search", "/search/image", "/images/{image_id}", "/healthz"}
+    assert paths <= set(spec["paths"])
 
 
 def test_search_text_returns_ranked_servable_results(client, built):
@@ -130,7 +134,8 @@ def test_embed_and_search_by_image(client, built):
     assert response.status_code == 200, response.text
     vector = np.array(response.json()["embedding"], dtype=np.float32)
     assert vector.shape == (64,) and abs(np.linalg.norm(vector) - 1) < 1e-4
-    body = client.post("/search/image", params={"k": 2}, files={"file": ("q.png", red.read_bytes(), "image/png")}).json()
+    upload = {"file": ("q.png", red.read_bytes(), "image/png")}
+    body = client.post("/search/image", params={"k": 2}, files=upload).json()
     assert len(body["results"]) == 2
     assert body["results"][0]["name"] == red.name and body["results"][0]["score"] > 0.999  # finds itself
     assert_error(client.post("/search/image", params={"k": 1000},
@@ -295,3 +300,61 @@ def test_index_of_random_weights_is_refused_unless_asked(tmp_path, built):
     with TestClient(create_app(tmp_path / "index", ServeConfig(allow_random_weights=True))) as random_client:
         assert random_client.get("/healthz").json()["images"] == len(COLOURS)
     assert main(["serve", str(tmp_path / "index")]) == 2
+
+
+def test_healthz_reports_the_device_in_use(built, client):
+    with TestClient(create_app(built[0], ServeConfig(device="auto"))) as auto:
+        assert auto.get("/healthz").json()["limits"]["device"] == str(resolve_device("auto")) != "auto"
+    # A given encoder runs where its model is, whatever the config says.
+    with TestClient(create_app(built[0], ServeConfig(device="auto"), encoder=client.app.state.encoder)) as given:
+        assert given.get("/healthz").json()["limits"]["device"] == "cpu"
+
+
+def serve_cli(*args: str) -> list[str]:
+    """The command line of the real `clipforge serve`, in a fresh interpreter."""
+    return [sys.executable, "-m", "clipforge.cli.main", "serve", *args]
+
+
+def test_serve_on_a_taken_port_exits_2_without_claiming_to_serve(built):
+    with socket.socket() as taken:  # another server, listening on a loopback port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(serve_cli(str(built[0]), "--port", str(port)), capture_output=True, text=True,
+                                timeout=300)
+    assert result.returncode == 2 and result.stdout == "", (result.stdout, result.stderr)
+    assert result.stderr.startswith(f"clipforge serve: error: cannot listen on 127.0.0.1:{port} ")
+    assert result.stderr.count("\n") == 1 and "--port" in result.stderr  # one line, naming the fix
+
+
+def first_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The first line `proc` prints, waiting at most `timeout` seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"nothing printed within {timeout} s"
+    return proc.stdout.readline()
+
+
+def test_serve_cli_serves_on_a_free_port_reports_its_device_and_stops_on_ctrl_c(built):
+    proc = subprocess.Popen(serve_cli(str(built[0]), "--port", "0", "--log-level", "warning"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = first_line(proc, 300)
+        url = re.search(r" at (http://127\.0\.0\.1:\d+)/ ", line)
+        assert url and not url.group(1).endswith(":0"), line  # the port the OS picked, not the flag's 0
+        deadline = time.monotonic() + 60
+        while True:  # the line comes just before uvicorn starts accepting
+            try:
+                health = httpx.get(f"{url.group(1)}/healthz", timeout=10).json()
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the server never accepted a connection"
+                time.sleep(0.1)
+        assert health["images"] == len(COLOURS) and health["limits"]["device"] == str(resolve_device("auto"))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -8,6 +8,7 @@ concurrent callers share forward passes. The app is assembled from named parts: 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -38,6 +39,8 @@ def load_state(index_dir: str | Path, config: ServeConfig, encoder: Any = None) 
         refuse_random_weights(index.model, config.allow_random_weights)
     # The one model of this app, loaded here, once.
     encoder = encoder or QueryEncoder(index.model, device=config.device, pretrained=index.pretrained)
+    # The device in use ("auto" resolved, or a given encoder's), which /healthz reports among the settings.
+    config = replace(config, device=str(next(encoder.model.parameters()).device))
     wait = config.batch_wait_ms / 1000
     batchers = {"text": MicroBatcher(encoder.embed_texts, config.max_batch, wait, name="text-batcher"),
                 "image": MicroBatcher(encoder.embed_images, config.max_batch, wait, name="image-batcher")}

@@ -1,36 +1,41 @@
-"""The endpoints of the search API, as module-level handlers over the app's `ServeState`.
+"""The endpoints of the search API, declared per app by `add_routes`.
 
-Each handler takes the state first; `add_routes` binds it and gives the other parameters the app's
-limits (`k` up to `max_k`, queries up to `max_query_chars`, ...), which FastAPI enforces and the OpenAPI
-spec shows. URLs carry index ids, never paths, and `/images/{id}` serves only files the index recorded.
+An app's limits (`k` up to `max_k`, queries up to `max_query_chars`, the texts of /embed/text) are part of its
+endpoints' parameter types, so FastAPI enforces them and the OpenAPI spec lists them; the `ServeState` they
+serve with comes from the app that received the request, through the `State` dependency. URLs carry index
+ids, never paths, and `/images/{id}` serves only files the index recorded.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the parameter types carrying an app's limits are locals of the
+# function that declares its endpoints, and FastAPI reads those only as evaluated annotations.
 import asyncio
-import inspect
 import mimetypes
 import sqlite3
 import tarfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Awaitable, Callable
+from typing import Annotated, Any
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from PIL import Image
-from pydantic import BaseModel
 
 from clipforge.errors import TextTooLong
 from clipforge.serve.batching import MicroBatcher
 from clipforge.serve.schemas import (EmbedImageResponse, EmbedTextResponse, HealthResponse, SearchResponse,
                                      error_texts, errors, text_request_model)
-from clipforge.serve.state import ServeState
+from clipforge.serve.state import ServeConfig, ServeState
 from clipforge.serve.uploads import read_upload
 
-_REQUIRED = inspect.Parameter.empty
+
+async def serve_state(request: Request) -> ServeState:
+    """The `ServeState` of the app that received the request (async: FastAPI would run a plain def in a thread)."""
+    return request.app.state.serve
+
+
+State = Annotated[ServeState, Depends(serve_state)]
 
 
 def _read_tar_member(path: str) -> bytes | None:
@@ -86,111 +91,88 @@ async def _upload(state: ServeState, file: UploadFile) -> Image.Image:
     return await read_upload(file, state.config.max_upload_bytes, state.config.max_image_pixels)
 
 
-async def home(state: ServeState) -> HTMLResponse:
-    """The search page."""
-    return HTMLResponse(state.page)
-
-
-async def healthz(state: ServeState) -> dict[str, Any]:
-    """Liveness, the index served, the limits and the batching counters."""
-    index = state.index
-    return {"status": "ok", "images": len(index), "dim": index.dim, "model": Path(str(index.model)).name,
-            "limits": asdict(state.config),
-            "batches": {n: {"batches": b.batches, "items": b.items} for n, b in state.batchers.items()}}
-
-
-async def embed_text(state: ServeState, body: BaseModel) -> dict[str, Any]:
-    """Embeddings of `body.texts`, each batched with other requests' texts."""
-    start = time.perf_counter()
-    rows = await asyncio.gather(*(_embed(state, state.texts, text) for text in body.texts))
-    return {"dim": state.index.dim, "embeddings": np.asarray(rows, dtype=np.float32).tolist(), "took_ms": _took_ms(start)}
-
-
-async def embed_image(state: ServeState, file: UploadFile = File(description="an image file")) -> dict[str, Any]:
-    """The embedding of an uploaded image."""
-    start = time.perf_counter()
-    row = await _embed(state, state.images, await _upload(state, file))
-    return {"dim": state.index.dim, "embedding": row.astype(np.float32).tolist(), "took_ms": _took_ms(start)}
-
-
-async def search_text(state: ServeState, q: str, k: int) -> dict[str, Any]:
-    """The k best matches of a text query."""
-    start = time.perf_counter()
-    if not q.strip():
-        raise HTTPException(422, "invalid request: q: the query is blank")
-    results = await _search(state, await _embed(state, state.texts, q), k)
-    return {"query": q, "k": k, "results": results, "took_ms": _took_ms(start)}
-
-
-async def search_image(state: ServeState, file: UploadFile = File(description="an image file"), *,
-                       k: int) -> dict[str, Any]:
-    """The k best matches of an uploaded image."""
-    start = time.perf_counter()
-    results = await _search(state, await _embed(state, state.images, await _upload(state, file)), k)
-    return {"k": k, "results": results, "took_ms": _took_ms(start)}
-
-
-async def image(state: ServeState, image_id: int) -> Response:
-    """An indexed image by id: a file on disk, or a member of a webdataset shard."""
-    try:
-        record = _lookup(state, image_id)
-    except (KeyError, IndexError, ValueError):
-        raise HTTPException(404, f"no image with id {image_id} in this index") from None
-    except OSError:
-        raise HTTPException(404, f"image {image_id} is indexed but its file is gone") from None
-    path = str(record["path"])
-    media = mimetypes.guess_type(path.rsplit("#", 1)[-1])[0] or "application/octet-stream"
-    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=600"}
-    if not media.startswith("image/"):  # the index lists images only; anything else is not served
-        raise HTTPException(404, f"image {image_id} has no image file type")
-    if ".tar#" in path:
-        data = await anyio.to_thread.run_sync(_read_tar_member, path)
-        if data is None:
-            raise HTTPException(404, f"image {image_id} is indexed but its shard member is gone")
-        return Response(data, media_type=media, headers=headers)
-    if not Path(path).is_file():
-        raise HTTPException(404, f"image {image_id} is indexed but its file is gone")
-    return FileResponse(path, media_type=media, headers=headers)
-
-
-def _bind(handler: Callable[..., Awaitable[Any]], state: ServeState,
-          **limited: tuple[Any, Any]) -> Callable[..., Awaitable[Any]]:
-    """`handler` with `state` bound, as FastAPI sees it: `limited` names a parameter's (annotation, default).
-
-    The handlers are shared by every app, so each app's limits go into a signature of its own.
-    """
-    async def endpoint(**kwargs: Any) -> Any:
-        return await handler(state, **kwargs)
-
-    signature = inspect.signature(handler, eval_str=True)
-    parameters = [p.replace(annotation=limited[p.name][0], default=limited[p.name][1]) if p.name in limited else p
-                  for p in list(signature.parameters.values())[1:]]
-    endpoint.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
-    endpoint.__name__ = endpoint.__qualname__ = handler.__name__  # FastAPI's operation ids come from the name
-    return endpoint
-
-
 def add_routes(app: FastAPI, state: ServeState) -> None:
-    """Register the search API's endpoints on `app`, their parameters limited by `state.config`."""
-    cfg = state.config
-    texts = error_texts({**asdict(cfg), "context_length": state.encoder.model.context_length})
-    query = (Annotated[str, Query(min_length=1, max_length=cfg.max_query_chars, description="text query")], _REQUIRED)
-    k = (Annotated[int, Query(ge=1, le=cfg.max_k, description=f"results to return (1..{cfg.max_k})")], cfg.default_k)
-    body = (text_request_model(cfg.max_texts, cfg.max_query_chars), _REQUIRED)
-    app.add_api_route("/", _bind(home, state), response_class=HTMLResponse, include_in_schema=False)
-    app.add_api_route("/healthz", _bind(healthz, state), summary="Liveness and index facts",
-                      response_model=HealthResponse)
-    app.add_api_route("/embed/text", _bind(embed_text, state, body=body), methods=["POST"],
-                      summary="Embed texts (L2-normalised)", response_model=EmbedTextResponse,
-                      responses=errors(texts, 400, 413, 422))
-    app.add_api_route("/embed/image", _bind(embed_image, state), methods=["POST"],
+    """Declare the search API's endpoints on `app`, their parameters limited by `state.config`."""
+    texts = error_texts({**asdict(state.config), "context_length": state.encoder.model.context_length})
+
+    async def home(state: State) -> HTMLResponse:
+        return HTMLResponse(state.page)
+
+    async def healthz(state: State) -> dict[str, Any]:  # liveness, the index served, the limits, the batching
+        index = state.index
+        return {"status": "ok", "images": len(index), "dim": index.dim, "model": Path(str(index.model)).name,
+                "limits": asdict(state.config),
+                "batches": {n: {"batches": b.batches, "items": b.items} for n, b in state.batchers.items()}}
+
+    app.add_api_route("/", home, response_class=HTMLResponse, include_in_schema=False)
+    app.add_api_route("/healthz", healthz, summary="Liveness and index facts", response_model=HealthResponse)
+    _add_query_routes(app, state.config, texts)
+    _add_image_route(app, texts)
+
+
+def _add_query_routes(app: FastAPI, cfg: ServeConfig, texts: dict[int, str]) -> None:
+    """/embed/text, /embed/image, /search and /search/image, with `cfg`'s limits in their parameter types."""
+    query = Annotated[str, Query(min_length=1, max_length=cfg.max_query_chars, description="text query")]
+    top_k = Annotated[int, Query(ge=1, le=cfg.max_k, description=f"results to return (1..{cfg.max_k})")]
+    text_request = text_request_model(cfg.max_texts, cfg.max_query_chars)
+
+    async def embed_text(state: State, body: text_request) -> dict[str, Any]:  # each text batched with others'
+        start = time.perf_counter()
+        rows = await asyncio.gather(*(_embed(state, state.texts, text) for text in body.texts))
+        return {"dim": state.index.dim, "embeddings": np.asarray(rows, dtype=np.float32).tolist(),
+                "took_ms": _took_ms(start)}
+
+    async def embed_image(state: State, file: UploadFile = File(description="an image file")) -> dict[str, Any]:
+        start = time.perf_counter()
+        row = await _embed(state, state.images, await _upload(state, file))
+        return {"dim": state.index.dim, "embedding": row.astype(np.float32).tolist(), "took_ms": _took_ms(start)}
+
+    async def search_text(state: State, q: query, k: top_k = cfg.default_k) -> dict[str, Any]:
+        start = time.perf_counter()
+        if not q.strip():
+            raise HTTPException(422, "invalid request: q: the query is blank")
+        results = await _search(state, await _embed(state, state.texts, q), k)
+        return {"query": q, "k": k, "results": results, "took_ms": _took_ms(start)}
+
+    async def search_image(state: State, file: UploadFile = File(description="an image file"), *,
+                           k: top_k = cfg.default_k) -> dict[str, Any]:
+        start = time.perf_counter()
+        results = await _search(state, await _embed(state, state.images, await _upload(state, file)), k)
+        return {"k": k, "results": results, "took_ms": _took_ms(start)}
+
+    app.add_api_route("/embed/text", embed_text, methods=["POST"], summary="Embed texts (L2-normalised)",
+                      response_model=EmbedTextResponse, responses=errors(texts, 400, 413, 422))
+    app.add_api_route("/embed/image", embed_image, methods=["POST"],
                       summary="Embed an uploaded image (L2-normalised)", response_model=EmbedImageResponse,
                       responses=errors(texts, 400, 413, 415, 422))
-    app.add_api_route("/search", _bind(search_text, state, q=query, k=k), summary="Search the index with a text query",
+    app.add_api_route("/search", search_text, summary="Search the index with a text query",
                       response_model=SearchResponse, responses=errors(texts, 422, 503))
-    app.add_api_route("/search/image", _bind(search_image, state, k=k), methods=["POST"],
+    app.add_api_route("/search/image", search_image, methods=["POST"],
                       summary="Search the index with an uploaded image", response_model=SearchResponse,
                       responses=errors(texts, 400, 413, 415, 422, 503))
-    app.add_api_route("/images/{image_id}", _bind(image, state), summary="An indexed image, by id",
-                      response_class=Response, responses={200: {"content": {"image/*": {}}, "description": "the image file"},
-                                                          **errors(texts, 404, 422, 503)})
+
+
+def _add_image_route(app: FastAPI, texts: dict[int, str]) -> None:
+    """/images/{image_id}: an indexed image by id, a file on disk or a member of a webdataset shard."""
+    async def image(state: State, image_id: int) -> Response:
+        try:
+            record = _lookup(state, image_id)
+        except KeyError:
+            raise HTTPException(404, f"no image with id {image_id} in this index") from None
+        path = str(record["path"])
+        media = mimetypes.guess_type(path.rsplit("#", 1)[-1])[0] or "application/octet-stream"
+        headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=600"}
+        if not media.startswith("image/"):  # the index lists images only; anything else is not served
+            raise HTTPException(404, f"image {image_id} has no image file type")
+        if ".tar#" in path:
+            data = await anyio.to_thread.run_sync(_read_tar_member, path)
+            if data is None:
+                raise HTTPException(404, f"image {image_id} is indexed but its shard member is gone")
+            return Response(data, media_type=media, headers=headers)
+        if not Path(path).is_file():
+            raise HTTPException(404, f"image {image_id} is indexed but its file is gone")
+        return FileResponse(path, media_type=media, headers=headers)
+
+    app.add_api_route("/images/{image_id}", image, summary="An indexed image, by id", response_class=Response,
+                      responses={200: {"content": {"image/*": {}}, "description": "the image file"},
+                                 **errors(texts, 404, 422, 503)})

@@ -20,7 +20,7 @@ class ServeConfig:
     max_batch: int = 32
     batch_wait_ms: float = 5.0
     allow_random_weights: bool = False  # an index built with a registry name (no weights) answers at random
-    device: str = "cpu"  # where the query model runs (clipforge.device.resolve_device)
+    device: str = "cpu"  # where the query model runs (resolve_device's spec; an app's config: the device in use)
 
 
 @dataclass

@@ -18,7 +18,8 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     except SampleError as error:
         status = _UPLOAD_STATUS.get(error.reason, 415)
         message = {400: "the upload is empty", 413: f"the image is over {max_pixels} pixels ({error.detail})"}
-        raise HTTPException(status, message.get(status, f"the upload is not a readable image ({error.detail})")) from None
+        unreadable = f"the upload is not a readable image ({error.detail})"
+        raise HTTPException(status, message.get(status, unreadable)) from None
 
 
 async def read_upload(file: UploadFile, max_bytes: int, max_pixels: int) -> Image.Image:
