@@ -4,18 +4,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnxruntime  # noqa: F401  the onnx extra, which the test extra includes: missing, it fails here, loudly
+import onnxscript  # noqa: F401  (torch's exporter imports it)
 import pytest
 import torch
 import torch.nn.functional as F
 
 import clipforge
 from clipforge.cli.main import main
+from clipforge.export.onnx import CONFIG_FILE, IMAGE_FILE, TEXT_FILE, OnnxCLIP, export_onnx
 from conftest import OPENAI, OPENAI_FLAGS, perturb_, random_tokens
-
-pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
-
-from clipforge.export.onnx import CONFIG_FILE, IMAGE_FILE, TEXT_FILE, OnnxCLIP, export_onnx  # noqa: E402
 
 
 def check_against_reference(onnx_dir, reference) -> float:
@@ -132,7 +130,8 @@ def test_export_without_the_extra_names_what_to_install(tmp_path, monkeypatch, c
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
     assert main(["export", "onnx", "cpu-vit-tiny-32", str(tmp_path / "out"), "--random-weights"]) == 2
     assert "needs onnxscript: pip install 'clipforge[onnx]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -143,7 +142,8 @@ def test_int8_export_runs_quantised_graphs_close_to_fp32(tmp_path):
 
     model = perturb_(clipforge.create_model("cpu-vit-tiny-32", seed=0)).eval()
     config = export_onnx(model, tmp_path, int8=True)
-    assert config["image_encoder"] == "image_encoder.int8.onnx" and config["text_encoder"] == "text_encoder.int8.onnx"
+    assert config["image_encoder"] == "image_encoder.int8.onnx"
+    assert config["text_encoder"] == "text_encoder.int8.onnx"
     for name in (config["image_encoder"], config["text_encoder"]):
         ops = {node.op_type for node in onnx.load(str(tmp_path / name)).graph.node}
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # the matmuls really run in integers
@@ -157,3 +157,24 @@ def test_int8_export_runs_quantised_graphs_close_to_fp32(tmp_path):
     got_image, got_text = runner.encode_image(pixels.numpy()), runner.embed_texts(captions)
     cosines = np.concatenate([(want_image * got_image).sum(1), (want_text * got_text).sum(1)])
     assert cosines.min() > 0.99 and np.abs(got_image - want_image).max() > 1e-6  # close, and not the fp32 graph
+
+
+def test_export_device_flag(tmp_path, capsys):
+    out = tmp_path / "out"
+    # A GPU that is not there is refused as everywhere else, before anything is written.
+    assert main(["export", "onnx", "cpu-vit-tiny-32", str(out), "--random-weights", "--device", "cuda:64"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("clipforge export: error: device 'cuda:64': ") and "GPU" in error
+    assert not out.exists()
+    assert main(["export", "onnx", "cpu-vit-tiny-32", str(out), "--random-weights", "--device", "cpu"]) == 0
+    assert "onnxruntime vs PyTorch: max abs diff" in capsys.readouterr().out
+    assert json.loads((out / CONFIG_FILE).read_text())["parity"]["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_export_traces_on_a_gpu_and_checks_on_the_cpu(tmp_path):
+    model = perturb_(clipforge.create_model("cpu-rn-tiny-64", seed=0)).eval().cuda()
+    config = export_onnx(model, tmp_path)  # its parity check ran on the CPU, where onnxruntime runs
+    assert config["parity"]["max_abs_diff"] <= 1e-4
+    assert all(p.device.type == "cuda" for p in model.parameters())  # back where it was
+    check_fresh_inputs(tmp_path, model.cpu())

@@ -45,7 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o = formats.add_parser("onnx", help="image and text encoders as two ONNX graphs with a dynamic batch")
     o.add_argument("checkpoint", help="checkpoint (any format clipforge.load reads) or registry name")
     o.add_argument("out_dir", type=Path, help="output folder (graphs, tokenizer, onnx_config.json)")
-    add_model_arguments(o, flag=None)
+    add_model_arguments(o, flag=None, device=True)
+    # Not `auto`: the check runs on the CPU (onnxruntime's CPU provider), so a GPU found by default would only
+    # move the model there and back; export traced on the CPU before the flag existed, and still does unless asked.
+    o.set_defaults(device="cpu")
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the graphs")
     o.add_argument("--atol", type=float, default=PARITY_ATOL, help="largest allowed |ONNX - PyTorch| (fp32)")
     o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime parity check")

@@ -12,7 +12,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -111,6 +111,7 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
 
     `source`: where a loaded `model` came from, so its own tokenizer files are used. `int8`: also write
     dynamically quantised graphs (`*.int8.onnx`, what the config then names), refused below cosine 0.99 to fp32.
+    The graphs are traced on the model's device and checked against it on the CPU (`_on_cpu`).
     """
     import clipforge
 
@@ -123,16 +124,18 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
     model = model.float().eval()  # fp32 graphs: half precision on CPU runtimes is slow or missing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    size = model.image_size
+    size, device = model.image_size, next(model.parameters()).device
     with torch.no_grad():
-        _export(ImageEncoder(model), torch.randn(2, 3, size, size), out / IMAGE_FILE, "pixels", False, opset)
-        _export(TextEncoder(model), example_tokens(2, model.context_length, tokenizer.vocab_size), out / TEXT_FILE,
-                "tokens", True, opset)
+        _export(ImageEncoder(model), torch.randn(2, 3, size, size, device=device), out / IMAGE_FILE, "pixels", False,
+                opset)
+        tokens = example_tokens(2, model.context_length, tokenizer.vocab_size).to(device)
+        _export(TextEncoder(model), tokens, out / TEXT_FILE, "tokens", True, opset)
     config = _export_config(model, tokenizer, out, opset)
-    if verify:
-        config["parity"] = verify_onnx(model, out, tokenizer.vocab_size, atol=atol)
-    if int8:
-        config["int8"] = quantize_graphs(model, out, config, example_tokens)
+    with _on_cpu(model):  # one move for both checks
+        if verify:
+            config["parity"] = verify_onnx(model, out, tokenizer.vocab_size, atol=atol)
+        if int8:
+            config["int8"] = quantize_graphs(model, out, config, example_tokens)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     return config
 
@@ -156,17 +159,36 @@ def _export_config(model: CLIP, tokenizer: Tokenizer, out: Path, opset: int) -> 
                        "transparency": "composite on white, then resize" if preprocess.composite_white
                        else "resize and crop in the file's mode, then drop alpha (RGB)",
                        "mean": list(preprocess.mean), "std": list(preprocess.std), "scale": 1 / 255, "layout": "NCHW"},
-        "tokenizer": {"kind": tokenizer.kind, "context_length": model.context_length, "vocab_size": tokenizer.vocab_size,
-                      "pooling": model.text_tower.pooling, **tokenizer.save_portable(out)},
+        "tokenizer": {"kind": tokenizer.kind, "context_length": model.context_length,
+                      "vocab_size": tokenizer.vocab_size, "pooling": model.text_tower.pooling,
+                      **tokenizer.save_portable(out)},
         "opset": opset,
         # torch's exporter keeps the weights beside each graph; a runtime finds them by this relative name.
         "external_data": {name: f"{name}.data" for name in (IMAGE_FILE, TEXT_FILE) if (out / f"{name}.data").is_file()},
     }
 
 
+@contextlib.contextmanager
+def _on_cpu(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` moved to the CPU for the block, then back where it was.
+
+    onnxruntime runs the graphs on the CPU here, and the PyTorch reference must too: on a GPU other kernels
+    compute it (cuDNN convolutions may use TF32 by default), so the difference would measure the GPU, not
+    the export.
+    """
+    device = next(model.parameters()).device
+    try:
+        yield model.cpu()
+    finally:
+        model.to(device)
+
+
 def verify_onnx(model: CLIP, out_dir: str | Path, vocab: int, atol: float = PARITY_ATOL,
                 batches: Sequence[int] = (1, 3)) -> dict[str, Any]:
-    """Max |ONNX - PyTorch| of both towers over the given batch sizes, int32 and int64 tokens; raises above atol."""
+    """Max |ONNX - PyTorch| of both towers over the given batch sizes, int32 and int64 tokens; raises above atol.
+
+    Both run on the CPU: a model on another device is moved there for the check and back.
+    """
     import onnxruntime as ort
 
     out = Path(out_dir)
@@ -174,7 +196,7 @@ def verify_onnx(model: CLIP, out_dir: str | Path, vocab: int, atol: float = PARI
     text = ort.InferenceSession(str(out / TEXT_FILE), providers=["CPUExecutionProvider"])
     diffs: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
+    with torch.no_grad(), _on_cpu(model):
         for batch in batches:
             pixels = torch.randn(batch, 3, model.image_size, model.image_size, generator=gen)
             want = model.encode_image(pixels).numpy()
@@ -209,8 +231,10 @@ class OnnxCLIP:
         if not (self.directory / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{self.directory} has no {CONFIG_FILE}: not a clipforge ONNX export")
         self.config = json.loads((self.directory / CONFIG_FILE).read_text())
-        self.image_session = ort.InferenceSession(str(self.directory / self.config["image_encoder"]), providers=list(providers))
-        self.text_session = ort.InferenceSession(str(self.directory / self.config["text_encoder"]), providers=list(providers))
+        self.image_session = ort.InferenceSession(str(self.directory / self.config["image_encoder"]),
+                                                  providers=list(providers))
+        self.text_session = ort.InferenceSession(str(self.directory / self.config["text_encoder"]),
+                                                 providers=list(providers))
         tok = self.config["tokenizer"]
         self.tokenizer = TOKENIZERS[tok["kind"]].from_directory(self.directory, context_length=tok["context_length"])
 
