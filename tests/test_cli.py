@@ -115,3 +115,24 @@ def test_every_flag_of_every_command_has_help_and_shows_its_default():
     text = " ".join(run_cli("index", "--help").stdout.split())
     assert "--batch-size BATCH_SIZE images per forward pass (default: 64)" in text
     assert "(default: None)" not in text
+
+
+@pytest.mark.integration
+def test_unknown_flag_is_refused_by_its_subcommand_with_the_close_match(capsys):
+    from clipforge.cli.main import main
+
+    result = run_cli("train", "--batchsize", "16")
+    assert result.returncode == 2 and result.stderr.startswith("usage: clipforge train [-h]")
+    assert "clipforge train: error: unrecognized arguments: --batchsize (did you mean --batch-size?) 16" in result.stderr
+    for argv, usage, error in (
+            (["search", "index", "--topk", "3"], "usage: clipforge search [-h]",
+             "clipforge search: error: unrecognized arguments: --topk (did you mean --top-k?) 3"),
+            (["export", "onnx", "model", "out", "--in8"], "usage: clipforge export onnx [-h]",
+             "clipforge export onnx: error: unrecognized arguments: --in8 (did you mean --int8?)"),
+            (["models", "--pretraind=yes", "extra"], "usage: clipforge models [-h]",
+             "clipforge models: error: unrecognized arguments: --pretraind=yes (did you mean --pretrained?) extra"),
+            (["train", "--zzz"], "usage: clipforge train [-h]", "clipforge train: error: unrecognized arguments: --zzz\n")):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        stderr = capsys.readouterr().err
+        assert exit.value.code == 2 and stderr.startswith(usage) and error in stderr, stderr

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
@@ -55,7 +57,8 @@ def _classify(args: argparse.Namespace) -> None:
     results = []
     for path, row in zip(args.images, probs):
         top = row.topk(min(args.top, len(labels)))
-        results.append({"image": str(path), "top": [[labels[i], round(p, 4)] for p, i in zip(top.values.tolist(), top.indices.tolist())]})
+        best = zip(top.values.tolist(), top.indices.tolist())
+        results.append({"image": str(path), "top": [[labels[i], round(p, 4)] for p, i in best]})
     if args.json:
         print(json.dumps(results, indent=1))
     else:
@@ -82,6 +85,28 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return text
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: it refuses unknown arguments itself, naming the sub-command, its usage and a close flag.
+
+    argparse otherwise hands a sub-command's leftovers up to the top-level parser, whose error shows
+    `usage: clipforge [-h] ...` and no hint; sub-parsers of sub-parsers (`export onnx`) inherit this class.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + " ".join(self._with_hint(arg) for arg in extras))
+        return parsed, extras
+
+    def _with_hint(self, arg: str) -> str:
+        """`arg`, followed by the closest option of this parser when it looks like a mistyped flag."""
+        if not arg.startswith("-"):
+            return arg
+        options = [option for action in self._actions for option in action.option_strings]
+        match = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
+        return f"{arg} (did you mean {match[0]}?)" if match else arg
+
+
 def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     found = [parser]
     for action in parser._actions:
@@ -96,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: load, convert, classify, demo")
     parser.add_argument("--version", action="version", version=f"clipforge {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user-facing error too")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     p = sub.add_parser("models", help="list registry architectures (or, with --pretrained, downloadable weights)")
     p.add_argument("--pretrained", action="store_true", help="list (architecture, tag) pairs for --pretrained")
@@ -119,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=get_templates("simple")[0], help="prompt template (without --ensemble)")
     p.add_argument("--ensemble", action="store_true", help="average OpenAI's 7 ImageNet templates")
     p.add_argument("--top", type=int, default=3, help="labels printed per image")
-    p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the model's context (default: refuse)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut a prompt longer than the model's context (default: refuse)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_classify)
 
