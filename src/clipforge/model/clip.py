@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -100,18 +100,43 @@ class CLIP(nn.Module):
         self.config.logit_bias_init = value
         self.logit_bias = nn.Parameter(torch.tensor(float(value), device=self.logit_scale.device))
 
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = False, output_tokens: bool = False) -> Any:
-        """Image embeddings [B, embed_dim] from normalised pixels [B, 3, H, W]; with `output_tokens`,
-        (embeddings, patch tokens) as open_clip returns them (see `image_outputs` for layers and attention)."""
+    @overload
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False,
+                     output_tokens: Literal[False] = False) -> torch.Tensor: ...
+
+    @overload
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False, *,
+                     output_tokens: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False,
+                     output_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Image embeddings [B, embed_dim] from normalised pixels [B, 3, H, W].
+
+        `output_tokens=True` returns (embeddings, patch tokens) as open_clip's encode_image does, kept for code
+        written against open_clip; new code reads `image_outputs`, one typed result with tokens, layers and
+        attention.
+        """
         if output_tokens:
             out = image_outputs(self, pixels, normalize=normalize)
             return out.embeds, out.tokens
         features = self.visual(pixels)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False, output_tokens: bool = False) -> Any:
-        """Text embeddings [B, embed_dim] from token ids [B, L], pooled at the EOT (highest id) token; with
-        `output_tokens`, (embeddings, token features [B, L, width]) as open_clip returns them."""
+    @overload
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False,
+                    output_tokens: Literal[False] = False) -> torch.Tensor: ...
+
+    @overload
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False, *,
+                    output_tokens: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False,
+                    output_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings [B, embed_dim] from token ids [B, L], pooled at the EOT (highest id) token.
+
+        `output_tokens=True` returns (embeddings, token features [B, L, width]) as open_clip's encode_text does,
+        kept for code written against open_clip; new code reads `text_outputs`, one typed result.
+        """
         if output_tokens:
             out = self.text_outputs(tokens, normalize=normalize)
             return out.embeds, out.tokens
