@@ -14,6 +14,9 @@ from conftest import OPENAI_FLAGS
 from synthetic import COLORS, SHAPES, draw, make_caption_set
 
 
+TINY = ("--model", "cpu-vit-tiny-32", "--random-weights")  # a registry name, randomly initialised
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clipforge.cli.main", *args], capture_output=True, text=True,
                           timeout=600)
@@ -62,7 +65,7 @@ def test_zeroshot_on_fixture_model_and_image_folder(fixtures_dir, folder, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["images"] == 24 and results["classes"] == 4
-    assert results["skipped"] == {"unreadable_image": 1}  # counted, not silently dropped
+    assert results["skipped"] == {"corrupt_image": 1}  # counted by reason, not silently dropped
     assert {"label", "template", "ensemble"} <= set(results) and len(results["confusion_matrix"]) == 4
     report = (tmp_path / "report.md").read_text()
     assert "ensemble" in report and ".png" in report
@@ -75,17 +78,17 @@ def test_zeroshot_on_fixture_model_and_image_folder(fixtures_dir, folder, tmp_pa
 @pytest.mark.integration
 def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
     out = tmp_path / "r"
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "retrieval", "--data", str(styled / "train.csv"),
+    result = run_cli("eval", *TINY, "--task", "retrieval", "--data", str(styled / "train.csv"),
                      "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 96 and 0 <= results["image_to_text_r1"] <= results["image_to_text_r10"] <= 1
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "linear-probe", "--data", str(styled),
+    result = run_cli("eval", *TINY, "--task", "linear-probe", "--data", str(styled),
                      "--styles", "plain", "--out", str(tmp_path / "lp"))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "lp" / "results.json").read_text())
     assert results["test_images"] > 0 and "best_C" in results["linear_probe"]
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "robustness", "--data", str(styled),
+    result = run_cli("eval", *TINY, "--task", "robustness", "--data", str(styled),
                      "--id-styles", "plain", "--supervised-steps", "30", "--out", str(tmp_path / "rb"))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "rb" / "results.json").read_text())
@@ -98,16 +101,41 @@ def test_retrieval_linear_probe_and_robustness(styled, tmp_path):
 def test_bad_inputs_are_clear(folder, tmp_path):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("path,name\na.png,cat\n")
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "zeroshot", "--data", str(bad_csv), "--out", str(tmp_path))
+    result = run_cli("eval", *TINY, "--task", "zeroshot", "--data", str(bad_csv), "--out", str(tmp_path))
     assert result.returncode == 2 and "unknown class file format" in result.stderr
     (tmp_path / "classes" / "cat").mkdir(parents=True)
     (tmp_path / "classes" / "dog").mkdir()
     draw((0, 0, 0), "circle", random.Random(0)).save(tmp_path / "classes" / "cat" / "a.png")
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "zeroshot", "--data", str(tmp_path / "classes"),
+    result = run_cli("eval", *TINY, "--task", "zeroshot", "--data", str(tmp_path / "classes"),
                      "--out", str(tmp_path))
     assert result.returncode == 2 and "empty class" in result.stderr and "dog" in result.stderr
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "robustness", "--data", str(folder), "--out", str(tmp_path))
+    result = run_cli("eval", *TINY, "--task", "robustness", "--data", str(folder), "--out", str(tmp_path))
     assert result.returncode == 2 and "--id-styles" in result.stderr
+
+
+@pytest.mark.integration
+def test_skips_are_kept_apart_by_reason_and_named(folder, tmp_path):
+    """A missing and a corrupt file stay apart (as train and index count them), named in --json and skipped.jsonl."""
+    broken, gone = folder / "circle_shape" / "broken.png", tmp_path / "gone.png"
+    rows = [f"{p},{p.parent.name}" for p in sorted(folder.glob("*_shape/[0-9].png"))]
+    (tmp_path / "labels.csv").write_text("\n".join(["image,label", *rows, f"{broken},circle_shape",
+                                                     f"{gone},square_shape"]) + "\n")
+    common = ("eval", *TINY, "--task", "zeroshot", "--templates", "simple",
+              "--data", str(tmp_path / "labels.csv"))
+    result = run_cli(*common, "--out", str(tmp_path / "json"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(result.stdout)
+    assert printed["skipped"] == {"corrupt_image": 1, "missing_file": 1} and printed["images"] == 24
+    assert printed["skipped_files"] == {"corrupt_image": [str(broken)], "missing_file": [str(gone)]}  # as index's
+    assert json.loads((tmp_path / "json" / "results.json").read_text())["skipped"] == printed["skipped"]
+    log = (tmp_path / "json" / "skipped.jsonl").read_text().splitlines()
+    by_path = sorted([{"path": str(broken), "reason": "corrupt_image"}, {"path": str(gone), "reason": "missing_file"}],
+                     key=lambda row: row["path"])
+    assert [json.loads(line) for line in log] == by_path
+    result = run_cli(*common, "--out", str(tmp_path / "text"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped: corrupt_image 1, missing_file 1." in result.stdout and "{" not in result.stdout  # no dict repr
+    assert f"{gone} (missing_file)" in result.stdout and str(tmp_path / "text" / "skipped.jsonl") in result.stdout
 
 
 @pytest.mark.integration
@@ -120,12 +148,17 @@ def test_retrieval_from_webdataset_shards(styled, tmp_path):
             tar.add(styled / row["image"], arcname=f"s{i:03d}.png")
             (tmp_path / "c.txt").write_text(row["caption"])
             tar.add(tmp_path / "c.txt", arcname=f"s{i:03d}.txt")
+        tar.add(tmp_path / "c.txt", arcname="bad.txt")
+        (tmp_path / "bad.png").write_bytes(b"not a png")
+        tar.add(tmp_path / "bad.png", arcname="bad.png")
     out = tmp_path / "out"
-    result = run_cli("eval", "--model", "cpu-vit-tiny-32", "--random-weights", "--task", "retrieval", "--data",
+    result = run_cli("eval", *TINY, "--task", "retrieval", "--data",
                      str(tmp_path / "shard-{000..000}.tar"), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["images"] == 12 and results["captions"] == 12
+    assert results["images"] == 12 and results["captions"] == 12 and results["skipped"] == {"corrupt_image": 1}
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [{"path": f"{tmp_path / 'shard-000.tar'}/bad.png", "reason": "corrupt_image"}]  # member named
 
 
 def test_labels_csv_with_bom_and_short_rows(tmp_path, folder):

@@ -2,21 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from clipforge.cli.model_args import add_model_arguments
 from clipforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from clipforge.data.labelled import SkippedImage
+    from clipforge.evaluate.tasks import EvalContext
 
 TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")
 
 
 def run(args: argparse.Namespace) -> None:
-    """Run one task and write results.json + report.md (+ PNG plots) into --out."""
+    """Run one task and write results.json, report.md (+ PNG plots) and the skip log into --out."""
     import clipforge
     from clipforge.cli.model_args import load_model
-    from clipforge.evaluate.report import Section, markdown_table, write_report
-    from clipforge.evaluate.tasks import (EvalContext, RobustnessSettings, linear_probe_vs_zeroshot, load_for_eval,
-                                          retrieval, robustness, zeroshot)
+    from clipforge.data.labelled import skip_counts
+    from clipforge.evaluate.report import write_report, write_skip_log
+    from clipforge.evaluate.tasks import EvalContext
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -25,47 +31,84 @@ def run(args: argparse.Namespace) -> None:
         preprocess.composite_white = args.composite_white
     tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
     ctx = EvalContext(model, tokenizer, preprocess, out, args.templates, args.batch_size)
+    results = {"task": args.task, "model": str(args.model), "data": str(args.data), **_run_task(args, ctx),
+               "skipped": skip_counts(ctx.skipped)}
+    report = write_report(out, f"clipforge eval: {args.task}", ctx.sections, results)
+    skipped = sorted(ctx.skipped)  # in path order, as the index's skip log
+    skip_log = write_skip_log(out, skipped)
+    if args.json:  # results.json as written (non-finite numbers made null), plus the skipped files as index names them
+        written = json.loads((out / "results.json").read_text())
+        files: dict[str, list[str]] = {}
+        for skip in skipped:
+            files.setdefault(skip.reason, []).append(skip.path)
+        print(json.dumps({**written, "skipped_files": dict(sorted(files.items()))}, indent=1))
+        return
+    _print_text(ctx, skipped, skip_log)
+    print(f"\nwrote {report}, {out / 'results.json'} and {skip_log}")
+
+
+def _run_task(args: argparse.Namespace, ctx: "EvalContext") -> dict[str, Any]:
+    """The results of the task --task names; its report sections go to `ctx`."""
+    from clipforge.evaluate.tasks import (RobustnessSettings, linear_probe_vs_zeroshot, load_for_eval, retrieval,
+                                          robustness, zeroshot)
+
     styles = [s for s in args.styles.split(",") if s]
     if args.task == "zeroshot":
-        results = zeroshot(ctx, load_for_eval(args.data, args.styles, args.split), confusion=args.confusion)
-    elif args.task == "retrieval":
-        results = retrieval(ctx, args.data, styles or None, args.split or None)
-    elif args.task == "linear-probe":
+        return zeroshot(ctx, load_for_eval(args.data, args.styles, args.split), confusion=args.confusion)
+    if args.task == "retrieval":
+        return retrieval(ctx, args.data, styles or None, args.split or None)
+    if args.task == "linear-probe":
         train_styles = [s for s in args.id_styles.split(",") if s] or None
-        results = linear_probe_vs_zeroshot(ctx, load_for_eval(args.data, args.styles, args.split), train_styles)
-    elif args.task == "robustness":
+        return linear_probe_vs_zeroshot(ctx, load_for_eval(args.data, args.styles, args.split), train_styles)
+    if args.task == "robustness":
         id_styles = [s for s in args.id_styles.split(",") if s]
         if not id_styles:
             raise ConfigError("--task robustness needs --id-styles (the styles the model was trained on)")
         extra = {"tuxpaint": load_for_eval(args.tuxpaint)} if args.tuxpaint else {}
         settings = RobustnessSettings(id_styles, args.supervised_steps, extra)
-        results = robustness(ctx, load_for_eval(args.data, args.styles, args.split), settings)
-    else:
-        from clipforge.evaluate.bias import bias_probe
+        return robustness(ctx, load_for_eval(args.data, args.styles, args.split), settings)
+    return _bias(args, ctx, styles)
 
-        results = bias_probe(model, tokenizer, Path(args.data), styles or ["google", "twitter"], preprocess,
-                             template=args.bias_template, batch_size=args.batch_size)
-        from clipforge.evaluate.report import plot_bars
 
-        def rate(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.3f}"
+def _bias(args: argparse.Namespace, ctx: "EvalContext", styles: list[str]) -> dict[str, Any]:
+    """The gender bias probe and its report section."""
+    from clipforge.evaluate.bias import bias_probe
+    from clipforge.evaluate.report import Section, plot_bars
 
-        text = (f"Gendered variants of one concept (man / woman / person), {results['groups']} groups, "
-                f"{results['images']} images, template `{args.bias_template}`. Accuracy gap (man - woman): "
-                f"{rate(results['accuracy_gap'])}; gender-neutral images preferring the 'man' caption over "
-                f"'woman': {rate(results['neutral_prefers_man'])}; woman images labelled man: "
-                f"{rate(results['woman_as_man'])}; man images labelled woman: {rate(results['man_as_woman'])}.")
-        bars = {style: {g: v["accuracy"] for g, v in entry["by_gender"].items() if v["accuracy"] is not None}
-                for style, entry in results["by_style"].items()}
-        plot = plot_bars(bars, out / "bias.png", "within-group accuracy by style and gender", "accuracy")
-        ctx.sections.append(Section("bias probe", text, results.get("rows", []), None, [plot]))
-    report = write_report(out, f"clipforge eval: {args.task}", ctx.sections,
-                          {"task": args.task, "model": str(args.model), "data": str(args.data), **results})
+    results = bias_probe(ctx.model, ctx.tokenizer, Path(args.data), styles or ["google", "twitter"], ctx.preprocess,
+                         template=args.bias_template, batch_size=args.batch_size)
+
+    def rate(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    text = (f"Gendered variants of one concept (man / woman / person), {results['groups']} groups, "
+            f"{results['images']} images, template `{args.bias_template}`. Accuracy gap (man - woman): "
+            f"{rate(results['accuracy_gap'])}; gender-neutral images preferring the 'man' caption over "
+            f"'woman': {rate(results['neutral_prefers_man'])}; woman images labelled man: "
+            f"{rate(results['woman_as_man'])}; man images labelled woman: {rate(results['man_as_woman'])}.")
+    bars = {style: {g: v["accuracy"] for g, v in entry["by_gender"].items() if v["accuracy"] is not None}
+            for style, entry in results["by_style"].items()}
+    plot = plot_bars(bars, ctx.out_dir / "bias.png", "within-group accuracy by style and gender", "accuracy")
+    ctx.sections.append(Section("bias probe", text, results.get("rows", []), None, [plot]))
+    return results
+
+
+def _print_text(ctx: "EvalContext", skipped: list["SkippedImage"], skip_log: Path, shown: int = 10) -> None:
+    """The report's sections as text, then the skipped images: counts by reason and the first `shown` by name."""
+    from clipforge.evaluate.report import markdown_table
+    from clipforge.evaluate.tasks import skip_text
+
     for section in ctx.sections:
         print(f"\n## {section.title}\n{section.text}\n")
         if section.rows:
             print(markdown_table(section.rows, section.columns))
-    print(f"\nwrote {report} and {out / 'results.json'}")
+    if not skipped:
+        return
+    print(f"\nskipped {len(skipped)} unreadable image(s): {skip_text(skipped)}; all listed in {skip_log}")
+    for skip in skipped[:shown]:
+        print(f"  {skip.path} ({skip.reason})")
+    if len(skipped) > shown:
+        print(f"  ... and {len(skipped) - shown} more")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -88,5 +131,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="blend transparency onto white (default: as the checkpoint's library does: transformers "
                         "yes, OpenAI and open_clip no)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
-    p.add_argument("--out", default="runs/eval", help="output folder: results.json, report.md, plots")
+    p.add_argument("--out", default="runs/eval",
+                   help="output folder: results.json, report.md, plots, skipped.jsonl (unreadable images by name)")
+    p.add_argument("--json", action="store_true",
+                   help="print results.json and skipped_files (reason -> paths) instead of the text report")
     p.set_defaults(func=run)

@@ -3,18 +3,31 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from clipforge.data.images import IMAGE_SUFFIXES
+from clipforge.data.images import IMAGE_SUFFIXES, decode_image
 from clipforge.data.webdataset import Sample, read_caption, read_samples
-from clipforge.errors import DataError
+from clipforge.errors import DataError, SampleError
 
+
+@dataclass(frozen=True, order=True)
+class SkippedImage:
+    """An image an evaluation left out: its path and why (a reason of data.images.IMAGE_ERROR_REASONS)."""
+
+    path: str
+    reason: str
+
+
+def skip_counts(skipped: Iterable[SkippedImage]) -> dict[str, int]:
+    """Skipped images by reason, reasons in alphabetical order ({} when none)."""
+    return dict(sorted(Counter(s.reason for s in skipped).items()))
 
 
 @dataclass
@@ -27,16 +40,22 @@ class LabelledImages:
     domains: list[str]
     splits: list[str]
     source: str
-    skipped: Counter = field(default_factory=Counter)
+    skipped: list[SkippedImage] = field(default_factory=list)  # unreadable images left out, with their reasons
 
-    def subset(self, keep: Sequence[bool]) -> "LabelledImages":
-        """Rows where `keep` is true, with classes re-indexed to those still present."""
+    def subset(self, keep: Sequence[bool], skipped: Sequence[SkippedImage] = ()) -> "LabelledImages":
+        """Rows where `keep` is true, with classes re-indexed to those still present; `skipped` joins the skips."""
         rows = [i for i, k in enumerate(keep) if k]
         present = sorted({int(self.labels[i]) for i in rows})
         remap = {old: new for new, old in enumerate(present)}
         return LabelledImages([self.paths[i] for i in rows], torch.tensor([remap[int(self.labels[i])] for i in rows]),
                               [self.classnames[c] for c in present], [self.domains[i] for i in rows],
-                              [self.splits[i] for i in rows], self.source, Counter(self.skipped))
+                              [self.splits[i] for i in rows], self.source, [*self.skipped, *skipped])
+
+    def decode(self, preprocess: Callable) -> tuple[torch.Tensor, "LabelledImages"]:
+        """Pixels of the readable images, and these images without the others (named in `skipped`)."""
+        skipped: list[SkippedImage] = []
+        pixels, keep = decode_all(self.paths, preprocess, skipped)
+        return pixels, (self.subset(keep, skipped) if skipped else self)
 
 
 def _read_labels_csv(path: Path) -> LabelledImages:
@@ -57,8 +76,8 @@ def _read_labels_csv(path: Path) -> LabelledImages:
         order.setdefault(row["label"], len(order))
     root = path.parent
     return LabelledImages([root / r["image"] for r in rows], torch.tensor([order[r["label"]] for r in rows]),
-                          list(order), [r.get("style", "") or "" for r in rows], [r.get("split", "") or "" for r in rows],
-                          str(path))
+                          list(order), [r.get("style", "") or "" for r in rows],
+                          [r.get("split", "") or "" for r in rows], str(path))
 
 
 def _read_image_folder(root: Path) -> LabelledImages:
@@ -106,16 +125,36 @@ def load_labelled_images(data: str | Path, domains: Sequence[str] | None = None,
 
 
 
-def decode_all(paths: Sequence[Path], preprocess: Callable) -> tuple[torch.Tensor, list[bool]]:
-    """Pixels of every readable image and which ones were readable (the others are left out)."""
+def decode_all(paths: Sequence[Any], preprocess: Callable,
+               skipped: list[SkippedImage] | None = None) -> tuple[torch.Tensor, list[bool]]:
+    """Pixels of every readable image and which ones were readable; the others are left out (and added to `skipped`)."""
     pixels, keep = [], []
     for path in paths:
         try:
             pixels.append(preprocess(path))
             keep.append(True)
-        except (ValueError, FileNotFoundError, OSError):
+        except (ValueError, FileNotFoundError, OSError) as error:
             keep.append(False)
+            if skipped is not None:
+                name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "<bytes>")  # a stream
+                skipped.append(SkippedImage(str(name), _skip_reason(path, error)))
     return (torch.stack(pixels) if pixels else torch.empty(0)), keep
+
+
+def _skip_reason(source: Any, error: Exception) -> str:
+    """Why `preprocess(source)` failed, in the decode policy's words (missing_file, corrupt_image, ...)."""
+    if isinstance(error, SampleError):
+        return error.reason
+    if isinstance(error, FileNotFoundError):
+        return "missing_file"
+    # load_image words the policy's reason into its message: ask the policy itself (failed images only).
+    if hasattr(source, "seek"):
+        source.seek(0)
+    try:
+        decode_image(source)
+    except SampleError as again:
+        return again.reason
+    return "corrupt_image"  # the file decodes, but the transform refused it
 
 
 @dataclass
@@ -141,7 +180,8 @@ def load_captioned_images(path: str | Path, separator: str = "|", domains: Seque
         reader = csv.DictReader(handle)
         if {"image", "caption"} - set(reader.fieldnames or []):
             raise DataError(f"{path}: needs columns image,caption; found {reader.fieldnames}")
-        rows = [r for r in reader if (not domains or r.get("style") in domains) and (not split or r.get("split") == split)]
+        rows = [r for r in reader
+                if (not domains or r.get("style") in domains) and (not split or r.get("split") == split)]
     paths, captions, owner = [], [], []
     for row in rows:
         texts = [t.strip() for t in (row["caption"].split(separator) if separator else [row["caption"]]) if t.strip()]
@@ -177,7 +217,9 @@ def _load_captioned_shards(pattern: str, separator: str) -> CaptionedImages:
                 for sample in read_samples(tar):
                     texts = _shard_captions(tar, sample, separator)
                     if texts:
-                        images.append(io.BytesIO(tar.extractfile(sample.image).read()))
+                        image = io.BytesIO(tar.extractfile(sample.image).read())
+                        image.name = f"{shard}/{sample.image.name}"  # names the member in skip reports
+                        images.append(image)
                         captions += texts
                         owner += [len(images) - 1] * len(texts)
         except (tarfile.TarError, OSError) as error:

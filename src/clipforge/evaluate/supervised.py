@@ -49,7 +49,8 @@ def _is_tensor_pair(data: Any) -> bool:
             and data[0].dim() == 4)
 
 
-def iter_batches(data: Batches, batch_size: int, shuffle: bool, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_batches(data: Batches, batch_size: int, shuffle: bool,
+                 seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass over (pixels, labels) tensors in (shuffled) batches, or over an iterable of batches."""
     if _is_tensor_pair(data):
         pixels, labels = data

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from clipforge.data.labelled import LabelledImages, decode_all, load_captioned_images, load_labelled_images
+from clipforge.data.labelled import (LabelledImages, SkippedImage, decode_all, load_captioned_images,
+                                     load_labelled_images, skip_counts)
 from clipforge.inference.features import extract_image_features, extract_text_features, labelled_image_features
 from clipforge.inference.metrics import confusion_matrix
 from clipforge.evaluate.report import Section, plot_bars, plot_confusion, plot_robustness
@@ -28,6 +29,17 @@ class EvalContext:
     templates: str = "openai_7"
     batch_size: int = 128
     sections: list[Section] = field(default_factory=list)
+    skipped: list[SkippedImage] = field(default_factory=list)  # every image a task left out, once: the skip log
+
+    def note_skipped(self, skipped: Iterable[SkippedImage]) -> None:
+        """Add the images a task left out (a file two tasks skipped is listed once)."""
+        known = set(self.skipped)  # extended in place: a task's copy of the context (dataclasses.replace) shares it
+        self.skipped.extend(s for s in dict.fromkeys(skipped) if s not in known)
+
+
+def skip_text(skipped: Iterable[SkippedImage]) -> str:
+    """Skipped images by reason as words: "corrupt_image 1, missing_file 2", or "none"."""
+    return ", ".join(f"{reason} {count}" for reason, count in skip_counts(skipped).items()) or "none"
 
 
 def prompt_modes(templates: str) -> dict[str, list[str]]:
@@ -43,8 +55,9 @@ def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", co
         return zeroshot(replace(ctx, templates=templates), data, name, confusion, features)
     if features is None:
         features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    ctx.note_skipped(data.skipped)
     results: dict[str, Any] = {"images": len(data.paths), "classes": len(data.classnames),
-                               "skipped": dict(data.skipped)}
+                               "skipped": skip_counts(data.skipped)}
     rows = []
     for mode, templates in prompt_modes(ctx.templates).items():
         classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, templates)
@@ -52,16 +65,18 @@ def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", co
         results[mode] = metrics
         rows.append({"prompts": mode, "templates": len(templates), **metrics})
     text = (f"{len(data.paths)} images, {len(data.classnames)} classes (chance {1 / len(data.classnames):.4f}); "
-            f"template set `{ctx.templates}`; skipped: {dict(data.skipped) or 'none'}.")
+            f"template set `{ctx.templates}`; skipped: {skip_text(data.skipped)}.")
     images = [plot_bars({name: {r["prompts"]: r["top1"] for r in rows}},
                         ctx.out_dir / f"{_slug(name)}-ablation.png", f"{name}: prompt ablation", "top-1")]
     if confusion:
-        classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
+        ensemble = prompt_modes(ctx.templates)["ensemble"]
+        classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, ensemble)
         preds = zero_shot_predict(ctx.model, features, classifier).argmax(-1)
         matrix = confusion_matrix(preds, data.labels, len(data.classnames))
         results["confusion_matrix"] = matrix.tolist()
         images.append(plot_confusion(matrix, data.classnames, ctx.out_dir / f"{_slug(name)}-confusion.png"))
-    ctx.sections.append(Section(name, text, rows, ["prompts", "templates", "top1", "top5", "mean_per_class_recall"], images))
+    columns = ["prompts", "templates", "top1", "top5", "mean_per_class_recall"]
+    ctx.sections.append(Section(name, text, rows, columns, images))
     return results
 
 
@@ -69,7 +84,9 @@ def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None 
               name: str = "retrieval") -> dict[str, Any]:
     """Image<->text recall@1/5/10 with every caption of every image."""
     captioned = load_captioned_images(data, domains=domains, split=split)
-    pixels, keep = decode_all(captioned.paths, ctx.preprocess)
+    skipped: list[SkippedImage] = []
+    pixels, keep = decode_all(captioned.paths, ctx.preprocess, skipped)
+    ctx.note_skipped(skipped)
     if not len(pixels):
         raise EvaluationError(f"{data}: none of the images could be read")
     new_index = torch.cumsum(torch.tensor(keep, dtype=torch.long), 0) - 1
@@ -79,8 +96,7 @@ def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None 
     images = extract_image_features(ctx.model, pixels, batch_size=ctx.batch_size)
     texts = extract_text_features(ctx.model, _truncating(ctx.tokenizer), captions, batch_size=256)
     metrics = retrieval_recall(images, texts, owners)
-    results = {"images": len(pixels), "captions": len(captions), "skipped": {"unreadable_image": keep.count(False)},
-               **metrics}
+    results = {"images": len(pixels), "captions": len(captions), "skipped": skip_counts(skipped), **metrics}
     rows = [{"direction": d, **{f"R@{k}": metrics[f"{d}_r{k}"] for k in (1, 5, 10)}}
             for d in ("image_to_text", "text_to_image")]
     ctx.sections.append(Section(name, f"{len(pixels)} images, {len(captions)} captions.", rows))
@@ -93,6 +109,7 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
     from clipforge.evaluate.linear_probe import evaluate_linear_probe, stratified_split
 
     features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    ctx.note_skipped(data.skipped)
     if train_domains:
         unknown = set(train_domains) - set(data.domains)
         if unknown:
@@ -110,9 +127,10 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
                                   num_classes=len(data.classnames))
     classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
     zs = evaluate_zero_shot(ctx.model, features[test], data.labels[test], classifier)
-    rows = [{"method": "linear probe", "top1": probe["test_top1"], "mean_per_class_recall": probe["test_mean_per_class_recall"],
-             "C": probe["best_C"]},
-            {"method": "zero-shot (ensemble)", "top1": zs["top1"], "mean_per_class_recall": zs["mean_per_class_recall"], "C": ""}]
+    rows = [{"method": "linear probe", "top1": probe["test_top1"],
+             "mean_per_class_recall": probe["test_mean_per_class_recall"], "C": probe["best_C"]},
+            {"method": "zero-shot (ensemble)", "top1": zs["top1"], "mean_per_class_recall": zs["mean_per_class_recall"],
+             "C": ""}]
     ctx.sections.append(Section(name, f"train {int(train.sum())} / test {int(test.sum())} images.", rows))
     return {"linear_probe": probe, "zero_shot": zs, "train_images": int(train.sum()), "test_images": int(test.sum())}
 
@@ -243,6 +261,7 @@ def robustness(ctx: EvalContext, data: LabelledImages, settings: RobustnessSetti
     images are used). Results are keyed by method id (METHOD_LABELS gives the report's names).
     """
     features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    ctx.note_skipped(data.skipped)
     in_id = in_distribution_rows(data, settings.id_domains)
     split = RobustnessSplit(in_id, in_distribution_split(data.labels, in_id))
     predictions = clip_predictions(ctx, data, features, split)

@@ -46,7 +46,8 @@ class Trend:
 def fit_trend(points: Sequence[tuple[float, float]]) -> Trend:
     """Least-squares line through the baselines' (in-distribution, shifted) accuracies in logit space."""
     if len(points) < 2 or len({round(logit(x), 9) for x, _ in points}) < 2:
-        raise EvaluationError(f"a trend needs at least two baselines of different in-distribution accuracy, got {points}")
+        raise EvaluationError("a trend needs at least two baselines of different in-distribution accuracy, "
+                              f"got {points}")
     x = np.array([logit(a) for a, _ in points])
     y = np.array([logit(b) for _, b in points])
     slope, intercept = np.polyfit(x, y, 1)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clipforge.data.labelled import LabelledImages, decode_all
+from clipforge.data.labelled import LabelledImages
 from clipforge.errors import EvaluationError
 
 PRECISIONS = ("fp32", "bf16")
@@ -57,23 +57,13 @@ def _stack_labels(labels: list[Any]) -> torch.Tensor | None:
     return torch.cat([torch.as_tensor(label).long().reshape(-1) for label in labels])
 
 
-def iter_image_batches(images: Any, preprocess: Callable | None = None,
-                       batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(pixels [B, 3, H, W], labels [B] or None) batches from a pixel tensor, a DataLoader or a sequence."""
-    if isinstance(images, torch.Tensor):
-        for start in range(0, len(images), batch_size):
-            yield images[start : start + batch_size], None
-        return
-    if isinstance(images, DataLoader):
-        # A loader already batches (and may decode in workers): take its batches as they come.
-        for batch in images:
-            pixels, labels = _split_item(batch)
-            yield _to_pixels(pixels, None), (None if labels is None else torch.as_tensor(labels).long())
-        return
+def _item_batches(images: Any, preprocess: Callable | None,
+                  batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(pixels, labels or None) batches of a sequence or Dataset of images, pixels or (image, label) items."""
     # Map-style datasets are read by index: plain iteration over one without __iter__ relies on
     # __getitem__ raising IndexError at the end, which many custom datasets never do.
-    items = (images[i] for i in range(len(images))) if hasattr(images, "__getitem__") and \
-        hasattr(images, "__len__") and not isinstance(images, (str, dict)) else images
+    indexed = hasattr(images, "__getitem__") and hasattr(images, "__len__") and not isinstance(images, (str, dict))
+    items = (images[i] for i in range(len(images))) if indexed else images
     pixels, labels = [], []
     for item in items:
         image, label = _split_item(item)
@@ -87,35 +77,65 @@ def iter_image_batches(images: Any, preprocess: Callable | None = None,
 
 
 @torch.inference_mode()
+def iter_image_features(model: torch.nn.Module, images: Any, preprocess: Callable | None = None,
+                        batch_size: int = 64, device: torch.device | str | None = None,
+                        precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(unnormalised fp32 CPU features [B, D], labels [B] or None) per batch of a pixel tensor, a DataLoader, or
+    paths / PIL images / pixels / (image, label) items, in input order; the model runs in the mode it is in."""
+    device = torch.device(device) if device is not None else model_device(model)
+    dtype = next(model.parameters()).dtype
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+    if isinstance(images, torch.Tensor):
+        batches = ((images[start : start + batch_size], None) for start in range(0, len(images), batch_size))
+    elif isinstance(images, DataLoader):  # a loader already batches (and may decode in workers): take its batches
+        batches = ((_to_pixels(pixels, None), None if labels is None else torch.as_tensor(labels).long())
+                   for pixels, labels in map(_split_item, images))
+    else:
+        batches = _item_batches(images, preprocess, batch_size)
+    for pixels, labels in batches:
+        with autocast_context(device, precision):
+            features = model.encode_image(pixels.to(device, dtype))
+        yield features.float().cpu(), labels
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout, frozen BatchNorm statistics), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _joined(features: list[torch.Tensor], normalize: bool) -> torch.Tensor:
+    """The per-batch features as one [N, D] tensor, L2-normalised on request; refuses an empty input."""
+    if not features:
+        raise EvaluationError("no images given")
+    out = torch.cat(features)
+    return F.normalize(out, dim=-1) if normalize else out
+
+
+@torch.inference_mode()
+def extract_image_features(model: torch.nn.Module, images: Any, preprocess: Callable | None = None,
+                           batch_size: int = 64, device: torch.device | str | None = None,
+                           normalize: bool = True, precision: str = "fp32") -> torch.Tensor:
+    """fp32 CPU image embeddings [N, D] of paths, PIL images, a pixel tensor, a Dataset or a DataLoader."""
+    with _eval_mode(model):
+        features = [f for f, _ in iter_image_features(model, images, preprocess, batch_size, device, precision)]
+    return _joined(features, normalize)
+
+
+@torch.inference_mode()
 def extract_labeled_image_features(model: torch.nn.Module, images: Any, preprocess: Callable | None = None,
                                    batch_size: int = 64, device: torch.device | str | None = None,
                                    normalize: bool = True, precision: str = "fp32"
                                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fp32 CPU features [N, D], labels [N] or None when items carry no labels), in input order."""
-    device = torch.device(device) if device is not None else model_device(model)
-    dtype = next(model.parameters()).dtype
-    was_training = model.training
-    model.eval()
-    features, labels = [], []
-    try:
-        for pixels, batch_labels in iter_image_batches(images, preprocess, batch_size):
-            with autocast_context(device, precision):
-                out = model.encode_image(pixels.to(device, dtype))
-            features.append(out.float().cpu())
-            labels.append(batch_labels)
-    finally:
-        model.train(was_training)
-    if not features:
-        raise EvaluationError("no images given")
-    out = torch.cat(features)
-    return (F.normalize(out, dim=-1) if normalize else out), _stack_labels(labels)
-
-
-def extract_image_features(model: torch.nn.Module, images: Any, preprocess: Callable | None = None,
-                           batch_size: int = 64, device: torch.device | str | None = None,
-                           normalize: bool = True, precision: str = "fp32") -> torch.Tensor:
-    """fp32 CPU image embeddings [N, D] of paths, PIL images, a pixel tensor, a Dataset or a DataLoader."""
-    return extract_labeled_image_features(model, images, preprocess, batch_size, device, normalize, precision)[0]
+    with _eval_mode(model):
+        batches = list(iter_image_features(model, images, preprocess, batch_size, device, precision))
+    return _joined([features for features, _ in batches], normalize), _stack_labels([y for _, y in batches])
 
 
 def iter_text_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 256,
@@ -141,25 +161,19 @@ def extract_text_features(model: torch.nn.Module, tokenizer: Callable[[list[str]
     if not texts:
         raise EvaluationError("no texts given")
     tokens = tokenizer(texts)
-    was_training = model.training
-    model.eval()
-    try:
-        out: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    with _eval_mode(model):
         for rows, features in iter_text_features(model, tokens, batch_size, precision):
             if out is None:
                 out = torch.empty(len(texts), features.shape[1])
             out[rows] = features.cpu()
-    finally:
-        model.train(was_training)
     return F.normalize(out, dim=-1) if normalize else out
+
 
 def labelled_image_features(model: torch.nn.Module, images: LabelledImages, preprocess: Callable,
                             batch_size: int = 128) -> tuple[torch.Tensor, LabelledImages]:
-    """Normalised features of every readable image; unreadable ones are dropped and counted."""
-    pixels, keep = decode_all(images.paths, preprocess)
-    kept = images.subset(keep) if not all(keep) else images
-    if not all(keep):
-        kept.skipped["unreadable_image"] += keep.count(False)
+    """Normalised features of every readable image; unreadable ones are dropped and named in `kept.skipped`."""
+    pixels, kept = images.decode(preprocess)
     if not len(pixels):
         raise EvaluationError(f"{images.source}: none of the {len(images.paths)} images could be read")
     return extract_image_features(model, pixels, batch_size=batch_size), kept
