@@ -1,7 +1,7 @@
 """The caller's choice of how to read a checkpoint, shared by `load`, `get_tokenizer` and the CLI's model flags."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from clipforge.errors import ConfigError
@@ -36,11 +36,10 @@ def merge_options(options: LoadOptions | None, pretrained: str | None = None,
                   config: str | Path | CLIPConfig | None = None, head_width: int | None = None,
                   quick_gelu: bool | None = None) -> LoadOptions:
     """`options`, or LoadOptions from the keyword arguments `load` has always taken; refuses both at once."""
-    given = {name: value for name, value in (("pretrained", pretrained), ("config", config),
-                                             ("head_width", head_width), ("quick_gelu", quick_gelu))
-             if value is not None}
+    keywords = LoadOptions(pretrained, config, head_width, quick_gelu)
     if options is None:
-        return LoadOptions(**given)
+        return keywords
+    given = [f.name for f in fields(keywords) if getattr(keywords, f.name) is not None]
     if given:
         raise ConfigError(f"pass {', '.join(given)} inside options=LoadOptions(...) or as keywords, not both")
     return options
