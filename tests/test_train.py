@@ -91,7 +91,7 @@ def test_failed_checkpoint_write_keeps_latest_loadable(shapes, tmp_path, monkeyp
 
     monkeypatch.setattr(checkpoints.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train(config(shapes, out, steps=4, save_every=1, resume="latest"))
+        train(config(shapes, out, steps=4, save_every=1, resume="latest", resume_override="steps"))
     latest = checkpoints.resolve_resume(out, "latest")
     assert latest.name == "step-00000002"
     model, _ = clipforge.load(latest)
@@ -193,7 +193,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeyp
 
     monkeypatch.setattr(ContrastiveLoss, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match="step-00000003"):
-        train(config(shapes, out, steps=6, save_every=1, resume="latest"))
+        train(config(shapes, out, steps=6, save_every=1, resume="latest", resume_override="steps"))
     assert checkpoints.resolve_resume(out, "latest").name == "step-00000003"
     clipforge.load(checkpoints.resolve_resume(out, "latest"))
 
@@ -322,7 +322,8 @@ def test_locked_text_cache_gives_the_uncached_gradients():
     model = clipforge.create_model("cpu-vit-tiny-32", seed=0)
     model.lock_text_tower()
     pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    tokens = clipforge.tokenize(["a cat", "a dog", "a cat", "a red car", "a dog", "tea"], context_length=model.context_length)
+    tokens = clipforge.tokenize(["a cat", "a dog", "a cat", "a red car", "a dog", "tea"],
+                                context_length=model.context_length)
     step = TrainStep(model, ContrastiveLoss(), "fp32", 1, 0.0, DistInfo())
     cache = step.text_cache
     assert cache is not None

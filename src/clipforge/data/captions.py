@@ -11,10 +11,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
+import torch
 from torch.utils.data import Dataset
 
 from clipforge.data.images import DEFAULT_MAX_PIXELS, IMAGE_ERROR_REASONS, SampleError, decode_image
-from clipforge.errors import DataError
+from clipforge.errors import DataError, TextTooLong
 from clipforge.text.base import Tokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -89,17 +90,50 @@ def takes_rng(transform: Callable) -> bool:
         return False
 
 
+class TruncatingTokenizer:
+    """Training's tokenizer: a caption longer than the context is cut (as `truncate=True`), and the cuts counted."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        """Wrap a `Tokenizer` (its context length and EOT id tell a cut row)."""
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Token rows, over-long texts cut."""
+        return self.tokenizer(texts, truncate=True)
+
+    def counted(self, texts: Sequence[str]) -> tuple[torch.Tensor, int]:
+        """Token rows, over-long texts cut, and how many were cut."""
+        try:
+            return self.tokenizer(texts), 0  # nothing too long: the same rows as with truncate=True
+        except TextTooLong:
+            context = self.tokenizer.context_length
+            # One slot more: the rows of texts too long for the context end with EOT in that last slot.
+            wider = self.tokenizer(texts, context_length=context + 1, truncate=True)
+            cut = int((wider[:, context] == self.tokenizer.eot_token_id).sum())
+            return self.tokenizer(texts, truncate=True), cut
+
+
+def tokenize_counted(tokenizer: Callable, texts: Sequence[str]) -> tuple[torch.Tensor, int]:
+    """Token rows and how many texts were cut to fit (only a `TruncatingTokenizer` counts its cuts)."""
+    if isinstance(tokenizer, TruncatingTokenizer):
+        return tokenizer.counted(texts)
+    return tokenizer(texts), 0
+
+
 def make_sample(
     image: PathLike | bytes, captions: Sequence[str], rng: random.Random, transform: Callable,
     tokenizer: Tokenizer, *, index: int, key: str | None, max_pixels: int, pass_rng: bool, name: str = "",
 ) -> dict[str, Any]:
-    """Pick a caption, decode and transform the image, tokenise: the sample dict (or SampleError)."""
+    """Pick a caption, decode and transform the image, tokenise: the sample dict (or SampleError).
+
+    "caption_truncated" is 1 when the caption was cut to the context (a `TruncatingTokenizer`), else 0."""
     # The caption is drawn first so that the crop's draws do not depend on how many captions exist.
     caption = captions[rng.randrange(len(captions))]
     decoded = decode_image(image, max_pixels, name)
     pixels = transform(decoded, rng=rng) if pass_rng else transform(decoded)
-    tokens = tokenizer([caption])[0]
-    return {"pixels": pixels, "tokens": tokens, "key": key, "index": index, "caption": caption}
+    tokens, cut = tokenize_counted(tokenizer, [caption])
+    return {"pixels": pixels, "tokens": tokens[0], "key": key, "index": index, "caption": caption,
+            "caption_truncated": cut}
 
 
 def _delimiter_for(path: Path, delimiter: str | None) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforge.data.captions import CaptionDataset, Skipped
+from clipforge.data.captions import CaptionDataset, Skipped, tokenize_counted
 from clipforge.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_image
 from clipforge.data.loader import collate_samples
 from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, TrainTransform, eval_geometry
@@ -225,11 +225,14 @@ class DecodedCaptionDataset(CaptionDataset):
     def collate(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
         """A training batch: the batch's crops, resizes and jitter in a few tensor ops, its captions in one call."""
         good = [s for s in items if not isinstance(s, Skipped)]
+        cut = 0
         if good:
             pixels = self.transform.apply(self.decoded.pixels[[s["index"] for s in good]], [s["draw"] for s in good])
-            tokens = self.tokenizer([s["caption"] for s in good])
+            tokens, cut = tokenize_counted(self.tokenizer, [s["caption"] for s in good])
             good = [{**s, "pixels": p, "tokens": t} for s, p, t in zip(good, pixels, tokens)]
-        return collate_samples(good + [s for s in items if isinstance(s, Skipped)])
+        batch = collate_samples(good + [s for s in items if isinstance(s, Skipped)])
+        batch["captions_truncated"] = cut  # captions cut to the context
+        return batch
 
 
 def tensor_transform_like(transform: TrainTransform) -> TensorTrainTransform:

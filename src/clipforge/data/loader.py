@@ -1,7 +1,6 @@
 """Training DataLoader: config, collate with skip counts, resumable loader state, skip reporting."""
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -9,7 +8,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from clipforge.data.captions import DEFAULT_MAX_PIXELS, SKIP_REASONS, CaptionDataset, Skipped, Tokenizer
+from clipforge.data.captions import (DEFAULT_MAX_PIXELS, SKIP_REASONS, CaptionDataset, Skipped, Tokenizer,
+                                     TruncatingTokenizer)
 from clipforge.data.sampling import ResumableBatchSampler
 from clipforge.data.transforms import TrainTransform
 from clipforge.errors import DataError
@@ -28,6 +28,7 @@ def collate_samples(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]
         "skipped_samples": bad,  # reason, index and detail (file name), for logging
         # Bad captions beside a good one (shards find them while streaming; CSVs when the table is read).
         "captions_dropped": sum((Counter(s.get("captions_dropped", {})) for s in good), Counter()),
+        "captions_truncated": sum(s.get("caption_truncated", 0) for s in good),  # cut to the context
     }
 
 
@@ -42,6 +43,7 @@ class SkipCounter:
         self.max_examples = max_examples
         self.examples: list[Skipped] = []
         self.captions: Counter = Counter()  # bad captions dropped beside good ones, counted each time read
+        self.truncated = self.truncated_epoch = 0  # captions cut to the context, in total and this epoch
 
     def update(self, batch: Mapping[str, Any]) -> None:
         """Add one batch's counts (seen = kept + skipped)."""
@@ -49,6 +51,9 @@ class SkipCounter:
         seen = len(batch["indices"]) + sum(skipped.values())
         self.add(skipped, seen)
         self.captions.update(batch.get("captions_dropped", {}))
+        cut = int(batch.get("captions_truncated", 0))
+        self.truncated += cut
+        self.truncated_epoch += cut
         room = self.max_examples - len(self.examples)
         if room > 0:
             self.examples.extend(batch.get("skipped_samples", [])[:room])
@@ -62,7 +67,7 @@ class SkipCounter:
 
     def new_epoch(self) -> None:
         """Reset the per-epoch counts."""
-        self.epoch, self.seen_epoch, self.examples = Counter(), 0, []
+        self.epoch, self.seen_epoch, self.examples, self.truncated_epoch = Counter(), 0, [], 0
 
     @staticmethod
     def _part(counts: Counter, seen: int) -> str:
@@ -96,13 +101,15 @@ class SkipCounter:
     def state_dict(self) -> dict[str, Any]:
         """Counts to checkpoint with the run."""
         return {"epoch": dict(self.epoch), "total": dict(self.total), "seen_epoch": self.seen_epoch,
-                "seen_total": self.seen_total, "captions": dict(self.captions)}
+                "seen_total": self.seen_total, "captions": dict(self.captions), "truncated": self.truncated,
+                "truncated_epoch": self.truncated_epoch}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counts saved by state_dict (an empty dict: start from zero)."""
         self.epoch, self.total = Counter(state.get("epoch", {})), Counter(state.get("total", {}))
         self.seen_epoch, self.seen_total = int(state.get("seen_epoch", 0)), int(state.get("seen_total", 0))
         self.captions = Counter(state.get("captions", {}))
+        self.truncated, self.truncated_epoch = int(state.get("truncated", 0)), int(state.get("truncated_epoch", 0))
 
 
 class _EpochTagged:
@@ -233,7 +240,7 @@ def build_from_config(
 ) -> TrainLoader:
     """Dataset, sampler and TrainLoader for a config (TrainTransform of config.image_size by default)."""
     transform = transform or TrainTransform(config.image_size, composite_white=config.composite_white)
-    tokenizer = functools.partial(tokenizer, truncate=True)  # an over-long caption is cut, not fatal
+    tokenizer = TruncatingTokenizer(tokenizer)  # an over-long caption is cut (and counted), not fatal
     if config.decoded_cache and (config.is_shards or not isinstance(transform, TrainTransform)):
         raise DataError("decoded_cache needs a CSV/TSV dataset and the standard TrainTransform")
     if config.unique_keys and (config.is_shards or not config.key_column):

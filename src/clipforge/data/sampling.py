@@ -143,5 +143,6 @@ class ResumableBatchSampler:
         """Resume: the next pass over epoch `state["epoch"]` starts after `state["batches"]` batches."""
         for name in ("seed", "global_batch_size"):
             if name in state and state[name] != getattr(self, name):
-                raise DataError(f"cannot resume: checkpoint has {name}={state[name]}, sampler has {getattr(self, name)}")
+                raise DataError(f"cannot resume: checkpoint has {name}={state[name]}, sampler has "
+                                f"{getattr(self, name)}")
         self.epoch, self._done, self._resume_at = int(state["epoch"]), int(state["batches"]), int(state["batches"])

@@ -70,9 +70,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path:
-    """The checkpoint directory for `--resume latest` or an explicit path."""
-    if resume != "latest":
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint directory for `--resume latest`, `auto` (None: no checkpoint yet, start) or a path."""
+    if resume not in ("latest", "auto"):
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise TrainingError(f"resume checkpoint {path} has no {STATE_FILE}")
@@ -83,9 +83,13 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
         if (candidate / STATE_FILE).is_file():
             return candidate
     complete = [p for p in list_checkpoints(run_dir) if (p / STATE_FILE).is_file()]
-    if not complete:
-        raise TrainingError(f"--resume latest: no checkpoint in {run_dir}")
-    return complete[-1]
+    if complete:
+        return complete[-1]
+    if resume == "auto":
+        return None
+    raise TrainingError(f"--resume latest: no checkpoint in {run_dir} (step-NNNNNNNN/ folders with {STATE_FILE}). "
+                        "Leave out --resume to start a new run there, or pass --resume auto to start one when "
+                        "there is no checkpoint and resume otherwise")
 
 
 def load_train_state(checkpoint: Path) -> dict[str, Any]:

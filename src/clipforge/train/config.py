@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ class TrainConfig:
     lock_image: bool = False  # LiT: freeze the image tower
     lock_text: bool = False  # freeze the text tower (a pretrained one, typically)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    # where the model trains: cpu, cuda, cuda:N, mps, or auto (a CUDA GPU if one is visible, else cpu);
+    # under torchrun each process takes cuda:LOCAL_RANK (cuda) or the CPU
+    device: str = "auto"
     # data
     train_data: str = ""  # caption CSV/TSV or webdataset shard pattern ("shards/{000..009}.tar")
     val_data: str = ""  # held-out caption CSV/TSV (optional)
@@ -68,7 +72,10 @@ class TrainConfig:
     output_dir: str = "runs/train"  # checkpoints, metrics.jsonl and the config of the run
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_last: int = 3  # checkpoints kept on disk (older ones are deleted)
-    resume: str = ""  # "latest" or a checkpoint directory
+    # "latest" (the run's newest checkpoint), "auto" (that, or a new run when there is none) or a checkpoint
+    # directory; the settings must match the run's config.json (see resume_override)
+    resume: str = ""
+    resume_override: str = ""  # comma-separated fields a resume may change from the run's record, e.g. "lr,steps"
     log_every: int = 1  # steps between metrics.jsonl lines
     val_every: int = 0  # steps between validation runs (0: only at the end when val_data is set)
     max_steps_this_run: int = 0  # stop after this many steps (simulates a pre-emption; 0: off)
@@ -81,13 +88,28 @@ class TrainConfig:
         if not self.train_data:
             raise ConfigError("train_data is required (a caption CSV/TSV or a shard pattern)")
         if self.batch_size < 1 or self.accum_steps < 1 or self.batch_size % self.accum_steps:
-            raise ConfigError(f"batch_size {self.batch_size} must be a positive multiple of accum_steps {self.accum_steps}")
+            raise ConfigError(f"batch_size {self.batch_size} must be a positive multiple of accum_steps "
+                              f"{self.accum_steps}")
         if not isinstance(self.model_overrides, dict):
             raise ConfigError(f"model_overrides must be a JSON object, got {self.model_overrides!r}")
         if self.bpe_vocab and self.text_tower != "clip":
             raise ConfigError("bpe_vocab applies to the 'clip' text tower only")
         if self.lock_image and self.lock_text:
             raise ConfigError("lock_image and lock_text together leave nothing to train")
+        self._validate_resume()
+
+    def _validate_resume(self) -> None:
+        """resume_override names known fields, and only with resume."""
+        names = override_names(self.resume_override)
+        if names and not self.resume:
+            raise ConfigError("resume_override applies to a resume only: add --resume latest (or auto, or a "
+                              "checkpoint directory)")
+        fields = {f.name for f in dataclasses.fields(self)}
+        for name in names:
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"resume_override: {name!r} is not a TrainConfig field{hint}")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
@@ -107,6 +129,11 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{path}: {name} must be {kind.__name__}, got {value!r}")
         return cls(**values)
+
+
+def override_names(text: str) -> list[str]:
+    """The field names of a resume_override value ("lr, steps" -> ["lr", "steps"])."""
+    return [name.strip().lstrip("-").replace("-", "_") for name in text.split(",") if name.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -14,14 +15,16 @@ from tqdm import tqdm
 
 from clipforge.checkpoint.io import write_clipforge_dir
 from clipforge.data.transforms import EvalTransform, TrainTransform
+from clipforge.device import resolve_device
 from clipforge.distributed import DistInfo, barrier, init_distributed
-from clipforge.errors import TrainingDiverged
+from clipforge.errors import ConfigError, DataError, TrainingDiverged
 from clipforge.loss import LOSSES
 from clipforge.train import checkpoints, optim
 from clipforge.train.config import TrainConfig
 from clipforge.train.data import TrainData, build_train_data, build_val_data
 from clipforge.train.metrics_log import MetricsLog
 from clipforge.train.models import build_model_and_tokenizer
+from clipforge.train.resume import check_resume
 from clipforge.train.step import TrainStep
 from clipforge.train.validate import Validation, ZeroShotProbe
 
@@ -35,17 +38,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns a summary dict. Only rank 0 writes files."""
     config.validate()
     run = TrainingRun(config)
+    started = time.perf_counter()
     run.loop()
-    return run.finish()
+    return run.finish(started)
 
 
 class TrainingRun:
     """One run's state — model, data, optimizer, position — and the steps that move it forward."""
 
     def __init__(self, config: TrainConfig) -> None:
-        self.config, self.info = config, init_distributed()
+        self.config, self.info = config, _dist_info(config.device)
         self.run_dir = Path(config.output_dir)
         resume_from = checkpoints.resolve_resume(self.run_dir, config.resume) if config.resume else None
+        state = checkpoints.load_train_state(resume_from) if resume_from is not None else None
+        # Checked before anything is built or written: a refused resume leaves the run's files as they were.
+        self.overrides = check_resume(config, self.run_dir, resume_from, state) if state is not None else {}
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.model, self.tokenizer = build_model_and_tokenizer(config, resume_from)
@@ -62,14 +69,16 @@ class TrainingRun:
                                                (config.beta1, config.beta2), config.eps)
         self.step = self.epoch = self.steps_this_run = 0
         self.loss = math.nan
-        if resume_from is not None:
-            self._restore(checkpoints.load_train_state(resume_from))
+        if state is not None:
+            self._restore(state)
+        # A finished run resumed again: nothing to train, validate or save; its checkpoint is the result.
+        self.already_finished = state is not None and self.step >= self.total_steps
+        self.last_checkpoint: Path | None = resume_from if self.already_finished else None
         self.log = self._open_log()
         eval_transform = EvalTransform(self.model.image_size, composite_white=config.composite_white)
         # Checkpoints record the transparency rule the model was trained with, so clipforge.load applies it.
         self.preprocess = dataclasses.replace(self.model.preprocess_config, composite_white=config.composite_white)
         self.validation = self._validation(eval_transform)
-        self.last_checkpoint: Path | None = None
         self.val_metrics: dict[str, float] = {}
 
     def _prepare_model(self) -> None:
@@ -87,17 +96,25 @@ class TrainingRun:
         """Optimizer, position, data order, skip counts and RNGs of a checkpoint: the run continues exactly."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch = state["step"], state["epoch"]
+        self.loss = state.get("loss", math.nan)  # older checkpoints did not record it
         self.data.loader.load_state_dict(state["data"])
         self.data.skips.load_state_dict(state.get("skipped", {}))
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
     def _open_log(self) -> MetricsLog:
-        """The run folder, its config.json and metrics log; dropped captions are reported like skipped images."""
+        """The run folder, its config.json and metrics log; dropped captions are reported like skipped images,
+        and each field a resume overrides with its recorded and new value."""
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoints.write_json(self.run_dir / "config.json", dataclasses.asdict(self.config))
         log = MetricsLog(self.run_dir, self.info.is_main)
+        if self.overrides:
+            log.write({"step": self.step, "resume_override": {name: {"recorded": old, "new": new}
+                                                              for name, (old, new) in self.overrides.items()}})
+            if self.info.is_main:
+                changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in self.overrides.items())
+                tqdm.write(f"resume at step {self.step} overrides the run's record (--resume-override): {changes}")
         if self.data.dropped_captions:
             log.write({"step": self.step, "captions_dropped": dict(self.data.dropped_captions)})
             if self.info.is_main:
@@ -119,10 +136,11 @@ class TrainingRun:
         state = {"step": self.step, "epoch": self.epoch, "data": self.data.loader.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                  "python_rng": random.getstate(), "skipped": self.data.skips.state_dict(),
-                 "config": dataclasses.asdict(self.config)}
+                 "config": dataclasses.asdict(self.config), "loss": self.loss}
         path = None
         if self.info.is_main:
-            weights, model, tokenizer, preprocess = self.step_fn.fp32_state_dict(), self.model, self.tokenizer, self.preprocess
+            weights, model = self.step_fn.fp32_state_dict(), self.model
+            tokenizer, preprocess = self.tokenizer, self.preprocess
             path = checkpoints.save_checkpoint(
                 self.run_dir, self.step, lambda d: write_clipforge_dir(d, weights, model.config, tokenizer, preprocess),
                 state, self.config.keep_last)
@@ -133,35 +151,62 @@ class TrainingRun:
         """Epochs of batches until the run's steps (or this session's share of them) are done."""
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main, dynamic_ncols=True,
                    desc="train")
-        self.started = time.perf_counter()
         try:
             while not self._done():
-                self.data.loader.set_epoch(self.epoch)
-                for batch in self.data.loader:
-                    self.data.skips.update(batch)
-                    if self._train_step(batch, bar) and self._done():
-                        break
-                else:
-                    self._end_epoch()
-                    continue
-                break
+                self._run_epoch(bar)
         finally:
             bar.close()
+
+    def _run_epoch(self, bar: tqdm) -> None:
+        """The current epoch's remaining batches; the epoch ends with them unless the run is done first."""
+        self.data.loader.set_epoch(self.epoch)
+        batches = steps = 0
+        for batch in self.data.loader:
+            self.data.skips.update(batch)
+            batches += 1
+            if self._train_step(batch, bar):
+                steps += 1
+                if self._done():
+                    return
+        if batches and not steps:
+            self._check_usable_samples()
+        self._end_epoch()
+
+    def _check_usable_samples(self) -> None:
+        """After a pass without a step: stop when some process's epoch had no usable sample at all.
+
+        Every epoch reads the same files, so such a run would loop over its epochs for ever."""
+        skips = self.data.skips
+        if _min_over_ranks(skips.seen_epoch - skips.epoch_total(), self.info) > 0:
+            return
+        examples = "; ".join(s.detail or f"{s.reason} (sample {s.index})" for s in skips.examples[:3])
+        where = ""
+        if skips.epoch["missing_file"]:
+            folder = Path(self.config.train_data).resolve().parent
+            where = (f" Image paths in a caption CSV/TSV are read relative to the CSV's own folder ({folder}), not "
+                     "the working folder: write them relative to that folder, or absolute.")
+        raise DataError(f"{self.config.train_data}: no usable sample in epoch {self.epoch}, so training cannot "
+                        f"make a step: skipped {skips.report_epoch()}; first: {examples or 'none recorded'}.{where}")
 
     def _done(self) -> bool:
         limit = self.config.max_steps_this_run
         return self.step >= self.total_steps or bool(limit and self.steps_this_run >= limit)
 
     def _end_epoch(self) -> None:
-        if self.info.is_main and self.data.skips.epoch_total():
-            tqdm.write(f"epoch {self.epoch}: skipped {self.data.skips.report_epoch()}")
-        self.data.skips.new_epoch()
+        skips = self.data.skips
+        notes = [f"skipped {skips.report_epoch()}"] if skips.epoch_total() else []
+        if skips.truncated_epoch:
+            notes.append(f"{skips.truncated_epoch} captions cut to the {self.model.context_length}-token context")
+        if self.info.is_main and notes:
+            tqdm.write(f"epoch {self.epoch}: " + "; ".join(notes))
+        skips.new_epoch()
         self.epoch += 1
 
     def _train_step(self, batch: dict[str, Any], bar: tqdm) -> bool:
         """One optimizer step on a batch; False when every sample of it was bad on some rank."""
         config, info = self.config, self.info
-        size = _common_batch_size(len(batch["pixels"]), info)
+        # Skipped samples make ranks' batches differ, and gathers need equal sizes: the smallest one is used.
+        size = _min_over_ranks(len(batch["pixels"]), info)
         if size == 0:
             return False
         tick = time.perf_counter()
@@ -187,8 +232,8 @@ class TrainingRun:
         """Log, progress bar, validation and checkpoint on their schedules."""
         config, step = self.config, self.step
         if step % config.log_every == 0 or step == self.total_steps:
-            self.log.write({"step": step, "loss": self.loss, "lr": lr, "logit_scale": self.model.logit_scale.exp().item(),
-                            "samples_per_s": pairs_per_s})
+            self.log.write({"step": step, "loss": self.loss, "lr": lr,
+                            "logit_scale": self.model.logit_scale.exp().item(), "samples_per_s": pairs_per_s})
         bar.set_postfix(loss=f"{self.loss:.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs_per_s:.0f}")
         bar.update(1)
         if self.validation is not None and config.val_every and step % config.val_every == 0:
@@ -204,36 +249,61 @@ class TrainingRun:
             tqdm.write(f"step {self.step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, started: float) -> dict[str, Any]:
         """Final validation and checkpoint (unless the last step just made them); the run's summary."""
-        config, step = self.config, self.step
-        if self.validation is not None and (not config.val_every or step % config.val_every):
-            self.val_metrics = self._validate()
-        if not (config.save_every and step % config.save_every == 0 and self.last_checkpoint):
-            self.last_checkpoint = self.save()
+        config, step, skips = self.config, self.step, self.data.skips
+        if not self.already_finished:
+            if self.validation is not None and (not config.val_every or step % config.val_every):
+                self.val_metrics = self._validate()
+            if not (config.save_every and step % config.save_every == 0 and self.last_checkpoint):
+                self.last_checkpoint = self.save()
+        if skips.truncated:
+            self.log.write({"step": step, "captions_truncated": skips.truncated})
         self.log.close()
-        dropped = self.data.dropped_captions + self.data.skips.captions
+        dropped = self.data.dropped_captions + skips.captions
         if self.info.is_main:
-            tqdm.write(f"done: {step} steps; skipped samples: {self.data.skips.report_total() or 'none'}; "
-                       f"dropped captions: {_counts(dropped) or 'none'}")
-        return {"steps": step, "epoch": self.epoch, "seconds": time.perf_counter() - self.started,
-                "final_loss": self.loss if step else None, "skipped": self.data.skips.totals(),
-                "captions_dropped": dict(dropped),
+            self._print_done(dropped)
+        return {"steps": step, "epoch": self.epoch, "seconds": time.perf_counter() - started,
+                "final_loss": self.loss if math.isfinite(self.loss) else None, "skipped": skips.totals(),
+                "captions_dropped": dict(dropped), "captions_truncated": skips.truncated,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-                "validation": self.val_metrics}
+                "validation": self.val_metrics, "already_finished": self.already_finished}
+
+    def _print_done(self, dropped: Counter) -> None:
+        if self.already_finished:
+            tqdm.write(f"already finished: {self.last_checkpoint} is step {self.step} of {self.total_steps}; "
+                       "nothing to train (to train on, raise --steps with --resume-override steps)")
+        truncated = self.data.skips.truncated
+        cut = f"; captions cut to the {self.model.context_length}-token context: {truncated}" if truncated else ""
+        tqdm.write(f"done: {self.step} steps; skipped samples: {self.data.skips.report_total() or 'none'}; "
+                   f"dropped captions: {_counts(dropped) or 'none'}{cut}")
 
 
 def _counts(counter: Counter) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in sorted(counter.items()))
 
 
-def _common_batch_size(size: int, info: DistInfo) -> int:
-    """Smallest batch over ranks: skipped samples make ranks' batches differ, and gathers need equal sizes."""
+def _min_over_ranks(value: int, info: DistInfo) -> int:
+    """The smallest of each rank's `value` (the value itself in one process)."""
     if info.world_size <= 1:
-        return size
-    tensor = torch.tensor([size], dtype=torch.long, device=info.device)
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=info.device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def _dist_info(device: str) -> DistInfo:
+    """Rank and device: `device` in one process; under torchrun cuda:LOCAL_RANK when CUDA is visible, else the CPU."""
+    if device.strip().lower() == "auto":
+        return init_distributed()
+    chosen = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo(device=chosen)
+    native = "cuda" if torch.cuda.is_available() else "cpu"
+    if chosen.type != native or chosen.index is not None:
+        raise ConfigError(f"device {device!r} under torchrun: each process trains on "
+                          f"{'its own cuda:LOCAL_RANK' if native == 'cuda' else 'the CPU'}; pass --device {native}")
+    return init_distributed()
 
 
 def _mean_over_ranks(value: float, info: DistInfo) -> float:

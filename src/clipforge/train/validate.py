@@ -9,7 +9,8 @@ from clipforge.errors import TrainingError
 
 
 @torch.no_grad()
-def embed_pairs(model: torch.nn.Module, batches: Iterable[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_pairs(model: torch.nn.Module, batches: Iterable[dict],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised fp32 image and text embeddings of every (image, caption) pair in `batches`."""
     model.eval()
     images, texts = [], []
