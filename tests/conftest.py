@@ -1,4 +1,5 @@
-"""Shared test helpers: reference fixtures, tiny models, the open_clip reference package.
+"""Shared test helpers: reference fixtures, tiny models, the open_clip reference package; and the session stops
+at once when a package pyproject.toml requires (dependencies, the test extra) is missing or too old.
 
 Reference fixtures (tests/golden.py): the `golden` tests take `reference`, parametrised over the in-repo
 cut of the reference fixtures (tests/fixtures/golden/, always there) and, as extra cases, every model of
@@ -8,12 +9,23 @@ to `none` to leave them out). Tests that only need an OpenAI-layout checkpoint a
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import re
+import sys
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 import golden
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: pip vendors the same parser
+    from pip._vendor import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 # The reference fixtures are bare OpenAI-layout state dicts: OpenAI's 64-wide heads and QuickGELU (their README).
@@ -28,6 +40,65 @@ def reference_cases() -> list[tuple[str, str]]:
     if shared is not None:
         cases += [("shared", name) for name in golden.model_names(shared)]
     return cases
+
+
+def required_packages(pyproject: Path = REPO / "pyproject.toml") -> list[str]:
+    """pyproject's [project] dependencies and the test extra's, with the extras it names (clipforge[onnx,export])."""
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    extras, found = project.get("optional-dependencies", {}), list(project["dependencies"])
+    pending, seen = ["test"], set()
+    while pending:
+        extra = pending.pop()
+        seen.add(extra)
+        for line in extras.get(extra, []):
+            requirement = Requirement(line)
+            if requirement.name == project["name"]:
+                pending += sorted(requirement.extras - seen)
+            else:
+                found.append(line)
+    return found
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def missing_packages(requirements: Iterable[str]) -> list[str]:
+    """The requirements not met here: a package not installed, too old, or without its modules, each with why."""
+    modules: dict[str, list[str]] = {}
+    for module, distributions in importlib.metadata.packages_distributions().items():
+        for distribution in distributions:
+            modules.setdefault(_normalise(distribution), []).append(module)
+    problems = []
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # not for this platform or Python
+        try:
+            version = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"{line}: not installed")
+            continue
+        if not requirement.specifier.contains(version, prereleases=True):
+            problems.append(f"{line}: {version} is installed")
+        lost = [m for m in modules.get(_normalise(requirement.name), []) if importlib.util.find_spec(m) is None]
+        if lost:
+            problems.append(f"{line}: installed, but its module(s) {', '.join(lost)} cannot be found")
+    return problems
+
+
+def require_packages(requirements: Iterable[str]) -> None:
+    """Stop the test session, naming each requirement that is not met (a missing package must not become skips)."""
+    problems = missing_packages(requirements)
+    if problems:
+        pytest.exit("required packages missing (pip install -e '.[test]' installs them):\n  " + "\n  ".join(problems),
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Checked, not imported: importing them all costs about 5 s a session, and a module that is there but fails
+    # to import fails the tests that import it (plainly, never through importorskip).
+    require_packages(required_packages())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
+import transformers  # the parity reference (test extra)
 from safetensors.torch import save_file
 
 import clipforge
 from clipforge.checkpoint.architecture import resolve_architecture
 from conftest import perturb_, random_tokens
-
-transformers = pytest.importorskip("transformers", reason="HF transformers is the parity reference (test extra)")
 
 # 128-wide towers with 32-wide heads (4 heads): OpenAI's width/64 rule would build 2 heads.
 NARROW_HEADS = {"embed_dim": 64, "vision": {"image_size": 32, "layers": 2, "width": 128, "heads": 4, "patch_size": 8,

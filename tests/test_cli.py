@@ -13,7 +13,8 @@ from conftest import OPENAI, OPENAI_FLAGS
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipforge.cli.main", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "clipforge.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.integration
@@ -39,7 +40,8 @@ def test_convert_to_hf_and_back(tmp_path, fixtures_dir):
 def test_classify_json(fixtures_dir):
     folder = fixtures_dir / "openai-vit-tiny"
     result = run_cli("classify", str(folder / "image0.png"), str(folder / "image1.png"), "--model",
-                     str(folder / "openai_state_dict.pt"), "--labels", "cat,dog,rocket", "--ensemble", "--json", *OPENAI_FLAGS)
+                     str(folder / "openai_state_dict.pt"), "--labels", "cat,dog,rocket", "--ensemble", "--json",
+                     *OPENAI_FLAGS)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert len(rows) == 2 and abs(sum(p for _, p in rows[0]["top"]) - 1) < 1e-3
@@ -123,7 +125,8 @@ def test_unknown_flag_is_refused_by_its_subcommand_with_the_close_match(capsys):
 
     result = run_cli("train", "--batchsize", "16")
     assert result.returncode == 2 and result.stderr.startswith("usage: clipforge train [-h]")
-    assert "clipforge train: error: unrecognized arguments: --batchsize (did you mean --batch-size?) 16" in result.stderr
+    assert ("clipforge train: error: unrecognized arguments: --batchsize (did you mean --batch-size?) 16"
+            in result.stderr)
     for argv, usage, error in (
             (["search", "index", "--topk", "3"], "usage: clipforge search [-h]",
              "clipforge search: error: unrecognized arguments: --topk (did you mean --top-k?) 3"),
@@ -131,7 +134,8 @@ def test_unknown_flag_is_refused_by_its_subcommand_with_the_close_match(capsys):
              "clipforge export onnx: error: unrecognized arguments: --in8 (did you mean --int8?)"),
             (["models", "--pretraind=yes", "extra"], "usage: clipforge models [-h]",
              "clipforge models: error: unrecognized arguments: --pretraind=yes (did you mean --pretrained?) extra"),
-            (["train", "--zzz"], "usage: clipforge train [-h]", "clipforge train: error: unrecognized arguments: --zzz\n")):
+            (["train", "--zzz"], "usage: clipforge train [-h]",
+             "clipforge train: error: unrecognized arguments: --zzz\n")):
         with pytest.raises(SystemExit) as exit:
             main(argv)
         stderr = capsys.readouterr().err

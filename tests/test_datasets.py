@@ -112,17 +112,12 @@ def fake_cache(tmp_path, monkeypatch) -> Path:
     return make_fake_npm_cache(tmp_path / "cache")
 
 
-@pytest.fixture
-def resvg():
-    return pytest.importorskip("resvg_py", reason="resvg-py renders the SVG styles")
-
-
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
-def test_emoji_layout_tables_and_manifest(tmp_path, fake_cache, resvg):
+def test_emoji_layout_tables_and_manifest(tmp_path, fake_cache):
     manifest = build_emoji(tmp_path / "root", cache=fake_cache, progress=False)
     out = tmp_path / "root" / "emoji"
     assert not manifest["up_to_date"] and manifest["concepts"] == 8 and manifest["images"] == 48
@@ -156,7 +151,7 @@ def test_emoji_layout_tables_and_manifest(tmp_path, fake_cache, resvg):
     assert saved["packages"]["openmoji"]["version"] == "17.0.0" and saved["image_size"] == 64
 
 
-def test_emoji_split_is_stored_and_deterministic(tmp_path, fake_cache, resvg):
+def test_emoji_split_is_stored_and_deterministic(tmp_path, fake_cache):
     splits = []
     for name in ("a", "b"):
         build_emoji(tmp_path / name, cache=fake_cache, styles=["openmoji-black"], size=16, progress=False)
@@ -168,7 +163,7 @@ def test_emoji_split_is_stored_and_deterministic(tmp_path, fake_cache, resvg):
     assert [(r["hexcode"], r["split"]) for r in _rows(tmp_path / "c" / "emoji" / "concepts.csv")] == splits[0][:3]
 
 
-def test_emoji_rerun_does_nothing_and_new_options_rebuild(tmp_path, fake_cache, resvg):
+def test_emoji_rerun_does_nothing_and_new_options_rebuild(tmp_path, fake_cache):
     root = tmp_path / "root"
     build_emoji(root, cache=fake_cache, styles=["google,fluent-3d"], progress=False)
     stamp = (root / "emoji" / "manifest.json").stat().st_mtime_ns
@@ -179,7 +174,7 @@ def test_emoji_rerun_does_nothing_and_new_options_rebuild(tmp_path, fake_cache, 
     assert sorted(os.listdir(root / "emoji" / "images")) == ["fluent-3d", "google"]
 
 
-def test_emoji_failure_midway_leaves_no_dataset(tmp_path, fake_cache, resvg, monkeypatch):
+def test_emoji_failure_midway_leaves_no_dataset(tmp_path, fake_cache, monkeypatch):
     calls = []
     real = emoji.render_emoji
 
@@ -254,7 +249,7 @@ def test_eval_style_index_matches_chars_then_label_slug(tmp_path):
     assert without_chars.keys() == index.keys() - {"2764"}
 
 
-def test_eval_styles_are_opt_in_and_keep_the_concepts(tmp_path, fake_cache, resvg, monkeypatch):
+def test_eval_styles_are_opt_in_and_keep_the_concepts(tmp_path, fake_cache, monkeypatch):
     unpinned = {k: NpmPackage(p.name, p.version) for k, p in emoji.EVAL_PACKAGES.items()}
     monkeypatch.setattr(emoji, "EVAL_PACKAGES", unpinned)
     icons = {label.replace(" ", "-"): {"body": '<circle cx="16" cy="16" r="12"/>'} for _, label, *_ in CONCEPTS[:4]}
@@ -281,7 +276,7 @@ def _cli(argv: list[str]) -> None:
     args.func(args)
 
 
-def test_cli_builds_then_says_up_to_date(tmp_path, fake_cache, resvg, capsys):
+def test_cli_builds_then_says_up_to_date(tmp_path, fake_cache, capsys):
     argv = ["data", "emoji", "--root", str(tmp_path / "r"), "--cache", str(fake_cache), "--styles", "twitter",
             "--size", "24", "--limit", "5", "--quiet"]
     _cli(argv)
@@ -310,7 +305,7 @@ def make_fake_stamps(folder: Path) -> Path:
     return folder
 
 
-def test_tuxpaint_from_stamps_folder(tmp_path, resvg):
+def test_tuxpaint_from_stamps_folder(tmp_path):
     stamps = make_fake_stamps(tmp_path / "stamps")
     manifest = build_tuxpaint(tmp_path / "root", stamps=stamps, size=32, progress=False)
     out = tmp_path / "root" / "tuxpaint"
@@ -336,7 +331,7 @@ def test_tuxpaint_from_stamps_folder(tmp_path, resvg):
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not on PATH")
 @pytest.mark.integration
-def test_tuxpaint_from_cached_deb(tmp_path, resvg, monkeypatch):
+def test_tuxpaint_from_cached_deb(tmp_path, monkeypatch):
     monkeypatch.setattr(tuxpaint, "INSTALLED", tmp_path / "not-installed")
     package = tmp_path / "pkg"
     make_fake_stamps(package / "usr" / "share" / "tuxpaint" / "stamps")
@@ -359,7 +354,7 @@ def test_tuxpaint_from_cached_deb(tmp_path, resvg, monkeypatch):
     assert not (tmp_path / "root2" / "tuxpaint").exists()
 
 
-def test_tuxpaint_reads_installed_stamps(tmp_path, resvg, monkeypatch):
+def test_tuxpaint_reads_installed_stamps(tmp_path, monkeypatch):
     monkeypatch.setattr(tuxpaint, "INSTALLED", make_fake_stamps(tmp_path / "installed"))
     manifest = build_tuxpaint(tmp_path / "root", cache=tmp_path / "cache", progress=False)
     assert manifest["source"]["kind"] == "installed" and manifest["stamps"] == 5
@@ -376,7 +371,7 @@ def test_tuxpaint_missing_apt_get(tmp_path, monkeypatch):
 @pytest.mark.skipif(OFFLINE or shutil.which("npm") is None,
                     reason="needs npm and the npm registry (CLIPFORGE_OFFLINE=1 skips)")
 @pytest.mark.integration
-def test_real_emoji_limit_20(tmp_path, resvg):
+def test_real_emoji_limit_20(tmp_path):
     manifest = build_emoji(tmp_path / "root", limit=20, cache=REAL_CACHE, progress=False)
     assert manifest["concepts_in_all_styles"] == 1594 and manifest["concepts"] == 20
     assert manifest["images"] == 120 and manifest["seen"] + manifest["unseen"] == 20 and manifest["unseen"] > 0
@@ -387,7 +382,7 @@ def test_real_emoji_limit_20(tmp_path, resvg):
 @pytest.mark.skipif(OFFLINE or shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
                     reason="needs apt-get, dpkg-deb and the Debian archive (CLIPFORGE_OFFLINE=1 skips)")
 @pytest.mark.integration
-def test_real_tuxpaint_limit_20(tmp_path, resvg):
+def test_real_tuxpaint_limit_20(tmp_path):
     manifest = build_tuxpaint(tmp_path / "root", limit=20, cache=REAL_CACHE, progress=False)
     assert manifest["stamps"] == 20 and manifest["source"]["kind"] in ("deb", "installed")
     rows = _rows(tmp_path / "root" / "tuxpaint" / "captions.csv")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn import metrics as sklearn_metrics
 
 import clipforge
 from clipforge.evaluate import (
@@ -35,8 +36,6 @@ from clipforge.evaluate import (
     train_supervised,
     zero_shot_predict,
 )
-
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 NAME = "cpu-vit-tiny-32"
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # the parity reference (test extra)
 
 import clipforge
 from conftest import OPENAI, perturb_, random_tokens
-
-transformers = pytest.importorskip("transformers", reason="HF transformers is the parity reference (test extra)")
 
 pytestmark = pytest.mark.parity
 

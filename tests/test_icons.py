@@ -91,11 +91,6 @@ def fake_cache(tmp_path, monkeypatch) -> Path:
     return cache
 
 
-@pytest.fixture(autouse=True)
-def _resvg():
-    pytest.importorskip("resvg_py", reason="resvg-py renders the icons")
-
-
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))

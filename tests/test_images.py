@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers  # the preprocessing reference (test extra)
 from PIL import Image
 
 import clipforge
 from clipforge.data.images import SampleError, decode_image, to_8bit
 from clipforge.data.transforms import EvalTransform
 from conftest import perturb_
-
-transformers = pytest.importorskip("transformers", reason="HF transformers is the preprocessing reference")
 
 GRADIENT = np.linspace(0, 1, 48 * 40).reshape(40, 48)
 
@@ -58,7 +57,8 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (no pixel data): what a decompression bomb looks like up front."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
 
 
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):

