@@ -13,8 +13,8 @@ import time
 import torch
 
 import clipforge
-from clipforge.loss import ContrastiveLoss
 from clipforge.distributed import DistInfo
+from clipforge.loss import ContrastiveLoss
 from clipforge.train.step import TrainStep
 
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}

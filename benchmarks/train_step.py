@@ -59,8 +59,8 @@ def run_variant(impl: str, precision: str, batch: int, steps: int) -> dict:
             opt.step()
     else:
         import clipforge
-        from clipforge.loss import ContrastiveLoss
         from clipforge.distributed import DistInfo
+        from clipforge.loss import ContrastiveLoss
         from clipforge.train.step import TrainStep
 
         model = clipforge.create_model("cpu-vit-small-64", quick_gelu=True).train()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import clipforge
 from conftest import OPENAI, OPENAI_FLAGS, perturb_, random_tokens
 
+
 @pytest.mark.golden
 def test_fixture_reproduced_from_pngs_and_captions(reference):
     expected = reference.expected()

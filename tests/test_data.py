@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipforge.data.captions import CaptionDataset, Skipped, decode_image, SampleError
+from clipforge.data.captions import CaptionDataset, SampleError, Skipped, decode_image
 from clipforge.data.loader import DataConfig, SkipCounter, build_from_config, build_train_loader, collate_samples
 from clipforge.data.sampling import ResumableBatchSampler
 from clipforge.data.shards import SHARD_STRIDE, ShardDataset

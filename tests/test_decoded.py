@@ -5,13 +5,17 @@ import json
 import os
 
 import numpy as np
-
 import pytest
 import torch
 from PIL import Image
 
-from clipforge.data.decoded import (AugmentDraw, DecodedCaptionDataset, TensorTrainTransform, build_decoded_cache,
-                                    stored_size_for)
+from clipforge.data.decoded import (
+    AugmentDraw,
+    DecodedCaptionDataset,
+    TensorTrainTransform,
+    build_decoded_cache,
+    stored_size_for,
+)
 from clipforge.data.transforms import EvalTransform
 from clipforge.train.config import TrainConfig
 from clipforge.train.trainer import train

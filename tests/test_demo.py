@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 
 SECTIONS = ("## Summary", "## Training", "## Zero-shot top-1 by style", "## Prompt engineering and ensembling",
             "## Effective robustness", "## Retrieval (CLIP", "## Bias probe", "## Real photos and held-out examples",

@@ -13,7 +13,6 @@ import pytest
 from conftest import OPENAI_FLAGS
 from synthetic import COLORS, SHAPES, draw, make_caption_set
 
-
 TINY = ("--model", "cpu-vit-tiny-32", "--random-weights")  # a registry name, randomly initialised
 
 
@@ -40,7 +39,7 @@ def styled(tmp_path_factory) -> Path:
     """A labels CSV with two 'styles' (plain and inverted colours) and captions."""
     root = tmp_path_factory.mktemp("styled")
     make_caption_set(root, per_concept=4, seed=3)
-    from PIL import ImageOps, Image
+    from PIL import Image, ImageOps
 
     rows = []
     for line in list(csv.DictReader(open(root / "train.csv"))):

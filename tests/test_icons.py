@@ -16,9 +16,25 @@ from clipforge.cli import data as data_cli
 from clipforge.corpora import DatasetError, build_icons, icons
 from clipforge.corpora.fetch import NpmPackage
 from clipforge.corpora.icons import (
-    Icon, brand_icon, category_caption, code_named_set, concept_key, deduplicate, emoji_set, exclude_concepts,
-    excluded_category, hidden_set, icon_captions, keep_variants, lookalike_sibling, name_words, read_labels,
-    restricted_licence, set_icons, split_style, style_caption,
+    Icon,
+    brand_icon,
+    category_caption,
+    code_named_set,
+    concept_key,
+    deduplicate,
+    emoji_set,
+    exclude_concepts,
+    excluded_category,
+    hidden_set,
+    icon_captions,
+    keep_variants,
+    lookalike_sibling,
+    name_words,
+    read_labels,
+    restricted_licence,
+    set_icons,
+    split_style,
+    style_caption,
 )
 from clipforge.corpora.svg import drawing_hash, ink_fraction, render_many
 from test_datasets import _tar

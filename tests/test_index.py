@@ -16,9 +16,8 @@ import pytest
 import clipforge
 from clipforge.cli.main import main
 from clipforge.inference.features import extract_image_features
-from clipforge.search import ImageIndex, QueryEncoder, build_backend, build_index, exact_search
+from clipforge.search import ImageIndex, QueryEncoder, build_backend, build_index, exact_search, store
 from clipforge.search import build as build_module
-from clipforge.search import store
 from synthetic import COLORS, draw, make_caption_set
 
 QUERIES = ["a red circle", "a blue square", "a green triangle"]

@@ -14,7 +14,13 @@ from PIL import Image
 import clipforge
 from clipforge.evaluate.bias import GENDERS, bias_probe, load_gendered_groups
 from clipforge.evaluate.report import (
-    Section, markdown_table, plot_bars, plot_confusion, plot_examples, plot_robustness, plot_training_curves,
+    Section,
+    markdown_table,
+    plot_bars,
+    plot_confusion,
+    plot_examples,
+    plot_robustness,
+    plot_training_curves,
     write_report,
 )
 

@@ -12,10 +12,9 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 
 pytestmark = pytest.mark.integration
 
-from test_serve import build_test_index  # noqa: E402
-
 from clipforge.serve import create_app  # noqa: E402
 from clipforge.serve.runner import serve_in_thread  # noqa: E402
+from test_serve import build_test_index  # noqa: E402
 
 # Debian's packages (apt-get install chromium chromium-driver); scripts/setup.sh installs them as root.
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")

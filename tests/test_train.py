@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import clipforge
+from clipforge.distributed import DistInfo
+from clipforge.errors import TrainingDiverged
 from clipforge.loss import ContrastiveLoss
 from clipforge.train import checkpoints
 from clipforge.train.config import TrainConfig
-from clipforge.distributed import DistInfo
 from clipforge.train.step import TrainStep
-from clipforge.errors import TrainingDiverged
 from clipforge.train.trainer import train
 from conftest import random_tokens
 from synthetic import make_caption_set

@@ -8,7 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, center_crop, composite_on_white
+from clipforge.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EvalTransform,
+    TrainTransform,
+    center_crop,
+    composite_on_white,
+)
 
 
 @pytest.mark.golden

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+
 from clipforge.errors import ConfigError
 
 DEVICE_HELP = 'where the model runs: cpu, cuda, cuda:N, mps or auto (the first GPU if one is visible, else cpu)'

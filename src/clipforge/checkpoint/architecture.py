@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clipforge.model.config import CLIPConfig, VisionConfig, get_model_config, list_models
 from clipforge.errors import CheckpointError
+from clipforge.model.config import CLIPConfig, VisionConfig, get_model_config, list_models
 
 ACTIVATIONS = {True: "QuickGELU", False: "GELU"}
 

@@ -5,8 +5,8 @@ from typing import Any
 
 import torch
 
-from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
+from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults: its save_pretrained omits keys equal to them.

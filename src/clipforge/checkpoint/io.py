@@ -17,13 +17,13 @@ from safetensors.torch import load_file, save_file
 from clipforge.checkpoint import hf, open_clip
 from clipforge.checkpoint.architecture import ArchitectureHints, heads_for_width, resolve_architecture
 from clipforge.checkpoint.open_clip import config_from_open_clip
+from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_into, read_torchscript
 from clipforge.checkpoint.options import LoadOptions, merge_options
 from clipforge.checkpoint.remote import HUB_PREFIX, hub_repo, is_remote, resolve_remote
-from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_into, read_torchscript
 from clipforge.data.transforms import EvalTransform
-from clipforge.model.clip import CLIP
 from clipforge.errors import CheckpointError
 from clipforge.io import atomic_path
+from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, PreprocessConfig, apply_overrides, get_model_config, list_models
 from clipforge.model.towers import tokenizer_for
 from clipforge.text.base import OPENAI_VOCAB_SIZE, Tokenizer

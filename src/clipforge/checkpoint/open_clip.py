@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
+from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
 
 CONFIG_FILE = "open_clip_config.json"
@@ -27,7 +27,7 @@ _TOP_LEVEL = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "cast_dtype",
               "init_logit_bias", "custom_text"}
 # Values that mean the same as the default (open_clip writes some of them explicitly).
 _SAME_AS_DEFAULT = {"pool_type": {"tok", "argmax", None}, "proj_type": {"linear", None},
-                    "patch_dropout": {0, 0.0, None}}
+                    "patch_dropout": {0, None}}
 
 
 def _checked(cfg: dict[str, Any], defaults: dict[str, Any], where: str, source: str) -> dict[str, Any]:

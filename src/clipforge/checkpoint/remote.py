@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
 from clipforge.errors import CheckpointError
 
 HUB_PREFIX = "hf-hub:"
@@ -24,8 +25,8 @@ def hub_repo(name: str) -> tuple[str, str | None]:
 
 def resolve_remote(name: str, pretrained: str | None = None) -> tuple[Path, dict[str, Any]]:
     """(local path to load, load() keyword arguments) for a hub repo or an (architecture, tag) pair."""
-    from clipforge.pretrained import download, get_pretrained, hub_folder
     from clipforge.checkpoint.open_clip import open_clip_weights
+    from clipforge.pretrained import download, get_pretrained, hub_folder
 
     if pretrained is None:
         return hub_folder(*hub_repo(name)), {}

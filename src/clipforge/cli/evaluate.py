@@ -49,8 +49,14 @@ def run(args: argparse.Namespace) -> None:
 
 def _run_task(args: argparse.Namespace, ctx: "EvalContext") -> dict[str, Any]:
     """The results of the task --task names; its report sections go to `ctx`."""
-    from clipforge.evaluate.tasks import (RobustnessSettings, linear_probe_vs_zeroshot, load_for_eval, retrieval,
-                                          robustness, zeroshot)
+    from clipforge.evaluate.tasks import (
+        RobustnessSettings,
+        linear_probe_vs_zeroshot,
+        load_for_eval,
+        retrieval,
+        robustness,
+        zeroshot,
+    )
 
     styles = [s for s in args.styles.split(",") if s]
     if args.task == "zeroshot":

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.cli.model_args import add_model_arguments, load_model
 from clipforge.config_flags import default_of
 from clipforge.export.onnx import DEFAULT_OPSET, PARITY_ATOL
 from clipforge.search.export import export_embeddings
-from clipforge.cli.model_args import add_model_arguments, load_model
 
 
 def run_onnx(args: argparse.Namespace) -> None:

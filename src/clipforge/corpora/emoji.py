@@ -38,8 +38,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipforge.corpora.fetch import (
-    DatasetError, NpmPackage, atomic_dataset, clipforge_version, fetch_npm, prefix_filter, read_manifest,
-    safe_extract, write_csv, write_json,
+    DatasetError,
+    NpmPackage,
+    atomic_dataset,
+    clipforge_version,
+    fetch_npm,
+    prefix_filter,
+    read_manifest,
+    safe_extract,
+    write_csv,
+    write_json,
 )
 from clipforge.corpora.render import render_svg, to_size
 from clipforge.errors import DataError

@@ -37,8 +37,16 @@ from tqdm import tqdm
 
 from clipforge.corpora.emoji import iconify_svg
 from clipforge.corpora.fetch import (
-    DatasetError, NpmPackage, atomic_dataset, clipforge_version, fetch_npm, prefix_filter, read_manifest,
-    safe_extract, write_csv, write_json,
+    DatasetError,
+    NpmPackage,
+    atomic_dataset,
+    clipforge_version,
+    fetch_npm,
+    prefix_filter,
+    read_manifest,
+    safe_extract,
+    write_csv,
+    write_json,
 )
 from clipforge.corpora.svg import BLANK_INK, drawing_hash, render_many
 from clipforge.errors import DataError

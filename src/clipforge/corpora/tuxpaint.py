@@ -29,8 +29,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipforge.corpora.fetch import (
-    DatasetError, atomic_dataset, clipforge_version, deb_field, fetch_deb, installed_version, read_manifest,
-    sha256_file, unpack_deb_cached, write_csv, write_json,
+    DatasetError,
+    atomic_dataset,
+    clipforge_version,
+    deb_field,
+    fetch_deb,
+    installed_version,
+    read_manifest,
+    sha256_file,
+    unpack_deb_cached,
+    write_csv,
+    write_json,
 )
 from clipforge.corpora.render import render_svg, to_size
 from clipforge.errors import DataError

@@ -21,6 +21,7 @@ from typing import IO, Any, Union
 
 import numpy as np
 from PIL import Image
+
 from clipforge.errors import DataError, SampleError
 
 PathLike = Union[str, "os.PathLike[str]"]

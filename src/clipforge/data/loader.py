@@ -8,8 +8,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from clipforge.data.captions import (DEFAULT_MAX_PIXELS, SKIP_REASONS, CaptionDataset, Skipped, Tokenizer,
-                                     TruncatingTokenizer)
+from clipforge.data.captions import (
+    DEFAULT_MAX_PIXELS,
+    SKIP_REASONS,
+    CaptionDataset,
+    Skipped,
+    Tokenizer,
+    TruncatingTokenizer,
+)
 from clipforge.data.sampling import ResumableBatchSampler
 from clipforge.data.transforms import TrainTransform
 from clipforge.errors import DataError

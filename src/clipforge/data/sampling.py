@@ -6,6 +6,7 @@ from itertools import islice
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
 from clipforge.errors import DataError
 
 

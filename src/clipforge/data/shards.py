@@ -17,8 +17,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from clipforge.data.captions import (
-    DEFAULT_MAX_PIXELS, SampleError, Skipped, Tokenizer, make_sample, sample_rng, sort_captions, split_captions,
-    takes_rng, with_composite_white,
+    DEFAULT_MAX_PIXELS,
+    SampleError,
+    Skipped,
+    Tokenizer,
+    make_sample,
+    sample_rng,
+    sort_captions,
+    split_captions,
+    takes_rng,
+    with_composite_white,
 )
 from clipforge.data.images import IMAGE_EXTENSIONS
 from clipforge.errors import DataError

@@ -12,7 +12,6 @@ import torch
 from PIL import Image, ImageEnhance
 
 from clipforge.data.images import composite_on_white, load_image, to_rgb
-
 from clipforge.model.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
 

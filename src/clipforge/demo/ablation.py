@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clipforge.data.labelled import LabelledImages
 from clipforge.demo.config import DemoConfig
 from clipforge.demo.data import clip_table
 from clipforge.demo.evaluation import Evaluated, embed_all
 from clipforge.demo.training import run_contrastive, train_config
-from clipforge.data.labelled import LabelledImages
 
 SETTINGS = {"emoji only": (0, "keep"), "icons, unseen kept": (1, "keep"), "icons, unseen removed": (1, "remove")}
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from clipforge.config_flags import add_dataclass_arguments
 from clipforge.errors import ConfigError
 
-
 CHOICES = {"icon_query": ("labels", "any"), "icons_unseen": ("keep", "remove"), "lit_data": ("emoji", "clip"),
            "data_path": ("decoded", "pil"), "precision": ("fp32", "bf16"), "ablation": (0, 1)}
 

@@ -6,14 +6,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from clipforge.corpora import build_emoji, build_icons, build_tuxpaint
 from clipforge.corpora.icons import concept_key
-from clipforge.inference.templates import get_templates
 from clipforge.errors import DataError
+from clipforge.inference.templates import get_templates
 
 # Sentences around the label: the training captions hold them (the way web captions are sentences),
 # so the zero-shot ensemble (the same "emoji" set) prompts in forms the text tower saw. A first run

@@ -9,13 +9,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from clipforge.demo.photos import real_photos
 from clipforge.data.labelled import LabelledImages
+from clipforge.demo.photos import real_photos
+from clipforge.errors import DataError
 from clipforge.evaluate.report import Section, plot_bars, plot_examples
 from clipforge.inference.features import labelled_image_features
 from clipforge.inference.templates import get_templates
 from clipforge.inference.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_predict
-from clipforge.errors import DataError
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-
 # (package, path inside it, what the photo shows). The emoji labels a good model should rank high are
 # the reader's judgement; the report shows the top-3.
 _CANDIDATES = [

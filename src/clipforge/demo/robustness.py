@@ -9,8 +9,14 @@ import torch
 
 from clipforge.data.labelled import LabelledImages
 from clipforge.errors import EvaluationError
-from clipforge.evaluate.tasks import (EvalContext, RobustnessSettings, RobustnessSplit, clip_predictions,
-                                      in_distribution_rows, robustness_results)
+from clipforge.evaluate.tasks import (
+    EvalContext,
+    RobustnessSettings,
+    RobustnessSplit,
+    clip_predictions,
+    in_distribution_rows,
+    robustness_results,
+)
 
 Predictor = Callable[[Sequence[Path]], torch.Tensor]
 

@@ -23,8 +23,15 @@ from clipforge.demo.ablation import ablation_models, main_setting
 from clipforge.demo.baselines import SupervisedFamily, effective_robustness, supervised_family
 from clipforge.demo.config import DemoConfig
 from clipforge.demo.data import DemoData, clip_table, prepare_datasets, read_concepts, training_captions
-from clipforge.demo.evaluation import (Evaluated, embed_all, few_shot_vs_zero_shot, logits_for, photos_and_examples,
-                                       prompt_ablation, zero_shot_by_style)
+from clipforge.demo.evaluation import (
+    Evaluated,
+    embed_all,
+    few_shot_vs_zero_shot,
+    logits_for,
+    photos_and_examples,
+    prompt_ablation,
+    zero_shot_by_style,
+)
 from clipforge.demo.robustness import demo_robustness, held_out_split, zero_shot_method
 from clipforge.demo.summary import claims, summary_rows
 from clipforge.demo.training import TrainedModel, read_training_rows, run_contrastive, train_config

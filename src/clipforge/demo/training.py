@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from clipforge.checkpoint.io import get_tokenizer, load
 from clipforge.data.decoded import DecodedImages, build_decoded_cache, stored_size_for, tensor_transform_like
+from clipforge.data.labelled import decode_all
 from clipforge.data.transforms import TrainTransform
 from clipforge.demo.config import DemoConfig
 from clipforge.demo.data import ICON_STYLE
-from clipforge.data.labelled import decode_all
 from clipforge.evaluate.supervised import train_supervised
 from clipforge.model import create_model
 from clipforge.train.config import TrainConfig

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from clipforge.evaluate.retrieval import retrieval_recall
+from clipforge.evaluate.supervised import LinearClassifier, evaluate_classifier, train_supervised
 from clipforge.inference.features import (
     extract_image_features,
     extract_labeled_image_features,
@@ -16,9 +18,7 @@ from clipforge.inference.metrics import (
     per_class_recall,
     topk_accuracy,
 )
-from clipforge.evaluate.retrieval import retrieval_recall
 from clipforge.inference.similarity import chunked_topk
-from clipforge.evaluate.supervised import LinearClassifier, evaluate_classifier, train_supervised
 from clipforge.inference.templates import get_templates, imagenet_classnames, list_templates
 from clipforge.inference.zeroshot import (
     OPENAI_TEMPLATES_7,

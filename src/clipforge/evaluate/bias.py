@@ -16,9 +16,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from clipforge.errors import EvaluationError
 from clipforge.inference.features import extract_image_features
 from clipforge.inference.zeroshot import build_classifier, zero_shot_predict
-from clipforge.errors import EvaluationError
 
 GENDERS = ("man", "woman", "person")
 

@@ -14,8 +14,8 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from clipforge.inference.metrics import classification_metrics
 from clipforge.errors import EvaluationError
+from clipforge.inference.metrics import classification_metrics
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from urllib.parse import quote
 
-from clipforge.io import write_atomic
 from clipforge.errors import EvaluationError
+from clipforge.io import write_atomic
 
 if TYPE_CHECKING:
     from clipforge.data.labelled import SkippedImage

@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from clipforge.inference.similarity import chunked_topk
 from clipforge.errors import EvaluationError
+from clipforge.inference.similarity import chunked_topk
 
 
 def _check(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.errors import EvaluationError
 from clipforge.inference.features import autocast_context
 from clipforge.inference.metrics import classification_metrics
-from clipforge.errors import EvaluationError
 from clipforge.model.param_groups import weight_decay_groups
 from clipforge.train.optim import warmup_cosine
 

@@ -7,15 +7,21 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from clipforge.data.labelled import (LabelledImages, SkippedImage, decode_all, load_captioned_images,
-                                     load_labelled_images, skip_counts)
-from clipforge.inference.features import extract_image_features, extract_text_features, labelled_image_features
-from clipforge.inference.metrics import confusion_matrix
+from clipforge.data.labelled import (
+    LabelledImages,
+    SkippedImage,
+    decode_all,
+    load_captioned_images,
+    load_labelled_images,
+    skip_counts,
+)
+from clipforge.errors import EvaluationError
 from clipforge.evaluate.report import Section, plot_bars, plot_confusion, plot_robustness
 from clipforge.evaluate.retrieval import retrieval_recall
+from clipforge.inference.features import extract_image_features, extract_text_features, labelled_image_features
+from clipforge.inference.metrics import confusion_matrix
 from clipforge.inference.templates import get_templates, list_templates
 from clipforge.inference.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_predict
-from clipforge.errors import EvaluationError
 
 
 @dataclass

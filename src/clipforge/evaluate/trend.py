@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
 from clipforge.errors import EvaluationError
 
 # Accuracies of exactly 0 or 1 have infinite logits; they are clipped this far from the edges.

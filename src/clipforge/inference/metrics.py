@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
 from clipforge.errors import EvaluationError
 
 

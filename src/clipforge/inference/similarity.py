@@ -5,6 +5,7 @@ Peak memory is O(chunk_size^2 + N x k) instead of the dense N_queries x N_keys m
 from __future__ import annotations
 
 import torch
+
 from clipforge.errors import EvaluationError
 
 

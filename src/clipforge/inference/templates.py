@@ -5,6 +5,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 from typing import Any
+
 from clipforge.errors import EvaluationError
 
 # "simple" is the CLIP paper's single default prompt; "openai_7" is the notebook's best 7-template subset

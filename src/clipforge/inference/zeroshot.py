@@ -19,10 +19,10 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
+from clipforge.errors import EvaluationError
 from clipforge.inference.features import iter_text_features, model_device
 from clipforge.inference.metrics import classification_metrics
 from clipforge.model.clip import CLIP
-from clipforge.errors import EvaluationError
 
 # The 7-template subset OpenAI found best on ImageNet (CLIP prompt-engineering notebook).
 OPENAI_TEMPLATES_7 = (

@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.errors import ConfigError
 from clipforge.loss.distributed import all_gather_with_grad, gather_features, world_info
 from clipforge.loss.tiled import tiled_contrastive_loss
-from clipforge.errors import ConfigError
 
 # Chosen with benchmarks/loss_memory.py on 2 shared CPU cores: on an idle machine 512-2048 ran about
 # as fast as the plain loss or faster (4096 was up to 2x slower: its blocks fall out of cache across

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+
 from clipforge.errors import ConfigError
 
 Span = tuple[int, int]

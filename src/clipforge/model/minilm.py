@@ -67,11 +67,11 @@ class _DenseNorm(nn.Module):
 class _Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        setattr(self, "self", _SelfAttention())  # HF's name for the inner attention
+        self.self = _SelfAttention()  # HF's name for the inner attention
         self.output = _DenseNorm(WIDTH)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.output(getattr(self, "self")(x, mask), x)
+        return self.output(self.self(x, mask), x)
 
 
 class _Intermediate(nn.Module):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.model.config import VisionConfig
 from clipforge.errors import ConfigError
+from clipforge.model.config import VisionConfig
 
 
 class Bottleneck(nn.Module):

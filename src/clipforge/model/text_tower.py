@@ -7,6 +7,7 @@ the tower and never asks which kind it is.
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 from torch import nn
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clipforge.model.config import VisionConfig
 from clipforge.errors import ConfigError
+from clipforge.model.config import VisionConfig
 
 
 class QuickGELU(nn.Module):

@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+
 from clipforge.errors import CheckpointError
 
 CHUNK = 1 << 20

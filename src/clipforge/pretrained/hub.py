@@ -9,8 +9,8 @@ import os
 import re
 from pathlib import Path
 
-from clipforge.pretrained.download import cache_dir, is_offline, sha256_of
 from clipforge.errors import CheckpointError
+from clipforge.pretrained.download import cache_dir, is_offline, sha256_of
 
 OPEN_CLIP_FILES = ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
 TRANSFORMERS_FILES = ("config.json", ("model.safetensors", "pytorch_model.bin"))

@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
 from clipforge.errors import CheckpointError
 
 TAGS_FILE = Path(__file__).with_name("tags.json")  # scripts/gen_pretrained_tags.py writes it

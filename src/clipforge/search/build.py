@@ -23,12 +23,12 @@ import torch
 
 from clipforge.data.images import SampleError, decode_image
 from clipforge.device import resolve_device
+from clipforge.errors import IndexLocked, SearchError
 from clipforge.search import ranks, store
 from clipforge.search.backend import build_backend, save_backend
 from clipforge.search.model_ref import ModelRef, check_model
 from clipforge.search.sources import Item, ItemReader, list_source
 from clipforge.search.vectors import VectorFile
-from clipforge.errors import IndexLocked, SearchError
 
 BACKEND_FILE = "backend.faiss"
 LOCK_FILE = ".lock"

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from clipforge.errors import SearchError
 from clipforge.search import store
 from clipforge.search.backend import Backend, build_backend, load_backend
 from clipforge.search.build import BACKEND_FILE
 from clipforge.search.model_ref import ModelRef, check_model
-from clipforge.errors import SearchError
 
 
 class ImageIndex:

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Generic, TypeVar
 
 import numpy as np
+
 from clipforge.errors import ConfigError
 
 T = TypeVar("T")

@@ -24,8 +24,15 @@ from PIL import Image
 
 from clipforge.errors import TextTooLong
 from clipforge.serve.batching import MicroBatcher
-from clipforge.serve.schemas import (EmbedImageResponse, EmbedTextResponse, HealthResponse, SearchResponse,
-                                     error_texts, errors, text_request_model)
+from clipforge.serve.schemas import (
+    EmbedImageResponse,
+    EmbedTextResponse,
+    HealthResponse,
+    SearchResponse,
+    error_texts,
+    errors,
+    text_request_model,
+)
 from clipforge.serve.state import ServeConfig, ServeState
 from clipforge.serve.uploads import read_upload
 

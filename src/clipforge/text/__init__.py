@@ -1,5 +1,6 @@
 """CLIP text tokenisation: the Tokenizer interface, OpenAI-identical BPE, MiniLM's WordPiece, BPE training."""
 
+from clipforge.errors import TextTooLong
 from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE, Tokenizer
 from clipforge.text.bpe_train import train_bpe
 from clipforge.text.tokenizer import (
@@ -12,7 +13,6 @@ from clipforge.text.tokenizer import (
     tokenize,
 )
 from clipforge.text.wordpiece import WordPieceTokenizer
-from clipforge.errors import TextTooLong
 
 TOKENIZERS = {tokenizer.kind: tokenizer for tokenizer in (CLIPTokenizer, WordPieceTokenizer)}
 

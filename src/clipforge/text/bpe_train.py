@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from clipforge.errors import TokenizerError
 from clipforge.text.tokenizer import (
     DEFAULT_CONTEXT_LENGTH,
     SPECIAL_TOKENS,
@@ -19,7 +20,6 @@ from clipforge.text.tokenizer import (
     normalize,
     write_merges,
 )
-from clipforge.errors import TokenizerError
 
 # 256 byte symbols, the same with "</w>", and SOT/EOT are in every vocab besides the merges.
 FIXED_TOKENS = 2 * 256 + len(SPECIAL_TOKENS)

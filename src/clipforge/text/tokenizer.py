@@ -18,6 +18,7 @@ import numpy as np
 import regex
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+
 from clipforge.errors import TextTooLong, TokenizerError
 from clipforge.text.base import DEFAULT_CONTEXT_LENGTH
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from clipforge.io import write_atomic
 from clipforge.errors import TrainingError
+from clipforge.io import write_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 LATEST_FILE = "latest"

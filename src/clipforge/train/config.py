@@ -14,7 +14,6 @@ from clipforge.errors import ConfigError
 from clipforge.loss import LOSSES
 from clipforge.model.config import TEXT_TOWER_NAMES
 
-
 CHOICES = {"precision": ("fp32", "bf16"), "loss": tuple(LOSSES), "text_tower": TEXT_TOWER_NAMES}
 
 

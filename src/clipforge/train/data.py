@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 
 from clipforge.data.captions import CaptionDataset
 from clipforge.data.loader import DataConfig, SkipCounter, TrainLoader, build_from_config, collate_samples
-from clipforge.train.config import TrainConfig
 from clipforge.distributed import DistInfo
 from clipforge.errors import TrainingError
+from clipforge.train.config import TrainConfig
 
 
 @dataclass

@@ -5,6 +5,7 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+
 from clipforge.errors import TrainingError
 
 
