@@ -10,7 +10,7 @@ from clipforge.cli.model_args import add_model_arguments
 from clipforge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from clipforge.data.labelled import SkippedImage
+    from clipforge.data.labelled import SkippedFile
     from clipforge.evaluate.tasks import EvalContext
 
 TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")
@@ -20,8 +20,9 @@ def run(args: argparse.Namespace) -> None:
     """Run one task and write results.json, report.md (+ PNG plots) and the skip log into --out."""
     import clipforge
     from clipforge.cli.model_args import load_model
+    from clipforge.data.images import write_skip_log
     from clipforge.data.labelled import skip_counts
-    from clipforge.evaluate.report import write_report, write_skip_log
+    from clipforge.evaluate.report import write_report
     from clipforge.evaluate.tasks import EvalContext
 
     out = Path(args.out)
@@ -99,7 +100,7 @@ def _bias(args: argparse.Namespace, ctx: "EvalContext", styles: list[str]) -> di
     return results
 
 
-def _print_text(ctx: "EvalContext", skipped: list["SkippedImage"], skip_log: Path, shown: int = 10) -> None:
+def _print_text(ctx: "EvalContext", skipped: list["SkippedFile"], skip_log: Path, shown: int = 10) -> None:
     """The report's sections as text, then the skipped images: counts by reason and the first `shown` by name."""
     from clipforge.evaluate.report import markdown_table
     from clipforge.evaluate.tasks import skip_text

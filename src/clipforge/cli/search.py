@@ -17,8 +17,8 @@ def run_index(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from clipforge.checkpoint.io import refuse_random_weights
+    from clipforge.data.images import SKIP_LOG
     from clipforge.search import build_index
-    from clipforge.search.store import SKIP_LOG
 
     refuse_random_weights(args.model, args.random_weights, args.pretrained)
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,

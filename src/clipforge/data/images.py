@@ -11,18 +11,20 @@ images here, so a file is accepted, converted or refused the same way everywhere
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any, Iterable, NamedTuple, Union
 
 import numpy as np
 from PIL import Image
 
 from clipforge.errors import DataError, SampleError
+from clipforge.io import write_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,6 +41,23 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "La", "RGBa", "PA"})
 # What Pillow's decoders raise on malformed input (plugins are not consistent about it).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
 _UINT16_MAX = 65535
+
+
+SKIP_LOG = "skipped.jsonl"  # beside what a job wrote (an index, an eval report, a training run)
+
+
+class SkippedFile(NamedTuple):
+    """A file a job left out, and why (a reason of IMAGE_ERROR_REASONS, or the data source's own)."""
+
+    path: str
+    reason: str
+
+
+def write_skip_log(folder: str | Path, skipped: Iterable[SkippedFile]) -> Path:
+    """Atomically write FOLDER/skipped.jsonl: one {"path", "reason"} a line, in path order (empty: none)."""
+    path = Path(folder) / SKIP_LOG
+    write_atomic(path, "".join(json.dumps(skip._asdict()) + "\n" for skip in sorted(set(skipped))))
+    return path
 
 
 def _scale_to_uint8(values: np.ndarray, top: float) -> np.ndarray:

@@ -12,20 +12,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from clipforge.data.images import IMAGE_SUFFIXES, decode_image
+from clipforge.data.images import IMAGE_SUFFIXES, SkippedFile, decode_image
 from clipforge.data.webdataset import Sample, read_caption, read_samples
 from clipforge.errors import DataError, SampleError
 
 
-@dataclass(frozen=True, order=True)
-class SkippedImage:
-    """An image an evaluation left out: its path and why (a reason of data.images.IMAGE_ERROR_REASONS)."""
-
-    path: str
-    reason: str
-
-
-def skip_counts(skipped: Iterable[SkippedImage]) -> dict[str, int]:
+def skip_counts(skipped: Iterable[SkippedFile]) -> dict[str, int]:
     """Skipped images by reason, reasons in alphabetical order ({} when none)."""
     return dict(sorted(Counter(s.reason for s in skipped).items()))
 
@@ -40,9 +32,9 @@ class LabelledImages:
     domains: list[str]
     splits: list[str]
     source: str
-    skipped: list[SkippedImage] = field(default_factory=list)  # unreadable images left out, with their reasons
+    skipped: list[SkippedFile] = field(default_factory=list)  # unreadable images left out, with their reasons
 
-    def subset(self, keep: Sequence[bool], skipped: Sequence[SkippedImage] = ()) -> "LabelledImages":
+    def subset(self, keep: Sequence[bool], skipped: Sequence[SkippedFile] = ()) -> "LabelledImages":
         """Rows where `keep` is true, with classes re-indexed to those still present; `skipped` joins the skips."""
         rows = [i for i, k in enumerate(keep) if k]
         present = sorted({int(self.labels[i]) for i in rows})
@@ -53,7 +45,7 @@ class LabelledImages:
 
     def decode(self, preprocess: Callable) -> tuple[torch.Tensor, "LabelledImages"]:
         """Pixels of the readable images, and these images without the others (named in `skipped`)."""
-        skipped: list[SkippedImage] = []
+        skipped: list[SkippedFile] = []
         pixels, keep = decode_all(self.paths, preprocess, skipped)
         return pixels, (self.subset(keep, skipped) if skipped else self)
 
@@ -126,7 +118,7 @@ def load_labelled_images(data: str | Path, domains: Sequence[str] | None = None,
 
 
 def decode_all(paths: Sequence[Any], preprocess: Callable,
-               skipped: list[SkippedImage] | None = None) -> tuple[torch.Tensor, list[bool]]:
+               skipped: list[SkippedFile] | None = None) -> tuple[torch.Tensor, list[bool]]:
     """Pixels of every readable image and which ones were readable; the others are left out (and added to `skipped`)."""
     pixels, keep = [], []
     for path in paths:
@@ -137,7 +129,7 @@ def decode_all(paths: Sequence[Any], preprocess: Callable,
             keep.append(False)
             if skipped is not None:
                 name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "<bytes>")  # a stream
-                skipped.append(SkippedImage(str(name), _skip_reason(path, error)))
+                skipped.append(SkippedFile(str(name), _skip_reason(path, error)))
     return (torch.stack(pixels) if pixels else torch.empty(0)), keep
 
 

@@ -14,17 +14,13 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Sequence
 from urllib.parse import quote
 
 from clipforge.errors import EvaluationError
 from clipforge.io import write_atomic
 
-if TYPE_CHECKING:
-    from clipforge.data.labelled import SkippedImage
-
 DPI = 100
-SKIP_LOG = "skipped.jsonl"  # beside report.md: one {"path", "reason"} line per image an evaluation left out
 # 20 distinct colours: the demo's robustness plot has 13 methods (the data ablation adds CLIPs), and a
 # repeated colour made two of them indistinguishable.
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
@@ -129,12 +125,6 @@ def write_report(out_dir: Path, title: str, sections: list[Section], results: di
     write_atomic(out_dir / "results.json", json.dumps(_finite(results), indent=2, default=str) + "\n")
     return report
 
-
-def write_skip_log(out_dir: Path, skipped: Iterable["SkippedImage"]) -> Path:
-    """Write out_dir/skipped.jsonl (atomically; empty when nothing was skipped) and return its path."""
-    path = Path(out_dir) / SKIP_LOG
-    write_atomic(path, "".join(json.dumps({"path": s.path, "reason": s.reason}) + "\n" for s in skipped))
-    return path
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained") -> Any:

@@ -9,7 +9,7 @@ import torch
 
 from clipforge.data.labelled import (
     LabelledImages,
-    SkippedImage,
+    SkippedFile,
     decode_all,
     load_captioned_images,
     load_labelled_images,
@@ -35,15 +35,15 @@ class EvalContext:
     templates: str = "openai_7"
     batch_size: int = 128
     sections: list[Section] = field(default_factory=list)
-    skipped: list[SkippedImage] = field(default_factory=list)  # every image a task left out, once: the skip log
+    skipped: list[SkippedFile] = field(default_factory=list)  # every image a task left out, once: the skip log
 
-    def note_skipped(self, skipped: Iterable[SkippedImage]) -> None:
+    def note_skipped(self, skipped: Iterable[SkippedFile]) -> None:
         """Add the images a task left out (a file two tasks skipped is listed once)."""
         known = set(self.skipped)  # extended in place: a task's copy of the context (dataclasses.replace) shares it
         self.skipped.extend(s for s in dict.fromkeys(skipped) if s not in known)
 
 
-def skip_text(skipped: Iterable[SkippedImage]) -> str:
+def skip_text(skipped: Iterable[SkippedFile]) -> str:
     """Skipped images by reason as words: "corrupt_image 1, missing_file 2", or "none"."""
     return ", ".join(f"{reason} {count}" for reason, count in skip_counts(skipped).items()) or "none"
 
@@ -90,7 +90,7 @@ def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None 
               name: str = "retrieval") -> dict[str, Any]:
     """Image<->text recall@1/5/10 with every caption of every image."""
     captioned = load_captioned_images(data, domains=domains, split=split)
-    skipped: list[SkippedImage] = []
+    skipped: list[SkippedFile] = []
     pixels, keep = decode_all(captioned.paths, ctx.preprocess, skipped)
     ctx.note_skipped(skipped)
     if not len(pixels):

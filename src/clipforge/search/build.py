@@ -21,7 +21,7 @@ from typing import IO, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from clipforge.data.images import SampleError, decode_image
+from clipforge.data.images import SampleError, SkippedFile, decode_image, write_skip_log
 from clipforge.device import resolve_device
 from clipforge.errors import IndexLocked, SearchError
 from clipforge.search import ranks, store
@@ -110,7 +110,7 @@ def _decoded(items: Sequence[Item], preprocess: Callable, batch_size: int, worke
 
 
 def _embed(items: Sequence[Item], model: Any, preprocess: Callable, settings: _Settings,
-           bar: Any) -> tuple[list[Item], np.ndarray | None, list[store.Skip]]:
+           bar: Any) -> tuple[list[Item], np.ndarray | None, list[SkippedFile]]:
     """Embeddings of the readable `items` (which ones, the [n, d] array) and the skips of the others."""
     from clipforge.inference.features import extract_image_features
 
@@ -126,7 +126,7 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, settings: _S
     for i, image, reason in _decoded(items, preprocess, settings.batch_size, settings.workers, pin):
         bar.update()
         if image is None:
-            failed.append(store.Skip(items[i].path, reason))
+            failed.append(SkippedFile(items[i].path, reason))
             continue
         kept.append(items[i])
         pixels.append(image)
@@ -136,7 +136,7 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, settings: _S
     return kept, (np.concatenate(chunks) if chunks else None), failed
 
 
-def _by_reason(skips: Sequence[store.Skip]) -> tuple[dict[str, int], dict[str, list[str]]]:
+def _by_reason(skips: Sequence[SkippedFile]) -> tuple[dict[str, int], dict[str, list[str]]]:
     """(reason -> count, reason -> sorted paths), reasons in the order they first occur."""
     files: dict[str, list[str]] = {}
     for skip in skips:
@@ -174,7 +174,7 @@ class IndexBuild:
         self._con: sqlite3.Connection | None = None
         self._scan: dict[str, Item] = {}  # the source's listing, by path
         self._adopted: set[str] = set()  # paths taken from an interrupted run's shards (counted when taken)
-        self._skips: list[store.Skip] = []
+        self._skips: list[SkippedFile] = []
         self._fresh = False  # the folder held nothing of the user's before this run
         self._discard = False  # remove the folder on the way out: this run made it and nothing came of it
 
@@ -193,7 +193,7 @@ class IndexBuild:
         self._con = store.connect(self.index_dir)
         self._check_model()
         items, missing = list_source(self.source, self.separator)
-        self._skips = [store.Skip(path, "missing_file") for path in missing]
+        self._skips = [SkippedFile(path, "missing_file") for path in missing]
         self._scan = {item.path: item for item in items}
         store.drop_broken(self.index_dir, self._con)
         registered = store.registered_shards(self._con)
@@ -202,7 +202,7 @@ class IndexBuild:
         self.run_id = f"{time.time_ns():x}"
         return self._diff(), self.run_id
 
-    def embed(self, todo: Sequence[Item], run_id: str) -> tuple[list[store.Skip], int]:
+    def embed(self, todo: Sequence[Item], run_id: str) -> tuple[list[SkippedFile], int]:
         """Every rank's middle step: embed this rank's slice of `todo`; returns every rank's skips and the dim."""
         import clipforge
 
@@ -214,7 +214,7 @@ class IndexBuild:
         gathered = ranks.gather(self.world, (failed, dim))
         return [skip for rank_failed, _ in gathered for skip in rank_failed], max(d for _, d in gathered)
 
-    def merge(self, failed: Sequence[store.Skip], dim: int) -> BuildStats:
+    def merge(self, failed: Sequence[SkippedFile], dim: int) -> BuildStats:
         """Rank 0's last step: take every rank's shards, forget failed files, re-pack, build backend and manifest."""
         con, stats = self._con, self.stats
         if self.world > 1:
@@ -314,7 +314,7 @@ class IndexBuild:
         self.stats.removed += len(removed)
         return sorted(todo, key=lambda item: item.path)
 
-    def _write_shards(self, items: Sequence[Item], model: Any, preprocess: Callable) -> tuple[list[store.Skip], int]:
+    def _write_shards(self, items: Sequence[Item], model: Any, preprocess: Callable) -> tuple[list[SkippedFile], int]:
         """Embed this rank's `items` shard by shard (each written atomically, then handed on); (skips, dim)."""
         from tqdm import tqdm
 
@@ -348,7 +348,7 @@ class IndexBuild:
         else:
             (index_dir / BACKEND_FILE).unlink(missing_ok=True)
         stats.total, stats.backend = len(ids), backend.describe()
-        store.write_skip_log(index_dir, self._skips)
+        write_skip_log(index_dir, self._skips)
         store.write_manifest(index_dir, {
             "format": store.FORMAT, "version": store.VERSION, "model": store.get_meta(con, "model"),
             "pretrained": store.get_meta(con, "pretrained") or None, "dim": dim,

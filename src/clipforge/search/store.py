@@ -28,7 +28,6 @@ DATABASE = "metadata.sqlite"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".npz"
 VECTORS = "vectors.npy"
-SKIP_LOG = "skipped.jsonl"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -74,22 +73,11 @@ class ImageRow(NamedTuple):
         return self.size, self.mtime_ns
 
 
-class Skip(NamedTuple):
-    """A file a build left out, and why (a `SampleError` reason such as "corrupt_image", or "missing_file")."""
-
-    path: str
-    reason: str
-
 
 def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
     """Atomically write manifest.json."""
     write_atomic(index_dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
-
-def write_skip_log(index_dir: Path, skips: Iterable[Skip]) -> None:
-    """Atomically write `SKIP_LOG`: one JSON object {"path", "reason"} a line, in path order (empty: none)."""
-    lines = [json.dumps(skip._asdict()) + "\n" for skip in sorted(skips)]
-    write_atomic(index_dir / SKIP_LOG, "".join(lines).encode())
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
