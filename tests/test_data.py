@@ -207,7 +207,8 @@ def test_shard_bad_samples_and_bad_shards_are_skipped_and_counted(tmp_path):
         ("011.webp", image_bytes(fmt="WEBP")), ("011.json", json.dumps({"text": "webp", "id": 3}).encode()),
     ]
     write_tar(tmp_path / "s-0.tar", members)
-    good = write_tar(tmp_path / "full.tar", [m for i in range(4) for m in ((f"{i}.png", images["ok.png"]), (f"{i}.txt", b"t"))])
+    good = write_tar(tmp_path / "full.tar",
+                     [m for i in range(4) for m in ((f"{i}.png", images["ok.png"]), (f"{i}.txt", b"t"))])
     with tarfile.open(good) as tar:
         cut = tar.getmember("2.png").offset_data + 10
     (tmp_path / "s-1.tar").write_bytes(good.read_bytes()[:cut])  # truncated inside a member

@@ -20,8 +20,8 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     out = tmp_path / "demo"
     # Archives come from the shared cache the full demo filled (fetched here when absent).
     args = ["--out", str(out), "--data-root", str(tmp_path / "data"), "--limit", "200",
-            "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64", "--warmup", "5", "--icons", "300",
-            "--ablation", "1"]
+            "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64",
+            "--warmup", "5", "--icons", "300", "--ablation", "1"]
     result = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "demo", *args], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -58,11 +58,13 @@ def test_training_captions_repeat_emoji_rows_and_append_icons(tmp_path):
     emoji.mkdir()
     _write(emoji / "concepts.csv", ["hexcode", "label", "split"], CONCEPTS)
     _write(emoji / "captions.csv", ["image", "caption", "key", "style", "split"],
-           [("google/1f415.png", "dog", "1f415", "google", "seen"), ("google/1f431.png", "cat face", "1f431", "google", "seen"),
+           [("google/1f415.png", "dog", "1f415", "google", "seen"),
+            ("google/1f431.png", "cat face", "1f431", "google", "seen"),
             ("twitter/1f415.png", "dog", "1f415", "twitter", "seen")])
     icons = [["/x/dog.png", "dog", "1f415", ICON_STYLE]]
     out = tmp_path / "train.csv"
-    assert training_captions(emoji, ["google"], "seen", out, seed=0, templates=("a {}",), extra_rows=icons, repeat=3) == 2
+    assert training_captions(emoji, ["google"], "seen", out, seed=0, templates=("a {}",), extra_rows=icons,
+                             repeat=3) == 2
     with open(out, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["key"] for r in rows] == ["1f415"] * 3 + ["1f431"] * 3 + ["1f415"]

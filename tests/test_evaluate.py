@@ -249,7 +249,7 @@ def test_torch_logistic_regression_matches_sklearn():
         ref, ref_ok = fit_logistic_regression(x, y, C, max_iter=2000, backend="sklearn")
         assert fast_ok and ref_ok
         assert (fast.classes_ == ref.classes_).all()
-        def objective(model) -> float:  # sklearn's: C x summed cross-entropy + 0.5 ||W||^2
+        def objective(model, C=C) -> float:  # sklearn's: C x summed cross-entropy + 0.5 ||W||^2
             rows = np.searchsorted(model.classes_, y)
             nll = -np.log(model.predict_proba(x)[np.arange(len(y)), rows]).sum()
             return C * nll + 0.5 * (model.coef_.astype(np.float64) ** 2).sum()

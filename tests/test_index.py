@@ -370,7 +370,7 @@ def test_query_encoder_is_thread_safe(encoder):
 
 
 def test_export_npy_in_clip_retrievals_layout(shapes, model_dir, tmp_path, capsys, monkeypatch):
-    pq = pytest.importorskip("pyarrow.parquet", reason="the export extra")
+    import pyarrow.parquet as pq  # the export extra, part of the test extra
     build_index(shapes / "images", tmp_path / "index", model=model_dir, progress=False)
     index = ImageIndex.open(tmp_path / "index")
     with monkeypatch.context() as patch:  # a current index exports from vectors.npy, part by part

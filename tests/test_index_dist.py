@@ -31,7 +31,8 @@ def test_two_processes_build_the_same_index(tmp_path):
     data = make_caption_set(tmp_path / "data", per_concept=2, name="captions.csv")
     model = tmp_path / "model"
     clipforge.save_pretrained(clipforge.create_model("cpu-vit-tiny-32", seed=0), model)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     common = ["index", str(data), "--model", str(model), "--quiet", "--shard-size", "8"]
     one = subprocess.run([sys.executable, "-m", "clipforge.cli.main", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=120)

@@ -73,7 +73,7 @@ def _untrimmed_text(model: clipforge.CLIP, tokens: torch.Tensor) -> torch.Tensor
         h = block.ln_1(x)
         attn = block.attn
         q, k, v = torch.nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        split = lambda t: t.view(t.shape[0], n, attn.heads, -1).transpose(1, 2)  # noqa: E731
+        split = lambda t, attn=attn: t.view(t.shape[0], n, attn.heads, -1).transpose(1, 2)  # noqa: E731
         scores = split(q) @ split(k).transpose(-1, -2) / (q.shape[-1] // attn.heads) ** 0.5 + mask
         out = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(x.shape)
         x = x + attn.out_proj(out)

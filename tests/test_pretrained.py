@@ -172,7 +172,7 @@ def test_registry_lists_openai_checkpoints_with_their_published_sha256():
     openai = {name: registry.get_pretrained(name, tag) for name, tag in clipforge.list_pretrained() if tag == "openai"}
     nine = {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
     assert nine <= set(openai) and len({e.sha256 for e in openai.values()}) == 9
-    for name, entry in openai.items():
+    for _name, entry in openai.items():
         assert entry.architecture.endswith("-quickgelu")  # OpenAI trained with QuickGELU: never loaded as GELU
         assert entry.sha256 in entry.url and len(entry.sha256) == 64
     assert registry.get_pretrained("ViT-L-14", "laion2b_s32b_b82k").mean == (0.5, 0.5, 0.5)

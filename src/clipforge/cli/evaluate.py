@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> None:
     """Run one task and write results.json, report.md (+ PNG plots) and the skip log into --out."""
     import clipforge
     from clipforge.cli.model_args import load_model
-    from clipforge.data.images import write_skip_log
+    from clipforge.data.images import skipped_by_reason, write_skip_log
     from clipforge.data.labelled import skip_counts
     from clipforge.evaluate.report import write_report
     from clipforge.evaluate.tasks import EvalContext
@@ -39,10 +39,7 @@ def run(args: argparse.Namespace) -> None:
     skip_log = write_skip_log(out, skipped)
     if args.json:  # results.json as written (non-finite numbers made null), plus the skipped files as index names them
         written = json.loads((out / "results.json").read_text())
-        files: dict[str, list[str]] = {}
-        for skip in skipped:
-            files.setdefault(skip.reason, []).append(skip.path)
-        print(json.dumps({**written, "skipped_files": dict(sorted(files.items()))}, indent=1))
+        print(json.dumps({**written, "skipped_files": skipped_by_reason(skipped)}, indent=1))
         return
     _print_text(ctx, skipped, skip_log)
     print(f"\nwrote {report}, {out / 'results.json'} and {skip_log}")

@@ -31,6 +31,7 @@ class Skipped(NamedTuple):
     reason: str
     index: int
     detail: str = ""
+    path: str = ""  # the file (or shard:key) the skip log names
 
 
 def sample_rng(seed: int, epoch: int, index: int | str) -> random.Random:
@@ -232,11 +233,12 @@ class CaptionDataset(Dataset):
         if not 0 <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for {len(self.paths)} samples")
         if index in self._bad:
-            return Skipped(self._bad[index][0], index, f"{self.paths[index]}: caption {self._bad[index][1]}")
+            return Skipped(self._bad[index][0], index, f"{self.paths[index]}: caption {self._bad[index][1]}",
+                           str(self.paths[index]))
         try:
             return self._make(index, sample_rng(self.seed, epoch, index))
         except SampleError as error:
-            return Skipped(error.reason, index, error.detail)
+            return Skipped(error.reason, index, error.detail, str(self.paths[index]))
 
     def _make(self, index: int, rng: random.Random) -> dict[str, Any]:
         return make_sample(self.paths[index], self.captions[index], rng, self.transform, self.tokenizer, index=index,

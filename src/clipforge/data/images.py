@@ -53,6 +53,14 @@ class SkippedFile(NamedTuple):
     reason: str
 
 
+def skipped_by_reason(skipped: Iterable[SkippedFile]) -> dict[str, list[str]]:
+    """Reason -> the sorted paths skipped for it, reasons in alphabetical order (what `--json` outputs name)."""
+    files: dict[str, set[str]] = {}
+    for skip in skipped:
+        files.setdefault(skip.reason, set()).add(skip.path)
+    return {reason: sorted(files[reason]) for reason in sorted(files)}
+
+
 def write_skip_log(folder: str | Path, skipped: Iterable[SkippedFile]) -> Path:
     """Atomically write FOLDER/skipped.jsonl: one {"path", "reason"} a line, in path order (empty: none)."""
     path = Path(folder) / SKIP_LOG
@@ -134,7 +142,9 @@ def _open_source(source: PathLike | bytes | IO[bytes], name: str) -> tuple[Any, 
     return path, path
 
 
-def decode_image(source: PathLike | bytes | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "") -> Image.Image:
+def decode_image(
+    source: PathLike | bytes | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, name: str = ""
+) -> Image.Image:
     """Open and fully decode an image (path or bytes) into an 8-bit mode, or raise SampleError with the reason."""
     fp, name = _open_source(source, name)
     with warnings.catch_warnings():

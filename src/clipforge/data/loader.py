@@ -16,6 +16,7 @@ from clipforge.data.captions import (
     Tokenizer,
     TruncatingTokenizer,
 )
+from clipforge.data.images import SkippedFile
 from clipforge.data.sampling import ResumableBatchSampler
 from clipforge.data.transforms import TrainTransform
 from clipforge.errors import DataError
@@ -50,6 +51,7 @@ class SkipCounter:
         self.examples: list[Skipped] = []
         self.captions: Counter = Counter()  # bad captions dropped beside good ones, counted each time read
         self.truncated = self.truncated_epoch = 0  # captions cut to the context, in total and this epoch
+        self.files: set[SkippedFile] = set()  # each skipped file once (it is skipped again every epoch)
 
     def update(self, batch: Mapping[str, Any]) -> None:
         """Add one batch's counts (seen = kept + skipped)."""
@@ -60,6 +62,7 @@ class SkipCounter:
         cut = int(batch.get("captions_truncated", 0))
         self.truncated += cut
         self.truncated_epoch += cut
+        self.files.update(SkippedFile(s.path or s.detail, s.reason) for s in batch.get("skipped_samples", []))
         room = self.max_examples - len(self.examples)
         if room > 0:
             self.examples.extend(batch.get("skipped_samples", [])[:room])
@@ -108,7 +111,7 @@ class SkipCounter:
         """Counts to checkpoint with the run."""
         return {"epoch": dict(self.epoch), "total": dict(self.total), "seen_epoch": self.seen_epoch,
                 "seen_total": self.seen_total, "captions": dict(self.captions), "truncated": self.truncated,
-                "truncated_epoch": self.truncated_epoch}
+                "truncated_epoch": self.truncated_epoch, "files": [list(f) for f in sorted(self.files)]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counts saved by state_dict (an empty dict: start from zero)."""
@@ -116,6 +119,7 @@ class SkipCounter:
         self.seen_epoch, self.seen_total = int(state.get("seen_epoch", 0)), int(state.get("seen_total", 0))
         self.captions = Counter(state.get("captions", {}))
         self.truncated, self.truncated_epoch = int(state.get("truncated", 0)), int(state.get("truncated_epoch", 0))
+        self.files = {SkippedFile(*f) for f in state.get("files", [])}
 
 
 class _EpochTagged:

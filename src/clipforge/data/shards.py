@@ -191,20 +191,23 @@ class ShardDataset(IterableDataset):
             try:
                 stream = wds.gopen(url)
             except Exception as error:  # any opener failure (missing file, pipe, network)
-                yield Skipped("bad_shard", -1, f"{url}: {type(error).__name__}: {error}")
+                yield Skipped("bad_shard", -1, f"{url}: {type(error).__name__}: {error}", str(url))
                 continue
             try:
-                samples = group_by_keys(self._members(stream, url, errors), handler=lambda e: errors.append(e) or True)
+                samples = group_by_keys(self._members(stream, url, errors),
+                                        handler=lambda e, errors=errors: errors.append(e) or True)
                 for position, sample in enumerate(samples):
                     yield number * SHARD_STRIDE + position, sample
             finally:
                 stream.close()
             if errors:
                 first = errors[0]
-                yield Skipped("bad_shard", -1, f"{url}: {len(errors)} read error(s), first {type(first).__name__}: {first}")
+                yield Skipped("bad_shard", -1,
+                              f"{url}: {len(errors)} read error(s), first {type(first).__name__}: {first}", str(url))
 
     def _captions(self, raw: dict, name: str) -> tuple[list[str], str | None, Counter]:
-        """(usable captions, concept key, bad captions dropped beside them by reason) of a raw sample, or SampleError."""
+        """(usable captions, concept key, bad captions dropped beside them by reason) of a raw sample,
+        or SampleError."""
         meta: Any = None
         if "json" in raw and ("txt" not in raw or self.key_field):
             try:
@@ -245,7 +248,7 @@ class ShardDataset(IterableDataset):
             )
             return {**sample, "captions_dropped": dropped} if dropped else sample
         except SampleError as error:
-            return Skipped(error.reason, index, error.detail)
+            return Skipped(error.reason, index, error.detail, name)
 
     def __iter__(self) -> Iterator[dict[str, Any] | Skipped]:
         """This rank's and worker's samples (and Skipped markers) for the current epoch."""

@@ -95,7 +95,8 @@ class TrainTransform:
         rng = rng or random
         image = to_rgb(load_image(image), self.composite_white)
         left, top, width, height = self.crop_box(image.size, rng)
-        image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=(left, top, left + width, top + height))
+        image = image.resize((self.image_size, self.image_size), Image.BICUBIC,
+                             box=(left, top, left + width, top + height))
         if self.color_jitter > 0:
             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                 image = enhance(image).enhance(rng.uniform(1 - self.color_jitter, 1 + self.color_jitter))
@@ -126,7 +127,9 @@ class TrainTransform:
         return (width - w) // 2, (height - h) // 2, w, h
 
 
-def image_transform(image_size: int, train: bool = False, composite_white: bool = False) -> EvalTransform | TrainTransform:
+def image_transform(
+    image_size: int, train: bool = False, composite_white: bool = False
+) -> EvalTransform | TrainTransform:
     """The eval or train transform for a model's input size."""
     kind = TrainTransform if train else EvalTransform
     return kind(image_size=image_size, composite_white=composite_white)

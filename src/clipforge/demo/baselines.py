@@ -56,8 +56,8 @@ def supervised_family(cfg: DemoConfig, paths: list[Path], labels: list[int], cla
     members = [(member(fraction=f), p) for f, p in sorted(info["snapshots"].items())] + [(member(), main)]
     seconds = info["seconds"]
     for width in NARROW_WIDTHS:
-        narrow, extra = run_supervised(cfg, paths, labels, classnames, max(10, steps // 2), out / f"supervised-w{width}",
-                                       pixels, width=width, snapshots=(0.5,))
+        narrow, extra = run_supervised(cfg, paths, labels, classnames, max(10, steps // 2),
+                                       out / f"supervised-w{width}", pixels, width=width, snapshots=(0.5,))
         members += [(member(width, 0.5), extra["snapshots"][0.5]), (member(width), narrow)]
         seconds += extra["seconds"]
     return SupervisedFamily(main, {m: p for (m, _), p in members}, {m: label for (m, label), _ in members},
@@ -76,7 +76,8 @@ def effective_robustness(domains: dict[str, Any], baselines: Sequence[str], held
     trends, unfit = {}, {}
     for style in held_out:
         try:
-            trends[style] = fit_trend([(domains[m]["in_distribution"], domains[m]["per_domain"][style]) for m in baselines])
+            trends[style] = fit_trend([(domains[m]["in_distribution"], domains[m]["per_domain"][style])
+                                       for m in baselines])
         except ValueError as error:  # e.g. a smoke run whose baselines are all at 0: say so, do not fail the run
             unfit[style] = str(error)
     if not trends:

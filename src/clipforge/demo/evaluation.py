@@ -126,7 +126,8 @@ def prompt_ablation(models: list[Evaluated], held_out: list[str], templates: str
     sections.append(Section("Prompt engineering and ensembling",
                             f"Bare label, the default template (`{ensemble[0]}`), the single template chosen on the "
                             f"validation style {validation} (never scored there), and the average of all "
-                            f"{len(ensemble)} templates' embeddings, on the other held-out styles.", rows, None, [plot]))
+                            f"{len(ensemble)} templates' embeddings, on the other held-out styles.",
+                            rows, None, [plot]))
     return results
 
 
@@ -166,7 +167,8 @@ def photos_and_examples(models: list[Evaluated], held_out_style: str, templates:
                 continue
             probs = zero_shot_predict(ev.model, feats, classifier).softmax(-1)
             top = probs.topk(3, dim=-1)
-            preds = [[(classnames[c], p) for p, c in zip(v.tolist(), i.tolist())] for v, i in zip(top.values, top.indices)]
+            preds = [[(classnames[c], p) for p, c in zip(v.tolist(), i.tolist())]
+                     for v, i in zip(top.values, top.indices)]
             results[kind][ev.name] = [{"image": n, "shows": t, "top3": p} for n, t, p in zip(names, titles, preds)]
             paths = [Path(n) for n in names]
             # Photos carry a description, not an emoji label: titled "shows" (green only if a label matches it).

@@ -55,7 +55,9 @@ def budget(cfg: DemoConfig) -> dict[str, int]:
     return {k: v or max(10, round(training * SHARE[k] / SECONDS_PER_STEP[k])) for k, v in explicit.items()}
 
 
-def choose_id_test(concepts: list[dict[str, str]], styles: list[str], seed: int, every: int = 5) -> set[tuple[str, str]]:
+def choose_id_test(
+    concepts: list[dict[str, str]], styles: list[str], seed: int, every: int = 5
+) -> set[tuple[str, str]]:
     """(concept key, style) pairs held out of all training: one image of every `every`-th seen concept.
 
     They measure in-distribution accuracy on images no model saw (the paper's ImageNet validation
@@ -78,7 +80,9 @@ class TrainingTables:
     icons_excluded: int
 
 
-def training_tables(cfg: DemoConfig, data: Any, concepts: list[dict[str, str]], id_test: set, out: Path) -> TrainingTables:
+def training_tables(
+    cfg: DemoConfig, data: Any, concepts: list[dict[str, str]], id_test: set, out: Path
+) -> TrainingTables:
     """Write OUT/train.csv (CLIP) and, when icons join it, OUT/train-emoji.csv (emoji rows only, each once)."""
     styles, clip_csv = cfg.styles("train"), out / "train.csv"
     pairs, icons, excluded = clip_table(cfg, data.emoji, data.icons, concepts, id_test, clip_csv, cfg.icons,
@@ -158,7 +162,8 @@ def _start(cfg: DemoConfig) -> DemoRun:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     steps = budget(cfg)
-    print(f"clipforge demo: seed {cfg.seed}, steps {steps}, output {out}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
+    print(f"clipforge demo: seed {cfg.seed}, steps {steps}, output {out}\n"
+          f"config: {json.dumps(dataclasses.asdict(cfg))}")
     return DemoRun(cfg, out, steps, started)
 
 
@@ -311,8 +316,10 @@ def _training_text(cfg: DemoConfig, steps: dict[str, int], tables: TrainingTable
                    supervised: dict) -> str:
     return (f"Model `{cfg.model}` (image tower shared by all three runs), batch {cfg.batch_size} with one image per "
             f"concept per batch, lr {cfg.lr}, {cfg.precision}, {tables.emoji_rows} emoji training images. CLIP: "
-            f"{steps['clip']} steps in {clip.seconds:.0f} s, on the emoji (each listed {cfg.emoji_repeat if tables.icons else 1}x) "
-            f"+ {tables.icons} Iconify icons ({cfg.icon_query} query, unseen-named icons {cfg.icons_unseen}); LiT on "
-            f"{'the emoji only' if cfg.lit_data == 'emoji' else 'the same table'} (pretrained MiniLM-L6 text tower, locked; its features cached per caption): "
+            f"{steps['clip']} steps in {clip.seconds:.0f} s, on the emoji "
+            f"(each listed {cfg.emoji_repeat if tables.icons else 1}x) + {tables.icons} Iconify icons "
+            f"({cfg.icon_query} query, unseen-named icons {cfg.icons_unseen}); LiT on "
+            f"{'the emoji only' if cfg.lit_data == 'emoji' else 'the same table'} "
+            f"(pretrained MiniLM-L6 text tower, locked; its features cached per caption): "
             f"{steps['lit']} steps in {lit.seconds:.0f} s; supervised (same image tower + linear head, cross-entropy, "
             f"same images and augmentation): {steps['supervised']} steps in {supervised['seconds']:.0f} s.")

@@ -177,7 +177,8 @@ def claims(rows: list[dict[str, str]], results: dict[str, Any], minutes: float,
     for row in rows:
         out.append({"id": _slug(row["claim"]), "claim": row["claim"],
                     "value": {k: row[k] for k in ("CLIP", "LiT", "supervised") if row.get(k)},
-                    "target": row.get("target") or None, "met": {"met": True, "not met": False}.get(row.get("verdict"))})
+                    "target": row.get("target") or None,
+                    "met": {"met": True, "not met": False}.get(row.get("verdict"))})
     out.append({"id": "wall-time", "claim": "the whole demo's wall time without the data build (minutes)",
                 "value": round(minutes, 2), "target": f"<= {MINUTES_TARGET}", "met": minutes <= MINUTES_TARGET})
     if data_minutes:

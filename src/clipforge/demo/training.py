@@ -51,8 +51,9 @@ def train_config(cfg: DemoConfig, train_csv: Path, out: Path, steps: int, text_t
         model=cfg.model, text_tower=text_tower, lock_text=text_tower == "minilm", train_data=str(train_csv),
         key_column="key", caption_separator="|", aug_scale_min=AUG_SCALE_MIN, aug_color_jitter=AUG_COLOR_JITTER,
         workers=0 if cfg.data_path == "decoded" else cfg.workers, decoded_cache=cfg.data_path == "decoded",
-        decoded_cache_dir=str(cfg.data_dir() / ".decoded"), batch_size=cfg.batch_size, steps=steps, lr=cfg.lr, warmup=min(cfg.warmup, steps // 4),
-        weight_decay=0.1, precision=cfg.precision, seed=cfg.seed, output_dir=str(out), log_every=1, keep_last=1,
+        decoded_cache_dir=str(cfg.data_dir() / ".decoded"), batch_size=cfg.batch_size, steps=steps, lr=cfg.lr,
+        warmup=min(cfg.warmup, steps // 4), weight_decay=0.1, precision=cfg.precision, seed=cfg.seed,
+        output_dir=str(out), log_every=1, keep_last=1,
     )
 
 
@@ -121,7 +122,9 @@ def predictor(classifier: torch.nn.Module, pixels: EvalPixels) -> Callable[[Sequ
     return predict
 
 
-def read_training_rows(train_csv: Path, classnames: list[str], key_to_label: dict[str, str]) -> tuple[list[Path], list[int]]:
+def read_training_rows(
+    train_csv: Path, classnames: list[str], key_to_label: dict[str, str]
+) -> tuple[list[Path], list[int]]:
     """Image paths and class indices (into `classnames`) of the training CSV's rows."""
     index = {name: i for i, name in enumerate(classnames)}
     with open(train_csv, newline="", encoding="utf-8") as handle:

@@ -25,7 +25,8 @@ def _check_labels(labels: torch.Tensor, num_classes: int | None, name: str = "la
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """{k: fraction of rows whose label is among the k highest scores}; k is capped at the class count."""
     if logits.dim() != 2 or logits.shape[0] != len(labels):
-        raise EvaluationError(f"logits must be [N, C] with N = len(labels), got {tuple(logits.shape)} and {len(labels)}")
+        raise EvaluationError(f"logits must be [N, C] with N = len(labels), "
+                              f"got {tuple(logits.shape)} and {len(labels)}")
     if not len(labels):
         raise EvaluationError("no samples")
     labels = _check_labels(labels, logits.shape[1]).to(logits.device)

@@ -83,7 +83,8 @@ class ContrastiveLoss(nn.Module):
         """Scalar loss of L2-normalised features [B, D] with the exponentiated logit scale."""
         _check_pair(image_features, text_features)
         if logit_bias is not None:  # a softmax over a row is unchanged by a shared bias: a SigLIP model by mistake
-            raise ConfigError("CLIP's contrastive loss has no logit bias; this model has one (SigLIP): use loss='siglip'")
+            raise ConfigError("CLIP's contrastive loss has no logit bias; "
+                              "this model has one (SigLIP): use loss='siglip'")
         world, rank = world_info(self.group) if self.gather else (1, 0)
         rows = image_features.shape[0]
         if world > 1:
@@ -105,7 +106,9 @@ class SigLIPLoss(nn.Module):
     SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
     model_overrides = {"logit_scale_init": SIGLIP_INIT_LOGIT_SCALE, "logit_bias_init": -10.0}
 
-    def __init__(self, chunk_size: int | None = None, gather: bool = True, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, chunk_size: int | None = None, gather: bool = True, group: dist.ProcessGroup | None = None
+    ) -> None:
         super().__init__()
         if chunk_size is not None:  # every loss takes the same arguments, so a trainer never asks which it has
             raise ConfigError("SigLIP's loss has no tiled form here: leave loss_chunk_size at 0")

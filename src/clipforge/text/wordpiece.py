@@ -40,7 +40,8 @@ class WordPieceTokenizer:
             if len(ids) > length:
                 if not truncate:
                     raise TextTooLong(f"text {texts[row][:80]!r} is {len(ids)} WordPiece tokens long, more than "
-                                      f"the context length {length}: shorten it, or pass truncate=True (CLI: --truncate)")
+                                      f"the context length {length}: shorten it, "
+                                      "or pass truncate=True (CLI: --truncate)")
                 ids = ids[: length - 1] + [self.eot_token_id]
             out[row, : len(ids)] = torch.tensor(ids)
         return out
@@ -54,7 +55,8 @@ class WordPieceTokenizer:
 
     def save_portable(self, directory: str | Path) -> dict[str, str]:
         """The file `save` wrote is already HF `tokenizers` JSON: its name and how to pad."""
-        return {"file": TOKENIZER_FILE, "file_note": "HF tokenizers WordPiece (BERT uncased); pad with 0 to context_length"}
+        return {"file": TOKENIZER_FILE,
+                "file_note": "HF tokenizers WordPiece (BERT uncased); pad with 0 to context_length"}
 
     @classmethod
     def from_directory(cls, directory: str | Path, context_length: int | None = None) -> "WordPieceTokenizer":

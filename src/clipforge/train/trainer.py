@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from clipforge.checkpoint.io import write_clipforge_dir
+from clipforge.data.images import SkippedFile, skipped_by_reason, write_skip_log
 from clipforge.data.transforms import EvalTransform, TrainTransform
 from clipforge.device import resolve_device
 from clipforge.distributed import DistInfo, barrier, init_distributed
@@ -185,8 +186,16 @@ class TrainingRun:
             folder = Path(self.config.train_data).resolve().parent
             where = (f" Image paths in a caption CSV/TSV are read relative to the CSV's own folder ({folder}), not "
                      "the working folder: write them relative to that folder, or absolute.")
+        log, _ = self._skip_log()
+        listed = f" Every skipped file is listed in {log}." if log else ""
         raise DataError(f"{self.config.train_data}: no usable sample in epoch {self.epoch}, so training cannot "
-                        f"make a step: skipped {skips.report_epoch()}; first: {examples or 'none recorded'}.{where}")
+                        f"make a step: skipped {skips.report_epoch()}; first: {examples or 'none recorded'}.{where}"
+                        f"{listed}")
+
+    def _skip_log(self) -> tuple[Path | None, dict[str, list[str]]]:
+        """RUN/skipped.jsonl (each file any process skipped, once; rank 0 writes it) and its files by reason."""
+        files = _union_over_ranks(self.data.skips.files, self.info)
+        return (write_skip_log(self.run_dir, files) if self.info.is_main else None), skipped_by_reason(files)
 
     def _done(self) -> bool:
         limit = self.config.max_steps_this_run
@@ -260,22 +269,25 @@ class TrainingRun:
         if skips.truncated:
             self.log.write({"step": step, "captions_truncated": skips.truncated})
         self.log.close()
+        skip_log, skipped_files = self._skip_log()
         dropped = self.data.dropped_captions + skips.captions
         if self.info.is_main:
-            self._print_done(dropped)
+            self._print_done(dropped, skip_log if skipped_files else None)
         return {"steps": step, "epoch": self.epoch, "seconds": time.perf_counter() - started,
                 "final_loss": self.loss if math.isfinite(self.loss) else None, "skipped": skips.totals(),
+                "skipped_files": skipped_files, "skip_log": str(skip_log) if skip_log else None,
                 "captions_dropped": dict(dropped), "captions_truncated": skips.truncated,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "validation": self.val_metrics, "already_finished": self.already_finished}
 
-    def _print_done(self, dropped: Counter) -> None:
+    def _print_done(self, dropped: Counter, skip_log: Path | None) -> None:
         if self.already_finished:
             tqdm.write(f"already finished: {self.last_checkpoint} is step {self.step} of {self.total_steps}; "
                        "nothing to train (to train on, raise --steps with --resume-override steps)")
         truncated = self.data.skips.truncated
         cut = f"; captions cut to the {self.model.context_length}-token context: {truncated}" if truncated else ""
-        tqdm.write(f"done: {self.step} steps; skipped samples: {self.data.skips.report_total() or 'none'}; "
+        listed = f" (listed in {skip_log})" if skip_log else ""
+        tqdm.write(f"done: {self.step} steps; skipped samples: {self.data.skips.report_total() or 'none'}{listed}; "
                    f"dropped captions: {_counts(dropped) or 'none'}{cut}")
 
 
@@ -304,6 +316,15 @@ def _dist_info(device: str) -> DistInfo:
         raise ConfigError(f"device {device!r} under torchrun: each process trains on "
                           f"{'its own cuda:LOCAL_RANK' if native == 'cuda' else 'the CPU'}; pass --device {native}")
     return init_distributed()
+
+
+def _union_over_ranks(files: set[SkippedFile], info: DistInfo) -> set[SkippedFile]:
+    """Every rank's skipped files together (each rank reads its own share of the samples)."""
+    if info.world_size <= 1:
+        return set(files)
+    gathered: list[Any] = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, sorted(files))
+    return {SkippedFile(*f) for part in gathered for f in part}
 
 
 def _mean_over_ranks(value: float, info: DistInfo) -> float:
