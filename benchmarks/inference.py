@@ -64,8 +64,8 @@ def main() -> None:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         ours = model.to(dtype)
         x = pixels.to(dtype)
-        ours_img = median_seconds(lambda: ours.encode_image(x), args.repeats)
-        ours_txt = median_seconds(lambda: ours.encode_text(tokens), args.repeats)
+        ours_img = median_seconds(lambda ours=ours, x=x: ours.encode_image(x), args.repeats)
+        ours_txt = median_seconds(lambda ours=ours: ours.encode_text(tokens), args.repeats)
         hf_variants = {}
         if precision == "fp32":
             hf_variants["HF fp32"] = (median_seconds(hf_image(hf, pixels), args.repeats),
@@ -83,7 +83,8 @@ def main() -> None:
         best_txt = min(v[1] for v in hf_variants.values())
         for label, (img_s, txt_s) in hf_variants.items():
             rows.append((precision, label, img_s, txt_s, "", ""))
-        rows.append((precision, "clipforge", ours_img, ours_txt, f"{best_img / ours_img:.2f}x", f"{best_txt / ours_txt:.2f}x"))
+        rows.append((precision, "clipforge", ours_img, ours_txt,
+                     f"{best_img / ours_img:.2f}x", f"{best_txt / ours_txt:.2f}x"))
 
     # int8 (clipforge.quantize): dynamic int8 linear layers on the fp32 model.
     quantized = clipforge.quantize(model, "int8")
@@ -113,8 +114,8 @@ def main() -> None:
     limits = {p: matmul_limit("ViT-B-32", args.image_batch, d, args.repeats)[0]
               for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
-    print(f"\n| precision | impl | ms / {args.image_batch} images | images/s | % of matmul limit | ms / {args.text_batch} "
-          "texts | texts/s | image ratio vs best HF | text ratio vs best HF |")
+    print(f"\n| precision | impl | ms / {args.image_batch} images | images/s | % of matmul limit "
+          f"| ms / {args.text_batch} texts | texts/s | image ratio vs best HF | text ratio vs best HF |")
     print("|---|---|---|---|---|---|---|---|---|")
     for precision, label, img_s, txt_s, r_img, r_txt in rows:
         limit = f"{limits[precision] / img_s:.0%}" if precision in limits and label.startswith("clipforge") else ""

@@ -48,8 +48,9 @@ def main() -> None:
         picks = {name: value.argmax(1) for name, value in logits.items()}
         top1 = {name: (pick == kept.labels).float().mean().item() for name, pick in picks.items()}
         same = (picks["fp32"] == picks["int8"]).float().mean().item()
-        print(f"| {style} | {len(kept.labels)} | {len(kept.classnames)} | {image_cos.min():.4f} / {image_cos.mean():.4f} "
-              f"| {text_cos.min():.4f} | {top1['fp32']:.3f} | {top1['int8']:.3f} | {same:.3f} |")
+        print(f"| {style} | {len(kept.labels)} | {len(kept.classnames)} "
+              f"| {image_cos.min():.4f} / {image_cos.mean():.4f} | {text_cos.min():.4f} "
+              f"| {top1['fp32']:.3f} | {top1['int8']:.3f} | {same:.3f} |")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Run:  python benchmarks/matmul_limit.py [--model ViT-B-32] [--batch 16] [--dtype
 Prints, per distinct matmul shape of one forward pass (patch embedding, q/k/v, attention, output
 projection, MLP, the class-token-only last block, the final projection): how often it runs, its GFLOP,
 the best GFLOP/s measured for that shape alone (the faster of `F.linear` and `torch.mm` on contiguous
-operands, the fastest of repeats: a limit, where model timings are medians), and the time the model spends in it at that rate. The sum is the
-fastest the tower can run if everything that is not a matmul were free: benchmarks/inference.py
-divides it by the measured time ("% of matmul limit"). `inference.py` imports `matmul_limit`.
+operands, the fastest of repeats: a limit, where model timings are medians), and the time the model
+spends in it at that rate. The sum is the fastest the tower can run if everything that is not a matmul
+were free: benchmarks/inference.py divides it by the measured time ("% of matmul limit").
+`inference.py` imports `matmul_limit`.
 """
 from __future__ import annotations
 

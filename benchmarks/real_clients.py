@@ -103,7 +103,8 @@ def onnx_rows(model: torch.nn.Module, folder: Path) -> list[tuple[str, float]]:
         want_image = model.encode_image(pixels, normalize=True)
     got_text = text.run(["embeddings"], {"tokens": ids})[0]
     got_image = image.run(["embeddings"], {"pixels": pixels.numpy()})[0]
-    return [("onnxruntime + tokenizer.json (no clipforge), text embeddings", float(np.abs(got_text - want_text.numpy()).max())),
+    return [("onnxruntime + tokenizer.json (no clipforge), text embeddings",
+             float(np.abs(got_text - want_text.numpy()).max())),
             ("onnxruntime (no clipforge), image embeddings", float(np.abs(got_image - want_image.numpy()).max()))]
 
 

@@ -111,9 +111,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
           "tuning recall@10 | peak memory (GiB) | held (B/vector) | saved (B/vector) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {params['kind']} | {', '.join(f'{k}={v}' for k, v in shown.items()) or '-'} | "
-          f"{params.get('build_seconds', 0):.1f} | {params.get('tune_seconds', 0):.1f} | {np.percentile(ms, 50):.2f} | "
-          f"{np.percentile(ms, 99):.2f} | {recall_at(np.array(found), truth):.3f} | {params.get('recall_at_10', '-')} | "
-          f"{peak:.2f} | {held * GIB / args.n:.0f} | {saved / args.n:.0f} |")
+          f"{params.get('build_seconds', 0):.1f} | {params.get('tune_seconds', 0):.1f} | "
+          f"{np.percentile(ms, 50):.2f} | {np.percentile(ms, 99):.2f} | {recall_at(np.array(found), truth):.3f} | "
+          f"{params.get('recall_at_10', '-')} | {peak:.2f} | {held * GIB / args.n:.0f} | {saved / args.n:.0f} |")
     if args.n <= 2_000_000:  # the whole matrix in memory: only where it fits comfortably
         array = vectors.load()
         exact_single = []

@@ -30,7 +30,9 @@ def hf_model():
         vision_config=dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=6,
                            image_size=64, patch_size=16),
         projection_dim=256)
-    return CLIPModel(config, attn_implementation="sdpa") if "attn_implementation" in CLIPModel.__init__.__code__.co_varnames else CLIPModel(config)
+    if "attn_implementation" in CLIPModel.__init__.__code__.co_varnames:
+        return CLIPModel(config, attn_implementation="sdpa")
+    return CLIPModel(config)
 
 
 def run_variant(impl: str, precision: str, batch: int, steps: int) -> dict:
@@ -43,7 +45,8 @@ def run_variant(impl: str, precision: str, batch: int, steps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     for row in range(batch):
         n = int(torch.randint(6, 18, (1,), generator=gen))
-        tokens[row, 0], tokens[row, 1 : n + 1], tokens[row, n + 1] = 49406, torch.randint(1, 49000, (n,), generator=gen), 49407
+        tokens[row, 0], tokens[row, 1 : n + 1], tokens[row, n + 1] = (
+            49406, torch.randint(1, 49000, (n,), generator=gen), 49407)
     if impl == "hf":
         model = hf_model().train()
         if precision == "bf16-cast":
