@@ -58,6 +58,13 @@ def test_search_says_the_indexs_checkpoint_moved_and_suggests_model(data, model_
     with pytest.warns(UserWarning, match="no longer exists"):
         assert main(["search", str(out), "a red circle", "--model", str(moved), "-k", "1"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    # serve reads the index's model too: the same message, not a list of registry names
+    from clipforge.errors import SearchError
+    from clipforge.serve.app import ServeConfig, load_state
+
+    with pytest.raises(SearchError, match="manifest.json") as refused:
+        load_state(out, ServeConfig())
+    assert "known names" not in str(refused.value) and "clipforge index" in str(refused.value)
 
 
 def _add_rows(csv_path: Path, rows: list[tuple[str, str]]) -> None:

@@ -18,8 +18,7 @@ TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")
 
 def run(args: argparse.Namespace) -> None:
     """Run one task and write results.json, report.md (+ PNG plots) and the skip log into --out."""
-    import clipforge
-    from clipforge.cli.model_args import load_model
+    from clipforge.cli.model_args import load_model, load_tokenizer
     from clipforge.data.images import skipped_by_reason, write_skip_log
     from clipforge.data.labelled import skip_counts
     from clipforge.evaluate.report import write_report
@@ -30,7 +29,7 @@ def run(args: argparse.Namespace) -> None:
     model, preprocess = load_model(args)
     if args.composite_white is not None:  # else the checkpoint's own rule (transformers: on white; OpenAI: drop alpha)
         preprocess.composite_white = args.composite_white
-    tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
+    tokenizer = load_tokenizer(args, model)
     ctx = EvalContext(model, tokenizer, preprocess, out, args.templates, args.batch_size)
     results = {"task": args.task, "model": str(args.model), "data": str(args.data), **_run_task(args, ctx),
                "skipped": skip_counts(ctx.skipped)}

@@ -16,7 +16,7 @@ from clipforge.cli import export as export_cmd
 from clipforge.cli import search as search_cmd
 from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
-from clipforge.cli.model_args import add_model_arguments, load_model
+from clipforge.cli.model_args import add_model_arguments, load_model, load_tokenizer
 from clipforge.errors import ClipforgeError
 from clipforge.inference.templates import get_templates
 
@@ -36,7 +36,7 @@ def _convert(args: argparse.Namespace) -> None:
     import clipforge
 
     model, _ = load_model(args, args.src)
-    tokenizer = clipforge.get_tokenizer(args.src, context_length=model.context_length)
+    tokenizer = load_tokenizer(args, model, args.src)
     out = clipforge.save_pretrained(model, args.out, format=args.format, tokenizer=tokenizer)
     print(f"wrote {args.format} checkpoint to {out}")
 
@@ -44,12 +44,11 @@ def _convert(args: argparse.Namespace) -> None:
 def _classify(args: argparse.Namespace) -> None:
     import torch
 
-    import clipforge
     from clipforge.inference.zeroshot import OPENAI_TEMPLATES_7, build_classifier, classify
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     model, preprocess = load_model(args)
-    tokenizer = clipforge.get_tokenizer(args.model, context_length=model.context_length)
+    tokenizer = load_tokenizer(args, model)
     tokenizer = functools.partial(tokenizer, truncate=args.truncate)
     templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template,)
     classifier = build_classifier(model, tokenizer, labels, templates)

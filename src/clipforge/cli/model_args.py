@@ -44,6 +44,14 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
                        quick_gelu=args.quick_gelu)
 
 
+def load_tokenizer(args: argparse.Namespace, model: Any, name: str | Path | None = None) -> Any:
+    """The tokenizer of the checkpoint `load_model` read, found the same way (same folder detection and flags)."""
+    import clipforge
+
+    name = args.model if name is None else name
+    return clipforge.get_tokenizer(name, context_length=model.context_length, options=load_options(args))
+
+
 def load_model(args: argparse.Namespace, name: str | Path | None = None) -> tuple[Any, Any]:
     """(model, eval transform) for the command's model flags; refuses random weights unless --random-weights."""
     import clipforge

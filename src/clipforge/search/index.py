@@ -73,7 +73,8 @@ class ImageIndex:
         gone = recorded.missing_files()
         if model is None and gone:
             raise SearchError(f"{self.path} was built with {gone[0]} (the path recorded in its {store.MANIFEST}), "
-                              "which no longer exists: if the checkpoint moved, pass its new location with --model")
+                              "which no longer exists: if the checkpoint moved, pass its new location with --model "
+                              "(search), or re-run `clipforge index` with --model NEW_PATH (serve reads the index's)")
         if model is None and pretrained is None:
             return recorded
         asked = ModelRef.of(self.model if model is None else model, pretrained)

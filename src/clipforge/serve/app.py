@@ -36,9 +36,10 @@ def load_state(index_dir: str | Path, config: ServeConfig, encoder: Any = None) 
     if encoder is None:
         from clipforge.checkpoint.io import refuse_random_weights
 
-        refuse_random_weights(index.model, config.allow_random_weights)
-    # The one model of this app, loaded here, once.
-    encoder = encoder or QueryEncoder(index.model, device=config.device, pretrained=index.pretrained)
+        model = index.query_model()  # the index's own model; a checkpoint that moved is named, with what to do
+        refuse_random_weights(model.name, config.allow_random_weights)
+        # The one model of this app, loaded here, once.
+        encoder = QueryEncoder(model.name, device=config.device, pretrained=model.pretrained)
     # The device in use ("auto" resolved, or a given encoder's), which /healthz reports among the settings.
     config = replace(config, device=str(next(encoder.model.parameters()).device))
     wait = config.batch_wait_ms / 1000
