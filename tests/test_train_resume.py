@@ -104,7 +104,10 @@ def test_an_override_is_applied_logged_and_recorded(shapes, tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 1, "resume_override": {"steps": {"recorded": 2, "new": 3}}} in records
     saved = json.loads((out / "config.json").read_text())
-    assert saved["steps"] == 3 and saved["resume_override"] == "steps"
+    # The record holds the new value, not the permission: a later resume from config.json must match it again.
+    assert saved["steps"] == 3 and saved["resume_override"] == ""
+    with pytest.raises(TrainingError, match="steps"):
+        train(TrainConfig(**{**saved, "resume": "latest", "steps": 4}))
     with pytest.raises(ValueError, match="'stpes' is not a TrainConfig field .did you mean 'steps'"):
         train(config(shapes, out, resume="latest", resume_override="stpes"))
 

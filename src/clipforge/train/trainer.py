@@ -108,7 +108,7 @@ class TrainingRun:
         and each field a resume overrides with its recorded and new value."""
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoints.write_json(self.run_dir / "config.json", dataclasses.asdict(self.config))
+            checkpoints.write_json(self.run_dir / "config.json", self._record())
         log = MetricsLog(self.run_dir, self.info.is_main)
         if self.overrides:
             log.write({"step": self.step, "resume_override": {name: {"recorded": old, "new": new}
@@ -121,6 +121,11 @@ class TrainingRun:
             if self.info.is_main:
                 tqdm.write(f"dropped captions (their images keep a good one): {_counts(self.data.dropped_captions)}")
         return log
+
+    def _record(self) -> dict[str, Any]:
+        """The settings the run records: an override is this session's permission (logged in metrics.jsonl), not
+        a setting, so `--config config.json --resume ...` never carries it into a later resume."""
+        return dataclasses.asdict(dataclasses.replace(self.config, resume_override=""))
 
     def _validation(self, eval_transform: EvalTransform) -> Validation | None:
         """Held-out pairs and/or the zero-shot probe (rank 0 runs them; other ranks keep the call schedule)."""
@@ -137,7 +142,7 @@ class TrainingRun:
         state = {"step": self.step, "epoch": self.epoch, "data": self.data.loader.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                  "python_rng": random.getstate(), "skipped": self.data.skips.state_dict(),
-                 "config": dataclasses.asdict(self.config), "loss": self.loss}
+                 "config": self._record(), "loss": self.loss}
         path = None
         if self.info.is_main:
             weights, model = self.step_fn.fp32_state_dict(), self.model
