@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipforge
+from clipforge.errors import ConfigError
 from conftest import OPENAI, OPENAI_FLAGS, perturb_, random_tokens
 
 
@@ -211,3 +212,10 @@ def test_load_options_carry_the_choice_of_the_keywords(fixtures_dir):
         clipforge.load(source, options=clipforge.LoadOptions(quick_gelu=True), head_width=64)
     with pytest.raises(ValueError, match="head_width must be an int"):
         clipforge.LoadOptions(head_width="64")
+
+
+def test_a_config_given_with_a_registry_name_is_refused_not_dropped(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(clipforge.get_model_config("cpu-vit-tiny-32").to_dict()))
+    with pytest.raises(ConfigError, match="registry name"):
+        clipforge.load("cpu-vit-tiny-32", config=config)

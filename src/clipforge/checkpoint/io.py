@@ -21,7 +21,7 @@ from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_int
 from clipforge.checkpoint.options import LoadOptions, merge_options
 from clipforge.checkpoint.remote import HUB_PREFIX, hub_repo, is_remote, resolve_remote
 from clipforge.data.transforms import EvalTransform
-from clipforge.errors import CheckpointError
+from clipforge.errors import CheckpointError, ConfigError
 from clipforge.io import atomic_path
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, PreprocessConfig, apply_overrides, get_model_config, list_models
@@ -281,6 +281,9 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
         if "mean" in found:  # the tag's own normalisation (a few open_clip weights use 0.5 / 0.5)
             model.preprocess_config = PreprocessConfig(mean=tuple(found["mean"]), std=tuple(found["std"]))
     elif isinstance(name_or_path, str) and name_or_path in list_models() and not path.exists():
+        if options.config is not None:  # never silently dropped: the name already is the architecture
+            raise ConfigError(f"config= (--model-config) describes a checkpoint file or folder; {name_or_path!r} "
+                              "is a registry name, which is its own architecture: drop the config")
         model = CLIP(_apply_choice(get_model_config(name_or_path), options, overrides))
     elif path.exists():
         model = _load_path(path, options, overrides)
