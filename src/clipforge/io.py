@@ -1,12 +1,14 @@
-"""Small file helpers shared by every package: the one way clipforge replaces a file atomically."""
+"""Small file helpers shared by every package: the one way clipforge replaces a file atomically, and JSON
+that is valid JSON."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 # Mode asked of the kernel for a new file; it applies the process umask (022: rw-r--r--), as open() does.
 # tempfile.mkstemp asks 0600 instead, which left every checkpoint, report and index readable by its owner only.
@@ -52,3 +54,14 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write `data` to `path` through a synced temp file in the same folder and a rename: never a torn file."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN/inf floats as None, in nested dicts, lists and tuples: json.dumps writes NaN, not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from typing import Any
 
+from clipforge.io import json_safe
 from clipforge.train.config import add_arguments, config_from_args
 
 
@@ -14,18 +13,7 @@ def run(args: argparse.Namespace) -> None:
     from clipforge.train.trainer import train
 
     summary = train(config_from_args(args))
-    print(json.dumps(_finite(summary), indent=1, default=str, allow_nan=False))
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity (a metric over too few classes can be NaN): such values become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    print(json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -116,7 +116,6 @@ def load_labelled_images(data: str | Path, domains: Sequence[str] | None = None,
     return images
 
 
-
 def decode_all(paths: Sequence[Any], preprocess: Callable,
                skipped: list[SkippedFile] | None = None) -> tuple[torch.Tensor, list[bool]]:
     """Pixels of every readable image and which ones were readable; the others are left out (and added to `skipped`)."""

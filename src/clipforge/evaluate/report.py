@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from urllib.parse import quote
 
 from clipforge.errors import EvaluationError
-from clipforge.io import write_atomic
+from clipforge.io import json_safe, write_atomic
 
 DPI = 100
 # 20 distinct colours: the demo's robustness plot has 13 methods (the data ablation adds CLIPs), and a
@@ -77,17 +77,6 @@ class Section:
     images: list[Path] = field(default_factory=list)
 
 
-def _finite(value: Any) -> Any:
-    """`value` with NaN/inf floats replaced by None: json.dumps would write NaN, which is not JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _image_link(image: Path, out_dir: Path) -> str:
     """Path of `image` relative to out_dir, copying it in when it lives elsewhere (a self-contained report)."""
     image = Path(image)
@@ -122,9 +111,8 @@ def write_report(out_dir: Path, title: str, sections: list[Section], results: di
             parts.append(f"![{alt}]({quote(_image_link(Path(image), out_dir))})")
     report = out_dir / "report.md"
     write_atomic(report, "\n\n".join(parts) + "\n")
-    write_atomic(out_dir / "results.json", json.dumps(_finite(results), indent=2, default=str) + "\n")
+    write_atomic(out_dir / "results.json", json.dumps(json_safe(results), indent=2, default=str) + "\n")
     return report
-
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained") -> Any:

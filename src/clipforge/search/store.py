@@ -73,11 +73,9 @@ class ImageRow(NamedTuple):
         return self.size, self.mtime_ns
 
 
-
 def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
     """Atomically write manifest.json."""
     write_atomic(index_dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
