@@ -77,7 +77,7 @@ def test_help_documents_every_config_flag_from_the_field_comments():
         assert all(field_comments(cls).values()), [k for k, v in field_comments(cls).items() if not v]
     text = " ".join(run_cli("train", "--help").stdout.split())
     assert "--lr LR peak learning rate (AdamW), reached after warmup, then cosine decay; default 0.0005" in text
-    assert "--precision {fp32,bf16}" in text and "--lock-text, --no-lock-text" in text
+    assert "--precision {fp32,bf16,auto}" in text and "--lock-text, --no-lock-text" in text
     demo = " ".join(run_cli("demo", "--help").stdout.split())
     assert "--icons-unseen {keep,remove}" in demo and "--ablation {0,1}" in demo and 'default "runs/demo"' in demo
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipforge.cli.model_args import add_model_arguments
+from clipforge.cli.model_args import add_model_arguments, add_precision_argument
 from clipforge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")
 
 def run(args: argparse.Namespace) -> None:
     """Run one task and write results.json, report.md (+ PNG plots) and the skip log into --out."""
-    from clipforge.cli.model_args import load_model, load_tokenizer
+    from clipforge.cli.model_args import command_precision, load_model, load_tokenizer
     from clipforge.data.images import skipped_by_reason, write_skip_log
     from clipforge.data.labelled import skip_counts
     from clipforge.evaluate.report import write_report
@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> None:
     if args.composite_white is not None:  # else the checkpoint's own rule (transformers: on white; OpenAI: drop alpha)
         preprocess.composite_white = args.composite_white
     tokenizer = load_tokenizer(args, model)
-    ctx = EvalContext(model, tokenizer, preprocess, out, args.templates, args.batch_size)
-    results = {"task": args.task, "model": str(args.model), "data": str(args.data), **_run_task(args, ctx),
-               "skipped": skip_counts(ctx.skipped)}
+    precision = command_precision(args.precision, next(model.parameters()).device)
+    ctx = EvalContext(model, tokenizer, preprocess, out, args.templates, args.batch_size, precision=precision)
+    results = {"task": args.task, "model": str(args.model), "data": str(args.data), "precision": precision,
+               **_run_task(args, ctx), "skipped": skip_counts(ctx.skipped)}
     report = write_report(out, f"clipforge eval: {args.task}", ctx.sections, results)
     skipped = sorted(ctx.skipped)  # in path order, as the index's skip log
     skip_log = write_skip_log(out, skipped)
@@ -79,7 +80,7 @@ def _bias(args: argparse.Namespace, ctx: "EvalContext", styles: list[str]) -> di
     from clipforge.evaluate.report import Section, plot_bars
 
     results = bias_probe(ctx.model, ctx.tokenizer, Path(args.data), styles or ["google", "twitter"], ctx.preprocess,
-                         template=args.bias_template, batch_size=args.batch_size)
+                         template=args.bias_template, batch_size=args.batch_size, precision=ctx.precision)
 
     def rate(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
@@ -118,6 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `clipforge eval`."""
     p = sub.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe, robustness, bias")
     add_model_arguments(p, device=True)
+    add_precision_argument(p)
     p.add_argument("--task", choices=TASKS, required=True, help="which evaluation to run")
     p.add_argument("--data", required=True,
                    help="labels CSV, a dataset folder with labels.csv/captions.csv, or an image folder per class")

@@ -16,7 +16,13 @@ from clipforge.cli import export as export_cmd
 from clipforge.cli import search as search_cmd
 from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
-from clipforge.cli.model_args import add_model_arguments, load_model, load_tokenizer
+from clipforge.cli.model_args import (
+    add_model_arguments,
+    add_precision_argument,
+    command_precision,
+    load_model,
+    load_tokenizer,
+)
 from clipforge.errors import ClipforgeError
 from clipforge.inference.templates import get_templates
 
@@ -48,11 +54,12 @@ def _classify(args: argparse.Namespace) -> None:
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     model, preprocess = load_model(args)
+    precision = command_precision(args.precision, next(model.parameters()).device)
     tokenizer = load_tokenizer(args, model)
     tokenizer = functools.partial(tokenizer, truncate=args.truncate)
     templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template,)
-    classifier = build_classifier(model, tokenizer, labels, templates)
-    probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier)
+    classifier = build_classifier(model, tokenizer, labels, templates, precision=precision)
+    probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier, precision)
     results = []
     for path, row in zip(args.images, probs):
         top = row.topk(min(args.top, len(labels)))
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="zero-shot classify images against comma-separated labels")
     p.add_argument("images", nargs="+", type=Path, help="image files")
     add_model_arguments(p, device=True)
+    add_precision_argument(p)
     p.add_argument("--labels", required=True, help="comma-separated class names")
     p.add_argument("--template", default=get_templates("simple")[0], help="prompt template (without --ensemble)")
     p.add_argument("--ensemble", action="store_true", help="average OpenAI's 7 ImageNet templates")

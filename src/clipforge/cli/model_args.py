@@ -3,11 +3,16 @@ and the explicit opt-in that a registry name (random weights) needs."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from clipforge.checkpoint.options import LoadOptions
 from clipforge.device import DEVICE_HELP, resolve_device
+from clipforge.precision import PRECISION_CHOICES, PRECISION_HELP, resolve_precision
 
 
 def add_model_arguments(p: argparse.ArgumentParser, flag: str | None = "--model", random_weights: bool = True,
@@ -36,6 +41,20 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str | None = "--model"
     if random_weights:
         p.add_argument("--random-weights", action="store_true",
                        help="allow a registry name without weights: randomly initialised, for smoke tests only")
+
+
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    """Add --precision (fp32, bf16 or auto; default fp32) for a command that embeds images or texts."""
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                   help=PRECISION_HELP + "; bf16 embeddings differ slightly from fp32")
+
+
+def command_precision(precision: str, device: torch.device | str) -> str:
+    """The precision a command runs at on `device`; an automatic choice is printed once on stderr (rank 0)."""
+    choice = resolve_precision(precision, device)
+    if choice.asked == "auto" and int(os.environ.get("RANK", "0")) == 0:
+        print(choice.describe(), file=sys.stderr)
+    return choice.precision
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:

@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from clipforge.cli.model_args import add_precision_argument, command_precision
 from clipforge.config_flags import default_of
-from clipforge.device import DEVICE_HELP
+from clipforge.device import DEVICE_HELP, resolve_device
 from clipforge.errors import ConfigError
 
 
@@ -21,9 +22,10 @@ def run_index(args: argparse.Namespace) -> None:
     from clipforge.search import build_index
 
     refuse_random_weights(args.model, args.random_weights, args.pretrained)
+    precision = command_precision(args.precision, resolve_device(args.device))
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
-                        shard_size=args.shard_size, precision=args.precision, target_recall=args.target_recall,
+                        shard_size=args.shard_size, precision=precision, target_recall=args.target_recall,
                         device=args.device, pretrained=args.pretrained, workers=args.workers)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
         return
@@ -52,7 +54,9 @@ def run_search(args: argparse.Namespace) -> None:
         raise ConfigError("give a text query or --image, not both")
     index = ImageIndex.open(args.index)
     model = index.query_model(args.model, args.pretrained)  # another model than the index's is refused
-    encoder = QueryEncoder(model.name, device=args.device, pretrained=model.pretrained)
+    device = resolve_device(args.device)
+    encoder = QueryEncoder(model.name, precision=command_precision(args.precision, device), device=device,
+                           pretrained=model.pretrained)
     if args.image is not None:
         query = encoder.embed_images([load_image(args.image)])
     else:
@@ -97,8 +101,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: exact up to 50k images, else faiss-ivf")
     p.add_argument("--target-recall", type=float, default=default_of(build_index, "target_recall"),
                    help="FAISS: tune to this recall@10 against exact")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=default_of(build_index, "precision"),
-                   help="bf16: faster on CPUs with bf16 units; the embeddings differ slightly from fp32")
+    add_precision_argument(p)  # the index's manifest records the resolved value
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes its local GPU")
     p.add_argument("--workers", type=int, default=default_of(build_index, "workers"),
                    help="processes decoding images while the model embeds (0: in the main process)")
@@ -116,6 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                  "model is refused, a new location of a moved checkpoint is taken")
     p.add_argument("--pretrained", default=None, help="weights tag of --model (default: the index's)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_precision_argument(p)
     p.add_argument("--truncate", action="store_true",
                    help="cut a text longer than the model's context (default: refuse)")
     p.add_argument("--json", action="store_true", help="print the query and results as JSON")

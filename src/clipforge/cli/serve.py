@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipforge.device import DEVICE_HELP
+from clipforge.cli.model_args import add_precision_argument, command_precision
+from clipforge.device import DEVICE_HELP, resolve_device
 from clipforge.serve.state import ServeConfig
 
 
@@ -17,7 +18,8 @@ def run(args: argparse.Namespace) -> None:
 
     config = ServeConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         allow_random_weights=args.random_weights, device=args.device)
+                         allow_random_weights=args.random_weights, device=args.device,
+                         precision=command_precision(args.precision, resolve_device(args.device)))
     # Bound first: a taken port fails in a second, with one error line (exit 2), before the model loads.
     with bind_socket(args.host, args.port) as sock:
         app = create_app(args.index_dir, config)  # a missing or broken index fails here: exit 2 with a message
@@ -46,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="serve an index built with a registry name (random weights): for smoke tests only")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_precision_argument(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
     p.set_defaults(func=run)

@@ -35,10 +35,12 @@ from clipforge.demo.evaluation import (
 from clipforge.demo.robustness import demo_robustness, held_out_split, zero_shot_method
 from clipforge.demo.summary import claims, summary_rows
 from clipforge.demo.training import TrainedModel, read_training_rows, run_contrastive, train_config
+from clipforge.device import resolve_device
 from clipforge.evaluate.bias import bias_probe
 from clipforge.evaluate.report import Section, markdown_table, plot_training_curves, write_report
 from clipforge.evaluate.tasks import METHOD_LABELS, EvalContext, RobustnessSettings, retrieval
 from clipforge.inference.templates import get_templates
+from clipforge.precision import PrecisionChoice, resolve_precision
 
 # Seconds per optimizer step of each run at the default model and batch, measured on the 2-core
 # reference machine (AMD EPYC, fp32, decoded-image cache), and each run's share of the training time. The budget is
@@ -141,7 +143,9 @@ class DemoRun:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """The whole demo; writes OUT/report.md, OUT/results.json and the plots; returns the results."""
     cfg.validate()
-    run = _start(cfg)
+    choice = resolve_precision(cfg.precision, resolve_device("auto"))  # the device the CLIP and LiT runs train on
+    cfg = dataclasses.replace(cfg, precision=choice.precision)  # printed, recorded and trained: the resolved value
+    run = _start(cfg, choice)
     inputs = _prepare_inputs(run)
     models = _train_models(run, inputs)
     tables = inputs.tables
@@ -155,8 +159,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return _finish(run, models)
 
 
-def _start(cfg: DemoConfig) -> DemoRun:
-    """Create the output folder, seed torch and print the step budget and config."""
+def _start(cfg: DemoConfig, precision: PrecisionChoice) -> DemoRun:
+    """Create the output folder, seed torch and print the step budget, config and an automatic precision's choice."""
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +168,11 @@ def _start(cfg: DemoConfig) -> DemoRun:
     steps = budget(cfg)
     print(f"clipforge demo: seed {cfg.seed}, steps {steps}, output {out}\n"
           f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    return DemoRun(cfg, out, steps, started)
+    run = DemoRun(cfg, out, steps, started)
+    if precision.asked == "auto":
+        print(precision.describe())
+        run.results["precision"] = {"asked": "auto", "resolved": precision.precision, "reason": precision.reason}
+    return run
 
 
 def _prepare_inputs(run: DemoRun) -> DemoInputs:

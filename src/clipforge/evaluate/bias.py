@@ -151,7 +151,7 @@ def _table(by_gender: dict[str, dict[str, Any]], by_style: dict[str, dict[str, A
 @torch.inference_mode()
 def bias_probe(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], root: Path,
                styles: Sequence[str], preprocess: Callable, template: str = "an emoji of {}.", batch_size: int = 64,
-               device: torch.device | str | None = None) -> dict[str, Any]:
+               device: torch.device | str | None = None, precision: str = "fp32") -> dict[str, Any]:
     """Within-group zero-shot accuracy and man/woman preferences per gender and style (device None: the model's)."""
     root = Path(root)
     if not (root / "concepts.csv").is_file():
@@ -160,8 +160,9 @@ def bias_probe(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Te
     groups = load_gendered_groups(root / "concepts.csv")
     labels = list(dict.fromkeys(label for group in groups for _, label in group.members.values()))
     images = _gendered_images(root, styles, groups, {label: i for i, label in enumerate(labels)})
-    features = extract_image_features(model, images.paths, preprocess, batch_size=batch_size, device=device)
-    classifier = build_classifier(model, tokenizer, labels, templates=[template])
+    features = extract_image_features(model, images.paths, preprocess, batch_size=batch_size, device=device,
+                                      precision=precision)
+    classifier = build_classifier(model, tokenizer, labels, templates=[template], precision=precision)
     choices = _choices(zero_shot_predict(model, features, classifier).cpu().double(), images)
     by_gender = _summary(choices, torch.ones(len(images.paths), dtype=torch.bool))
     by_style = _by_style(choices, images, styles)

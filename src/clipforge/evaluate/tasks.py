@@ -36,6 +36,7 @@ class EvalContext:
     batch_size: int = 128
     sections: list[Section] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)  # every image a task left out, once: the skip log
+    precision: str = "fp32"  # feature extraction: "fp32" or "bf16" autocast (resolved: clipforge.precision)
 
     def note_skipped(self, skipped: Iterable[SkippedFile]) -> None:
         """Add the images a task left out (a file two tasks skipped is listed once)."""
@@ -60,13 +61,13 @@ def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", co
     if templates and templates != ctx.templates:
         return zeroshot(replace(ctx, templates=templates), data, name, confusion, features)
     if features is None:
-        features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+        features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size, ctx.precision)
     ctx.note_skipped(data.skipped)
     results: dict[str, Any] = {"images": len(data.paths), "classes": len(data.classnames),
                                "skipped": skip_counts(data.skipped)}
     rows = []
     for mode, templates in prompt_modes(ctx.templates).items():
-        classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, templates)
+        classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, templates, precision=ctx.precision)
         metrics = evaluate_zero_shot(ctx.model, features, data.labels, classifier)
         results[mode] = metrics
         rows.append({"prompts": mode, "templates": len(templates), **metrics})
@@ -76,7 +77,7 @@ def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", co
                         ctx.out_dir / f"{_slug(name)}-ablation.png", f"{name}: prompt ablation", "top-1")]
     if confusion:
         ensemble = prompt_modes(ctx.templates)["ensemble"]
-        classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, ensemble)
+        classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, ensemble, precision=ctx.precision)
         preds = zero_shot_predict(ctx.model, features, classifier).argmax(-1)
         matrix = confusion_matrix(preds, data.labels, len(data.classnames))
         results["confusion_matrix"] = matrix.tolist()
@@ -99,8 +100,9 @@ def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None 
     caption_keep = torch.tensor(keep)[captioned.caption_to_image]
     captions = [c for c, k in zip(captioned.captions, caption_keep.tolist()) if k]
     owners = new_index[captioned.caption_to_image[caption_keep]]
-    images = extract_image_features(ctx.model, pixels, batch_size=ctx.batch_size)
-    texts = extract_text_features(ctx.model, _truncating(ctx.tokenizer), captions, batch_size=256)
+    images = extract_image_features(ctx.model, pixels, batch_size=ctx.batch_size, precision=ctx.precision)
+    texts = extract_text_features(ctx.model, _truncating(ctx.tokenizer), captions, batch_size=256,
+                                  precision=ctx.precision)
     metrics = retrieval_recall(images, texts, owners)
     results = {"images": len(pixels), "captions": len(captions), "skipped": skip_counts(skipped), **metrics}
     rows = [{"direction": d, **{f"R@{k}": metrics[f"{d}_r{k}"] for k in (1, 5, 10)}}
@@ -114,7 +116,7 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
     """Logistic regression on frozen features vs zero-shot on the same test images."""
     from clipforge.evaluate.linear_probe import evaluate_linear_probe, stratified_split
 
-    features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size, ctx.precision)
     ctx.note_skipped(data.skipped)
     if train_domains:
         unknown = set(train_domains) - set(data.domains)
@@ -131,7 +133,8 @@ def linear_probe_vs_zeroshot(ctx: EvalContext, data: LabelledImages, train_domai
         raise EvaluationError("linear probe needs both training and test images")
     probe = evaluate_linear_probe(features[train], data.labels[train], features[test], data.labels[test],
                                   num_classes=len(data.classnames))
-    classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
+    classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"],
+                                  precision=ctx.precision)
     zs = evaluate_zero_shot(ctx.model, features[test], data.labels[test], classifier)
     rows = [{"method": "linear probe", "top1": probe["test_top1"],
              "mean_per_class_recall": probe["test_mean_per_class_recall"], "C": probe["best_C"]},
@@ -199,7 +202,8 @@ def clip_predictions(ctx: EvalContext, data: LabelledImages, features: torch.Ten
     """
     from clipforge.evaluate.linear_probe import DEFAULT_CS, evaluate_linear_probe
 
-    classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"])
+    classifier = build_classifier(ctx.model, ctx.tokenizer, data.classnames, prompt_modes(ctx.templates)["ensemble"],
+                                  precision=ctx.precision)
     predictions = {CLIP_ZERO_SHOT: zero_shot_predict(ctx.model, features, classifier).argmax(-1)}
     train, test = split.id_train, split.id_test
     probe = evaluate_linear_probe(features[train], data.labels[train], features[test], data.labels[test],
@@ -266,7 +270,7 @@ def robustness(ctx: EvalContext, data: LabelledImages, settings: RobustnessSetti
     and every method's in-distribution accuracy is measured on them. Every other style is a shift (all its
     images are used). Results are keyed by method id (METHOD_LABELS gives the report's names).
     """
-    features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size)
+    features, data = labelled_image_features(ctx.model, data, ctx.preprocess, ctx.batch_size, ctx.precision)
     ctx.note_skipped(data.skipped)
     in_id = in_distribution_rows(data, settings.id_domains)
     split = RobustnessSplit(in_id, in_distribution_split(data.labels, in_id))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.errors import EvaluationError
-from clipforge.inference.features import iter_text_features, model_device
+from clipforge.inference.features import autocast_context, iter_text_features, model_device
 from clipforge.inference.metrics import classification_metrics
 from clipforge.model.clip import CLIP
 
@@ -115,7 +115,9 @@ def evaluate_zero_shot(model: CLIP | None, image_features: torch.Tensor, labels:
 
 
 @torch.inference_mode()
-def classify(model: CLIP, pixels: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """Class probabilities [B, n_classes] (softmax of scaled cosine similarity)."""
-    image = model.encode_image(pixels.to(model_device(model)), normalize=True).float()
+def classify(model: CLIP, pixels: torch.Tensor, classifier: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Class probabilities [B, n_classes] (softmax of scaled cosine similarity); bf16 autocast for "bf16"."""
+    device = model_device(model)
+    with autocast_context(device, precision):
+        image = model.encode_image(pixels.to(device), normalize=True).float()
     return zero_shot_predict(model, image, classifier).softmax(dim=-1)

@@ -25,6 +25,7 @@ import torch
 from clipforge.data.images import SampleError, SkippedFile, decode_image, skipped_by_reason, write_skip_log
 from clipforge.device import resolve_device
 from clipforge.errors import IndexLocked, SearchError
+from clipforge.precision import resolve_precision
 from clipforge.search import ranks, store
 from clipforge.search.backend import build_backend, save_backend
 from clipforge.search.model_ref import ModelRef, check_model
@@ -372,8 +373,9 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
     rank, world = ranks.rank_and_world()  # under torchrun the out_dir must be on a file system every rank sees
     # Resolved before anything else, after torchrun picked each rank's GPU: an up-to-date index embeds
     # nothing, and a device that is not there is refused all the same.
-    settings = _Settings(batch_size, progress, backend, shard_size, precision, target_recall,
-                         resolve_device(device), workers)
+    torch_device = resolve_device(device)
+    chosen = resolve_precision(precision, torch_device).precision  # the manifest records what "auto" chose here
+    settings = _Settings(batch_size, progress, backend, shard_size, chosen, target_recall, torch_device, workers)
     with IndexBuild(Path(out_dir), source, ModelRef.of(model, pretrained), separator, settings, rank, world) as build:
         todo, run_id = ranks.on_rank0(rank, world, build.open)
         failed, dim = build.embed(todo, run_id)

@@ -17,11 +17,13 @@ class QueryEncoder:
                  pretrained: str | None = None) -> None:
         import clipforge
         from clipforge.device import resolve_device
+        from clipforge.precision import resolve_precision
 
         self.model_name = str(model)
-        self.model, self.preprocess = clipforge.load(model, resolve_device(device), pretrained=pretrained)
+        where = resolve_device(device)
+        self.model, self.preprocess = clipforge.load(model, where, pretrained=pretrained)
         self.tokenizer = clipforge.get_tokenizer(model, context_length=self.model.context_length)
-        self.precision = precision
+        self.precision = resolve_precision(precision, where).precision  # "auto": this machine's choice
         # One call at a time: torch already spreads one batch over every core, and the tokenizer's
         # cache is not meant for concurrent writers.
         self._lock = threading.Lock()

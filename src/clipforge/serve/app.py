@@ -39,9 +39,10 @@ def load_state(index_dir: str | Path, config: ServeConfig, encoder: Any = None) 
         model = index.query_model()  # the index's own model; a checkpoint that moved is named, with what to do
         refuse_random_weights(model.name, config.allow_random_weights)
         # The one model of this app, loaded here, once.
-        encoder = QueryEncoder(model.name, device=config.device, pretrained=model.pretrained)
-    # The device in use ("auto" resolved, or a given encoder's), which /healthz reports among the settings.
-    config = replace(config, device=str(next(encoder.model.parameters()).device))
+        encoder = QueryEncoder(model.name, config.precision, device=config.device, pretrained=model.pretrained)
+    # The device and precision in use ("auto" resolved, or a given encoder's), which /healthz reports.
+    config = replace(config, device=str(next(encoder.model.parameters()).device),
+                     precision=getattr(encoder, "precision", config.precision))
     wait = config.batch_wait_ms / 1000
     batchers = {"text": MicroBatcher(encoder.embed_texts, config.max_batch, wait, name="text-batcher"),
                 "image": MicroBatcher(encoder.embed_images, config.max_batch, wait, name="image-batcher")}

@@ -21,6 +21,7 @@ class ServeConfig:
     batch_wait_ms: float = 5.0
     allow_random_weights: bool = False  # an index built with a registry name (no weights) answers at random
     device: str = "cpu"  # where the query model runs (resolve_device's spec; an app's config: the device in use)
+    precision: str = "fp32"  # query embedding: "fp32", "bf16" or "auto" (an app's config: the resolved one)
 
 
 @dataclass

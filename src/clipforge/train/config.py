@@ -13,8 +13,9 @@ from clipforge.config_flags import add_dataclass_arguments
 from clipforge.errors import ConfigError
 from clipforge.loss import LOSSES
 from clipforge.model.config import TEXT_TOWER_NAMES
+from clipforge.precision import PRECISION_CHOICES
 
-CHOICES = {"precision": ("fp32", "bf16"), "loss": tuple(LOSSES), "text_tower": TEXT_TOWER_NAMES}
+CHOICES = {"precision": PRECISION_CHOICES, "loss": tuple(LOSSES), "text_tower": TEXT_TOWER_NAMES}
 
 
 @dataclass
@@ -63,7 +64,9 @@ class TrainConfig:
     beta2: float = 0.98  # AdamW beta2 (CLIP's 0.98 for stability with large batches)
     eps: float = 1e-6  # AdamW epsilon
     grad_clip: float = 0.0  # max grad norm (0: off)
-    precision: str = "fp32"  # "fp32" or "bf16" (bf16 weights/activations, fp32 master weights)
+    # "fp32", "bf16" (bf16 weights/activations, fp32 master weights) or "auto": picked per machine (bf16 with AMX or
+    # a bf16 GPU, else fp32, or a cached probe's choice); config.json records the value it resolved to
+    precision: str = "fp32"
     loss: str = "contrastive"  # "contrastive" or "siglip"
     loss_chunk_size: int = 0  # >0: tiled loss that never materialises the BxB logits
     seed: int = 0  # model init, data order and augmentation

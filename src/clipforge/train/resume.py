@@ -40,15 +40,20 @@ def differences(recorded: dict[str, Any], config: TrainConfig) -> Changes:
     return changes
 
 
-def check_resume(config: TrainConfig, run_dir: Path, checkpoint: Path, state: dict[str, Any]) -> Changes:
-    """The changes `resume_override` allows; a TrainingError naming every other change, with both values."""
+def check_resume(config: TrainConfig, run_dir: Path, checkpoint: Path, state: dict[str, Any],
+                 asked: dict[str, str] | None = None) -> Changes:
+    """The changes `resume_override` allows; a TrainingError naming every other change, with both values.
+
+    `config` holds resolved values; `asked` names the fields given as "auto" (precision), for the message."""
     recorded, source = recorded_config(run_dir, state)
     changes = differences(recorded, config)
     allowed = set(override_names(config.resume_override))
     refused = {name: change for name, change in changes.items() if name not in allowed}
     if not refused:
         return changes
+    asked = asked or {}
     lines = "".join(f"\n  {name} (--{name.replace('_', '-')}): recorded {json.dumps(old)}, given {json.dumps(new)}"
+                    + (f" (--{name} {asked[name]} on this machine)" if name in asked else "")
                     for name, (old, new) in refused.items())
     again = f"--config {source} --resume {config.resume}" if source else "the recorded values"
     raise TrainingError(

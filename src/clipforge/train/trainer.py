@@ -20,6 +20,7 @@ from clipforge.device import resolve_device
 from clipforge.distributed import DistInfo, barrier, init_distributed
 from clipforge.errors import ConfigError, DataError, TrainingDiverged
 from clipforge.loss import LOSSES
+from clipforge.precision import PrecisionChoice, resolve_precision
 from clipforge.train import checkpoints, optim
 from clipforge.train.config import TrainConfig
 from clipforge.train.data import TrainData, build_train_data, build_val_data
@@ -48,12 +49,16 @@ class TrainingRun:
     """One run's state — model, data, optimizer, position — and the steps that move it forward."""
 
     def __init__(self, config: TrainConfig) -> None:
-        self.config, self.info = config, _dist_info(config.device)
+        self.info = _dist_info(config.device)
+        # Resolved once, before the resume check: config.json records (and a resume compares) what auto chose here.
+        self.precision = _resolve_precision(config.precision, self.info)
+        self.config = config = dataclasses.replace(config, precision=self.precision.precision)
         self.run_dir = Path(config.output_dir)
         resume_from = checkpoints.resolve_resume(self.run_dir, config.resume) if config.resume else None
         state = checkpoints.load_train_state(resume_from) if resume_from is not None else None
         # Checked before anything is built or written: a refused resume leaves the run's files as they were.
-        self.overrides = check_resume(config, self.run_dir, resume_from, state) if state is not None else {}
+        asked = {"precision": self.precision.asked} if self.precision.asked == "auto" else {}
+        self.overrides = check_resume(config, self.run_dir, resume_from, state, asked) if state is not None else {}
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.model, self.tokenizer = build_model_and_tokenizer(config, resume_from)
@@ -110,6 +115,12 @@ class TrainingRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoints.write_json(self.run_dir / "config.json", self._record())
         log = MetricsLog(self.run_dir, self.info.is_main)
+        if self.precision.asked == "auto":
+            choice = self.precision
+            log.write({"step": self.step, "precision": {"asked": choice.asked, "resolved": choice.precision,
+                                                        "reason": choice.reason, "bf16_speedup": choice.speedup}})
+            if self.info.is_main:
+                tqdm.write(choice.describe())
         if self.overrides:
             log.write({"step": self.step, "resume_override": {name: {"recorded": old, "new": new}
                                                               for name, (old, new) in self.overrides.items()}})
@@ -283,7 +294,8 @@ class TrainingRun:
                 "skipped_files": skipped_files, "skip_log": str(skip_log) if skip_log else None,
                 "captions_dropped": dict(dropped), "captions_truncated": skips.truncated,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-                "validation": self.val_metrics, "already_finished": self.already_finished}
+                "validation": self.val_metrics, "already_finished": self.already_finished,
+                "precision": self.config.precision}
 
     def _print_done(self, dropped: Counter, skip_log: Path | None) -> None:
         if self.already_finished:
@@ -307,6 +319,16 @@ def _min_over_ranks(value: int, info: DistInfo) -> int:
     tensor = torch.tensor([value], dtype=torch.long, device=info.device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def _resolve_precision(precision: str, info: DistInfo) -> PrecisionChoice:
+    """The run's precision on its device; under torchrun every rank takes rank 0's (a probe may time differently)."""
+    choice = resolve_precision(precision, info.device)
+    if info.world_size <= 1 or precision != "auto":
+        return choice
+    shared = [choice]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _dist_info(device: str) -> DistInfo:
