@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -25,8 +24,7 @@ from clipforge.evaluate.report import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# matplotlib is optional (imported lazily by the plots); the table and bias tests run without it.
-needs_mpl = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+# matplotlib is a required dependency (the plots import it lazily): a missing one fails these tests.
 
 
 def assert_png(path: Path) -> None:
@@ -52,7 +50,6 @@ def test_markdown_table_formats_cells_and_alignment():
     assert markdown_table([]) == ""
 
 
-@needs_mpl
 def test_write_report_writes_markdown_json_and_embeds_images(tmp_path):
     out = tmp_path / "run"
     inside = plot_bars({"a": {"x": 0.2}}, out / "bars.png", "t", "y")
@@ -72,7 +69,6 @@ def test_write_report_writes_markdown_json_and_embeds_images(tmp_path):
 # --- plots ---------------------------------------------------------------------------------------------
 
 
-@needs_mpl
 def test_plots_write_png(tmp_path):
     points = [{"name": m, "domain": d, "id_acc": a, "ood_acc": a * f}
               for m, a in [("CLIP zero-shot", 0.6), ("linear probe", 0.8)]
@@ -88,7 +84,6 @@ def test_plots_write_png(tmp_path):
         plot_confusion(big, ["a"], tmp_path / "bad.png")
 
 
-@needs_mpl
 def test_plot_training_curves_reads_runs(tmp_path):
     runs = []
     for name, offset in [("run-a", 0.0), ("run-b", 0.3)]:
@@ -108,7 +103,6 @@ def test_plot_training_curves_reads_runs(tmp_path):
         plot_training_curves(tmp_path / "empty.jsonl", tmp_path / "x.png")
 
 
-@needs_mpl
 def test_plot_examples(tmp_path):
     path = tmp_path / "img.png"
     Image.new("RGBA", (48, 48), (255, 0, 0, 128)).save(path)
