@@ -65,6 +65,17 @@ def test_search_says_the_indexs_checkpoint_moved_and_suggests_model(data, model_
     with pytest.raises(SearchError, match="manifest.json") as refused:
         load_state(out, ServeConfig())
     assert "known names" not in str(refused.value) and "clipforge index" in str(refused.value)
+    # ... and following that advice works: the index records the new location, and serve loads it
+    with pytest.warns(UserWarning, match="checkpoint moved"):
+        stats = build_index(data / "images", out, model=moved, progress=False)
+    assert stats.added == stats.updated == 0
+    assert json.loads((out / "manifest.json").read_text())["model"] == str(moved.resolve())
+    state = load_state(out, ServeConfig())
+    try:
+        assert state.index.model == str(moved.resolve())
+    finally:
+        for batcher in state.batchers.values():
+            batcher.close()
 
 
 def _add_rows(csv_path: Path, rows: list[tuple[str, str]]) -> None:

@@ -249,14 +249,20 @@ class IndexBuild:
         con = self._con
         recorded = store.get_meta(con, "model")
         if recorded is not None:
-            check_model(self.index_dir, ModelRef(recorded, store.get_meta(con, "pretrained") or None), self.model)
-            return
-        if self.model.pretrained is None:
+            before = ModelRef(recorded, store.get_meta(con, "pretrained") or None)
+            gone = before.missing_files()
+            if not gone:
+                check_model(self.index_dir, before, self.model)
+                return
+            # A checkpoint path that no longer exists can be neither loaded nor compared: the one given is taken
+            # as where it moved (as search does), and recorded, so search and serve find it from now on.
+            warnings.warn(f"{self.index_dir}: {gone[0]}, the model it was built with, no longer exists; recording "
+                          f"{self.model} as that checkpoint moved (not checked)", stacklevel=2)
+        elif self.model.pretrained is None:
             _warn_if_random(self.model.name)
         with store.transaction(con):
             store.set_meta(con, "model", self.model.name)
-            if self.model.pretrained is not None:
-                store.set_meta(con, "pretrained", self.model.pretrained)
+            store.set_meta(con, "pretrained", self.model.pretrained or "")
 
     def _ingest(self, names: Sequence[str]) -> list[store.Placement]:
         """Hand finished shards to the table in one transaction, rows in path order (so ids follow paths).
