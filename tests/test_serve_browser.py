@@ -6,15 +6,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from selenium import webdriver  # the test extra: a broken install fails here, it does not skip
 
-pytest.importorskip("fastapi", reason="clipforge serve needs fastapi")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+from clipforge.serve import create_app
+from clipforge.serve.runner import serve_in_thread
+from test_serve import build_test_index
 
 pytestmark = pytest.mark.integration
-
-from clipforge.serve import create_app  # noqa: E402
-from clipforge.serve.runner import serve_in_thread  # noqa: E402
-from test_serve import build_test_index  # noqa: E402
 
 # Debian's packages (apt-get install chromium chromium-driver); scripts/setup.sh installs them as root.
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")

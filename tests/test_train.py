@@ -228,6 +228,30 @@ def test_ddp_two_processes_equal_one(shapes, tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
+def test_ddp_skips_are_counted_and_named_across_ranks(shapes, tmp_path):
+    lines = (shapes / "train.csv").read_text().splitlines()
+    gone = [f"images/gone{i}.png,a red circle,gone{i}" for i in range(6)]
+    (tmp_path / "mixed.csv").write_text("\n".join(lines[:35] + gone) + "\n")  # 34 + 6: five global batches
+    (tmp_path / "images").symlink_to(shapes / "images")
+    eight = [f"images/lost{i}.png,a red circle,lost{i}" for i in range(8)]  # one global batch
+    (tmp_path / "missing.csv").write_text("\n".join(lines[:1] + eight) + "\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "clipforge.cli.main", "train", "--model", "cpu-vit-tiny-32", "--workers", "0", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*torchrun, "--train-data", str(tmp_path / "mixed.csv"), "--epochs", "1",
+                          "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout[run.stdout.index("\n{") + 1:])
+    assert summary["skipped"] == {"missing_file": 6}  # both ranks' counts, not rank 0's share
+    logged = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(Path(e["path"]).name for e in logged) == [f"gone{i}.png" for i in range(6)]
+    # Nothing usable on any rank: both processes stop with the error (none is left waiting), within seconds.
+    stop = subprocess.run([*torchrun, "--train-data", str(tmp_path / "missing.csv"), "--steps", "3",
+                           "--output-dir", str(tmp_path / "stop")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert stop.returncode != 0 and "no usable sample" in stop.stderr and "lost" in stop.stderr
+
+
 def test_learns_synthetic_captions(shapes, tmp_path):
     labels = tmp_path / "val_labels.csv"
     rows = [line.split(",") for line in (shapes / "val.csv").read_text().splitlines()[1:]]

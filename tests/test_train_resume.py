@@ -175,3 +175,19 @@ def test_captions_cut_to_the_context_are_counted_and_reported(shapes, tmp_path, 
     assert "captions cut to the 32-token context: 10" in printed  # the final "done" line
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 6, "captions_truncated": 10} in records
+
+
+def test_a_checkpoint_path_is_checked_against_its_own_runs_record(shapes, tmp_path):
+    first, other = tmp_path / "first", tmp_path / "other"
+    train(config(shapes, first, max_steps_this_run=1))
+    saved = json.loads((first / "config.json").read_text())
+    # The record holds the run's settings, not this session's: its step limit and resume flags are left out.
+    assert saved["max_steps_this_run"] == 0 and saved["resume"] == "" and saved["resume_override"] == ""
+    train(config(shapes, other, lr=5e-4))  # another run, recorded in the output folder used below
+    step_one = checkpoints.list_checkpoints(first)[-1]
+    summary = train(config(shapes, other, resume=str(step_one)))  # matches first's record, not other's
+    assert summary["steps"] == 2
+    with pytest.raises(TrainingError, match=r"lr \(--lr\): recorded 0.001, given 0.0005"):
+        train(config(shapes, other, lr=5e-4, resume=str(step_one)))
+    finished = train(TrainConfig(**{**saved, "resume": "latest"}))  # config.json repeats the run: it finishes
+    assert finished["steps"] == 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,3 +60,37 @@ def barrier(info: DistInfo) -> None:
     """Wait for all ranks (no-op in one process)."""
     if info.world_size > 1:
         dist.barrier()
+
+
+def min_over_ranks(value: int, info: DistInfo) -> int:
+    """The smallest of each rank's `value` (the value itself in one process)."""
+    if info.world_size <= 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def mean_over_ranks(value: float, info: DistInfo) -> float:
+    """The mean of each rank's `value` (e.g. the losses of each rank's rows: the full-batch loss)."""
+    if info.world_size <= 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / info.world_size
+
+
+def gather_objects(world: int, value: Any) -> list[Any]:
+    """Every rank's picklable `value`, in rank order ([value] in a single process)."""
+    if world <= 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's picklable `value`, on every rank (every rank must call it)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -21,7 +21,6 @@ import torch
 from clipforge.errors import ConfigError
 from clipforge.io import write_atomic
 
-PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("fp32", "bf16", "auto")
 PRECISION_HELP = ("fp32, bf16 (bf16 autocast) or auto: picked per machine, bf16 on a GPU that supports it or a CPU "
                   "with AMX (or where a cached probe measured bf16 faster), else fp32")

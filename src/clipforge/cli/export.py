@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipforge.cli.model_args import add_model_arguments, load_model
+from clipforge.cli.model_args import add_model_arguments, load_model, load_tokenizer
 from clipforge.config_flags import default_of
 from clipforge.export.onnx import DEFAULT_OPSET, PARITY_ATOL
 from clipforge.search.export import export_embeddings
@@ -16,8 +16,9 @@ def run_onnx(args: argparse.Namespace) -> None:
 
     require_onnx(verify=not args.no_verify)  # onnx, onnxscript and onnxruntime are an extra
     model, _ = load_model(args, args.checkpoint)
+    tokenizer = load_tokenizer(args, model, args.checkpoint)  # found as the model was (--model-config, ...)
     config = export_onnx(model, args.out_dir, source=args.checkpoint, opset=args.opset, verify=not args.no_verify,
-                         atol=args.atol, int8=args.int8)
+                         atol=args.atol, int8=args.int8, tokenizer=tokenizer)
     print(f"wrote {args.out_dir / config['image_encoder']} and {args.out_dir / config['text_encoder']} "
           f"(opset {config['opset']}, embed dim {config['embed_dim']}) with tokenizer and onnx_config.json")
     if "parity" in config:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from clipforge.io import json_safe
 from clipforge.train.config import add_arguments, config_from_args
@@ -13,7 +14,8 @@ def run(args: argparse.Namespace) -> None:
     from clipforge.train.trainer import train
 
     summary = train(config_from_args(args))
-    print(json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0's, with every rank's counts)
+        print(json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

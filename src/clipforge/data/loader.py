@@ -113,6 +113,23 @@ class SkipCounter:
                 "seen_total": self.seen_total, "captions": dict(self.captions), "truncated": self.truncated,
                 "truncated_epoch": self.truncated_epoch, "files": [list(f) for f in sorted(self.files)]}
 
+    @classmethod
+    def merged(cls, states: Sequence[Mapping[str, Any]]) -> "SkipCounter":
+        """One counter holding several (e.g. every rank's) state_dicts together: counts summed, files joined."""
+        merged = cls()
+        for state in states:
+            part = cls()
+            part.load_state_dict(state)
+            merged.epoch += part.epoch
+            merged.total += part.total
+            merged.captions += part.captions
+            merged.seen_epoch += part.seen_epoch
+            merged.seen_total += part.seen_total
+            merged.truncated += part.truncated
+            merged.truncated_epoch += part.truncated_epoch
+            merged.files |= part.files
+        return merged
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore counts saved by state_dict (an empty dict: start from zero)."""
         self.epoch, self.total = Counter(state.get("epoch", {})), Counter(state.get("total", {}))

@@ -106,10 +106,12 @@ def require_onnx(verify: bool = True) -> None:
 
 
 def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
-                atol: float = PARITY_ATOL, source: str | Path | None = None, int8: bool = False) -> dict[str, Any]:
+                atol: float = PARITY_ATOL, source: str | Path | None = None, int8: bool = False,
+                tokenizer: Any = None) -> dict[str, Any]:
     """Write image/text ONNX graphs, tokenizer and config into out_dir; return the config (with parity results).
 
-    `source`: where a loaded `model` came from, so its own tokenizer files are used. `int8`: also write
+    `tokenizer`: the model's (as `clipforge.get_tokenizer` gives it); else `source`, where a loaded `model`
+    came from, so its own tokenizer files are used, else the text tower's default. `int8`: also write
     dynamically quantised graphs (`*.int8.onnx`, what the config then names), refused below cosine 0.99 to fp32.
     The graphs are traced on the model's device and checked against it on the CPU (`_on_cpu`).
     """
@@ -119,8 +121,9 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
     if not isinstance(model, nn.Module):
         source = str(model)
         model, _ = clipforge.load(model)
-    tokenizer = (clipforge.get_tokenizer(source, context_length=model.context_length) if source
-                 else tokenizer_for(model.config, context_length=model.context_length))
+    if tokenizer is None:
+        tokenizer = (clipforge.get_tokenizer(source, context_length=model.context_length) if source
+                     else tokenizer_for(model.config, context_length=model.context_length))
     model = model.float().eval()  # fp32 graphs: half precision on CPU runtimes is slow or missing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import torch
 
 from clipforge.data.images import SampleError, SkippedFile, decode_image, skipped_by_reason, write_skip_log
 from clipforge.device import resolve_device
+from clipforge.distributed import gather_objects
 from clipforge.errors import IndexLocked, SearchError
 from clipforge.precision import resolve_precision
 from clipforge.search import ranks, store
@@ -210,7 +211,7 @@ class IndexBuild:
         model, preprocess = (clipforge.load(self.model.name, self.settings.device, pretrained=self.model.pretrained)
                              if mine else (None, None))
         failed, dim = self._write_shards(mine, model, preprocess)
-        gathered = ranks.gather(self.world, (failed, dim))
+        gathered = gather_objects(self.world, (failed, dim))
         return [skip for rank_failed, _ in gathered for skip in rank_failed], max(d for _, d in gathered)
 
     def merge(self, failed: Sequence[SkippedFile], dim: int) -> BuildStats:
@@ -380,7 +381,8 @@ def build_index(source: str | Path | Sequence[str | Path], out_dir: str | Path, 
     # Resolved before anything else, after torchrun picked each rank's GPU: an up-to-date index embeds
     # nothing, and a device that is not there is refused all the same.
     torch_device = resolve_device(device)
-    chosen = resolve_precision(precision, torch_device).precision  # the manifest records what "auto" chose here
+    # The manifest records what "auto" chose; every rank embeds with rank 0's choice (a probe may time differently).
+    chosen = ranks.on_rank0(rank, world, lambda: resolve_precision(precision, torch_device).precision)
     settings = _Settings(batch_size, progress, backend, shard_size, chosen, target_recall, torch_device, workers)
     with IndexBuild(Path(out_dir), source, ModelRef.of(model, pretrained), separator, settings, rank, world) as build:
         todo, run_id = ranks.on_rank0(rank, world, build.open)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from clipforge.distributed import broadcast_object
+
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size): joins the process group under torchrun, (0, 1) otherwise."""
@@ -27,30 +29,13 @@ def on_rank0(rank: int, world: int, step: Callable[[], Any]) -> Any:
             result = step()
         except Exception as error:
             if world > 1:
-                _broadcast(error)
+                broadcast_object(error)
             raise
     if world <= 1:
         return result
-    result = _broadcast(result)
+    result = broadcast_object(result)
     if isinstance(result, Exception):
         raise RuntimeError(f"rank 0 failed: {result}")
     return result
 
 
-def gather(world: int, value: Any) -> list[Any]:
-    """Every rank's `value`, in rank order ([value] in a single process)."""
-    if world <= 1:
-        return [value]
-    import torch.distributed as dist
-
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def _broadcast(value: Any) -> Any:
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

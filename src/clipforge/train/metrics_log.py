@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
+
+from clipforge.io import json_safe
 
 
 class MetricsLog:
@@ -27,7 +28,7 @@ class MetricsLog:
         if not self.enabled:
             return
         # JSON has no NaN/inf: such values (e.g. top-5 with fewer than 5 classes) are written as null.
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        record = json_safe(record)
         self.handle.write(json.dumps(record, allow_nan=False) + "\n")
         self.handle.flush()
         if self.tb is not None:

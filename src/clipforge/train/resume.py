@@ -40,12 +40,13 @@ def differences(recorded: dict[str, Any], config: TrainConfig) -> Changes:
     return changes
 
 
-def check_resume(config: TrainConfig, run_dir: Path, checkpoint: Path, state: dict[str, Any],
+def check_resume(config: TrainConfig, checkpoint: Path, state: dict[str, Any],
                  asked: dict[str, str] | None = None) -> Changes:
     """The changes `resume_override` allows; a TrainingError naming every other change, with both values.
 
     `config` holds resolved values; `asked` names the fields given as "auto" (precision), for the message."""
-    recorded, source = recorded_config(run_dir, state)
+    # The record of the run the checkpoint belongs to (for a checkpoint path, not the output folder's).
+    recorded, source = recorded_config(checkpoint.parent, state)
     changes = differences(recorded, config)
     allowed = set(override_names(config.resume_override))
     refused = {name: change for name, change in changes.items() if name not in allowed}

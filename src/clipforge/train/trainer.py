@@ -14,10 +14,19 @@ import torch
 from tqdm import tqdm
 
 from clipforge.checkpoint.io import write_clipforge_dir
-from clipforge.data.images import SkippedFile, skipped_by_reason, write_skip_log
+from clipforge.data.images import skipped_by_reason, write_skip_log
+from clipforge.data.loader import SkipCounter
 from clipforge.data.transforms import EvalTransform, TrainTransform
 from clipforge.device import resolve_device
-from clipforge.distributed import DistInfo, barrier, init_distributed
+from clipforge.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    mean_over_ranks,
+    min_over_ranks,
+)
 from clipforge.errors import ConfigError, DataError, TrainingDiverged
 from clipforge.loss import LOSSES
 from clipforge.precision import PrecisionChoice, resolve_precision
@@ -58,7 +67,7 @@ class TrainingRun:
         state = checkpoints.load_train_state(resume_from) if resume_from is not None else None
         # Checked before anything is built or written: a refused resume leaves the run's files as they were.
         asked = {"precision": self.precision.asked} if self.precision.asked == "auto" else {}
-        self.overrides = check_resume(config, self.run_dir, resume_from, state, asked) if state is not None else {}
+        self.overrides = check_resume(config, resume_from, state, asked) if state is not None else {}
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.model, self.tokenizer = build_model_and_tokenizer(config, resume_from)
@@ -104,7 +113,7 @@ class TrainingRun:
         self.step, self.epoch = state["step"], state["epoch"]
         self.loss = state.get("loss", math.nan)  # older checkpoints did not record it
         self.data.loader.load_state_dict(state["data"])
-        self.data.skips.load_state_dict(state.get("skipped", {}))
+        self.data.skips = _restored_skips(state.get("skipped", {}), self.info)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
@@ -134,9 +143,10 @@ class TrainingRun:
         return log
 
     def _record(self) -> dict[str, Any]:
-        """The settings the run records: an override is this session's permission (logged in metrics.jsonl), not
-        a setting, so `--config config.json --resume ...` never carries it into a later resume."""
-        return dataclasses.asdict(dataclasses.replace(self.config, resume_override=""))
+        """The settings the run records, without this session's own: how it was resumed, an override (logged in
+        metrics.jsonl) and its step limit, so `--config config.json --resume ...` carries none of them on."""
+        return dataclasses.asdict(dataclasses.replace(self.config, resume="", resume_override="",
+                                                      max_steps_this_run=0))
 
     def _validation(self, eval_transform: EvalTransform) -> Validation | None:
         """Held-out pairs and/or the zero-shot probe (rank 0 runs them; other ranks keep the call schedule)."""
@@ -152,7 +162,9 @@ class TrainingRun:
         """A checkpoint of the model (fp32 masters in bf16 mode) and of everything needed to resume."""
         state = {"step": self.step, "epoch": self.epoch, "data": self.data.loader.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate(), "skipped": self.data.skips.state_dict(),
+                 "python_rng": random.getstate(),
+                 # Each rank counts (and names) what it skipped of its own share: every rank's, in rank order.
+                 "skipped": gather_objects(self.info.world_size, self.data.skips.state_dict()),
                  "config": self._record(), "loss": self.loss}
         path = None
         if self.info.is_main:
@@ -185,33 +197,40 @@ class TrainingRun:
                 steps += 1
                 if self._done():
                     return
-        if batches and not steps:
-            self._check_usable_samples()
+        if not steps:  # every epoch reads the same data: such a run would loop over its epochs for ever
+            self._stop_without_a_step(batches)
         self._end_epoch()
 
-    def _check_usable_samples(self) -> None:
-        """After a pass without a step: stop when some process's epoch had no usable sample at all.
-
-        Every epoch reads the same files, so such a run would loop over its epochs for ever."""
-        skips = self.data.skips
-        if _min_over_ranks(skips.seen_epoch - skips.epoch_total(), self.info) > 0:
-            return
+    def _stop_without_a_step(self, batches: int) -> None:
+        """After a pass over the data without a step: a DataError saying why (no batch, no usable sample, or
+        usable samples never on every process at once)."""
+        skips, data = self.data.skips, self.config.train_data
+        if not batches:
+            raise DataError(f"{data}: epoch {self.epoch} gave no batch at all, so training cannot make a step")
+        usable = min_over_ranks(skips.seen_epoch - skips.epoch_total(), self.info)
+        if usable > 0:
+            raise DataError(f"{data}: no step in epoch {self.epoch}: each of the {self.info.world_size} processes "
+                            f"kept at least {usable} sample(s), but no batch had one on every process at once "
+                            f"(skipped {skips.report_epoch()}); use fewer processes or a larger --batch-size")
         examples = "; ".join(s.detail or f"{s.reason} (sample {s.index})" for s in skips.examples[:3])
         where = ""
         if skips.epoch["missing_file"]:
             folder = Path(self.config.train_data).resolve().parent
             where = (f" Image paths in a caption CSV/TSV are read relative to the CSV's own folder ({folder}), not "
                      "the working folder: write them relative to that folder, or absolute.")
-        log, _ = self._skip_log()
+        log = self._skip_log(self._all_skips())
         listed = f" Every skipped file is listed in {log}." if log else ""
-        raise DataError(f"{self.config.train_data}: no usable sample in epoch {self.epoch}, so training cannot "
+        raise DataError(f"{data}: no usable sample in epoch {self.epoch}, so training cannot "
                         f"make a step: skipped {skips.report_epoch()}; first: {examples or 'none recorded'}.{where}"
                         f"{listed}")
 
-    def _skip_log(self) -> tuple[Path | None, dict[str, list[str]]]:
-        """RUN/skipped.jsonl (each file any process skipped, once; rank 0 writes it) and its files by reason."""
-        files = _union_over_ranks(self.data.skips.files, self.info)
-        return (write_skip_log(self.run_dir, files) if self.info.is_main else None), skipped_by_reason(files)
+    def _all_skips(self) -> SkipCounter:
+        """Every rank's skip counts and files together (each rank reads its own share of the samples)."""
+        return SkipCounter.merged(gather_objects(self.info.world_size, self.data.skips.state_dict()))
+
+    def _skip_log(self, skips: SkipCounter) -> Path | None:
+        """RUN/skipped.jsonl: each file any process skipped, once (rank 0 writes it and returns its path)."""
+        return write_skip_log(self.run_dir, skips.files) if self.info.is_main else None
 
     def _done(self) -> bool:
         limit = self.config.max_steps_this_run
@@ -231,13 +250,13 @@ class TrainingRun:
         """One optimizer step on a batch; False when every sample of it was bad on some rank."""
         config, info = self.config, self.info
         # Skipped samples make ranks' batches differ, and gathers need equal sizes: the smallest one is used.
-        size = _min_over_ranks(len(batch["pixels"]), info)
+        size = min_over_ranks(len(batch["pixels"]), info)
         if size == 0:
             return False
         tick = time.perf_counter()
         lr = optim.warmup_cosine(self.step, self.total_steps, config.warmup, config.lr, config.min_lr)
         optim.set_lr(self.optimizer, lr)
-        self.loss = _mean_over_ranks(self.step_fn(batch["pixels"][:size].to(info.device),
+        self.loss = mean_over_ranks(self.step_fn(batch["pixels"][:size].to(info.device),
                                                   batch["tokens"][:size].to(info.device)), info)
         if not math.isfinite(self.loss):
             last = checkpoints.list_checkpoints(self.run_dir)
@@ -276,49 +295,51 @@ class TrainingRun:
 
     def finish(self, started: float) -> dict[str, Any]:
         """Final validation and checkpoint (unless the last step just made them); the run's summary."""
-        config, step, skips = self.config, self.step, self.data.skips
+        config, step = self.config, self.step
         if not self.already_finished:
             if self.validation is not None and (not config.val_every or step % config.val_every):
                 self.val_metrics = self._validate()
             if not (config.save_every and step % config.save_every == 0 and self.last_checkpoint):
                 self.last_checkpoint = self.save()
-        if skips.truncated:
+        skips = self._all_skips()
+        if skips.truncated and not self.already_finished:
             self.log.write({"step": step, "captions_truncated": skips.truncated})
         self.log.close()
-        skip_log, skipped_files = self._skip_log()
+        skip_log = self._skip_log(skips)
         dropped = self.data.dropped_captions + skips.captions
         if self.info.is_main:
-            self._print_done(dropped, skip_log if skipped_files else None)
+            self._print_done(skips, dropped, skip_log if skips.files else None)
         return {"steps": step, "epoch": self.epoch, "seconds": time.perf_counter() - started,
                 "final_loss": self.loss if math.isfinite(self.loss) else None, "skipped": skips.totals(),
-                "skipped_files": skipped_files, "skip_log": str(skip_log) if skip_log else None,
+                "skipped_files": skipped_by_reason(skips.files), "skip_log": str(skip_log) if skip_log else None,
                 "captions_dropped": dict(dropped), "captions_truncated": skips.truncated,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "validation": self.val_metrics, "already_finished": self.already_finished,
                 "precision": self.config.precision}
 
-    def _print_done(self, dropped: Counter, skip_log: Path | None) -> None:
+    def _print_done(self, skips: SkipCounter, dropped: Counter, skip_log: Path | None) -> None:
         if self.already_finished:
             tqdm.write(f"already finished: {self.last_checkpoint} is step {self.step} of {self.total_steps}; "
                        "nothing to train (to train on, raise --steps with --resume-override steps)")
-        truncated = self.data.skips.truncated
+        truncated = skips.truncated
         cut = f"; captions cut to the {self.model.context_length}-token context: {truncated}" if truncated else ""
         listed = f" (listed in {skip_log})" if skip_log else ""
-        tqdm.write(f"done: {self.step} steps; skipped samples: {self.data.skips.report_total() or 'none'}{listed}; "
+        tqdm.write(f"done: {self.step} steps; skipped samples: {skips.report_total() or 'none'}{listed}; "
                    f"dropped captions: {_counts(dropped) or 'none'}{cut}")
+
+
+def _restored_skips(saved: Any, info: DistInfo) -> SkipCounter:
+    """This rank's skip counts from a checkpoint: its own entry; all of them on rank 0 if the world size changed."""
+    if isinstance(saved, dict):  # checkpoints before every rank's counts were kept
+        saved = [saved]
+    if len(saved) == info.world_size:
+        return SkipCounter.merged([saved[info.rank]])
+    return SkipCounter.merged(saved if info.is_main else [])
 
 
 def _counts(counter: Counter) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in sorted(counter.items()))
 
-
-def _min_over_ranks(value: int, info: DistInfo) -> int:
-    """The smallest of each rank's `value` (the value itself in one process)."""
-    if info.world_size <= 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.long, device=info.device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
-    return int(tensor.item())
 
 
 def _resolve_precision(precision: str, info: DistInfo) -> PrecisionChoice:
@@ -326,9 +347,7 @@ def _resolve_precision(precision: str, info: DistInfo) -> PrecisionChoice:
     choice = resolve_precision(precision, info.device)
     if info.world_size <= 1 or precision != "auto":
         return choice
-    shared = [choice]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return shared[0]
+    return broadcast_object(choice)
 
 
 def _dist_info(device: str) -> DistInfo:
@@ -345,19 +364,3 @@ def _dist_info(device: str) -> DistInfo:
     return init_distributed()
 
 
-def _union_over_ranks(files: set[SkippedFile], info: DistInfo) -> set[SkippedFile]:
-    """Every rank's skipped files together (each rank reads its own share of the samples)."""
-    if info.world_size <= 1:
-        return set(files)
-    gathered: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(gathered, sorted(files))
-    return {SkippedFile(*f) for part in gathered for f in part}
-
-
-def _mean_over_ranks(value: float, info: DistInfo) -> float:
-    """Each rank's loss covers its own rows; their mean is the full-batch loss (what one process reports)."""
-    if info.world_size <= 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
-    torch.distributed.all_reduce(tensor)
-    return float(tensor.item()) / info.world_size
