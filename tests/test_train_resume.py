@@ -191,3 +191,19 @@ def test_a_checkpoint_path_is_checked_against_its_own_runs_record(shapes, tmp_pa
         train(config(shapes, other, lr=5e-4, resume=str(step_one)))
     finished = train(TrainConfig(**{**saved, "resume": "latest"}))  # config.json repeats the run: it finishes
     assert finished["steps"] == 2
+
+
+def test_an_epoch_run_over_changed_data_is_refused_not_restretched(shapes, tmp_path):
+    lines = (shapes / "train.csv").read_text().splitlines()
+    (tmp_path / "images").symlink_to(shapes / "images")
+    table, out = tmp_path / "train.csv", tmp_path / "run"
+    table.write_text("\n".join(lines[:17]) + "\n")  # 16 rows: 2 steps an epoch at batch 8
+    train(config(shapes, out, train_data=str(table), steps=0, epochs=2, max_steps_this_run=1))
+    table.write_text("\n".join(lines[:25]) + "\n")  # the table grew: 2 epochs would now be 6 steps, not 4
+    before = (out / "config.json").read_bytes()
+    with pytest.raises(TrainingError, match=r"schedule was 4 steps.*now make 6"):
+        train(config(shapes, out, train_data=str(table), steps=0, epochs=2, resume="latest"))
+    assert (out / "config.json").read_bytes() == before
+    kept = train(config(shapes, out, train_data=str(table), steps=4, epochs=2, resume="latest",
+                        resume_override="steps"))
+    assert kept["steps"] == 4

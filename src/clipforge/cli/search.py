@@ -117,7 +117,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="number of results")
     p.add_argument("--model", default=None, help="query model (default: the one the index was built with); another "
                                                  "model is refused, a new location of a moved checkpoint is taken")
-    p.add_argument("--pretrained", default=None, help="weights tag of --model (default: the index's)")
+    p.add_argument("--pretrained", default=None,
+                   help="weights tag of --model (without --model: the index's own model and tag)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_precision_argument(p)
     p.add_argument("--truncate", action="store_true",

@@ -63,6 +63,19 @@ def check_resume(config: TrainConfig, checkpoint: Path, state: dict[str, Any],
         f"Resume with {again}, or change them on purpose with --resume-override {','.join(refused)}")
 
 
+def check_schedule(config: TrainConfig, recorded: int | None, total_steps: int, checkpoint: Path) -> None:
+    """Refuse a resume whose schedule length changed although no field did: `epochs` over a grown or shrunk
+    table would re-stretch the cosine schedule mid-run (a checkpoint before this was recorded: not checked)."""
+    if recorded is None or recorded == total_steps or {"steps", "epochs"} & set(override_names(
+            config.resume_override)):
+        return
+    raise TrainingError(
+        f"--resume {config.resume} ({checkpoint}): the run's schedule was {recorded} steps, but "
+        f"{config.epochs} epoch(s) of {config.train_data} now make {total_steps} (the data changed), which would "
+        f"re-stretch the learning-rate schedule: resume with --steps {recorded} --resume-override steps to keep "
+        "it, or --resume-override epochs to accept the new length")
+
+
 def _as_json(config: TrainConfig) -> dict[str, Any]:
     """The config's fields as config.json holds them (tuples as lists, floats as read back)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -35,7 +35,7 @@ from clipforge.train.config import TrainConfig
 from clipforge.train.data import TrainData, build_train_data, build_val_data
 from clipforge.train.metrics_log import MetricsLog
 from clipforge.train.models import build_model_and_tokenizer
-from clipforge.train.resume import check_resume
+from clipforge.train.resume import check_resume, check_schedule
 from clipforge.train.step import TrainStep
 from clipforge.train.validate import Validation, ZeroShotProbe
 
@@ -78,6 +78,8 @@ class TrainingRun:
                                    grayscale_prob=config.aug_grayscale)
         self.data: TrainData = build_train_data(config, transform, self.tokenizer, self.info)
         self.total_steps = config.steps or config.epochs * self.data.steps_per_epoch
+        if state is not None:
+            check_schedule(config, state.get("total_steps"), self.total_steps, resume_from)
         self.step_fn = TrainStep(self.model, self.loss_fn, config.precision, config.accum_steps, config.grad_clip,
                                  self.info)
         self.optimizer = optim.build_optimizer(self.step_fn.optimizer_groups(config.weight_decay), config.lr,
@@ -165,7 +167,7 @@ class TrainingRun:
                  "python_rng": random.getstate(),
                  # Each rank counts (and names) what it skipped of its own share: every rank's, in rank order.
                  "skipped": gather_objects(self.info.world_size, self.data.skips.state_dict()),
-                 "config": self._record(), "loss": self.loss}
+                 "config": self._record(), "loss": self.loss, "total_steps": self.total_steps}
         path = None
         if self.info.is_main:
             weights, model = self.step_fn.fp32_state_dict(), self.model
