@@ -56,6 +56,12 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def cache_root() -> Path:
+    """Where clipforge keeps what it can rebuild (compiled graphs, decoded images, weights, probes):
+    $CLIPFORGE_CACHE, default ~/.cache/clipforge."""
+    return Path(os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge").expanduser()
+
+
 def json_safe(value: Any) -> Any:
     """`value` with NaN/inf floats as None, in nested dicts, lists and tuples: json.dumps writes NaN, not JSON."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -8,9 +8,9 @@ $CLIPFORGE_CACHE/precision.json, so every later run on the machine makes the sam
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from clipforge.errors import ConfigError
-from clipforge.io import write_atomic
+from clipforge.io import cache_root, write_atomic
+from clipforge.timing import call_seconds
 
 PRECISION_CHOICES = ("fp32", "bf16", "auto")
 PRECISION_HELP = ("fp32, bf16 (bf16 autocast) or auto: picked per machine, bf16 on a GPU that supports it or a CPU "
@@ -117,17 +118,10 @@ def measure_matmul_seconds(repeats: int = 5) -> tuple[float, float]:
     m, k, n = PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
-    best = []
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        torch.mm(x, y)  # the first call picks (and for bf16 may pack) oneDNN's kernel
-        seconds = math.inf
-        for _ in range(repeats):
-            tick = time.perf_counter()
-            torch.mm(x, y)
-            seconds = min(seconds, time.perf_counter() - tick)
-        best.append(seconds)
-    return best[0], best[1]
+    # The warm-up call picks (and for bf16 may pack) oneDNN's kernel; the fastest call is the least disturbed.
+    fp32, bf16 = (min(call_seconds(functools.partial(torch.mm, a.to(dtype), b.to(dtype)), repeats))
+                  for dtype in (torch.float32, torch.bfloat16))
+    return fp32, bf16
 
 
 def machine_key() -> str:
@@ -155,8 +149,7 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
 
 def cache_path() -> Path:
     """$CLIPFORGE_CACHE/precision.json, default ~/.cache/clipforge/precision.json."""
-    root = os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge"
-    return Path(root).expanduser() / CACHE_FILE
+    return cache_root() / CACHE_FILE
 
 
 def _read_cache(path: Path) -> dict:

@@ -28,7 +28,7 @@ from clipforge.data.captions import CaptionDataset, Skipped, tokenize_counted
 from clipforge.data.images import DEFAULT_MAX_PIXELS, SampleError, decode_image
 from clipforge.data.loader import collate_samples
 from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, TrainTransform, eval_geometry
-from clipforge.io import write_atomic
+from clipforge.io import cache_root, write_atomic
 
 CACHE_VERSION = 1
 # ITU-R 601 luma, as Pillow's convert("L") uses: grayscale and saturation follow ImageEnhance.
@@ -37,8 +37,7 @@ _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
 def default_cache_dir() -> Path:
     """Where decoded caches live: $CLIPFORGE_CACHE/decoded or ~/.cache/clipforge/decoded."""
-    root = os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge"
-    return Path(root) / "decoded"
+    return cache_root() / "decoded"
 
 
 def _source_key(paths: Sequence[str], size: int, composite_white: bool, max_pixels: int) -> str:

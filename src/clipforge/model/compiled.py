@@ -20,14 +20,15 @@ from pathlib import Path
 
 from torch import nn
 
+from clipforge.io import cache_root
+
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 OPTIONS = {"freezing": True}
 
 
 def default_compile_cache() -> Path:
     """$CLIPFORGE_CACHE/compiled or ~/.cache/clipforge/compiled (kept across reboots, unlike inductor's /tmp)."""
-    root = os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge"
-    return Path(root) / "compiled"
+    return cache_root() / "compiled"
 
 
 def use_compile_cache(cache_dir: str | Path | None = None) -> Path:

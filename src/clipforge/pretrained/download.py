@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clipforge.errors import CheckpointError
+from clipforge.io import cache_root
 
 CHUNK = 1 << 20
 RETRIES = 5  # resumed attempts after a dropped connection
@@ -17,8 +18,7 @@ RETRIES = 5  # resumed attempts after a dropped connection
 
 def cache_dir() -> Path:
     """$CLIPFORGE_CACHE/pretrained, default ~/.cache/clipforge/pretrained."""
-    root = os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge"
-    return Path(root).expanduser() / "pretrained"
+    return cache_root() / "pretrained"
 
 
 def is_offline() -> bool:
