@@ -207,3 +207,9 @@ def test_an_epoch_run_over_changed_data_is_refused_not_restretched(shapes, tmp_p
     kept = train(config(shapes, out, train_data=str(table), steps=4, epochs=2, resume="latest",
                         resume_override="steps"))
     assert kept["steps"] == 4
+
+
+def test_a_resume_at_the_end_of_an_epoch_goes_on_to_the_next(shapes, tmp_path):
+    out = tmp_path / "run"  # 24 pairs at batch 8: 3 steps an epoch, and the first session stops at its end
+    train(config(shapes, out, steps=6, max_steps_this_run=3))
+    assert train(config(shapes, out, steps=6, resume="latest"))["steps"] == 6

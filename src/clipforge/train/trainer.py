@@ -86,6 +86,7 @@ class TrainingRun:
                                                (config.beta1, config.beta2), config.eps)
         self.step = self.epoch = self.steps_this_run = 0
         self.loss = math.nan
+        self.resumed_epoch = False  # the current epoch continues a checkpoint's (it may have no batch left)
         if state is not None:
             self._restore(state)
         # A finished run resumed again: nothing to train, validate or save; its checkpoint is the result.
@@ -114,6 +115,7 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.loss = state.get("loss", math.nan)  # older checkpoints did not record it
+        self.resumed_epoch = True
         self.data.loader.load_state_dict(state["data"])
         self.data.skips = _restored_skips(state.get("skipped", {}), self.info)
         torch.set_rng_state(state["torch_rng"])
@@ -191,6 +193,7 @@ class TrainingRun:
     def _run_epoch(self, bar: tqdm) -> None:
         """The current epoch's remaining batches; the epoch ends with them unless the run is done first."""
         self.data.loader.set_epoch(self.epoch)
+        resumed, self.resumed_epoch = self.resumed_epoch, False
         batches = steps = 0
         for batch in self.data.loader:
             self.data.skips.update(batch)
@@ -199,7 +202,9 @@ class TrainingRun:
                 steps += 1
                 if self._done():
                     return
-        if not steps:  # every epoch reads the same data: such a run would loop over its epochs for ever
+        # Every epoch reads the same data: one without a step would repeat for ever. A resumed epoch may
+        # have had its last batch before the checkpoint, and then has none left.
+        if not steps and not (resumed and not batches):
             self._stop_without_a_step(batches)
         self._end_epoch()
 
