@@ -130,13 +130,15 @@ def machine_key() -> str:
     return f"{model} | {' '.join(flags) or '-'} | threads {torch.get_num_threads()} | torch {torch.__version__}"
 
 
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
-    """The CPU's model name and RELEVANT_FLAGS it has, from /proc/cpuinfo where there is one."""
+@functools.lru_cache(maxsize=1)
+def _cpu_model_and_flags() -> tuple[str, tuple[str, ...]]:
+    """The CPU's model name and RELEVANT_FLAGS it has, from /proc/cpuinfo where there is one (read once: "auto"
+    is resolved per batch by the feature loops)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return model, []
+        return model, ()
     for line in text.splitlines():
         name, _, value = line.partition(":")
         if name.strip() == "model name" and value.strip():
@@ -144,7 +146,7 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
         elif name.strip() == "flags":
             flags = set(value.split())
             break  # the first processor's lines describe the CPU
-    return model, [flag for flag in RELEVANT_FLAGS if flag in flags]
+    return model, tuple(flag for flag in RELEVANT_FLAGS if flag in flags)
 
 
 def cache_path() -> Path:
