@@ -250,15 +250,10 @@ class IndexBuild:
         con = self._con
         recorded = store.get_meta(con, "model")
         if recorded is not None:
-            before = ModelRef(recorded, store.get_meta(con, "pretrained") or None)
-            gone = before.missing_files()
-            if not gone:
-                check_model(self.index_dir, before, self.model)
+            # A moved checkpoint is recorded at its new location, so search and serve find it from now on.
+            if not check_model(self.index_dir, ModelRef(recorded, store.get_meta(con, "pretrained") or None),
+                               self.model):
                 return
-            # A checkpoint path that no longer exists can be neither loaded nor compared: the one given is taken
-            # as where it moved (as search does), and recorded, so search and serve find it from now on.
-            warnings.warn(f"{self.index_dir}: {gone[0]}, the model it was built with, no longer exists; recording "
-                          f"{self.model} as that checkpoint moved (not checked)", stacklevel=2)
         elif self.model.pretrained is None:
             _warn_if_random(self.model.name)
         with store.transaction(con):

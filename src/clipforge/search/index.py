@@ -78,10 +78,6 @@ class ImageIndex:
         if model is None and pretrained is None:
             return recorded
         asked = ModelRef.of(self.model if model is None else model, pretrained)
-        if gone:
-            warnings.warn(f"{self.path}: {gone[0]}, the model it was built with, no longer exists; taking "
-                          f"{asked} as that checkpoint moved (not checked)", stacklevel=2)
-            return asked
         check_model(self.path, recorded, asked)
         return asked
 

@@ -6,6 +6,7 @@ and `clipforge search --model` refuses to query it with one, both through `check
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,8 +37,15 @@ class ModelRef(NamedTuple):
         return [value for value in self if value is not None and Path(value).is_absolute() and not Path(value).exists()]
 
 
-def check_model(index_dir: Path, recorded: ModelRef, asked: ModelRef) -> None:
-    """Refuse `asked` when the index in `index_dir` was built with another model (`recorded`)."""
+def check_model(index_dir: Path, recorded: ModelRef, asked: ModelRef) -> bool:
+    """Refuse `asked` when the index in `index_dir` was built with another model (`recorded`); True when
+    `recorded` names a checkpoint that no longer exists, which can be neither loaded nor compared: `asked` is
+    then taken as where it moved, with a warning."""
+    gone = recorded.missing_files()
+    if gone:
+        warnings.warn(f"{index_dir}: {gone[0]}, the model it was built with, no longer exists; taking {asked} as "
+                      "that checkpoint moved (not checked)", stacklevel=3)
+        return True
     if asked != recorded:
         raise SearchError(f"{index_dir} was built with model {recorded}, not {asked}: use the same model "
                           "(its embeddings only compare with their own), or a new index folder for another")
