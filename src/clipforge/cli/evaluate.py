@@ -10,7 +10,7 @@ from clipforge.cli.model_args import add_model_arguments, add_precision_argument
 from clipforge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from clipforge.data.labelled import SkippedFile
+    from clipforge.data.images import SkippedFile
     from clipforge.evaluate.tasks import EvalContext
 
 TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")

@@ -178,4 +178,4 @@ def load_image(image: Image.Image | str | Path | IO[bytes], max_pixels: int = DE
     except SampleError as error:
         if error.reason == "missing_file":
             raise FileNotFoundError(f"image not found: {error.detail}") from None
-        raise DataError(f"cannot read image {image}: {error}") from None
+        raise DataError(f"cannot read image {image}: {error}") from error  # the cause keeps the policy's reason

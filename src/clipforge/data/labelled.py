@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from clipforge.data.images import IMAGE_SUFFIXES, SkippedFile, decode_image
+from clipforge.data.images import IMAGE_SUFFIXES, SkippedFile
 from clipforge.data.webdataset import Sample, read_caption, read_samples
 from clipforge.errors import DataError, SampleError
 
@@ -128,23 +128,17 @@ def decode_all(paths: Sequence[Any], preprocess: Callable,
             keep.append(False)
             if skipped is not None:
                 name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "<bytes>")  # a stream
-                skipped.append(SkippedFile(str(name), _skip_reason(path, error)))
+                skipped.append(SkippedFile(str(name), _skip_reason(error)))
     return (torch.stack(pixels) if pixels else torch.empty(0)), keep
 
 
-def _skip_reason(source: Any, error: Exception) -> str:
-    """Why `preprocess(source)` failed, in the decode policy's words (missing_file, corrupt_image, ...)."""
-    if isinstance(error, SampleError):
-        return error.reason
+def _skip_reason(error: Exception) -> str:
+    """Why `preprocess(path)` failed, in the decode policy's words (missing_file, corrupt_image, ...)."""
+    cause = error if isinstance(error, SampleError) else error.__cause__  # load_image chains the policy's error
+    if isinstance(cause, SampleError):
+        return cause.reason
     if isinstance(error, FileNotFoundError):
         return "missing_file"
-    # load_image words the policy's reason into its message: ask the policy itself (failed images only).
-    if hasattr(source, "seek"):
-        source.seek(0)
-    try:
-        decode_image(source)
-    except SampleError as again:
-        return again.reason
     return "corrupt_image"  # the file decodes, but the transform refused it
 
 
