@@ -28,23 +28,27 @@ class Evaluated:
     preprocess: Callable
     images: LabelledImages  # all emoji images (both splits, all styles)
     features: torch.Tensor
-    per_template: dict[tuple[tuple[str, ...], str], torch.Tensor] = field(default_factory=dict)
+    # template -> class name -> its normalised text embedding [D]: each prompt is encoded once, however many
+    # styles (each with its own set of concepts) ask for it
+    per_template: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """Zero-shot weights; an ensemble is built from its single-template weights (each encoded once).
+        """Zero-shot weights [D, classes]; an ensemble is built from its single-template weights.
 
         normalise(mean of per-template normalised class embeddings) is what OpenAI's ensembling
         computes, so the ablation's single templates and the ensemble share every text forward pass.
         """
-        names = tuple(classnames)
+        columns = []
         for template in templates:
-            if (names, template) not in self.per_template:
-                self.per_template[(names, template)] = build_classifier(self.model, self.tokenizer, names, [template],
-                                                                        cache=False)
+            known = self.per_template.setdefault(template, {})
+            missing = list(dict.fromkeys(name for name in classnames if name not in known))
+            if missing:
+                weights = build_classifier(self.model, self.tokenizer, missing, [template], cache=False)
+                known.update(zip(missing, weights.T))
+            columns.append(torch.stack([known[name] for name in classnames], dim=1))
         if len(templates) == 1:
-            return self.per_template[(names, templates[0])]
-        stacked = torch.stack([self.per_template[(names, t)] for t in templates])
-        return torch.nn.functional.normalize(stacked.mean(0), dim=0)
+            return columns[0]
+        return torch.nn.functional.normalize(torch.stack(columns).mean(0), dim=0)
 
 
 def embed_all(name: str, model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,

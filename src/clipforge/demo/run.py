@@ -41,6 +41,7 @@ from clipforge.evaluate.report import Section, markdown_table, plot_training_cur
 from clipforge.evaluate.tasks import METHOD_LABELS, EvalContext, RobustnessSettings, retrieval
 from clipforge.inference.templates import get_templates
 from clipforge.precision import PrecisionChoice, resolve_precision
+from clipforge.train.throughput import run_utilisation
 
 # Seconds per optimizer step of each run at the default model and batch, measured on the 2-core
 # reference machine (AMD EPYC, fp32, decoded-image cache), and each run's share of the training time. The budget is
@@ -192,6 +193,9 @@ def _train_models(run: DemoRun, inputs: DemoInputs) -> DemoModels:
     lit_csv = tables.emoji if cfg.lit_data == "emoji" else tables.clip
     clip = run_contrastive("CLIP", train_config(cfg, tables.clip, run.out / "clip", steps["clip"]))
     run.timings["train CLIP"] = clip.seconds
+    if clip.step_gflop:  # counted on the run's first step
+        with run.timed("matmul limit"):
+            run.results["throughput"] = run_utilisation(clip.step_gflop, clip.steps, clip.seconds, cfg.precision)
     lit = run_contrastive("LiT", train_config(cfg, lit_csv, run.out / "lit", steps["lit"], text_tower="minilm"))
     run.timings["train LiT"] = lit.seconds
     with run.timed("embed images"):

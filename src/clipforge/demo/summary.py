@@ -12,6 +12,7 @@ UNSEEN_TARGET = 0.25  # unseen concepts, top-1, CLIP or LiT
 ROBUSTNESS_TARGET = 0.05  # effective robustness of zero-shot CLIP over the supervised trend, held-out mean
 MINUTES_TARGET = 10.0  # the whole default demo, wall time (data cached)
 DATA_MINUTES_TARGET = 4.0  # the first run's extra time to fetch and build the data
+MATMUL_SHARE_TARGET = 0.35  # CLIP training's achieved FLOP rate over the best matmul rate of its precision
 LIT_ZERO_SHOT = zero_shot_method("LiT")
 
 
@@ -61,7 +62,7 @@ def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: lis
     found = _Findings(results, held_out[0])
     return [*_held_out_rows(found, held_out), _unseen_row(found, train_styles + held_out), _prompt_row(results),
             *_robustness_rows(found), _few_shot_row(found), *_ablation_rows(found), _probe_row(found),
-            _tuxpaint_row(results), _retrieval_row(results, found.colour)]
+            _tuxpaint_row(results), _retrieval_row(results, found.colour), _throughput_row(results)]
 
 
 def _held_out_rows(found: _Findings, held_out: list[str]) -> list[dict[str, str]]:
@@ -161,6 +162,17 @@ def _retrieval_row(results: dict[str, Any], colour: str) -> dict[str, str]:
     cells = [f"{_fmt(_get(ret, m, 'image_to_text_r1'))} / {_fmt(_get(ret, m, 'text_to_image_r1'))}"
              for m in ("CLIP", "LiT")]
     return _row(f"retrieval R@1 image->text / text->image ({colour}, seen)", *cells)
+
+
+def _throughput_row(results: dict[str, Any]) -> dict[str, str]:
+    """CLIP training's achieved GFLOP/s over the best matmul GFLOP/s of its precision, measured in the run."""
+    got = results.get("throughput") or {}
+    share = got.get("share")
+    cell = "n/a" if share is None else (f"{share:.0%}: {got['achieved_gflops']:.0f} of {got['best_matmul_gflops']:.0f} "
+                                        f"GFLOP/s ({got['precision']}, {got['gflop_per_step']:.1f} GFLOP a step)")
+    return _row("CLIP training speed: share of the best matmul rate of its precision on this machine", cell,
+                target=f"CLIP >= {MATMUL_SHARE_TARGET:.0%}",
+                verdict=_verdict(None if share is None else share >= MATMUL_SHARE_TARGET))
 
 
 def _signed(value: float | None) -> str:

@@ -43,6 +43,7 @@ class TrainedModel:
     metrics: Path
     seconds: float
     steps: int
+    step_gflop: float | None  # GFLOP of one training step (its first, on a real batch)
 
 
 def train_config(cfg: DemoConfig, train_csv: Path, out: Path, steps: int, text_tower: str = "clip") -> TrainConfig:
@@ -67,7 +68,7 @@ def run_contrastive(name: str, config: TrainConfig) -> TrainedModel:
     model.eval()
     tokenizer = get_tokenizer(checkpoint, context_length=model.context_length)
     return TrainedModel(name, model, tokenizer, preprocess, checkpoint, Path(config.output_dir) / "metrics.jsonl",
-                        seconds, summary["steps"])
+                        seconds, summary["steps"], summary["step_gflop"])
 
 
 class _AugmentedImages(Dataset):

@@ -37,6 +37,7 @@ from clipforge.train.metrics_log import MetricsLog
 from clipforge.train.models import build_model_and_tokenizer
 from clipforge.train.resume import check_resume, check_schedule
 from clipforge.train.step import TrainStep
+from clipforge.train.throughput import counting_flops
 from clipforge.train.validate import Validation, ZeroShotProbe
 
 
@@ -86,6 +87,7 @@ class TrainingRun:
                                                (config.beta1, config.beta2), config.eps)
         self.step = self.epoch = self.steps_this_run = 0
         self.loss = math.nan
+        self.step_gflop: float | None = None  # FLOPs of this session's first step (real batch), for speed reports
         self.resumed_epoch = False  # the current epoch continues a checkpoint's (it may have no batch left)
         if state is not None:
             self._restore(state)
@@ -263,8 +265,10 @@ class TrainingRun:
         tick = time.perf_counter()
         lr = optim.warmup_cosine(self.step, self.total_steps, config.warmup, config.lr, config.min_lr)
         optim.set_lr(self.optimizer, lr)
-        self.loss = mean_over_ranks(self.step_fn(batch["pixels"][:size].to(info.device),
-                                                  batch["tokens"][:size].to(info.device)), info)
+        with counting_flops(self.step_gflop is None) as counted:
+            loss = self.step_fn(batch["pixels"][:size].to(info.device), batch["tokens"][:size].to(info.device))
+        self.step_gflop = self.step_gflop if self.step_gflop is not None else counted()
+        self.loss = mean_over_ranks(loss, info)
         if not math.isfinite(self.loss):
             last = checkpoints.list_checkpoints(self.run_dir)
             raise TrainingDiverged(
@@ -322,7 +326,7 @@ class TrainingRun:
                 "captions_dropped": dict(dropped), "captions_truncated": skips.truncated,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "validation": self.val_metrics, "already_finished": self.already_finished,
-                "precision": self.config.precision}
+                "precision": self.config.precision, "step_gflop": self.step_gflop}
 
     def _print_done(self, skips: SkipCounter, dropped: Counter, skip_log: Path | None) -> None:
         if self.already_finished:
