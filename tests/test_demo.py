@@ -72,3 +72,4 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
         assert clipforge.load(folder)[0].config.embed_dim == 256, name
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["limit"] == 200
+    assert config["precision"] in ("fp32", "bf16")  # "auto" is recorded as what it resolved to

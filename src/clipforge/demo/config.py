@@ -36,9 +36,9 @@ class DemoConfig:
     batch_size: int = 256  # pairs per step (every run)
     lr: float = 1e-3  # peak learning rate (every run)
     warmup: int = 30  # warm-up steps (at most a quarter of a run's steps)
-    # measured: the 32 px ResNet trains 25% faster in fp32 than in bf16 on a CPU without AMX; "auto" picks per
-    # machine (see `clipforge train --precision`), and the config line and config.json show what it picked
-    precision: str = "fp32"
+    # "auto": bf16 where this machine runs it faster (AMX, a bf16 GPU, or a probe cached per machine), else fp32;
+    # the config line and config.json record what it resolved to, so --config repeats the run exactly
+    precision: str = "auto"
     templates: str = "emoji"  # zero-shot prompt ensemble (clipforge.evaluate.get_templates)
     limit: int = 0  # >0: only the first N concepts (a fast smoke run: tests, CI)
     workers: int = 1  # image-decoding workers of the "pil" data path

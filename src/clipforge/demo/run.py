@@ -43,19 +43,25 @@ from clipforge.inference.templates import get_templates
 from clipforge.precision import PrecisionChoice, resolve_precision
 from clipforge.train.throughput import run_utilisation
 
-# Seconds per optimizer step of each run at the default model and batch, measured on the 2-core
-# reference machine (AMD EPYC, fp32, decoded-image cache), and each run's share of the training time. The budget is
-# deterministic (no timing at run time), so a seed and --minutes always give the same steps.
-SECONDS_PER_STEP = {"clip": 0.33, "lit": 0.33, "supervised": 0.45}  # supervised: the whole family (baselines.py)
+# Seconds per optimizer step of each run at the default model and batch, by the precision the run resolved to
+# ("auto" picks it per machine), measured on the 2-core reference machine (AMD EPYC Zen 4, decoded-image cache), and
+# each run's share of the training time. The budget is deterministic (no timing at run time), so a seed, --minutes
+# and the precision always give the same steps: a machine where bf16 is the fast path trains more steps.
+SECONDS_PER_STEP = {"fp32": {"clip": 0.33, "lit": 0.33, "supervised": 0.45},  # supervised: the whole family
+                    "bf16": {"clip": 0.243, "lit": 0.307, "supervised": 0.386}}
 SHARE = {"clip": 0.55, "lit": 0.25, "supervised": 0.20}
 OVERHEAD_SECONDS = 180  # start-up, embedding, evaluation (10 styles) and the report: not scaled by --minutes
 
 
 def budget(cfg: DemoConfig) -> dict[str, int]:
-    """Steps per run: explicit counts win; otherwise the training time left in `minutes`, split by SHARE."""
+    """Steps per run: explicit counts win; otherwise the training time left in `minutes`, split by SHARE, at the
+    per-step seconds of cfg.precision (resolved: "fp32" or "bf16")."""
+    if cfg.precision not in SECONDS_PER_STEP:
+        raise ValueError(f"budget needs a resolved precision, got {cfg.precision!r}")
+    per_step = SECONDS_PER_STEP[cfg.precision]
     training = max(60.0, cfg.minutes * 60 - OVERHEAD_SECONDS)
     explicit = {"clip": cfg.clip_steps, "lit": cfg.lit_steps, "supervised": cfg.supervised_steps}
-    return {k: v or max(10, round(training * SHARE[k] / SECONDS_PER_STEP[k])) for k, v in explicit.items()}
+    return {k: v or max(10, round(training * SHARE[k] / per_step[k])) for k, v in explicit.items()}
 
 
 def choose_id_test(
