@@ -17,18 +17,19 @@ from pathlib import Path
 
 import torch
 
-from clipforge.data.labelled import load_labelled_images
+from clipforge.data.labelled import LabelledImages, load_labelled_images
 from clipforge.demo.config import DemoConfig
 from clipforge.demo.data import prepare_datasets, read_concepts
 from clipforge.demo.evaluation import accuracy, embed_all
 from clipforge.demo.run import choose_id_test, training_tables
 from clipforge.demo.training import run_contrastive, train_config
+from clipforge.device import resolve_device
 from clipforge.inference.templates import get_templates
 from clipforge.precision import machine_key, resolve_precision
 
 # name -> (DemoConfig fields, TrainConfig fields, text tower). Steps are fixed so a variant repeats exactly.
 VARIANTS = {
-    "baseline": ({}, {"steps": 700}, "clip"),  # the demo before this study: emoji x2 + 8.4k icons
+    "baseline": ({}, {"steps": 700}, "clip"),  # the demo's data (emoji x2 + 8.4k icons) at the old 700 steps
     "emoji-only": ({"icons": 0}, {"steps": 700}, "clip"),
     "icons-2k": ({"icons": 2000}, {"steps": 700}, "clip"),
     "emoji-only-t30": ({"icons": 0}, {"steps": 700, "model_overrides": {"logit_scale_init": 3.4012}}, "clip"),
@@ -53,11 +54,12 @@ def build_tables(cfg: DemoConfig, out: Path) -> Path:
     return training_tables(cfg, data, concepts, choose_id_test(concepts, cfg.styles("train"), cfg.seed), folder).clip
 
 
-def run_variant(name: str, out: Path, images) -> dict:
+def run_variant(name: str, out: Path, images: LabelledImages) -> dict:
     """Train one variant, score it on twitter (seen and unseen concepts)."""
     demo_fields, train_fields, tower = VARIANTS[name]
     cfg = dataclasses.replace(DemoConfig(), **demo_fields)
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, "cpu").precision)
+    # resolved for the device the runs train on (TrainConfig device "auto"), as the demo does
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, resolve_device("auto")).precision)
     table = build_tables(cfg, out)
     config = dataclasses.replace(train_config(cfg, table, out / name, train_fields["steps"], text_tower=tower),
                                  **train_fields)
