@@ -49,3 +49,28 @@ def make_caption_set(root: Path, per_concept: int, seed: int = 0, name: str = "t
         writer.writerow(["image", "caption", "key"])
         writer.writerows(rows)
     return root / name
+
+
+def make_labelled_set(root: Path, per_concept: int, seed: int = 0, styles: tuple[str, ...] = ("filled", "outline"),
+                      name: str = "labels.csv") -> Path:
+    """A labels CSV (image, label, style) of the colour-shape pairs: "filled" shapes, or "outline" (a style shift)."""
+    rng = random.Random(seed)
+    (root / "labelled").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for style in styles:
+        for color, rgb in COLORS.items():
+            for shape in SHAPES:
+                for i in range(per_concept):
+                    image = draw(rgb, shape, rng)
+                    if style == "outline":  # the shape's edge only: the fill becomes background
+                        inner = draw((255, 255, 255), shape, random.Random(0))
+                        image = Image.blend(image, inner.resize(image.size), 0.35)
+                    path = f"labelled/{name[:-4]}_{style}_{color}_{shape}_{i}.png"
+                    image.save(root / path)
+                    rows.append((path, f"{color} {shape}", style))
+    rng.shuffle(rows)
+    with open(root / name, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label", "style"])
+        writer.writerows(rows)
+    return root / name

@@ -9,7 +9,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge"
 # Each package may import only from packages below it; the embedding core sits under every job.
 FOUNDATION = {"model", "text", "data", "checkpoint", "loss"}
-JOBS = {"train", "evaluate", "search", "serve", "demo", "cli"}
+JOBS = {"train", "evaluate", "finetune", "search", "serve", "demo", "cli"}
 FORBIDDEN = {**{package: JOBS for package in FOUNDATION}, "inference": JOBS,
              "search": {"evaluate"}, "train": {"evaluate"}}
 MAX_FUNCTION_LINES = 60

@@ -10,5 +10,14 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIP", "CLIPConfig", "CLIPTokenizer", "EvalTransform", "LoadOptions", "TextConfig", "TrainTransform",
     "VisionConfig", "create_model", "get_model_config", "get_tokenizer", "image_transform", "list_models",
-    "list_pretrained", "load", "quantize", "save_pretrained", "tokenize",
+    "list_pretrained", "load", "quantize", "save_pretrained", "tokenize", "wise",
 ]
+
+
+def __getattr__(name: str):
+    """`clipforge.wise` without importing the training stack at `import clipforge`."""
+    if name == "wise":
+        from clipforge.finetune.wise import wise
+
+        return wise
+    raise AttributeError(f"module 'clipforge' has no attribute {name!r}")

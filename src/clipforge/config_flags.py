@@ -13,7 +13,16 @@ from typing import Any, Mapping, get_type_hints
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """Each field's comment: the one ending its line, else the comment lines just above it ("" when none)."""
+    """Each field's comment: the one ending its line, else the comment lines just above it ("" when none); a
+    subclass's own comment wins over its base dataclasses'."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments.update({k: v for k, v in _own_field_comments(klass).items() if v or k not in comments})
+    return comments
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     source = textwrap.dedent(inspect.getsource(cls))
     trailing: dict[int, str] = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -37,11 +46,13 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type,
-                            choices: Mapping[str, tuple] = {}) -> None:
-    """One flag per field of `cls` (--batch-size for batch_size); the flag's default is None (the config decides)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, choices: Mapping[str, tuple] = {},
+                            skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of `cls` but `skip` (--batch-size for batch_size); defaults None (the config decides)."""
     hints, comments = get_type_hints(cls), field_comments(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
         help_text = comments.get(f.name, "")
         help_text = f"{help_text}{'; ' if help_text else ''}default {json.dumps(_default(f))}".replace("%", "%%")

@@ -308,6 +308,9 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     if format != "clipforge" and model.logit_bias is not None:
         raise CheckpointError(f"{format} has no place for this model's logit_bias (a SigLIP-trained CLIP): save with "
                               "format='clipforge'")
+    if format != "clipforge" and model.head is not None:
+        raise CheckpointError(f"{format} has no place for this model's classification head (a fine-tuned "
+                              "classifier): save with format='clipforge'")
     tokenizer = tokenizer or tokenizer_for(model.config, context_length=model.context_length)
     preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
     settings = _open_clip_settings(model.config, tokenizer, preprocess) if format == "open_clip" else None

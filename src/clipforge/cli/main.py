@@ -13,6 +13,7 @@ from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
 from clipforge.cli import evaluate as eval_cmd
 from clipforge.cli import export as export_cmd
+from clipforge.cli import finetune as finetune_cmd
 from clipforge.cli import search as search_cmd
 from clipforge.cli import serve as serve_cmd
 from clipforge.cli import train as train_cmd
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
+    finetune_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     export_cmd.add_parser(sub)

@@ -121,3 +121,11 @@ def classify(model: CLIP, pixels: torch.Tensor, classifier: torch.Tensor, precis
     with autocast_context(device, precision):
         image = model.encode_image(pixels.to(device), normalize=True).float()
     return zero_shot_predict(model, image, classifier).softmax(dim=-1)
+
+
+def zero_shot_head(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
+                   templates: Sequence[str]) -> torch.Tensor:
+    """[n_classes, embed_dim] fp32 head weights whose logits on normalised image embeddings equal zero-shot's:
+    the prompt-ensemble classifier times the model's logit scale."""
+    classifier = build_classifier(model, tokenizer, classnames, templates, cache=False)
+    return (_logit_scale(model) * classifier.float().t()).clone()

@@ -35,6 +35,8 @@ class CLIP(nn.Module):
         bias = config.logit_bias_init  # SigLIP's learned bias; CLIP's softmax loss has none
         self.register_parameter("logit_bias", None if bias is None else nn.Parameter(torch.tensor(float(bias))))
         self.text_tower: TextTower = text_tower_class(config.text_tower)(config.text, config.embed_dim, pretrained_text)
+        # Fine-tuned classifiers: logits = head(normalised image embedding); starts as the zero-shot classifier.
+        self.head: nn.Linear | None = nn.Linear(config.embed_dim, len(config.classnames)) if config.classnames else None
         self.locked: set[str] = set()
         self.register_state_dict_post_hook(_text_keys_to_checkpoint)
         self.register_load_state_dict_pre_hook(_text_keys_from_checkpoint)
@@ -99,6 +101,32 @@ class CLIP(nn.Module):
         """Give the model a learned logit bias (SigLIP's loss needs one) starting at `value`."""
         self.config.logit_bias_init = value
         self.logit_bias = nn.Parameter(torch.tensor(float(value), device=self.logit_scale.device))
+
+    @property
+    def classnames(self) -> list[str]:
+        """The classes of the classification head (empty for a model without one)."""
+        return list(self.config.classnames)
+
+    def set_head(self, weight: torch.Tensor, classnames: list[str], bias: torch.Tensor | None = None,
+                 templates: list[str] | None = None) -> None:
+        """Give the model a classification head: logits = weight @ normalised image embedding + bias."""
+        if weight.shape != (len(classnames), self.config.embed_dim):
+            raise ConfigError(f"head weight must be [{len(classnames)} classes, {self.config.embed_dim}], got "
+                              f"{tuple(weight.shape)}")
+        self.config.classnames, self.config.head_templates = list(classnames), list(templates or [])
+        self.config.__post_init__()  # the same checks as a loaded config
+        head = nn.Linear(self.config.embed_dim, len(classnames), device=self.logit_scale.device, dtype=self.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(torch.zeros(len(classnames)) if bias is None else bias)
+        self.head = head
+
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, classes] of the classification head (a fine-tuned model; see `clipforge finetune`)."""
+        if self.head is None:
+            raise ConfigError("this model has no classification head: fine-tune it (clipforge finetune) or "
+                              "build a zero-shot classifier (clipforge.inference.build_classifier)")
+        return self.head(self.encode_image(pixels, normalize=True).to(self.head.weight.dtype))
 
     @overload
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False,

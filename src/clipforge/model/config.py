@@ -105,10 +105,17 @@ class CLIPConfig:
     logit_scale_init: float = 2.659260036932778  # ln(1/0.07)
     text_tower: str = "clip"  # "clip": causal transformer; "minilm": pretrained all-MiniLM-L6-v2 + projection
     logit_bias_init: float | None = None  # a learned logit bias (SigLIP's loss: -10); None: no bias
+    # A classification head over these classes (a fine-tuned model, `CLIP.classify`); empty: none.
+    classnames: list[str] = field(default_factory=list)
+    head_templates: list[str] = field(default_factory=list)  # the prompts its zero-shot start was built from
 
     def __post_init__(self) -> None:
         if self.text_tower not in TEXT_TOWER_NAMES:
             raise ConfigError(f"text_tower must be 'clip' or 'minilm', got {self.text_tower!r}")
+        if not all(isinstance(name, str) and name for name in self.classnames):
+            raise ConfigError(f"classnames must be non-empty strings, got {self.classnames!r}")
+        if len(set(self.classnames)) != len(self.classnames):
+            raise ConfigError("classnames of a classification head must be distinct")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (tuples become lists)."""

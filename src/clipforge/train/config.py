@@ -39,6 +39,7 @@ class TrainConfig:
     image_column: str = "image"  # CSV/TSV column (or shard extension) holding the image path
     caption_column: str = "caption"  # CSV/TSV column (or shard extension) holding the caption
     key_column: str = ""  # concept key column: batches then never hold two samples with the same key
+    unique_keys: bool = True  # with key_column: no key twice in a batch (false: the key only labels samples)
     caption_separator: str = ""  # split one caption cell into several captions
     composite_white: bool = False  # blend transparent images onto white
     aug_scale_min: float = 0.9  # random resized crop keeps this much of the area at least

@@ -32,7 +32,8 @@ def build_train_data(config: TrainConfig, transform: Callable, tokenizer: Callab
         train_data=config.train_data, image_column=config.image_column, caption_column=config.caption_column,
         key_column=config.key_column or None, caption_separator=config.caption_separator or None,
         batch_size=config.batch_size, workers=config.workers, seed=config.seed, image_size=transform.image_size,
-        composite_white=config.composite_white, unique_keys=bool(config.key_column) and ".tar" not in config.train_data,
+        composite_white=config.composite_white, unique_keys=config.unique_keys and bool(config.key_column)
+        and ".tar" not in config.train_data,
         decoded_cache=config.decoded_cache, decoded_cache_dir=config.decoded_cache_dir,
     )
     loader = build_from_config(data_config, tokenizer, rank=info.rank, world_size=info.world_size, transform=transform)

@@ -29,7 +29,7 @@ def recorded_config(run_dir: Path, state: dict[str, Any]) -> tuple[dict[str, Any
 def differences(recorded: dict[str, Any], config: TrainConfig) -> Changes:
     """The fields, session fields aside, whose value differs from the record (a field it lacks had its default)."""
     given = _as_json(config)
-    defaults = _as_json(TrainConfig())
+    defaults = _as_json(type(config)())
     # A resumed shard stream continues exactly only with the same number of workers (see data.shards).
     exempt = SESSION_FIELDS - {"workers"} if ".tar" in config.train_data else SESSION_FIELDS
     changes = {}

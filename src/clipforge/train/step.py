@@ -157,3 +157,26 @@ class TrainStep:
         average_gradients(params, self.dist.world_size)
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+
+
+class ClassifierStep(TrainStep):
+    """Cross-entropy of the model's classification head (`CLIP.classify`) on class indices, for fine-tuning.
+
+    The loss is a mean over samples, so accumulating micro-batch losses summed and divided by the batch size
+    gives exactly the large-batch gradient; bf16 masters, grad sync and clipping are TrainStep's.
+    """
+
+    def __call__(self, pixels: torch.Tensor, labels: torch.Tensor) -> float:
+        """Accumulate gradients for one optimizer step on (pixels, class indices); returns the loss value."""
+        for p in self.trainable:
+            p.grad = None
+        value = 0.0
+        for chunk, targets in zip(pixels.chunk(self.accum_steps), labels.chunk(self.accum_steps)):
+            if self.channels_last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            logits = self.model.classify(chunk).float()
+            loss = F.cross_entropy(logits, targets, reduction="sum") / len(pixels)
+            loss.backward()
+            value += loss.item()
+        self._finish_grads()
+        return value

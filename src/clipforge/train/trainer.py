@@ -29,7 +29,9 @@ from clipforge.distributed import (
 )
 from clipforge.errors import ConfigError, DataError, TrainingDiverged
 from clipforge.loss import LOSSES
+from clipforge.model import CLIP
 from clipforge.precision import PrecisionChoice, resolve_precision
+from clipforge.text.base import Tokenizer
 from clipforge.train import checkpoints, optim
 from clipforge.train.config import TrainConfig
 from clipforge.train.data import TrainData, build_train_data, build_val_data
@@ -71,7 +73,7 @@ class TrainingRun:
         self.overrides = check_resume(config, resume_from, state, asked) if state is not None else {}
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.model, self.tokenizer = build_model_and_tokenizer(config, resume_from)
+        self.model, self.tokenizer = self._build_model(resume_from)
         self._prepare_model()
         self.loss_fn = build_loss(config).to(self.info.device)
         transform = TrainTransform(self.model.image_size, scale=(config.aug_scale_min, 1.0),
@@ -81,8 +83,7 @@ class TrainingRun:
         self.total_steps = config.steps or config.epochs * self.data.steps_per_epoch
         if state is not None:
             check_schedule(config, state.get("total_steps"), self.total_steps, resume_from)
-        self.step_fn = TrainStep(self.model, self.loss_fn, config.precision, config.accum_steps, config.grad_clip,
-                                 self.info)
+        self.step_fn = self._build_step()
         self.optimizer = optim.build_optimizer(self.step_fn.optimizer_groups(config.weight_decay), config.lr,
                                                (config.beta1, config.beta2), config.eps)
         self.step = self.epoch = self.steps_this_run = 0
@@ -100,6 +101,19 @@ class TrainingRun:
         self.preprocess = dataclasses.replace(self.model.preprocess_config, composite_white=config.composite_white)
         self.validation = self._validation(eval_transform)
         self.val_metrics: dict[str, float] = {}
+
+    def _build_model(self, resume_from: Path | None) -> tuple[CLIP, Tokenizer]:
+        """The model and tokenizer the run starts from (a subclass may change the model, e.g. give it a head)."""
+        return build_model_and_tokenizer(self.config, resume_from)
+
+    def _build_step(self) -> TrainStep:
+        """The step that turns a batch into gradients (contrastive here; cross-entropy for a fine-tuned classifier)."""
+        config = self.config
+        return TrainStep(self.model, self.loss_fn, config.precision, config.accum_steps, config.grad_clip, self.info)
+
+    def _targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What a batch's images are matched with: its captions' token ids."""
+        return batch["tokens"]
 
     def _prepare_model(self) -> None:
         """Device, activation checkpointing, locked towers, train mode."""
@@ -174,13 +188,17 @@ class TrainingRun:
                  "config": self._record(), "loss": self.loss, "total_steps": self.total_steps}
         path = None
         if self.info.is_main:
-            weights, model = self.step_fn.fp32_state_dict(), self.model
+            weights, model = self._weights_to_save(), self.model
             tokenizer, preprocess = self.tokenizer, self.preprocess
             path = checkpoints.save_checkpoint(
                 self.run_dir, self.step, lambda d: write_clipforge_dir(d, weights, model.config, tokenizer, preprocess),
                 state, self.config.keep_last)
         barrier(self.info)
         return path
+
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's weights: the fp32 master values (in bf16 mode) of the model as it is."""
+        return self.step_fn.fp32_state_dict()
 
     def loop(self) -> None:
         """Epochs of batches until the run's steps (or this session's share of them) are done."""
@@ -266,7 +284,7 @@ class TrainingRun:
         lr = optim.warmup_cosine(self.step, self.total_steps, config.warmup, config.lr, config.min_lr)
         optim.set_lr(self.optimizer, lr)
         with counting_flops(self.step_gflop is None) as counted:
-            loss = self.step_fn(batch["pixels"][:size].to(info.device), batch["tokens"][:size].to(info.device))
+            loss = self.step_fn(batch["pixels"][:size].to(info.device), self._targets(batch)[:size].to(info.device))
         self.step_gflop = self.step_gflop if self.step_gflop is not None else counted()
         self.loss = mean_over_ranks(loss, info)
         if not math.isfinite(self.loss):
