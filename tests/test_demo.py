@@ -9,7 +9,7 @@ import pytest
 
 SECTIONS = ("## Summary", "## Training", "## Zero-shot top-1 by style", "## Prompt engineering and ensembling",
             "## Effective robustness", "## Retrieval (CLIP", "## Bias probe", "## Real photos and held-out examples",
-            "## Timings")
+            "## Fine-tuning and WiSE-FT", "## Timings")
 PLOTS = ("training-curves.png", "prompt-ablation.png", "robustness.png", "effective-robustness.png", "photos-clip.png",
          "examples-clip.png", "examples-lit.png")
 
@@ -21,7 +21,7 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     # Archives come from the shared cache the full demo filled (fetched here when absent).
     args = ["--out", str(out), "--data-root", str(tmp_path / "data"), "--limit", "200",
             "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64",
-            "--warmup", "5", "--icons", "300", "--ablation", "1"]
+            "--warmup", "5", "--icons", "300", "--ablation", "1", "--finetune", "1", "--finetune-steps", "4"]
     result = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "demo", *args], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,6 +70,13 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
         import clipforge
 
         assert clipforge.load(folder)[0].config.embed_dim == 256, name
+    # --finetune 1: ce and FLYP from the demo's CLIP, WiSE-FT between zero-shot and ce, each on the trend
+    tuned = results["finetune"]
+    assert tuned["steps"] == 4 and [p["alpha"] for p in tuned["wise"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert tuned["wise"][0]["in_distribution"] == results["robustness"]["domains"]["clip-zero-shot"]["in_distribution"]
+    assert {"finetune-ce", "finetune-flyp", "wise-0.5"} < set(results["effective_robustness"]["models"])
+    assert sum(i.startswith(("fine-tuned-cross-entropy", "wise-ft")) for i in ids) == 3
+    assert clipforge.load(out / "finetune" / "ce" / "step-00000004")[0].classnames
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["limit"] == 200
     assert config["precision"] in ("fp32", "bf16")  # "auto" is recorded as what it resolved to

@@ -13,7 +13,8 @@ from clipforge.errors import ConfigError
 from clipforge.precision import PRECISION_CHOICES
 
 CHOICES = {"icon_query": ("labels", "any"), "icons_unseen": ("keep", "remove"), "lit_data": ("emoji", "clip"),
-           "data_path": ("decoded", "pil"), "precision": PRECISION_CHOICES, "ablation": (0, 1)}
+           "data_path": ("decoded", "pil"), "precision": PRECISION_CHOICES, "ablation": (0, 1),
+           "finetune": (0, 1)}
 
 
 @dataclass
@@ -57,6 +58,11 @@ class DemoConfig:
     # icons with unseen-named icons kept / removed (the data ablation; needs icons > 0)
     ablation: int = 0
     data_path: str = "decoded"  # "decoded": images decoded once, tensor augmentation; "pil": per-sample PIL
+    # 1: also fine-tune the CLIP on the training styles (cross-entropy, FLYP) and sweep WiSE-FT (the paper's "adapt
+    # to ImageNet"); outside the 10-minute budget (README: fine-tuning)
+    finetune: int = 0
+    finetune_steps: int = 150  # optimizer steps of each fine-tuning method (--finetune 1)
+    finetune_lr: float = 1e-3  # peak learning rate of the fine-tuning runs (--finetune 1; 1e-4 measured: no change)
 
     def validate(self) -> None:
         """Reject settings that cannot run, naming the field."""
@@ -73,6 +79,9 @@ class DemoConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.finetune_steps < 1 or self.finetune_lr <= 0:
+            raise ConfigError(f"finetune_steps must be >= 1 and finetune_lr > 0, got {self.finetune_steps}, "
+                              f"{self.finetune_lr}")
         if self.ablation and not self.icons:
             raise ConfigError("ablation needs icons > 0 (the icon count of its runs)")
         if self.icons < 0 or self.icons_per_concept < 0 or self.emoji_repeat < 1:

@@ -32,6 +32,7 @@ from clipforge.demo.evaluation import (
     prompt_ablation,
     zero_shot_by_style,
 )
+from clipforge.demo.finetune import FinetunedPredictors, finetune_findings, finetuned_predictors
 from clipforge.demo.robustness import demo_robustness, held_out_split, zero_shot_method
 from clipforge.demo.summary import claims, summary_rows
 from clipforge.demo.training import TrainedModel, read_training_rows, run_contrastive, train_config
@@ -164,12 +165,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     run = _start(cfg, choice)
     inputs = _prepare_inputs(run)
     models = _train_models(run, inputs)
+    tuned = _finetune(run, inputs, models) if cfg.finetune else None
     tables = inputs.tables
     run.results.update({"config": dataclasses.asdict(cfg), "steps": run.steps, "training_pairs": tables.emoji_rows,
                         "training_icons": tables.icons, "icons_excluded": tables.icons_excluded,
                         "data_setting": main_setting(cfg)})
     _zero_shot_tables(run, models)
-    _robustness(run, inputs, models)
+    _robustness(run, inputs, models, tuned)
+    if tuned is not None:
+        run.results["finetune"] = finetune_findings(run.results, tuned, cfg.styles("held_out"), run.sections)
     _retrieval(run, inputs, models)
     _bias_photos_plots(run, inputs, models)
     return _finish(run, models)
@@ -255,7 +259,14 @@ def _zero_shot_tables(run: DemoRun, models: DemoModels) -> None:
                                                         cfg.templates, run.sections, seed=cfg.seed)
 
 
-def _robustness(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> None:
+def _finetune(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> FinetunedPredictors:
+    """With --finetune 1: CLIP fine-tuned on the training styles (ce, FLYP) and WiSE-FT mixtures, as predictors."""
+    with run.timed("fine-tuning (ce, FLYP) + WiSE-FT"):
+        return finetuned_predictors(run.cfg, models.clip, inputs.data.emoji, inputs.id_test, models.seen.classnames,
+                                    run.out)
+
+
+def _robustness(run: DemoRun, inputs: DemoInputs, models: DemoModels, tuned: FinetunedPredictors | None) -> None:
     """Accuracy per style of every method (CLIP's from its cached features), then the supervised trend."""
     cfg, evaluated, family = run.cfg, models.evaluated, models.family
     with run.timed("robustness"):
@@ -269,6 +280,10 @@ def _robustness(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> None:
                       **{method: logits_for(m, ensemble) for method, m in zip(ablation, evaluated[2:])}}
         labels = {**METHOD_LABELS, **{zero_shot_method(m.name): f"{m.name} zero-shot" for m in evaluated},
                   **family.labels}
+        if tuned is not None:
+            predictors.update(tuned.predictors)
+            labels.update(tuned.labels)
+            ablation += list(tuned.predictors)
         seen_rows = torch.tensor([s == "seen" for s in evaluated[0].images.splits])
         split = held_out_split(models.seen, settings.id_domains, inputs.id_test)
         results = demo_robustness(ctx, models.seen, evaluated[0].features[seen_rows], split, predictors, labels,

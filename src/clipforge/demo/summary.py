@@ -62,7 +62,8 @@ def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: lis
     found = _Findings(results, held_out[0])
     return [*_held_out_rows(found, held_out), _unseen_row(found, train_styles + held_out), _prompt_row(results),
             *_robustness_rows(found), _few_shot_row(found), *_ablation_rows(found), _probe_row(found),
-            _tuxpaint_row(results), _retrieval_row(results, found.colour), _throughput_row(results)]
+            _tuxpaint_row(results), _retrieval_row(results, found.colour), _throughput_row(results),
+            *_finetune_rows(results)]
 
 
 def _held_out_rows(found: _Findings, held_out: list[str]) -> list[dict[str, str]]:
@@ -117,6 +118,28 @@ def _robustness_rows(found: _Findings) -> list[dict[str, str]]:
             _row("effective robustness over the supervised trend (mean of held-out styles)", _signed(clip_er),
                  _signed(found.er(LIT_ZERO_SHOT)), "0 (the trend)", f"CLIP >= +{ROBUSTNESS_TARGET}",
                  _verdict(None if clip_er is None else clip_er >= ROBUSTNESS_TARGET))]
+
+
+def _finetune_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """--finetune 1: fitting the training styles raises in-distribution top-1 and lowers effective robustness;
+    a WiSE-FT mixture beats both ends on the held-out styles (the paper's Figure 14; Wortsman et al. 2022)."""
+    tuned = results.get("finetune")
+    if not tuned:
+        return []
+    zero, ce = tuned["methods"]["zero-shot"] or {}, tuned["methods"]["ce"] or {}
+    gain = None if not zero or not ce else ce["in_distribution"] > zero["in_distribution"]
+    ers = (ce.get("effective_robustness"), zero.get("effective_robustness"))
+    lower = None if None in ers else ers[0] < ers[1]
+    best = next(p for p in tuned["wise"] if p["alpha"] == tuned["best_alpha"])
+    ends = (tuned["wise"][0].get("held_out_mean"), tuned["wise"][-1].get("held_out_mean"))
+    return [_row("fine-tuned (cross-entropy) vs zero-shot CLIP: in-distribution top-1",
+                 f"{_fmt(ce.get('in_distribution'))} vs {_fmt(zero.get('in_distribution'))}", "", "",
+                 "fine-tuned > zero-shot", _verdict(gain)),
+            _row("fine-tuned (cross-entropy) vs zero-shot CLIP: effective robustness",
+                 f"{_signed(ers[0])} vs {_signed(ers[1])}", "", "", "fine-tuned < zero-shot", _verdict(lower)),
+            _row("WiSE-FT: held-out mean top-1 at the best alpha vs zero-shot / fine-tuned",
+                 f"alpha {best['alpha']:g}: {_fmt(best.get('held_out_mean'))} vs {_fmt(ends[0])} / {_fmt(ends[1])}",
+                 "", "", "above both ends", _verdict(tuned["wise_above_both_ends"]))]
 
 
 def _few_shot_row(found: _Findings) -> dict[str, str]:
