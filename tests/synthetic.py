@@ -43,17 +43,21 @@ def make_caption_set(root: Path, per_concept: int, seed: int = 0, name: str = "t
                 path = f"images/{name[:-4]}_{color}_{shape}_{i}.png"
                 draw(rgb, shape, rng).save(root / path)
                 rows.append((path, f"a {color} {shape}", f"{color}-{shape}"))
+    return _write_shuffled(root / name, ["image", "caption", "key"], rows, rng)
+
+
+def _write_shuffled(path: Path, header: list[str], rows: list[tuple[str, ...]], rng: random.Random) -> Path:
     rng.shuffle(rows)
-    with open(root / name, "w", newline="") as handle:
+    with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "caption", "key"])
+        writer.writerow(header)
         writer.writerows(rows)
-    return root / name
+    return path
 
 
-def make_labelled_set(root: Path, per_concept: int, seed: int = 0, styles: tuple[str, ...] = ("filled", "outline"),
+def make_labelled_set(root: Path, per_concept: int, seed: int = 0, styles: tuple[str, ...] = ("filled", "faded"),
                       name: str = "labels.csv") -> Path:
-    """A labels CSV (image, label, style) of the colour-shape pairs: "filled" shapes, or "outline" (a style shift)."""
+    """A labels CSV (image, label, style) of the colour-shape pairs: "filled" shapes, or "faded" (a style shift)."""
     rng = random.Random(seed)
     (root / "labelled").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -62,15 +66,10 @@ def make_labelled_set(root: Path, per_concept: int, seed: int = 0, styles: tuple
             for shape in SHAPES:
                 for i in range(per_concept):
                     image = draw(rgb, shape, rng)
-                    if style == "outline":  # the shape's edge only: the fill becomes background
+                    if style == "faded":  # washed out, with a white ghost shape over it
                         inner = draw((255, 255, 255), shape, random.Random(0))
                         image = Image.blend(image, inner.resize(image.size), 0.35)
                     path = f"labelled/{name[:-4]}_{style}_{color}_{shape}_{i}.png"
                     image.save(root / path)
                     rows.append((path, f"{color} {shape}", style))
-    rng.shuffle(rows)
-    with open(root / name, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "label", "style"])
-        writer.writerows(rows)
-    return root / name
+    return _write_shuffled(root / name, ["image", "label", "style"], rows, rng)

@@ -43,8 +43,9 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])  # the supervised baseline trained
     assert set(results["timings"]) >= {"train CLIP", "train LiT", "train supervised (family)", "total"}
     speed = results["throughput"]  # CLIP's training FLOP rate against the best matmul rate of its precision
-    assert speed["gflop_per_step"] > 0 and speed["share"] == round(speed["achieved_gflops"] / speed[
-        "best_matmul_gflops"], 3) and 0 < speed["share"] < 2
+    # share is rounded from the unrounded rates, the two rates are rounded on their own: one rounding step apart
+    assert speed["gflop_per_step"] > 0 and abs(speed["share"] - speed["achieved_gflops"] / speed[
+        "best_matmul_gflops"]) < 1.5e-3 and 0 < speed["share"] < 2
     assert any(c["id"].startswith("clip-training-speed") for c in results["claims"])
     assert results["training_icons"] > 0  # the "web" part of pre-training
     # The data ablation: the same steps on the two other data settings, each in the tables and the trend.

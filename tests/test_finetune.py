@@ -15,7 +15,7 @@ import torch
 
 import clipforge
 from clipforge.distributed import DistInfo
-from clipforge.errors import CheckpointError, ConfigError
+from clipforge.errors import CheckpointError, ConfigError, TrainingError
 from clipforge.finetune.config import FinetuneConfig
 from clipforge.finetune.run import FinetuneRun, finetune, write_training_table
 from clipforge.finetune.wise import interpolate, zero_shot_end
@@ -35,8 +35,8 @@ def labelled(tmp_path_factory) -> Path:
 
 
 def _config(labelled: Path, out: Path, **changes) -> FinetuneConfig:
-    values = dict(model="cpu-vit-tiny-32", data=str(labelled), styles="filled", batch_size=8, workers=0, steps=3,
-                  lr=1e-3, warmup=0, output_dir=str(out))
+    values = dict(model="cpu-vit-tiny-32", random_weights=True, data=str(labelled), styles="filled", batch_size=8,
+                  workers=0, steps=3, lr=1e-3, warmup=0, output_dir=str(out))
     return FinetuneConfig(**{**values, **changes})
 
 
@@ -157,21 +157,46 @@ def test_accumulated_cross_entropy_equals_the_full_batch(tuned):
         torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-7)
 
 
-def test_config_refuses_what_finetune_derives_and_bad_methods(labelled, tmp_path):
-    with pytest.raises(ConfigError, match="key_column is set by finetune"):
-        finetune(_config(labelled, tmp_path, key_column="label"))
+def test_config_refuses_what_does_not_apply_and_bad_methods(labelled, tmp_path):
+    with pytest.raises(ConfigError, match="lock_text does not apply"):
+        finetune(_config(labelled, tmp_path, lock_text=True))
     with pytest.raises(ConfigError, match="method must be one of"):
         finetune(_config(labelled, tmp_path, method="sgd"))
     with pytest.raises(ConfigError, match="data is required"):
         finetune(_config(labelled, tmp_path, data=""))
+    with pytest.raises(ConfigError, match="--random-weights"):
+        finetune(_config(labelled, tmp_path, random_weights=False))
+    assert not (tmp_path / "finetune_data.csv").exists()  # refused before anything was written
+    # A run's record names its own table and key column: reused elsewhere, finetune derives them again.
+    summary = finetune(_config(labelled, tmp_path / "a", steps=1, key_column="label", train_data="elsewhere.csv"))
+    assert summary["steps"] == 1 and (tmp_path / "a" / "finetune_data.csv").is_file()
+
+
+def test_resume_refuses_changed_labelled_data(labelled, tmp_path):
+    finetune(_config(labelled, tmp_path, steps=1))
+    with pytest.raises(TrainingError, match="differs from what the run trained on"):
+        finetune(_config(labelled, tmp_path, steps=2, styles="faded", resume="latest", resume_override="steps"))
+    assert checkpoints.resolve_resume(tmp_path, "latest").name == "step-00000001"
+
+
+def test_bf16_keeps_frozen_weights_exact_and_the_flyp_head_of_the_saved_weights(labelled, tmp_path):
+    start = clipforge.create_model("cpu-vit-tiny-32", seed=0).state_dict()
+    ce = clipforge.load(finetune(_config(labelled, tmp_path / "ce", precision="bf16"))["checkpoint"])[0]
+    assert torch.equal(ce.state_dict()["text_projection"], start["text_projection"])  # frozen: saved as loaded
+    flyp = clipforge.load(finetune(_config(labelled, tmp_path / "flyp", precision="bf16",
+                                           method="flyp"))["checkpoint"])[0]
+    classifier = build_classifier(flyp, tokenizer_for(flyp.config), flyp.classnames, get_templates("simple"),
+                                  cache=False)
+    with torch.no_grad():
+        torch.testing.assert_close(flyp.head.weight, flyp.logit_scale.exp() * classifier.t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.integration
 def test_cli_finetune_then_wise_sweep_and_one_alpha(labelled, tmp_path):
     run = tmp_path / "run"
-    subprocess.run([*CLI, "finetune", "--model", "cpu-vit-tiny-32", "--data", str(labelled), "--styles", "filled",
-                    "--val-data", str(labelled), "--method", "ce", "--steps", "2", "--batch-size", "8",
-                    "--workers", "0", "--output-dir", str(run)], check=True, capture_output=True)
+    subprocess.run([*CLI, "finetune", "--model", "cpu-vit-tiny-32", "--random-weights", "--data", str(labelled),
+                    "--styles", "filled", "--val-data", str(labelled), "--method", "ce", "--steps", "2",
+                    "--batch-size", "8", "--workers", "0", "--output-dir", str(run)], check=True, capture_output=True)
     zero_shot = tmp_path / "zs"
     clipforge.save_pretrained(clipforge.create_model("cpu-vit-tiny-32", seed=0), zero_shot)
     latest = checkpoints.resolve_resume(run, "latest")
@@ -179,20 +204,26 @@ def test_cli_finetune_then_wise_sweep_and_one_alpha(labelled, tmp_path):
                           "--out", str(tmp_path / "sweep")], check=True, capture_output=True, text=True)
     rows = json.loads(out.stdout)
     assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
-    assert set(rows[0]) == {"alpha", "top1_filled", "top1_outline", "top1_mean"}
+    assert set(rows[0]) == {"alpha", "top1_filled", "top1_faded", "top1_mean"}
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_top1_mean" in line]
     assert rows[-1]["top1_filled"] == pytest.approx(last[-1]["val_top1_filled"])
     subprocess.run([*CLI, "wise", str(zero_shot), str(latest), "--alpha", "0.5", "--out", str(tmp_path / "mid")],
                    check=True, capture_output=True)
     assert clipforge.load(tmp_path / "mid")[0].classnames == clipforge.load(latest)[0].classnames
-    bad = subprocess.run([*CLI, "wise", str(zero_shot), str(latest), "--alpha", "0.5"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--out" in bad.stderr
+    for flags, message in ((["--alpha", "0.5"], "--out"), (["--alpha", "1.5", "--out", str(tmp_path / "x")], "[0, 1]"),
+                           (["--alpha", "0.5", "--out", str(latest)], "one of the two input models")):
+        bad = subprocess.run([*CLI, "wise", str(zero_shot), str(latest), *flags], capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    bad = subprocess.run([*CLI, "wise", "cpu-vit-tiny-32", str(latest), "--alpha", "0.5", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "registry architecture" in bad.stderr and not (tmp_path / "x").exists()
 
 
 @pytest.mark.integration
 def test_resume_after_sigkill_equals_an_uninterrupted_run(labelled, tmp_path):
-    args = ["finetune", "--model", "cpu-vit-tiny-32", "--data", str(labelled), "--method", "ce", "--steps", "24",
-            "--batch-size", "8", "--workers", "0", "--save-every", "1", "--keep-last", "2", "--lr", "1e-3"]
+    args = ["finetune", "--model", "cpu-vit-tiny-32", "--random-weights", "--data", str(labelled), "--method", "ce",
+            "--steps", "24", "--batch-size", "8", "--workers", "0", "--save-every", "1", "--keep-last", "2",
+            "--lr", "1e-3"]
     whole = tmp_path / "whole"
     subprocess.run([*CLI, *args, "--output-dir", str(whole)], check=True, capture_output=True)
     killed = tmp_path / "killed"
@@ -212,8 +243,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(labelled, tmp_path):
 
 @pytest.mark.integration
 def test_ddp_two_processes_equal_one(labelled, tmp_path):
-    common = ["finetune", "--model", "cpu-vit-tiny-32", "--data", str(labelled), "--method", "ce", "--workers", "0",
-              "--steps", "2", "--warmup", "1", "--lr", "1e-3", "--log-every", "1"]
+    common = ["finetune", "--model", "cpu-vit-tiny-32", "--random-weights", "--data", str(labelled), "--method", "ce",
+              "--workers", "0", "--steps", "2", "--warmup", "1", "--lr", "1e-3", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([*CLI, *common, "--batch-size", "16", "--output-dir", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)

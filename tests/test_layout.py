@@ -11,7 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge"
 FOUNDATION = {"model", "text", "data", "checkpoint", "loss"}
 JOBS = {"train", "evaluate", "finetune", "search", "serve", "demo", "cli"}
 FORBIDDEN = {**{package: JOBS for package in FOUNDATION}, "inference": JOBS,
-             "search": {"evaluate"}, "train": {"evaluate"}}
+             "search": {"evaluate", "finetune"}, "train": {"evaluate", "finetune"}, "evaluate": {"finetune"},
+             "serve": {"finetune"}}
 MAX_FUNCTION_LINES = 60
 
 

@@ -53,6 +53,18 @@ def _evaluation_images(args: argparse.Namespace, preprocess: Any) -> tuple[Any, 
     return pixels, kept
 
 
+def _refuse_inputs(args: argparse.Namespace) -> None:
+    """Registry names (random weights) as either model, and an --out that would overwrite one of them."""
+    from clipforge.model import list_models
+
+    for name in (args.zero_shot, args.finetuned):
+        if name in list_models() and not Path(name).exists():
+            raise ConfigError(f"{name!r} is a registry architecture without weights: give a checkpoint or model "
+                              "folder (its mixture would be random)")
+    if args.out and Path(args.out).resolve() in {Path(args.zero_shot).resolve(), Path(args.finetuned).resolve()}:
+        raise ConfigError(f"--out {args.out} is one of the two input models: write the mixture elsewhere")
+
+
 def run_wise(args: argparse.Namespace) -> None:
     """Interpolate ZERO_SHOT and FINETUNED: one model written to --out, or a sweep of --alphas evaluated."""
     import clipforge
@@ -65,6 +77,7 @@ def run_wise(args: argparse.Namespace) -> None:
     if args.alphas is not None and not args.eval:
         raise ConfigError("--alphas evaluates each mixture: give --eval DATA (labels CSV, dataset or class folders)")
     alphas = [args.alpha] if args.alpha is not None else parse_alphas(args.alphas)
+    _refuse_inputs(args)
     finetuned, preprocess = clipforge.load(args.finetuned, args.device)
     zero_shot, _ = clipforge.load(args.zero_shot, args.device)
     refuse_mismatch(zero_shot, finetuned)
@@ -102,7 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("wise", help="WiSE-FT: interpolate the weights of a zero-shot and a fine-tuned CLIP",
                        description="alpha 0 is the zero-shot classifier (the fine-tuned model's classes, its "
                                    "templates), alpha 1 the fine-tuned model.")
-    p.add_argument("zero_shot", help="the CLIP the fine-tuning started from (checkpoint, folder, pretrained name)")
+    p.add_argument("zero_shot", help="the CLIP the fine-tuning started from (a checkpoint or model folder)")
     p.add_argument("finetuned", help="the fine-tuned model (a clipforge finetune checkpoint)")
     p.add_argument("--alpha", type=float, default=None, help="weight of the fine-tuned model, in [0, 1]")
     p.add_argument("--alphas", default=None, help="a sweep, start:stop:step or a list (0:1:0.1); needs --eval; "

@@ -125,6 +125,10 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
         tokenizer = (clipforge.get_tokenizer(source, context_length=model.context_length) if source
                      else tokenizer_for(model.config, context_length=model.context_length))
     model = model.float().eval()  # fp32 graphs: half precision on CPU runtimes is slow or missing
+    if getattr(model, "head", None) is not None:
+        warnings.warn("ONNX export writes the two encoders; this model's classification head (a fine-tuned "
+                      "classifier) is not in the graphs: apply head.weight / head.bias to the normalised image "
+                      "embedding, or classify in clipforge", stacklevel=2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size, device = model.image_size, next(model.parameters()).device

@@ -7,15 +7,18 @@ from dataclasses import dataclass
 
 from clipforge.config_flags import add_dataclass_arguments
 from clipforge.errors import ConfigError
+from clipforge.model.config import list_models
 from clipforge.train.config import CHOICES, TrainConfig
 
 METHODS = ("ce", "flyp", "lp-ft")
-# Fields a fine-tuning run sets itself from `data` and `method`; a value given for one of them is refused.
-DERIVED = {"train_data": "data", "image_column": "data", "caption_column": "data", "key_column": "data",
-           "caption_separator": "templates", "unique_keys": "method", "lock_image": "method",
-           "lock_text": "method", "text_tower": "model", "bpe_vocab": "model", "model_overrides": "model",
-           **{name: "val-data" for name in ("val_zeroshot", "val_zeroshot_styles", "val_zeroshot_split",
-                                            "val_zeroshot_templates")}}
+# Fields a fine-tuning run sets itself from `data` (the training table it writes); a config's values for them (a
+# run's record) are replaced, so a record reused with another --output-dir or --data stays consistent.
+DERIVED = ("train_data", "image_column", "caption_column", "key_column", "caption_separator", "unique_keys")
+# TrainConfig fields that do not apply to fine-tuning (what they choose comes from `model` and `method`, or
+# `val_data` replaces them): no flag, and a config that sets one is refused.
+NOT_APPLICABLE = {"lock_image": "method", "lock_text": "method", "text_tower": "model", "bpe_vocab": "model",
+                  "model_overrides": "model", "val_zeroshot": "val-data", "val_zeroshot_styles": "val-styles",
+                  "val_zeroshot_split": "val-split", "val_zeroshot_templates": "templates"}
 
 
 @dataclass
@@ -35,13 +38,14 @@ class FinetuneConfig(TrainConfig):
     method: str = "ce"
     templates: str = "simple"  # prompt template set of the zero-shot head and of FLYP's class prompts
     probe_c: float = 1.0  # lp-ft: inverse L2 strength of the linear probe that starts the head
+    random_weights: bool = False  # allow a registry architecture as `model` (random weights: tests, smoke runs)
     lr: float = 1e-5  # peak learning rate (AdamW), reached after warmup, then cosine decay
     warmup: int = 10  # linear warm-up steps
     weight_decay: float = 0.1  # AdamW decay of weight matrices (not gains, biases, embeddings, temperature)
     output_dir: str = "runs/finetune"  # checkpoints, metrics.jsonl, the run's config and its training table
 
-    def validate(self) -> None:
-        """Reject inconsistent settings with a message naming the field."""
+    def validate_finetune(self) -> None:
+        """Reject inconsistent fine-tuning settings with a message naming the field (before anything is written)."""
         if not self.model:
             raise ConfigError("model is required: the CLIP to fine-tune (a checkpoint, folder or pretrained name)")
         if not self.data:
@@ -50,12 +54,23 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.probe_c <= 0:
             raise ConfigError(f"probe_c must be positive, got {self.probe_c}")
+        if self.model in list_models() and not self.random_weights:
+            raise ConfigError(f"model {self.model!r} is a registry architecture: fine-tuning it starts from random "
+                              "weights; give a checkpoint, or add --random-weights (tests, smoke runs)")
+        defaults = FinetuneConfig()
+        for name, source in NOT_APPLICABLE.items():
+            if getattr(self, name) != getattr(defaults, name):
+                raise ConfigError(f"{name} does not apply to finetune (it follows --{source}); leave it out")
+
+    def validate(self) -> None:
+        """Reject inconsistent settings with a message naming the field."""
+        self.validate_finetune()
         super().validate()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per FinetuneConfig field the user sets (--batch-size for batch_size)."""
-    add_dataclass_arguments(parser, FinetuneConfig, {**CHOICES, "method": METHODS}, skip=tuple(DERIVED))
+    add_dataclass_arguments(parser, FinetuneConfig, {**CHOICES, "method": METHODS}, skip=(*DERIVED, *NOT_APPLICABLE))
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
@@ -64,12 +79,3 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
                  if getattr(args, f.name, None) is not None}
     return dataclasses.replace(config, **overrides)
-
-
-def check_user_values(config: FinetuneConfig, derived: dict) -> None:
-    """Refuse a config whose derived fields differ from what `data` and `method` give (a hand-edited record)."""
-    given = {name: getattr(config, name) for name in DERIVED}
-    defaults = FinetuneConfig()
-    for name, value in given.items():
-        if value != getattr(defaults, name) and value != derived.get(name, getattr(defaults, name)):
-            raise ConfigError(f"{name} is set by finetune from --{DERIVED[name].replace('_', '-')}; got {value!r}")

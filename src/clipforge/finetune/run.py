@@ -7,10 +7,10 @@ step (cross-entropy on the head, or FLYP's contrastive loss on the prompts) and 
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +19,9 @@ import torch
 
 from clipforge.data.labelled import LabelledImages, load_labelled_images
 from clipforge.data.transforms import EvalTransform
-from clipforge.errors import TrainingError
+from clipforge.errors import ConfigError, TrainingError
 from clipforge.evaluate.linear_probe import fit_logistic_regression
-from clipforge.finetune.config import FinetuneConfig, check_user_values
+from clipforge.finetune.config import FinetuneConfig
 from clipforge.finetune.wise import head_labels, head_top1
 from clipforge.inference.features import labelled_image_features
 from clipforge.inference.templates import get_templates
@@ -42,8 +42,11 @@ def _styles(text: str) -> list[str] | None:
 
 
 def write_training_table(config: FinetuneConfig) -> tuple[dict[str, Any], list[str]]:
-    """OUTPUT_DIR/finetune_data.csv from the labelled data, the config fields it sets, and the class names."""
+    """OUTPUT_DIR/finetune_data.csv from the labelled data, the config fields it sets, and the class names.
+
+    A resume finds the table its run trained on: labelled data that changed since is refused, not re-read."""
     images = load_labelled_images(config.data, _styles(config.styles), config.split or None)
+    _refuse_padded_names(images.classnames)
     templates = get_templates(config.templates)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -52,14 +55,24 @@ def write_training_table(config: FinetuneConfig) -> tuple[dict[str, Any], list[s
         name = images.classnames[label]
         writer.writerow([str(Path(path).resolve()), SEPARATOR.join(t.replace("{}", name) for t in templates), name])
     table = Path(config.output_dir) / TABLE_FILE
+    if config.resume and table.is_file() and table.read_bytes() != buffer.getvalue().encode("utf-8"):
+        raise TrainingError(f"--resume: the labelled data ({config.data}, styles {config.styles or 'all'}, split "
+                            f"{config.split or 'all'}) differs from what the run trained on ({table}); a resume "
+                            "continues on the same images and prompts")
     table.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(table, buffer.getvalue())
-    global_batch = config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+    # unique_keys off: cross-entropy needs no constraint, and FLYP (as its paper) keeps a class's second image
+    # in a batch as a negative rather than make the batching depend on the class and process counts.
     derived = {"train_data": str(table), "image_column": "image", "caption_column": "caption", "key_column": "class",
-               "caption_separator": SEPARATOR,
-               # FLYP: a class's prompt twice in a batch would be a false negative, when there are classes enough.
-               "unique_keys": config.method == "flyp" and len(images.classnames) >= global_batch}
+               "caption_separator": SEPARATOR, "unique_keys": False}
     return derived, images.classnames
+
+
+def _refuse_padded_names(classnames: list[str]) -> None:
+    """Class names travel through a caption table, which strips cells: refuse names it would change."""
+    padded = [name for name in classnames if name != name.strip()]
+    if padded:
+        raise ConfigError(f"class names with leading or trailing spaces: {padded[:3]}; strip them in the labels")
 
 
 class HeadTop1:
@@ -148,7 +161,11 @@ class FinetuneRun(TrainingRun):
         """FLYP classifies with its own text tower: the head is the zero-shot classifier of the model as it is."""
         if self.config.method != "flyp":
             return
-        self.head_fp32 = zero_shot_head(self.model, self.tokenizer, self.classnames, self.templates)
+        model = self.model
+        if self.step_fn.master is not None:  # bf16 weights: the head of the fp32 masters the checkpoint holds
+            model = CLIP(copy.deepcopy(self.model.config), pretrained_text=False).to(self.info.device)
+            model.load_state_dict(self.step_fn.fp32_state_dict())
+        self.head_fp32 = zero_shot_head(model, self.tokenizer, self.classnames, self.templates)
         with torch.no_grad():
             self.model.head.weight.copy_(self.head_fp32)
 
@@ -166,10 +183,8 @@ class FinetuneRun(TrainingRun):
 
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the training summary with the class names and method."""
-    if not config.data or not config.model:
-        config.validate()  # names the missing field
+    config.validate_finetune()
     derived, classnames = write_training_table(config)
-    check_user_values(config, derived)
     config = dataclasses.replace(config, **derived)
     config.validate()
     run = FinetuneRun(config, classnames)

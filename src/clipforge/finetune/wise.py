@@ -66,8 +66,6 @@ def _mix(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 def wise(zero_shot: CLIP, finetuned: CLIP, alpha: float, tokenizer: Callable | None = None,
          templates: Sequence[str] | None = None) -> CLIP:
     """(1 - alpha) * zero-shot + alpha * fine-tuned, every weight and the classification head; a new model."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
     refuse_mismatch(zero_shot, finetuned)
     start = zero_shot_end(zero_shot, finetuned, tokenizer, templates)
     return interpolate(start, finetuned, alpha)
@@ -75,6 +73,8 @@ def wise(zero_shot: CLIP, finetuned: CLIP, alpha: float, tokenizer: Callable | N
 
 def interpolate(start: CLIP, finetuned: CLIP, alpha: float) -> CLIP:
     """The mixture of two models of one architecture and one head (`zero_shot_end` gives `start` its head)."""
+    if not 0.0 <= alpha <= 1.0:  # also refuses nan
+        raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
     a, b = start.state_dict(), finetuned.state_dict()
     mixed = {key: _mix(a[key].to(value.device), value, alpha) for key, value in b.items()}
     source = start if alpha == 0 else finetuned

@@ -1,6 +1,7 @@
 """The CLIP model: image tower + causal text tower projected into one space, with a learned temperature."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -113,8 +114,9 @@ class CLIP(nn.Module):
         if weight.shape != (len(classnames), self.config.embed_dim):
             raise ConfigError(f"head weight must be [{len(classnames)} classes, {self.config.embed_dim}], got "
                               f"{tuple(weight.shape)}")
-        self.config.classnames, self.config.head_templates = list(classnames), list(templates or [])
-        self.config.__post_init__()  # the same checks as a loaded config
+        # Checked on a copy first (the same checks as a loaded config): a refused head leaves the model as it was.
+        self.config = dataclasses.replace(self.config, classnames=list(classnames),
+                                          head_templates=list(templates or []))
         head = nn.Linear(self.config.embed_dim, len(classnames), device=self.logit_scale.device, dtype=self.dtype)
         with torch.no_grad():
             head.weight.copy_(weight)

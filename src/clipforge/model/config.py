@@ -120,6 +120,9 @@ class CLIPConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (tuples become lists)."""
         d = dataclasses.asdict(self)
+        for name in ("classnames", "head_templates"):  # absent without a head: files older readers still load
+            if not d[name]:
+                del d[name]
         if isinstance(d["vision"]["layers"], tuple):
             d["vision"]["layers"] = list(d["vision"]["layers"])
         return d

@@ -64,7 +64,11 @@ class TrainStep:
         self.channels_last = bool(getattr(model.config.vision, "is_resnet", False))
         if self.channels_last:
             model.visual.to(memory_format=torch.channels_last)
+        self.frozen: dict[int, torch.Tensor] = {}  # bf16 mode: fp32 values of the weights that do not train
         if precision == "bf16":
+            # A frozen weight (a locked tower, a fine-tuning's text tower) has no master: checkpoints keep its fp32
+            # value, so what does not train is saved as it was loaded, not rounded to bf16.
+            self.frozen = {id(p): p.detach().clone() for p in model.parameters() if not p.requires_grad}
             # Measured on this CPU: bf16 weights run 2x faster than fp32 while CPU autocast is
             # slower than fp32; the fp32 master copies keep small updates from rounding away.
             self.master = [p.detach().float().clone().requires_grad_(True) for p in self.trainable]
@@ -99,7 +103,7 @@ class TrainStep:
         for name, value in self.model.state_dict(keep_vars=True).items():
             if name.endswith("num_batches_tracked"):  # BatchNorm's counter: unused with momentum, never saved
                 continue
-            tensor = masters.get(id(value), value).detach()
+            tensor = masters.get(id(value), self.frozen.get(id(value), value)).detach()
             out[name] = (tensor.float() if isinstance(value, nn.Parameter) else tensor).cpu().contiguous()
         return out
 
