@@ -30,9 +30,13 @@ def _quick_gelu(act: str, where: str) -> bool:
 
 
 def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
-    """clipforge config from an HF CLIPModel config.json dict."""
+    """clipforge config from an HF CLIPModel (or SiglipModel) config.json dict."""
+    if hf.get("model_type") == "siglip":
+        from clipforge.checkpoint.hf_siglip import config_from_hf_siglip  # local: it imports this module
+
+        return config_from_hf_siglip(hf)
     if hf.get("model_type", "clip") != "clip":
-        raise CheckpointError(f"HF model_type {hf.get('model_type')!r} is not 'clip'")
+        raise CheckpointError(f"HF model_type {hf.get('model_type')!r} is not 'clip' or 'siglip'")
     t = {**_HF_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
     v = {**_HF_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
     if v["num_channels"] != 3:
@@ -58,6 +62,9 @@ def refuse_unwritable(config: CLIPConfig) -> None:
                               "written in HF format. These work: --format open_clip (open_clip's create_model loads "
                               "it), --format clipforge, or `clipforge export onnx` (in Python: "
                               "save_pretrained(..., format='open_clip'))")
+    if config.vision.pool != "class" or not config.text.causal:
+        raise CheckpointError("writing a SigLIP-architecture model in HF format is not built yet: save with "
+                              "format='clipforge'")
     if config.text_tower != "clip":
         raise CheckpointError(f"HF transformers' CLIPModel has no {config.text_tower!r} text tower, so this model "
                               "cannot be written in HF format. These work: --format clipforge, or `clipforge export "
@@ -102,7 +109,12 @@ def _encoder_from_hf(sd: dict[str, torch.Tensor], hf_prefix: str, out_prefix: st
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
-    """OpenAI-layout weights from HF CLIPModel weights (split or fused q/k/v; projections transposed)."""
+    """OpenAI-layout weights from HF CLIPModel (or SiglipModel) weights (split or fused q/k/v; projections
+    transposed)."""
+    if config.vision.pool == "map":
+        from clipforge.checkpoint.hf_siglip import state_dict_from_hf_siglip
+
+        return state_dict_from_hf_siglip(sd, config)
     sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
     out: dict[str, torch.Tensor] = {}
     try:

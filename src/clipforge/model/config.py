@@ -55,15 +55,22 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     quick_gelu: bool = True
     layer_norm_eps: float = 1e-5
+    gelu_tanh: bool = False  # GELU's tanh approximation (SigLIP); needs quick_gelu false
+    # "class": a class token, pre-norm, post-norm on it (CLIP); "map": no class token, post-norm on every token,
+    # then a multi-head attention-pooling head with a learned probe (SigLIP)
+    pool: str = "class"
+    projection: bool = True  # a final projection to embed_dim (SigLIP has none: width is embed_dim)
 
     def __post_init__(self) -> None:
+        _check_options(self, "vision", pools=("class", "map"))
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)
         if self.is_resnet and len(self.layers) != 4:
             raise ConfigError(f"ResNet vision layers must be 4 ints, got {self.layers}")
         if self.heads is None:
             self.heads = self.width * 32 // 64 if self.is_resnet else max(1, self.width // 64)
-        if not self.is_resnet and self.image_size % self.patch_size:
+        # SigLIP's So400m/14 at 384 px floors to 27x27 patches, as its convolution does; CLIP's ViTs divide evenly
+        if not self.is_resnet and self.pool == "class" and self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
@@ -84,14 +91,29 @@ class TextConfig:
     mlp_ratio: float = 4.0
     quick_gelu: bool = True
     layer_norm_eps: float = 1e-5
+    gelu_tanh: bool = False  # GELU's tanh approximation (SigLIP); needs quick_gelu false
+    causal: bool = True  # causal attention (CLIP); false: every token attends to every token (SigLIP)
+    pool: str = "eot"  # "eot": the features at the highest id (CLIP); "last": at the last position (SigLIP)
+    projection_bias: bool = False  # a bias on the projection into the shared space (SigLIP)
 
     def __post_init__(self) -> None:
+        _check_options(self, "text", pools=("eot", "last"))
         if self.heads is None:
             self.heads = max(1, self.width // 64)
         if self.width % self.heads:
             raise ConfigError(f"text width {self.width} is not divisible by heads {self.heads}")
 
 
+def _check_options(config: Any, where: str, pools: tuple[str, ...]) -> None:
+    if config.pool not in pools:
+        raise ConfigError(f"{where} pool must be one of {pools}, got {config.pool!r}")
+    if config.gelu_tanh and config.quick_gelu:
+        raise ConfigError(f"{where}: gelu_tanh and quick_gelu are two activations; set quick_gelu false")
+
+
+# The tower options SigLIP added, at their CLIP values (left out of config files that keep them).
+_SIGLIP_OPTIONS = {"vision": {"gelu_tanh": False, "pool": "class", "projection": True},
+                   "text": {"gelu_tanh": False, "causal": True, "pool": "eot", "projection_bias": False}}
 TEXT_TOWER_NAMES = ("clip", "minilm")  # model.towers.TEXT_TOWERS holds their classes
 
 
@@ -123,6 +145,10 @@ class CLIPConfig:
         for name in ("classnames", "head_templates"):  # absent without a head: files older readers still load
             if not d[name]:
                 del d[name]
+        for tower, defaults in _SIGLIP_OPTIONS.items():  # likewise SigLIP's tower options, at CLIP's values
+            for name, value in defaults.items():
+                if d[tower][name] == value:
+                    del d[tower][name]
         if isinstance(d["vision"]["layers"], tuple):
             d["vision"]["layers"] = list(d["vision"]["layers"])
         return d

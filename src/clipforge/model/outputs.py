@@ -41,7 +41,10 @@ def image_outputs(model: torch.nn.Module, pixels: torch.Tensor, attentions: bool
         return TowerOutputs(_norm(embeds, normalize), feature_map.flatten(2).transpose(1, 2))
     states, weights = visual.transformer.forward_states(visual.embed(pixels), attentions=attentions)
     final = visual.ln_post(states[-1])
-    return TowerOutputs(_norm(final[:, 0] @ visual.proj, normalize), final[:, 1:], tuple(states), tuple(weights))
+    if visual.attn_pool is not None:  # SigLIP: every token is a patch, pooled by the attention head
+        return TowerOutputs(_norm(visual.project(visual.attn_pool(final)), normalize), final, tuple(states),
+                            tuple(weights))
+    return TowerOutputs(_norm(visual.project(final[:, 0]), normalize), final[:, 1:], tuple(states), tuple(weights))
 
 
 def _norm(x: torch.Tensor, normalize: bool) -> torch.Tensor:

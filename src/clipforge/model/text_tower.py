@@ -56,7 +56,11 @@ class TextTower(nn.Module):
 
 
 class CausalTextTower(TextTower):
-    """CLIP's causal Transformer pooled at the EOT (highest id) token, with OpenAI's parameter names."""
+    """CLIP's causal Transformer pooled at the EOT (highest id) token, with OpenAI's parameter names.
+
+    SigLIP's text tower is this one with options: bidirectional attention (`causal=False`), pooled at the last
+    position (`pool="last"`), a biased projection (`projection_bias=True`).
+    """
 
     kind = "clip"
     projection_names = ("text_projection",)
@@ -68,39 +72,53 @@ class CausalTextTower(TextTower):
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.transformer = Transformer(config.width, config.layers, config.heads, config.mlp_ratio, config.quick_gelu,
-                                       config.layer_norm_eps)
+                                       config.layer_norm_eps, config.gelu_tanh)
         self.ln_final = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.text_projection = nn.Parameter(torch.empty(config.width, embed_dim))
+        self.text_projection_bias = nn.Parameter(torch.zeros(embed_dim)) if config.projection_bias else None
+        self.causal, self.pool_last = config.causal, config.pool == "last"
+        if self.pool_last or not self.causal:
+            self.pooling = "last position" if self.pool_last else "EOT (highest id), bidirectional"
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=config.width**-0.5)
         self.transformer.init_weights()
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.causal or self.pool_last:  # every position can reach the pooled one: nothing to trim
+            return self._at_pool(self.transformer(self._embed(tokens), causal=self.causal), tokens)
         # The mask is causal and pooling reads the EOT position, so positions after the longest
         # EOT never influence the output: dropping them is exact and saves most of the compute.
         length = int(tokens.argmax(dim=-1).max()) + 1 if tokens.numel() else 0
-        return self._at_eot(self.transformer(self._embed(tokens[:, :length]), causal=True), tokens)
+        return self._at_pool(self.transformer(self._embed(tokens[:, :length]), causal=True), tokens)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
-        return pooled @ self.text_projection
+        projected = pooled @ self.text_projection
+        return projected if self.text_projection_bias is None else projected + self.text_projection_bias
 
     def untrimmed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.project(self._at_eot(self.transformer(self._embed(tokens), causal=True), tokens))
+        return self.project(self._at_pool(self.transformer(self._embed(tokens), causal=self.causal), tokens))
 
     def outputs(self, tokens: torch.Tensor, attentions: bool = False) -> TowerOutputs:
-        states, weights = self.transformer.forward_states(self._embed(tokens), causal=True, attentions=attentions)
+        states, weights = self.transformer.forward_states(self._embed(tokens), causal=self.causal,
+                                                          attentions=attentions)
         final = self.ln_final(states[-1])
-        pooled = final[torch.arange(final.shape[0], device=final.device), tokens.argmax(dim=-1)]
+        pooled = final[torch.arange(final.shape[0], device=final.device), self._positions(tokens)]
         return TowerOutputs(self.project(pooled), final, tuple(states), tuple(weights))
+
+    def _positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's pooled position: its EOT (highest id), or the last one."""
+        if self.pool_last:
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+        return tokens.argmax(dim=-1)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = self.positional_embedding[: tokens.shape[1]].to(self.token_embedding.weight.dtype)
         return self.token_embedding(tokens) + positions
 
-    def _at_eot(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The final layer norm of each row's features at its EOT (highest id) position."""
-        return self.ln_final(x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)])
+    def _at_pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The final layer norm of each row's features at its pooled position (EOT, or the last)."""
+        return self.ln_final(x[torch.arange(x.shape[0], device=x.device), self._positions(tokens)])
 
     @classmethod
     def tokenizer(cls, config: TextConfig, directory: Path | None = None,

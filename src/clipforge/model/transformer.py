@@ -19,9 +19,9 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def activation(quick_gelu: bool) -> nn.Module:
-    """QuickGELU or exact GELU."""
-    return QuickGELU() if quick_gelu else nn.GELU()
+def activation(quick_gelu: bool, gelu_tanh: bool = False) -> nn.Module:
+    """QuickGELU, GELU's tanh approximation (SigLIP) or exact GELU."""
+    return QuickGELU() if quick_gelu else nn.GELU(approximate="tanh" if gelu_tanh else "none")
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -77,10 +77,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Two-layer feed-forward block."""
 
-    def __init__(self, width: int, hidden: int, quick_gelu: bool) -> None:
+    def __init__(self, width: int, hidden: int, quick_gelu: bool, gelu_tanh: bool = False) -> None:
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
-        self.gelu = activation(quick_gelu)
+        self.gelu = activation(quick_gelu, gelu_tanh)
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,12 +90,14 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm attention + MLP block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool, eps: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool, eps: float,
+                 gelu_tanh: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, round(width * mlp_ratio), quick_gelu)  # round: ratios from HF sizes are inexact
+        # round: mlp ratios from HF sizes are inexact
+        self.mlp = MLP(width, round(width * mlp_ratio), quick_gelu, gelu_tanh)
 
     def forward(self, x: torch.Tensor, causal: bool = False, weights: list | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=causal, weights=weights)
@@ -119,12 +121,13 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual blocks on batch-first [B, L, D] tensors."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool, eps: float) -> None:
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool, eps: float,
+                 gelu_tanh: bool = False) -> None:
         super().__init__()
         self.width = width
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, eps) for _ in range(layers)
+            ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, eps, gelu_tanh) for _ in range(layers)
         )
 
     def forward(self, x: torch.Tensor, causal: bool = False, first_token_only: bool = False) -> torch.Tensor:
@@ -160,8 +163,29 @@ class Transformer(nn.Module):
                 nn.init.zeros_(bias)
 
 
+class AttentionPool(nn.Module):
+    """SigLIP's pooling head: a learned probe attends over every token, then a pre-norm MLP on the result."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        width = config.width
+        self.probe = nn.Parameter(width**-0.5 * torch.randn(1, 1, width))
+        self.attn = nn.MultiheadAttention(width, config.heads, batch_first=True)
+        self.ln = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.mlp = MLP(width, round(width * config.mlp_ratio), config.quick_gelu, config.gelu_tanh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] tokens -> [B, width]."""
+        pooled = self.attn(self.probe.to(x.dtype).expand(x.shape[0], -1, -1), x, x, need_weights=False)[0]
+        return (pooled + self.mlp(self.ln(pooled)))[:, 0]
+
+
 class VisionTransformer(nn.Module):
-    """ViT image tower: patchify, class token, pre-norm, transformer, post-norm on the class token, project."""
+    """ViT image tower: patchify, class token, pre-norm, transformer, post-norm on the class token, project.
+
+    With `pool="map"` (SigLIP): patches with a biased patch embedding and no class token or pre-norm, post-norm
+    on every token, the attention-pooling head, and (with `projection=False`) no projection.
+    """
 
     projection_names = ("proj",)  # what stays trainable when the tower is locked
 
@@ -169,32 +193,42 @@ class VisionTransformer(nn.Module):
         super().__init__()
         width, grid = config.width, config.image_size // config.patch_size
         self.image_size = config.image_size
-        self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+        map_pool = config.pool == "map"
+        self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=map_pool)
         scale = width**-0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.transformer = Transformer(
-            width, config.layers, config.heads, config.mlp_ratio, config.quick_gelu, config.layer_norm_eps
-        )
+        self.class_embedding = None if map_pool else nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + (not map_pool), width))
+        self.ln_pre = nn.Identity() if map_pool else nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.transformer = Transformer(width, config.layers, config.heads, config.mlp_ratio, config.quick_gelu,
+                                       config.layer_norm_eps, config.gelu_tanh)
         self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.attn_pool = AttentionPool(config) if map_pool else None
+        if not config.projection and width != output_dim:
+            raise ConfigError(f"an image tower without projection needs width == embed_dim, got {width} and "
+                              f"{output_dim}")
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim)) if config.projection else None
         self.transformer.init_weights()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.transformer(self.embed(pixels), first_token_only=True)
-        return self.ln_post(x[:, 0]) @ self.proj
+        if self.attn_pool is None:
+            return self.project(self.ln_post(self.transformer(self.embed(pixels), first_token_only=True)[:, 0]))
+        return self.project(self.attn_pool(self.ln_post(self.transformer(self.embed(pixels)))))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooled features in the shared space (unchanged without a projection)."""
+        return pooled if self.proj is None else pooled @ self.proj
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The transformer's input [B, 1 + grid*grid, width]: class token + patches + positions, layer-normed."""
+        """The transformer's input [B, tokens, width]: (class token +) patches + positions (layer-normed)."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        if x.shape[1] + 1 != self.positional_embedding.shape[0]:
+        extra = 0 if self.class_embedding is None else 1
+        if x.shape[1] + extra != self.positional_embedding.shape[0]:
             side = int(math.isqrt(x.shape[1]))
             raise ConfigError(
                 f"image of {pixels.shape[-2]}x{pixels.shape[-1]} px gives a {side}x{side} patch grid, "
                 f"but this model takes {self.image_size}x{self.image_size} px"
             )
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(x)
+        if extra:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        return self.ln_pre(x + self.positional_embedding.to(x.dtype))

@@ -1,0 +1,94 @@
+"""HF transformers SiglipModel -> clipforge: the config (CLIP's towers with SigLIP's options) and weight names."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from clipforge.errors import CheckpointError
+from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+
+# transformers' SiglipTextConfig / SiglipVisionConfig defaults: its save_pretrained omits keys equal to them.
+_TEXT_DEFAULTS = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                  "num_attention_heads": 12, "max_position_embeddings": 64, "hidden_act": "gelu_pytorch_tanh",
+                  "layer_norm_eps": 1e-6, "projection_size": None}
+_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+                    "layer_norm_eps": 1e-6, "vision_use_head": True}
+_ACTIVATIONS = {"gelu_pytorch_tanh": dict(quick_gelu=False, gelu_tanh=True), "gelu": dict(quick_gelu=False),
+                "quick_gelu": dict(quick_gelu=True)}
+
+
+def _activation(act: str, where: str) -> dict[str, bool]:
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"HF SigLIP {where} hidden_act {act!r} is not supported ({', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[act]
+
+
+def config_from_hf_siglip(hf: dict[str, Any]) -> CLIPConfig:
+    """clipforge config from an HF SiglipModel config.json dict; refuses what the towers cannot hold."""
+    t = {**_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+    v = {**_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
+    if v["num_channels"] != 3 or not v["vision_use_head"]:
+        raise CheckpointError("HF SigLIP vision towers need num_channels 3 and the attention-pooling head "
+                              f"(vision_use_head), got {v['num_channels']} and {v['vision_use_head']}")
+    projection = t["projection_size"] or t["hidden_size"]
+    if projection != v["hidden_size"]:
+        raise CheckpointError(f"HF SigLIP: the text projection_size {projection} must equal the vision "
+                              f"hidden_size {v['hidden_size']} (the image side has no projection)")
+    return CLIPConfig(
+        embed_dim=v["hidden_size"], logit_scale_init=math.log(10.0), logit_bias_init=-10.0,
+        vision=VisionConfig(image_size=v["image_size"], layers=v["num_hidden_layers"], width=v["hidden_size"],
+                            heads=v["num_attention_heads"], patch_size=v["patch_size"],
+                            mlp_ratio=v["intermediate_size"] / v["hidden_size"], layer_norm_eps=v["layer_norm_eps"],
+                            pool="map", projection=False, **_activation(v["hidden_act"], "vision")),
+        text=TextConfig(context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"],
+                        width=t["hidden_size"], heads=t["num_attention_heads"], layers=t["num_hidden_layers"],
+                        mlp_ratio=t["intermediate_size"] / t["hidden_size"], layer_norm_eps=t["layer_norm_eps"],
+                        causal=False, pool="last", projection_bias=True, **_activation(t["hidden_act"], "text")),
+    )
+
+
+_RENAMES = {  # HF name -> clipforge name (OpenAI's layout, plus SigLIP's attention pool)
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias",
+    "text_model.head.bias": "text_projection_bias",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.patch_embedding.bias": "visual.conv1.bias",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "vision_model.head.probe": "visual.attn_pool.probe",
+    "vision_model.head.attention.in_proj_weight": "visual.attn_pool.attn.in_proj_weight",
+    "vision_model.head.attention.in_proj_bias": "visual.attn_pool.attn.in_proj_bias",
+    "vision_model.head.attention.out_proj.weight": "visual.attn_pool.attn.out_proj.weight",
+    "vision_model.head.attention.out_proj.bias": "visual.attn_pool.attn.out_proj.bias",
+    "vision_model.head.layernorm.weight": "visual.attn_pool.ln.weight",
+    "vision_model.head.layernorm.bias": "visual.attn_pool.ln.bias",
+    "vision_model.head.mlp.fc1.weight": "visual.attn_pool.mlp.c_fc.weight",
+    "vision_model.head.mlp.fc1.bias": "visual.attn_pool.mlp.c_fc.bias",
+    "vision_model.head.mlp.fc2.weight": "visual.attn_pool.mlp.c_proj.weight",
+    "vision_model.head.mlp.fc2.bias": "visual.attn_pool.mlp.c_proj.bias",
+}
+
+
+def state_dict_from_hf_siglip(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
+    """clipforge weights from HF SiglipModel weights (q/k/v fused, the text head transposed, scalars unwrapped)."""
+    from clipforge.checkpoint.hf import _encoder_from_hf  # local: hf.py dispatches SigLIP folders here
+
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    out: dict[str, torch.Tensor] = {}
+    try:
+        _encoder_from_hf(sd, "text_model", "transformer", config.text.layers, out)
+        _encoder_from_hf(sd, "vision_model", "visual.transformer", config.vision.layers, out)
+        out.update({ours: sd.pop(theirs) for theirs, ours in _RENAMES.items()})
+        out["text_projection"] = sd.pop("text_model.head.weight").t().contiguous()
+        out["logit_scale"] = sd.pop("logit_scale").reshape(())
+        out["logit_bias"] = sd.pop("logit_bias").reshape(())
+    except KeyError as error:
+        raise CheckpointError(f"not an HF SiglipModel state dict: missing key {error.args[0]!r}") from None
+    if sd:
+        raise CheckpointError(f"unexpected keys in HF SiglipModel weights: {sorted(sd)[:8]}")
+    return out

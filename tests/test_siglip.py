@@ -1,0 +1,102 @@
+"""SigLIP in clipforge: HF transformers SiglipModel folders load into CLIP's towers with SigLIP's options."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.errors import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {  # odd sizes: head width not 64, MLP ratios not integers, several depths and resolutions
+    "w48-h3": dict(text=dict(hidden_size=48, intermediate_size=100, num_attention_heads=3, num_hidden_layers=2,
+                             vocab_size=300, max_position_embeddings=16),
+                   vision=dict(hidden_size=48, intermediate_size=90, num_attention_heads=3, num_hidden_layers=2,
+                               image_size=32, patch_size=8)),
+    "w40-h5": dict(text=dict(hidden_size=40, intermediate_size=72, num_attention_heads=5, num_hidden_layers=3,
+                             vocab_size=257, max_position_embeddings=12),
+                   vision=dict(hidden_size=40, intermediate_size=64, num_attention_heads=5, num_hidden_layers=1,
+                               image_size=36, patch_size=6)),
+}
+
+
+def _hf_model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    sizes = CONFIGS[name]
+    config = transformers.SiglipConfig(text_config=dict(sizes["text"], bos_token_id=None, eos_token_id=None,
+                                                        pad_token_id=1), vision_config=sizes["vision"])
+    model = transformers.SiglipModel(config).eval()
+    with torch.no_grad():  # the init leaves biases, norms and the temperature at round values: move them
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return model
+
+
+def _features(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_hf_siglip_folder_loads_with_the_same_embeddings_and_logits(name, tmp_path):
+    reference = _hf_model(name)
+    reference.save_pretrained(tmp_path)
+    model, _ = clipforge.load(tmp_path)
+    sizes = CONFIGS[name]
+    size, length = sizes["vision"]["image_size"], sizes["text"]["max_position_embeddings"]
+    pixels = torch.randn(3, 3, size, size)
+    ids = torch.randint(0, sizes["text"]["vocab_size"], (4, length))
+    with torch.no_grad():
+        image = _features(reference.get_image_features(pixel_values=pixels))
+        text = _features(reference.get_text_features(input_ids=ids))
+        logits = reference(input_ids=ids, pixel_values=pixels).logits_per_image
+        torch.testing.assert_close(model.encode_image(pixels), image, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.encode_text(ids), text, rtol=1e-4, atol=1e-4)
+        ours = model.logit_scale.exp() * model.encode_image(pixels, normalize=True) @ model.encode_text(
+            ids, normalize=True).t() + model.logit_bias
+        torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(pixels, ids)[0], logits, rtol=1e-4, atol=1e-4)
+    assert model.config.vision.pool == "map" and not model.config.text.causal
+
+
+def test_siglip_model_round_trips_through_clipforge_format(tmp_path):
+    _hf_model("w48-h3").save_pretrained(tmp_path / "hf")
+    model, _ = clipforge.load(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="SigLIP"):
+        clipforge.save_pretrained(model, tmp_path / "back", format="hf", tokenizer=object())
+    pixels = torch.randn(2, 3, 32, 32)
+    # clipforge's format keeps every option: reloaded, the same outputs (tokenizers come with a later change)
+    from clipforge.checkpoint.io import write_clipforge_dir
+
+    class _NoTokenizer:
+        def save(self, directory):
+            return None
+
+    write_clipforge_dir(tmp_path / "cf", model.state_dict(), model.config, _NoTokenizer(), model.preprocess_config)
+    again, _ = clipforge.load(tmp_path / "cf")
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(pixels), model.encode_image(pixels))
+        assert torch.equal(again.logit_bias, model.logit_bias)
+
+
+def test_registry_siglip_shapes_and_a_cpu_preset_that_trains(tmp_path):
+    from clipforge.model import get_model_config
+    from clipforge.train.config import TrainConfig
+    from clipforge.train.trainer import train
+    from synthetic import make_caption_set
+
+    so400m = get_model_config("ViT-SO400M-14-SigLIP-384")
+    assert (so400m.vision.width, so400m.vision.layers, round(so400m.vision.width * so400m.vision.mlp_ratio)) == (
+        1152, 27, 4304) and (so400m.text.context_length, so400m.text.vocab_size) == (64, 32000)
+    assert get_model_config("ViT-B-16-SigLIP2").text.vocab_size == 256000
+    model = clipforge.create_model("cpu-siglip-tiny-32")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = model.image_outputs(pixels)
+        assert outputs.tokens.shape == (2, 16, 64)  # every token is a patch: no class token
+        torch.testing.assert_close(outputs.embeds, model.encode_image(pixels))
+    data = make_caption_set(tmp_path / "data", per_concept=2)
+    summary = train(TrainConfig(model="cpu-siglip-tiny-32", loss="siglip", train_data=str(data), batch_size=16,
+                                workers=0, steps=3, output_dir=str(tmp_path / "run")))
+    trained, _ = clipforge.load(summary["checkpoint"])
+    assert trained.config.text.pool == "last" and trained.logit_bias is not None
