@@ -165,7 +165,7 @@ def open_clip_package():
 
     open_clip_torch is installed --no-deps (scripts/setup.sh) and imports torchvision for its image
     transforms; `create_model` never calls them (preprocessing is clipforge's, checked elsewhere), so each
-    torchvision name it imports is a placeholder class here. Everything imported is dropped afterwards.
+    torchvision name it imports is a placeholder class here. open_clip and the stubs are dropped afterwards.
     """
     import importlib
     import importlib.util
@@ -187,8 +187,11 @@ def open_clip_package():
     try:
         yield importlib.import_module("open_clip")
     finally:
+        # Only open_clip and the stubs go: a compiled module it pulled in (numpy.fft, ...) cannot be loaded twice
+        # in one process, so dropping those made the next test that imports open_clip fail.
         for name in set(sys.modules) - before:
-            del sys.modules[name]
+            if name.split(".")[0] in ("open_clip", "torchvision"):
+                del sys.modules[name]
 
 
 def _missing(name: str) -> None:

@@ -68,10 +68,6 @@ def test_siglip_model_round_trips_through_clipforge_format(tmp_path):
     # clipforge's format keeps every option: reloaded, the same outputs (tokenizers come with a later change)
     from clipforge.checkpoint.io import write_clipforge_dir
 
-    class _NoTokenizer:
-        def save(self, directory):
-            return None
-
     write_clipforge_dir(tmp_path / "cf", model.state_dict(), model.config, _NoTokenizer(), model.preprocess_config)
     again, _ = clipforge.load(tmp_path / "cf")
     with torch.no_grad():
@@ -100,3 +96,30 @@ def test_registry_siglip_shapes_and_a_cpu_preset_that_trains(tmp_path):
                                 workers=0, steps=3, output_dir=str(tmp_path / "run")))
     trained, _ = clipforge.load(summary["checkpoint"])
     assert trained.config.text.pool == "last" and trained.logit_bias is not None
+
+
+class _NoTokenizer:
+    """Tokenizer files for a SigLIP folder come with a later change; the weights and configs are what is tested."""
+
+    def save(self, directory):
+        return None
+
+
+def test_siglip_preprocessing_matches_transformers_image_processor(tmp_path):
+    from PIL import Image
+
+    from clipforge.checkpoint.io import write_clipforge_dir
+
+    _hf_model("w48-h3").save_pretrained(tmp_path)
+    processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path)
+    model, preprocess = clipforge.load(tmp_path)
+    rng = torch.Generator().manual_seed(0)
+    for size in ((50, 20), (17, 64), (32, 32)):  # wide, tall and square: squashed, never cropped
+        image = Image.fromarray(torch.randint(0, 256, (*size[::-1], 3), generator=rng, dtype=torch.uint8).numpy())
+        expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(preprocess(image), expected, rtol=0, atol=1e-5)
+    write_clipforge_dir(tmp_path / "cf", model.state_dict(), model.config, _NoTokenizer(), model.preprocess_config)
+    assert clipforge.load(tmp_path / "cf")[0].preprocess_config.resize == "squash"  # recorded in the model folder
+    (tmp_path / "preprocessor_config.json").unlink()  # no processor file: SigLIP's own rule, not CLIP's crop
+    assert clipforge.load(tmp_path)[0].preprocess_config.mean == (0.5, 0.5, 0.5)

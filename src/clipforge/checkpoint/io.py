@@ -104,10 +104,12 @@ def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{directory}: HF directory has config.json but no model.safetensors or pytorch_model.bin")
 
 
-def _hf_preprocess(directory: Path, image_size: int) -> PreprocessConfig:
+def _hf_preprocess(directory: Path, image_size: int, siglip: bool = False) -> PreprocessConfig:
     """transformers' CLIPImageProcessor settings: composite on white (`do_convert_rgb`), its mean and std."""
     path = directory / "preprocessor_config.json"
     pp = json.loads(path.read_text()) if path.is_file() else {}
+    if "Siglip" in pp.get("image_processor_type", "Siglip" if siglip else ""):  # no file: the model's own
+        return _hf_siglip_preprocess(path, pp, image_size)
     size = pp.get("size", image_size)
     if isinstance(size, dict):  # {"shortest_edge": N}, or a bare N in older files (openai/clip-vit-base-patch32)
         size = size.get("shortest_edge", image_size)
@@ -120,6 +122,20 @@ def _hf_preprocess(directory: Path, image_size: int) -> PreprocessConfig:
     default = PreprocessConfig()
     return PreprocessConfig(composite_white=bool(pp.get("do_convert_rgb", True)),
                             mean=tuple(pp.get("image_mean", default.mean)), std=tuple(pp.get("image_std", default.std)))
+
+
+def _hf_siglip_preprocess(path: Path, pp: dict[str, Any], image_size: int) -> PreprocessConfig:
+    """SiglipImageProcessor: one bicubic resize of the whole image to the square input, then its mean and std."""
+    size = pp.get("size", {"height": image_size, "width": image_size})
+    if (pp.get("resample", 3) != 3 or not pp.get("do_resize", True) or
+            (size.get("height"), size.get("width")) != (image_size, image_size)):
+        raise CheckpointError(f"{path}: resize to {size}, resample {pp.get('resample')} differ from SigLIP's bicubic "
+                              f"{image_size}x{image_size} px resize, which is what clipforge implements for SigLIP")
+    if not pp.get("do_normalize", True) or pp.get("rescale_factor", 1 / 255) != 1 / 255:
+        raise CheckpointError(f"{path}: clipforge implements rescale by 1/255 and normalisation, as SigLIP ships")
+    return PreprocessConfig(composite_white=bool(pp.get("do_convert_rgb")),
+                            mean=tuple(pp.get("image_mean", (0.5,) * 3)), std=tuple(pp.get("image_std", (0.5,) * 3)),
+                            resize="squash")
 
 
 def config_from_file(path: Path) -> tuple[CLIPConfig, PreprocessConfig | None]:
@@ -204,7 +220,8 @@ def read_folder(directory: Path) -> CheckpointFolder:
                                 weights)
     if (directory / "config.json").is_file():
         config = hf.config_from_hf(json.loads((directory / "config.json").read_text()))
-        return CheckpointFolder("hf", config, _hf_preprocess(directory, config.vision.image_size), directory)
+        preprocess = _hf_preprocess(directory, config.vision.image_size, config.vision.pool == "map")
+        return CheckpointFolder("hf", config, preprocess, directory)
     raise CheckpointError(f"{directory}: no {CONFIG_FILE} (clipforge), {open_clip.CONFIG_FILE} with open_clip "
                           "weights, or config.json (HF) in this directory")
 

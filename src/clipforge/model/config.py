@@ -14,6 +14,7 @@ _ARCH_PACKAGE = "clipforge.model"
 _ARCH_DIR = "architectures"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("crop", "squash")
 
 
 @dataclass
@@ -27,15 +28,21 @@ class PreprocessConfig:
     composite_white: bool = False
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    # "crop": bicubic short side to the input size, centre crop (CLIP); "squash": bicubic resize of the whole
+    # image to the square input size, no crop (SigLIP's SiglipImageProcessor)
+    resize: str = "crop"
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(float(x) for x in self.mean), tuple(float(x) for x in self.std)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError(f"preprocess mean and std need 3 values each, got {self.mean} and {self.std}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"preprocess resize must be one of {RESIZE_MODES}, got {self.resize!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return {"composite_white": self.composite_white, "mean": list(self.mean), "std": list(self.std)}
+        """Plain-JSON form (resize only when not CLIP's crop: files older readers still load)."""
+        out = {"composite_white": self.composite_white, "mean": list(self.mean), "std": list(self.std)}
+        return out if self.resize == "crop" else {**out, "resize": self.resize}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
