@@ -123,3 +123,22 @@ def test_siglip_preprocessing_matches_transformers_image_processor(tmp_path):
     assert clipforge.load(tmp_path / "cf")[0].preprocess_config.resize == "squash"  # recorded in the model folder
     (tmp_path / "preprocessor_config.json").unlink()  # no processor file: SigLIP's own rule, not CLIP's crop
     assert clipforge.load(tmp_path)[0].preprocess_config.mean == (0.5, 0.5, 0.5)
+
+
+def test_zero_shot_probabilities_are_sigmoids_for_a_model_with_a_logit_bias():
+    from clipforge.inference.zeroshot import build_classifier, classify
+    from clipforge.model.towers import tokenizer_for
+
+    model = clipforge.create_model("cpu-siglip-tiny-32").eval()
+    with torch.no_grad():
+        model.logit_bias.fill_(-1.5)
+    tokenizer = tokenizer_for(model.config)
+    classifier = build_classifier(model, tokenizer, ["cat", "dog", "owl"], cache=False)
+    pixels = torch.randn(2, 3, 32, 32)
+    probs = classify(model, pixels, classifier)
+    with torch.no_grad():
+        cosine = model.encode_image(pixels, normalize=True) @ classifier
+        expected = torch.sigmoid(model.logit_scale.exp() * cosine + model.logit_bias)
+    torch.testing.assert_close(probs, expected)
+    assert not torch.allclose(probs.sum(-1), torch.ones(2))  # each label its own probability
+    torch.testing.assert_close(classify(model, pixels, classifier, softmax=True).sum(-1), torch.ones(2))

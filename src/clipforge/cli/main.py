@@ -60,7 +60,7 @@ def _classify(args: argparse.Namespace) -> None:
     tokenizer = functools.partial(tokenizer, truncate=args.truncate)
     templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template,)
     classifier = build_classifier(model, tokenizer, labels, templates, precision=precision)
-    probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier, precision)
+    probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier, precision, args.softmax)
     results = []
     for path, row in zip(args.images, probs):
         top = row.topk(min(args.top, len(labels)))
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true",
                    help="cut a prompt longer than the model's context (default: refuse)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--softmax", action="store_true", help="a model with a logit bias (SigLIP): softmax over the "
+                   "labels instead of each label's sigmoid match probability (CLIP: always the softmax)")
     p.set_defaults(func=_classify)
 
     data_cmd.add_parser(sub)
