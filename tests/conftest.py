@@ -81,7 +81,9 @@ def missing_packages(requirements: Iterable[str]) -> list[str]:
             continue
         if not requirement.specifier.contains(version, prereleases=True):
             problems.append(f"{line}: {version} is installed")
-        lost = [m for m in modules.get(_normalise(requirement.name), []) if importlib.util.find_spec(m) is None]
+        # Some wheels list paths as top-level names (sentencepiece: "sentencepiece/__init__"): read them as modules.
+        names = [m.replace("/", ".").removesuffix(".__init__") for m in modules.get(_normalise(requirement.name), [])]
+        lost = [m for m in names if importlib.util.find_spec(m) is None]
         if lost:
             problems.append(f"{line}: installed, but its module(s) {', '.join(lost)} cannot be found")
     return problems

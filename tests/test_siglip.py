@@ -142,3 +142,55 @@ def test_zero_shot_probabilities_are_sigmoids_for_a_model_with_a_logit_bias():
     torch.testing.assert_close(probs, expected)
     assert not torch.allclose(probs.sum(-1), torch.ones(2))  # each label its own probability
     torch.testing.assert_close(classify(model, pixels, classifier, softmax=True).sum(-1), torch.ones(2))
+
+
+CORPUS = ["A photo of a Cat.", "Café  crème, brûlée!", "고양이 얼굴 🐱", "", "  leading and trailing spaces  ",
+          "don't STOP — ünïcödé 'quotes' and \"more\"", "a " * 40 + "long caption that is cut", "▁underline▁",
+          "tabs\tand\nnewlines", "ÅNGSTRÖM 123-456 #tag @user"]
+
+
+@pytest.fixture(scope="module")
+def spiece_model(tmp_path_factory):
+    """A small SentencePiece unigram model trained on text with accents, Korean and emoji (SigLIP's file kind)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    import io
+
+    corpus = ["a photo of a cat", "a dog on the grass", "café crème brûlée", "고양이 얼굴 귀여운 고양이", "🐱 🐶 emoji",
+              "an astronaut riding a horse", "the quick brown fox jumps over the lazy dog", "ångström ünïcödé"] * 40
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buffer, vocab_size=150,
+                                             model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                             character_coverage=1.0, hard_vocab_limit=False)
+    path = tmp_path_factory.mktemp("spiece") / "spiece.model"
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def test_sentencepiece_ids_equal_transformers_siglip_tokenizer(spiece_model):
+    from clipforge.text import SentencePieceTokenizer
+
+    reference = transformers.SiglipTokenizer(str(spiece_model), model_max_length=16)
+    ours = SentencePieceTokenizer(spiece_model, context_length=16)
+    expected = reference(CORPUS, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    assert torch.equal(ours(CORPUS, truncate=True), expected["input_ids"])
+    from clipforge.errors import TextTooLong
+
+    with pytest.raises(TextTooLong, match="truncate=True"):
+        ours(CORPUS[6])
+
+
+def test_siglip_folder_carries_its_tokenizer(spiece_model, tmp_path):
+    import shutil
+
+    reference = _hf_model("w48-h3")
+    reference.save_pretrained(tmp_path)
+    shutil.copyfile(spiece_model, tmp_path / "spiece.model")
+    model, _ = clipforge.load(tmp_path)
+    tokenizer = clipforge.get_tokenizer(tmp_path)
+    assert tokenizer.kind == "sentencepiece" and tokenizer.context_length == 16
+    ids = tokenizer(["a photo of a cat", "a dog"])
+    with torch.no_grad():
+        expected = _features(reference.get_text_features(input_ids=ids))
+        torch.testing.assert_close(model.encode_text(ids), expected, rtol=1e-4, atol=1e-4)
+    clipforge.save_pretrained(model, tmp_path / "cf", tokenizer=tokenizer)  # clipforge's format keeps spiece.model
+    assert clipforge.get_tokenizer(tmp_path / "cf").kind == "sentencepiece"

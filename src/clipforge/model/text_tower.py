@@ -126,6 +126,10 @@ class CausalTextTower(TextTower):
         from clipforge.text.tokenizer import CLIPTokenizer  # local: ftfy and regex start-up cost
 
         length = context_length or config.context_length
+        if directory is not None and (directory / "spiece.model").is_file():  # SigLIP's SentencePiece vocabulary
+            from clipforge.text.spiece import SentencePieceTokenizer
+
+            return SentencePieceTokenizer.from_directory(directory, length)
         found = CLIPTokenizer.from_model_directory(directory, length) if directory is not None else None
         if found is not None:
             return found

@@ -1,8 +1,10 @@
-"""CLIP text tokenisation: the Tokenizer interface, OpenAI-identical BPE, MiniLM's WordPiece, BPE training."""
+"""CLIP text tokenisation: the Tokenizer interface, OpenAI-identical BPE, MiniLM's WordPiece, SigLIP's
+SentencePiece, BPE training."""
 
 from clipforge.errors import TextTooLong
 from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE, Tokenizer
 from clipforge.text.bpe_train import train_bpe
+from clipforge.text.spiece import SentencePieceTokenizer
 from clipforge.text.tokenizer import (
     OPEN_CLIP_SPECIAL_TOKENS,
     SPECIAL_TOKENS,
@@ -14,7 +16,7 @@ from clipforge.text.tokenizer import (
 )
 from clipforge.text.wordpiece import WordPieceTokenizer
 
-TOKENIZERS = {tokenizer.kind: tokenizer for tokenizer in (CLIPTokenizer, WordPieceTokenizer)}
+TOKENIZERS = {tokenizer.kind: tokenizer for tokenizer in (CLIPTokenizer, WordPieceTokenizer, SentencePieceTokenizer)}
 
 __all__ = [
     "CLIPTokenizer",
@@ -22,6 +24,7 @@ __all__ = [
     "OPENAI_VOCAB_SIZE",
     "OPEN_CLIP_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",
+    "SentencePieceTokenizer",
     "TOKENIZERS",
     "TextTooLong",
     "Tokenizer",
