@@ -62,8 +62,9 @@ def test_hf_siglip_folder_loads_with_the_same_embeddings_and_logits(name, tmp_pa
 def test_siglip_model_round_trips_through_clipforge_format(tmp_path):
     _hf_model("w48-h3").save_pretrained(tmp_path / "hf")
     model, _ = clipforge.load(tmp_path / "hf")
-    with pytest.raises(CheckpointError, match="SigLIP"):
-        clipforge.save_pretrained(model, tmp_path / "back", format="hf", tokenizer=object())
+    with pytest.raises(CheckpointError, match="open_clip"):
+        clipforge.save_pretrained(model, tmp_path / "back", format="open_clip", tokenizer=object())
+    assert not (tmp_path / "back").exists()
     pixels = torch.randn(2, 3, 32, 32)
     # clipforge's format keeps every option: reloaded, the same outputs (tokenizers come with a later change)
     from clipforge.checkpoint.io import write_clipforge_dir
@@ -194,3 +195,25 @@ def test_siglip_folder_carries_its_tokenizer(spiece_model, tmp_path):
         torch.testing.assert_close(model.encode_text(ids), expected, rtol=1e-4, atol=1e-4)
     clipforge.save_pretrained(model, tmp_path / "cf", tokenizer=tokenizer)  # clipforge's format keeps spiece.model
     assert clipforge.get_tokenizer(tmp_path / "cf").kind == "sentencepiece"
+
+
+def test_hf_to_clipforge_to_hf_loads_in_transformers_with_the_same_outputs(spiece_model, tmp_path):
+    import shutil
+
+    reference = _hf_model("w40-h5")
+    reference.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(spiece_model, tmp_path / "hf" / "spiece.model")
+    model, _ = clipforge.load(tmp_path / "hf")
+    clipforge.save_pretrained(model, tmp_path / "cf", tokenizer=clipforge.get_tokenizer(tmp_path / "hf"))
+    again, _ = clipforge.load(tmp_path / "cf")
+    clipforge.save_pretrained(again, tmp_path / "back", format="hf", tokenizer=clipforge.get_tokenizer(tmp_path / "cf"))
+    back = transformers.SiglipModel.from_pretrained(tmp_path / "back").eval()
+    pixels, ids = torch.randn(2, 3, 36, 36), torch.randint(0, 257, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, pixel_values=pixels).logits_per_image,
+                                   reference(input_ids=ids, pixel_values=pixels).logits_per_image, rtol=1e-5, atol=1e-5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert tokenizer("a photo of a cat", padding="max_length", max_length=12)["input_ids"] == clipforge.get_tokenizer(
+        tmp_path / "cf")("a photo of a cat")[0].tolist()
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "back")
+    assert type(processor).__name__.startswith("Siglip") and processor.size == {"height": 36, "width": 36}

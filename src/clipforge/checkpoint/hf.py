@@ -1,11 +1,15 @@
 """HF transformers CLIPModel <-> clipforge (OpenAI layout): configs and weight names."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from clipforge.errors import CheckpointError
+from clipforge.io import atomic_path
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
 
@@ -62,9 +66,9 @@ def refuse_unwritable(config: CLIPConfig) -> None:
                               "written in HF format. These work: --format open_clip (open_clip's create_model loads "
                               "it), --format clipforge, or `clipforge export onnx` (in Python: "
                               "save_pretrained(..., format='open_clip'))")
-    if config.vision.pool != "class" or not config.text.causal:
-        raise CheckpointError("writing a SigLIP-architecture model in HF format is not built yet: save with "
-                              "format='clipforge'")
+    if config.vision.pool != "class" or not config.text.causal or config.text.pool != "eot":
+        raise CheckpointError("this model mixes CLIP's and SigLIP's tower options, which neither HF CLIPModel nor "
+                              "SiglipModel holds: save with format='clipforge'")
     if config.text_tower != "clip":
         raise CheckpointError(f"HF transformers' CLIPModel has no {config.text_tower!r} text tower, so this model "
                               "cannot be written in HF format. These work: --format clipforge, or `clipforge export "
@@ -145,9 +149,8 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[
     return out
 
 
-def state_dict_to_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
-    """HF CLIPModel weights from OpenAI-layout weights (inverse of `state_dict_from_hf`)."""
-    refuse_unwritable(config)
+def encoders_to_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
+    """Both transformers' encoder layers under HF's names (q/k/v split), from OpenAI-layout weights."""
     out: dict[str, torch.Tensor] = {}
     for hf_prefix, oa_prefix, layers in (("text_model", "transformer", config.text.layers),
                                          ("vision_model", "visual.transformer", config.vision.layers)):
@@ -159,6 +162,13 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[st
             for p in ("weight", "bias"):
                 for name, part in zip("qkv", sd[f"{src}attn.in_proj_{p}"].chunk(3)):
                     out[f"{dst}self_attn.{name}_proj.{p}"] = part
+    return out
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
+    """HF CLIPModel weights from OpenAI-layout weights (inverse of `state_dict_from_hf`)."""
+    refuse_unwritable(config)
+    out = encoders_to_hf(sd, config)
     out.update({
         "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
         "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
@@ -184,3 +194,23 @@ def hf_preprocessor_config(config: CLIPConfig, mean: tuple, std: tuple) -> dict[
             "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean),
             "image_std": list(std), "do_convert_rgb": True}
+
+
+def write_hf_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPConfig, tokenizer: Any,
+                 preprocess: Any) -> None:
+    """Write an HF transformers folder: CLIPModel, or SiglipModel for a SigLIP architecture (weights, configs,
+    the image processor's settings and the tokenizer's files)."""
+    from clipforge.checkpoint import hf_siglip
+
+    if hf_siglip.is_siglip(config):
+        weights = hf_siglip.state_dict_to_hf_siglip(state_dict, config)
+        settings = hf_siglip.hf_siglip_config(config)
+        processor = hf_siglip.hf_siglip_preprocessor_config(config, preprocess.mean, preprocess.std)
+    else:
+        weights, settings = state_dict_to_hf(state_dict, config), hf_config(config, tokenizer.eot_token_id)
+        processor = hf_preprocessor_config(config, preprocess.mean, preprocess.std)
+    with atomic_path(out / "model.safetensors") as tmp:  # safetensors alone writes 0600 files
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(settings, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    tokenizer.save_hf(out)

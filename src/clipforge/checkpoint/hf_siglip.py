@@ -92,3 +92,46 @@ def state_dict_from_hf_siglip(sd: dict[str, torch.Tensor], config: CLIPConfig) -
     if sd:
         raise CheckpointError(f"unexpected keys in HF SiglipModel weights: {sorted(sd)[:8]}")
     return out
+
+
+def is_siglip(config: CLIPConfig) -> bool:
+    """Whether transformers' SiglipModel holds this architecture exactly."""
+    v, t = config.vision, config.text
+    return (v.pool == "map" and not v.projection and not t.causal and t.pool == "last" and t.projection_bias
+            and not v.is_resnet and config.text_tower == "clip" and v.gelu_tanh == t.gelu_tanh and not v.quick_gelu
+            and not t.quick_gelu and config.logit_bias_init is not None)
+
+
+def hf_siglip_config(config: CLIPConfig) -> dict[str, Any]:
+    """HF SiglipModel config.json dict for a SigLIP-architecture clipforge config."""
+    v, t = config.vision, config.text
+    act = "gelu_pytorch_tanh" if v.gelu_tanh else "gelu"
+    return {
+        "architectures": ["SiglipModel"], "model_type": "siglip",
+        "text_config": {"hidden_size": t.width, "intermediate_size": round(t.width * t.mlp_ratio),
+                        "num_attention_heads": t.heads, "num_hidden_layers": t.layers,
+                        "max_position_embeddings": t.context_length, "vocab_size": t.vocab_size, "hidden_act": act,
+                        "layer_norm_eps": t.layer_norm_eps, "projection_size": config.embed_dim},
+        "vision_config": {"hidden_size": v.width, "intermediate_size": round(v.width * v.mlp_ratio),
+                          "num_attention_heads": v.heads, "num_hidden_layers": v.layers, "image_size": v.image_size,
+                          "patch_size": v.patch_size, "num_channels": 3, "hidden_act": act,
+                          "layer_norm_eps": v.layer_norm_eps, "vision_use_head": True},
+    }
+
+
+def state_dict_to_hf_siglip(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
+    """HF SiglipModel weights from clipforge's (the inverse of `state_dict_from_hf_siglip`)."""
+    from clipforge.checkpoint.hf import encoders_to_hf
+
+    out = {**encoders_to_hf(sd, config), **{theirs: sd[ours] for theirs, ours in _RENAMES.items()}}
+    out["text_model.head.weight"] = sd["text_projection"].t()
+    out["logit_scale"], out["logit_bias"] = sd["logit_scale"].reshape(1), sd["logit_bias"].reshape(1)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_siglip_preprocessor_config(config: CLIPConfig, mean: tuple, std: tuple) -> dict[str, Any]:
+    """preprocessor_config.json so transformers' SiglipImageProcessor preprocesses like clipforge."""
+    size = config.vision.image_size
+    return {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+            "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(mean), "image_std": list(std)}

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from clipforge.checkpoint import hf, open_clip
 from clipforge.checkpoint.architecture import ArchitectureHints, heads_for_width, resolve_architecture
+from clipforge.checkpoint.hf_siglip import is_siglip
 from clipforge.checkpoint.open_clip import config_from_open_clip
 from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_into, read_torchscript
 from clipforge.checkpoint.options import LoadOptions, merge_options
@@ -313,16 +314,17 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
 
 def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
                     tokenizer: Tokenizer | None = None) -> Path:
-    """Write `model` (and its tokenizer) as a clipforge, HF transformers (CLIPModel) or open_clip (hub) directory."""
+    """Write `model` (and its tokenizer) as a clipforge, HF transformers (CLIPModel or SiglipModel) or open_clip (hub)
+    directory."""
     out = Path(out_dir)
     if format not in ("clipforge", "hf", "open_clip"):
         raise CheckpointError(f"unknown format {format!r}: use 'clipforge', 'hf' or 'open_clip'")
-    if format == "hf":  # refused before anything is written
+    if format == "hf" and not is_siglip(model.config):  # refused before anything is written
         hf.refuse_unwritable(model.config)
     if getattr(model, "quantized", None):
         raise CheckpointError("a quantised model is for inference only: save the model it was made from, and "
                               "quantise again after loading")
-    if format != "clipforge" and model.logit_bias is not None:
+    if format != "clipforge" and model.logit_bias is not None and not (format == "hf" and is_siglip(model.config)):
         raise CheckpointError(f"{format} has no place for this model's logit_bias (a SigLIP-trained CLIP): save with "
                               "format='clipforge'")
     if format != "clipforge" and model.head is not None:
@@ -341,11 +343,7 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
             save_file(state_dict, str(tmp))
         (out / open_clip.CONFIG_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     else:
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file(hf.state_dict_to_hf(state_dict, model.config), str(tmp), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(hf.hf_config(model.config, tokenizer.eot_token_id), indent=1))
-        (out / "preprocessor_config.json").write_text(
-            json.dumps(hf.hf_preprocessor_config(model.config, preprocess.mean, preprocess.std), indent=1))
+        hf.write_hf_dir(out, state_dict, model.config, tokenizer, preprocess)
         tokenizer.save_hf(out)
     return out
 

@@ -101,6 +101,9 @@ def open_clip_config(config: CLIPConfig, preprocess: PreprocessConfig) -> dict[s
     """The `open_clip_config.json` of a clipforge model; a model open_clip's towers cannot express is refused."""
     if config.text_tower != "clip":
         raise CheckpointError(f"open_clip has no {config.text_tower!r} text tower: save with format='clipforge'")
+    if config.vision.pool != "class" or not config.text.causal:
+        raise CheckpointError("open_clip keeps SigLIP's image tower in timm's layout, which clipforge does not write "
+                              "yet: save with format='hf' (transformers' SiglipModel) or 'clipforge'")
     if config.vision.quick_gelu != config.text.quick_gelu:
         raise CheckpointError("open_clip uses one activation for both towers; this model mixes QuickGELU and GELU")
     if {config.vision.layer_norm_eps, config.text.layer_norm_eps} != {1e-5}:

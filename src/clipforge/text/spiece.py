@@ -6,6 +6,7 @@ with EOS and are padded with the pad id (EOS as well, in SigLIP's files) to the 
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import string
@@ -98,6 +99,14 @@ class SentencePieceTokenizer:
         return {"file": MODEL_FILE, "file_note": "SentencePiece model; canonicalise (lower case, no ASCII "
                 "punctuation, single spaces), encode without the dummy prefix after a leading U+2581, append EOS, "
                 "pad with EOS to context_length"}
+
+    def save_hf(self, directory: str | Path) -> Path:
+        """spiece.model and the tokenizer_config.json that transformers' SiglipTokenizer loads."""
+        self.save(directory)
+        config = {"tokenizer_class": "SiglipTokenizer", "model_max_length": self.context_length,
+                  "do_lower_case": True, "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        return Path(directory)
 
     @classmethod
     def from_directory(cls, directory: str | Path, context_length: int | None = None) -> "SentencePieceTokenizer":
