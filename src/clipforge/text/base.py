@@ -1,6 +1,7 @@
 """The tokenizer interface every text tower's tokenizer implements (CLIP's BPE, MiniLM's WordPiece)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -37,3 +38,11 @@ class Tokenizer(Protocol):
 
     def save_portable(self, directory: str | Path) -> dict[str, str]:
         """Make sure a plain HF `tokenizers` JSON file is in `directory`; {"file": its name, "file_note": caveats}."""
+
+
+def copy_into(source: Path, directory: str | Path, name: str) -> Path:
+    """Copy a tokenizer's file into a model directory under `name` (nothing to do when it is already there)."""
+    target = Path(directory) / name
+    if source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    return Path(directory)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import string
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +15,7 @@ from typing import Sequence
 import torch
 
 from clipforge.errors import MissingDependency, TextTooLong, TokenizerError
+from clipforge.text.base import copy_into
 
 MODEL_FILE = "spiece.model"
 UNDERLINE = "\u2581"  # SentencePiece's word-start mark
@@ -88,10 +88,7 @@ class SentencePieceTokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Copy spiece.model into a model directory."""
-        target = Path(directory) / MODEL_FILE
-        if self.path.resolve() != target.resolve():
-            shutil.copyfile(self.path, target)
-        return Path(directory)
+        return copy_into(self.path, directory, MODEL_FILE)
 
     def save_portable(self, directory: str | Path) -> dict[str, str]:
         """spiece.model is SentencePiece's own portable file (no HF tokenizers JSON is written)."""

@@ -1,7 +1,6 @@
 """MiniLM's WordPiece tokenizer (BERT uncased, run by Rust `tokenizers`) behind clipforge's Tokenizer interface."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -9,6 +8,7 @@ import torch
 from tokenizers import Tokenizer as RustTokenizer
 
 from clipforge.errors import TextTooLong, TokenizerError
+from clipforge.text.base import copy_into
 
 TOKENIZER_FILE = "wordpiece_tokenizer.json"
 
@@ -48,10 +48,7 @@ class WordPieceTokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Copy the tokenizer file into a model directory."""
-        target = Path(directory) / TOKENIZER_FILE
-        if self.path.resolve() != target.resolve():
-            shutil.copyfile(self.path, target)
-        return Path(directory)
+        return copy_into(self.path, directory, TOKENIZER_FILE)
 
     def save_portable(self, directory: str | Path) -> dict[str, str]:
         """The file `save` wrote is already HF `tokenizers` JSON: its name and how to pad."""
