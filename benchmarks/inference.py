@@ -1,6 +1,6 @@
-"""Inference throughput: clipforge vs HF transformers CLIPModel on the same random ViT-B-32 weights.
+"""Inference throughput: clipforge vs HF transformers (CLIPModel, or SiglipModel) on the same random weights.
 
-Run:  python benchmarks/inference.py [--repeats 7] [--threads N]
+Run:  python benchmarks/inference.py [--model ViT-B-32 | ViT-B-16-SigLIP] [--repeats 7] [--threads N]
 Prints images/s and texts/s (median of repeats) for fp32, bf16 and int8 (clipforge.quantize), and ratios.
 HF bf16 is measured both with weights cast to bf16 and with CPU autocast; the ratio uses the faster.
 "% of matmul limit": clipforge's image-tower matmul time at the best rate this CPU reaches on each of
@@ -30,8 +30,24 @@ def realistic_captions(n: int) -> list[str]:
     return [f"a photo of {subjects[i % 10]} {scenes[i % 7]}, high quality picture number {i}" for i in range(n)]
 
 
+def reference_model(model: clipforge.CLIP, texts: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """transformers' model with the same weights (written by save_pretrained format="hf"), and caption ids."""
+    from transformers import CLIPModel, SiglipModel
+
+    siglip = model.config.vision.pool == "map"
+    with tempfile.TemporaryDirectory() as tmp:
+        clipforge.save_pretrained(model, tmp, format="hf", tokenizer=clipforge.get_tokenizer())
+        hf = (SiglipModel if siglip else CLIPModel).from_pretrained(tmp, attn_implementation="sdpa").eval()
+    if not siglip:
+        return hf, clipforge.tokenize(realistic_captions(texts))
+    # SigLIP rows are padded to the full context (64) and pooled at the last position: random ids are as fast.
+    generator = torch.Generator().manual_seed(0)
+    return hf, torch.randint(2, model.config.text.vocab_size, (texts, model.context_length), generator=generator)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-32", help="a registry ViT (a SigLIP one runs against SiglipModel)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     parser.add_argument("--image-batch", type=int, default=16)
@@ -39,19 +55,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import CLIPModel
-
     torch.manual_seed(0)
-    model = clipforge.create_model("ViT-B-32").eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        clipforge.save_pretrained(model, tmp, format="hf")
-        hf = CLIPModel.from_pretrained(tmp, attn_implementation="sdpa").eval()
-    tokens = clipforge.tokenize(realistic_captions(args.text_batch))
-    pixels = torch.randn(args.image_batch, 3, 224, 224)
-    real_len = int(tokens.argmax(-1).float().mean()) + 1
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ViT-B-32 random weights; "
-          f"images b{args.image_batch}@224, texts b{args.text_batch}x77 (mean {real_len} real tokens); "
-          f"median of {args.repeats}")
+    model = clipforge.create_model(args.model).eval()
+    hf, tokens = reference_model(model, args.text_batch)
+    size = model.image_size
+    pixels = torch.randn(args.image_batch, 3, size, size)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model} random weights "
+          f"({type(hf).__name__} as the reference); images b{args.image_batch}@{size}, texts "
+          f"b{args.text_batch}x{tokens.shape[1]}; median of {args.repeats}")
 
     def hf_image(m, x):
         return lambda: m.get_image_features(pixel_values=x)
@@ -95,7 +106,7 @@ def main() -> None:
     int8_note = f"int8 vs clipforge bf16: {bf16_img / q_img:.2f}x images/s, {bf16_txt / q_txt:.2f}x texts/s"
 
     # torch.compile'd towers (inductor, frozen weights), bf16: cold compile into a fresh cache, then warm.
-    compiled = clipforge.create_model("ViT-B-32").eval()
+    compiled = clipforge.create_model(args.model).eval()
     compiled.load_state_dict(model.state_dict())
     compiled = compiled.to(torch.bfloat16)
     x = pixels.bfloat16()
@@ -111,7 +122,7 @@ def main() -> None:
         c_txt = median_seconds(lambda: compiled.encode_text(tokens), args.repeats)
     rows.append(("bf16", f"clipforge compiled (compile {compile_s[0]:.0f} s cold, {compile_s[1]:.0f} s cached)",
                  c_img, c_txt, f"{best_img / c_img:.2f}x", f"{best_txt / c_txt:.2f}x"))
-    limits = {p: matmul_limit("ViT-B-32", args.image_batch, d, args.repeats)[0]
+    limits = {p: matmul_limit(args.model, args.image_batch, d, args.repeats)[0]
               for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
     print(f"\n| precision | impl | ms / {args.image_batch} images | images/s | % of matmul limit "

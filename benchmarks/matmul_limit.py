@@ -47,6 +47,8 @@ def vit_shapes(model_name: str, images: int) -> list[Shape]:
     tokens, rows, layers = patches + 1, images * (patches + 1), vision.layers
     head = width // heads
     out_dim = clipforge.get_model_config(model_name).embed_dim
+    if vision.pool == "map":  # SigLIP: no class token, every layer on every token, then the attention-pool head
+        return _siglip_shapes(images, patches, width, hidden, heads, vision.patch_size, layers)
     return [
         Shape("patch embedding", images * patches, 3 * vision.patch_size**2, width),
         Shape("q, k, v", rows, width, 3 * width, count=layers - 1),
@@ -58,6 +60,23 @@ def vit_shapes(model_name: str, images: int) -> list[Shape]:
         Shape("last block k, v", rows, width, 2 * width),
         Shape("last block class token", images, width, 2 * width + 2 * hidden),  # q, out, MLP up and down
         Shape("projection", images, width, out_dim),
+    ]
+
+
+def _siglip_shapes(images: int, patches: int, width: int, hidden: int, heads: int, patch: int,
+                   layers: int) -> list[Shape]:
+    """The matmuls of a SigLIP image tower: full blocks, then the probe's attention and MLP (no projection)."""
+    rows, head = images * patches, width // heads
+    return [
+        Shape("patch embedding", rows, 3 * patch**2, width),
+        Shape("q, k, v", rows, width, 3 * width, count=layers),
+        Shape("attention q.k", patches, head, patches, batch=images * heads, count=layers),
+        Shape("attention w.v", patches, patches, head, batch=images * heads, count=layers),
+        Shape("attention out", rows, width, width, count=layers),
+        Shape("MLP up", rows, width, hidden, count=layers),
+        Shape("MLP down", rows, hidden, width, count=layers),
+        Shape("attention pool k, v", rows, width, 2 * width),
+        Shape("attention pool probe", images, width, 2 * width + 2 * hidden),  # q, out, MLP up and down
     ]
 
 

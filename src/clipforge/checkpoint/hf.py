@@ -204,7 +204,7 @@ def write_hf_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPCon
 
     if hf_siglip.is_siglip(config):
         weights = hf_siglip.state_dict_to_hf_siglip(state_dict, config)
-        settings = hf_siglip.hf_siglip_config(config)
+        settings = hf_siglip.hf_siglip_config(config, tokenizer.eot_token_id)
         processor = hf_siglip.hf_siglip_preprocessor_config(config, preprocess.mean, preprocess.std)
     else:
         weights, settings = state_dict_to_hf(state_dict, config), hf_config(config, tokenizer.eot_token_id)
