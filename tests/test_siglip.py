@@ -217,3 +217,43 @@ def test_hf_to_clipforge_to_hf_loads_in_transformers_with_the_same_outputs(spiec
         tmp_path / "cf")("a photo of a cat")[0].tolist()
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "back")
     assert type(processor).__name__.startswith("Siglip") and processor.size == {"height": 36, "width": 36}
+
+
+@pytest.mark.integration
+def test_eval_index_and_serve_run_on_an_hf_siglip_folder(spiece_model, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from clipforge.search import build_index
+    from clipforge.serve import create_app
+    from synthetic import make_labelled_set
+
+    folder = tmp_path / "siglip"
+    _hf_model("w48-h3").save_pretrained(folder)
+    shutil.copyfile(spiece_model, folder / "spiece.model")
+    labels = make_labelled_set(tmp_path / "data", per_concept=1, styles=("filled",))
+    run = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "eval", "--task", "zeroshot", "--model",
+                          str(folder), "--data", str(labels), "--templates", "label", "--out", str(tmp_path / "eval"),
+                          "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["images"] == 24 and results["classes"] == 24 and 0 <= results["ensemble"]["top1"] <= 1
+    build_index(tmp_path / "data" / "labelled", tmp_path / "index", model=str(folder), batch_size=8, progress=False)
+    model, preprocess = clipforge.load(folder)
+    tokenizer = clipforge.get_tokenizer(folder)
+    with TestClient(create_app(tmp_path / "index")) as client:
+        body = client.get("/search", params={"q": "a red square", "k": 3}).json()
+    assert len(body["results"]) == 3
+    top = body["results"][0]
+    from PIL import Image
+
+    with torch.no_grad():
+        image = model.encode_image(preprocess(Image.open(tmp_path / "data" / "labelled" / top["name"]))[None],
+                                   normalize=True)
+        text = model.encode_text(tokenizer(["a red square"]), normalize=True)
+    assert top["score"] == pytest.approx((image @ text.t()).item(), abs=1e-4)  # SigLIP's own preprocessing
