@@ -95,6 +95,7 @@ class FinetuneRun(TrainingRun):
 
     def __init__(self, config: FinetuneConfig, classnames: list[str]) -> None:
         self.classnames = classnames
+        self.class_index = {name: i for i, name in enumerate(classnames)}  # a batch's keys -> labels, every step
         self.templates = get_templates(config.templates)
         self.head_fp32: torch.Tensor | None = None  # FLYP: the head rebuilt from the text tower, unrounded
         super().__init__(config)
@@ -148,7 +149,7 @@ class FinetuneRun(TrainingRun):
     def _targets(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.config.method == "flyp":
             return batch["tokens"]
-        return torch.tensor([self.classnames.index(key) for key in batch["keys"]])
+        return torch.tensor([self.class_index[key] for key in batch["keys"]])
 
     def _validation(self, eval_transform: EvalTransform) -> Callable | None:
         if not self.config.val_data:

@@ -6,7 +6,6 @@ model's text tower), so `alpha` 0 is the zero-shot classifier and 1 the fine-tun
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Callable, Sequence
 
 import torch
@@ -78,7 +77,7 @@ def interpolate(start: CLIP, finetuned: CLIP, alpha: float) -> CLIP:
     a, b = start.state_dict(), finetuned.state_dict()
     mixed = {key: _mix(a[key].to(value.device), value, alpha) for key, value in b.items()}
     source = start if alpha == 0 else finetuned
-    model = CLIP(dataclasses.replace(copy.deepcopy(source.config)), pretrained_text=False)
+    model = CLIP(copy.deepcopy(source.config), pretrained_text=False)
     model.load_state_dict(mixed)
     model.preprocess_config = source.preprocess_config
     return model.to(model_device(finetuned)).eval()
