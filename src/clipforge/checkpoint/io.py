@@ -2,25 +2,24 @@
 from __future__ import annotations
 
 import json
-import pickle
-import pickletools
-import warnings
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from clipforge.checkpoint import hf, open_clip
 from clipforge.checkpoint.architecture import ArchitectureHints, heads_for_width, resolve_architecture
+from clipforge.checkpoint.hf_folder import hf_preprocess, hf_weights
 from clipforge.checkpoint.hf_siglip import is_siglip
 from clipforge.checkpoint.open_clip import config_from_open_clip
+from clipforge.checkpoint.open_clip_siglip import is_timm_layout, state_dict_from_timm_layout
 from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_into, read_torchscript
 from clipforge.checkpoint.options import LoadOptions, merge_options
 from clipforge.checkpoint.remote import HUB_PREFIX, hub_repo, is_remote, resolve_remote
+from clipforge.checkpoint.weights import is_torchscript, read_weights
 from clipforge.data.transforms import EvalTransform
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.io import atomic_path
@@ -31,112 +30,6 @@ from clipforge.text.base import OPENAI_VOCAB_SIZE, Tokenizer
 
 CONFIG_FILE = "clipforge.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def read_weights(path: Path) -> dict[str, Any]:
-    """Tensors from a .safetensors file, a torch.save pickle (weights_only) or a TorchScript archive."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except SafetensorError as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from None
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
-        return read_torchscript(path)[0]
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols it may not parse; the error says it
-            warnings.simplefilter("ignore", UserWarning)
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        unsafe = _unsafe_globals(path)
-        if not unsafe:
-            raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
-        # torch's message goes on to suggest weights_only=False, which would run the file's code: not offered.
-        raise CheckpointError(f"{path}: not a plain weights file (it refers to {', '.join(unsafe[:3])}); clipforge "
-                              "reads tensors only and never runs code from a checkpoint. Save the state dict: "
-                              "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
-    except Exception as error:  # torch raises many types for bad pickles; all mean "unreadable"
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {error}") from None
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"{path}: expected a state dict, found a {type(loaded).__name__}")
-    return loaded
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """Functions and classes a pickle would import (what weights_only refuses); empty if it cannot be listed."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not torch.save's zip format: read the pickle's opcodes instead (never runs it)
-        return _pickle_globals(path)
-
-
-def _pickle_globals(path: Path) -> list[str]:
-    """Non-torch globals a plain pickle imports, from its opcodes; empty for a truncated or foreign file."""
-    found, strings = [], []
-    try:
-        with open(path, "rb") as handle:
-            for opcode, arg, _ in pickletools.genops(handle):
-                strings += [arg] if isinstance(arg, str) else []
-                if opcode.name == "GLOBAL":
-                    found.append(arg.replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(".".join(strings[-2:]))
-    except Exception:  # pickletools raises ValueError and others on garbage
-        return []
-    return [name for name in found if not name.startswith(("torch.", "collections."))]
-
-
-def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
-
-
-def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_weights(directory / shard).items()}
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).is_file():
-            return read_weights(directory / name)
-    raise CheckpointError(f"{directory}: HF directory has config.json but no model.safetensors or pytorch_model.bin")
-
-
-def _hf_preprocess(directory: Path, image_size: int, siglip: bool = False) -> PreprocessConfig:
-    """transformers' CLIPImageProcessor settings: composite on white (`do_convert_rgb`), its mean and std."""
-    path = directory / "preprocessor_config.json"
-    pp = json.loads(path.read_text()) if path.is_file() else {}
-    if "Siglip" in pp.get("image_processor_type", "Siglip" if siglip else ""):  # no file: the model's own
-        return _hf_siglip_preprocess(path, pp, image_size)
-    size = pp.get("size", image_size)
-    if isinstance(size, dict):  # {"shortest_edge": N}, or a bare N in older files (openai/clip-vit-base-patch32)
-        size = size.get("shortest_edge", image_size)
-    crop = pp.get("crop_size", image_size)
-    if isinstance(crop, dict):
-        crop = crop.get("height", image_size)
-    if pp.get("resample", 3) != 3 or size != image_size or crop != image_size or not pp.get("do_center_crop", True):
-        raise CheckpointError(f"{path}: resize to {size}, crop {crop}, resample {pp.get('resample')} differ from "
-                              f"CLIP's bicubic {image_size} px resize + crop, which is all clipforge implements")
-    default = PreprocessConfig()
-    return PreprocessConfig(composite_white=bool(pp.get("do_convert_rgb", True)),
-                            mean=tuple(pp.get("image_mean", default.mean)), std=tuple(pp.get("image_std", default.std)))
-
-
-def _hf_siglip_preprocess(path: Path, pp: dict[str, Any], image_size: int) -> PreprocessConfig:
-    """SiglipImageProcessor: one bicubic resize of the whole image to the square input, then its mean and std."""
-    size = pp.get("size", {"height": image_size, "width": image_size})
-    if (pp.get("resample", 3) != 3 or not pp.get("do_resize", True) or
-            (size.get("height"), size.get("width")) != (image_size, image_size)):
-        raise CheckpointError(f"{path}: resize to {size}, resample {pp.get('resample')} differ from SigLIP's bicubic "
-                              f"{image_size}x{image_size} px resize, which is what clipforge implements for SigLIP")
-    if not pp.get("do_normalize", True) or pp.get("rescale_factor", 1 / 255) != 1 / 255:
-        raise CheckpointError(f"{path}: clipforge implements rescale by 1/255 and normalisation, as SigLIP ships")
-    return PreprocessConfig(composite_white=bool(pp.get("do_convert_rgb")),
-                            mean=tuple(pp.get("image_mean", (0.5,) * 3)), std=tuple(pp.get("image_std", (0.5,) * 3)),
-                            resize="squash")
 
 
 def config_from_file(path: Path) -> tuple[CLIPConfig, PreprocessConfig | None]:
@@ -163,11 +56,17 @@ def _given_config(config: str | Path | CLIPConfig) -> tuple[CLIPConfig, Preproce
     return config_from_file(Path(config))
 
 
+def _cleaned(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A state dict under clipforge's names: wrappers stripped, open_clip's timm-layout SigLIP towers renamed."""
+    cleaned = clean_state_dict(state_dict)
+    return state_dict_from_timm_layout(cleaned) if is_timm_layout(cleaned) else cleaned
+
+
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], ArchitectureHints]:
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
+    if zipfile.is_zipfile(path) and is_torchscript(path):
         tensors, hints = read_torchscript(path)
         return clean_state_dict(tensors), hints
-    return clean_state_dict(read_weights(path)), ArchitectureHints()
+    return _cleaned(read_weights(path)), ArchitectureHints()
 
 
 def _declared_file_config(path: Path, options: LoadOptions) -> tuple[CLIPConfig, PreprocessConfig | None] | None:
@@ -221,7 +120,7 @@ def read_folder(directory: Path) -> CheckpointFolder:
                                 weights)
     if (directory / "config.json").is_file():
         config = hf.config_from_hf(json.loads((directory / "config.json").read_text()))
-        preprocess = _hf_preprocess(directory, config.vision.image_size, config.vision.pool == "map")
+        preprocess = hf_preprocess(directory, config.vision.image_size, config.vision.pool == "map")
         return CheckpointFolder("hf", config, preprocess, directory)
     raise CheckpointError(f"{directory}: no {CONFIG_FILE} (clipforge), {open_clip.CONFIG_FILE} with open_clip "
                           "weights, or config.json (HF) in this directory")
@@ -245,9 +144,9 @@ def _load_path(path: Path, options: LoadOptions, overrides: dict[str, Any]) -> C
         if options.config is not None:
             config = _given_config(options.config)[0]  # the folder's preprocessing stays
         if folder.kind == "hf":
-            state_dict = hf.state_dict_from_hf(_hf_weights(weights_path), config)
+            state_dict = hf.state_dict_from_hf(hf_weights(weights_path), config)
         else:
-            state_dict = clean_state_dict(read_weights(weights_path))
+            state_dict = _cleaned(read_weights(weights_path))
     else:
         weights_path = path
         state_dict, hints = _read_file(path)

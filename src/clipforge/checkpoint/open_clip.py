@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from clipforge.checkpoint.open_clip_siglip import config_from_open_clip_siglip, is_open_clip_siglip
 from clipforge.errors import CheckpointError
 from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.text.base import DEFAULT_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE
@@ -53,6 +54,8 @@ def config_from_open_clip(d: dict[str, Any], source: str = "open_clip config") -
     model_cfg = d.get("model_cfg", d)
     if "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
         raise CheckpointError(f"{source}: not an open_clip config (no vision_cfg / text_cfg)")
+    if is_open_clip_siglip(model_cfg):
+        return config_from_open_clip_siglip(d, source)
     unknown = sorted(set(model_cfg) - _TOP_LEVEL)
     if unknown:
         raise CheckpointError(f"{source}: open_clip model keys {unknown} are not supported by clipforge")
