@@ -43,9 +43,12 @@ def entry(name: str, tag: str, cfg: dict) -> dict:
     found = OPENAI_URL.match(cfg.get("url", ""))
     if found:
         record.update(url=cfg["url"], sha256=found.group(1))
-    if cfg.get("interpolation", "bicubic") != "bicubic" or cfg.get("resize_mode", "shortest") != "shortest":
+    resize = {"shortest": "crop", "squash": "squash"}.get(cfg.get("resize_mode", "shortest"))
+    if resize == "squash":  # SigLIP's: the whole image resized to the square input, no crop
+        record["resize"] = resize
+    if cfg.get("interpolation", "bicubic") != "bicubic" or resize is None:
         record["unsupported"] = (f"preprocessing {cfg.get('interpolation')} / resize_mode {cfg.get('resize_mode')!r} "
-                                 "(clipforge implements bicubic, shortest side)")
+                                 "(clipforge implements bicubic with the shortest side + crop, or squash)")
     return record
 
 

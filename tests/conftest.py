@@ -198,3 +198,20 @@ def open_clip_package():
 
 def _missing(name: str) -> None:
     raise AttributeError(name)
+
+
+@pytest.fixture(scope="session")
+def spiece_model(tmp_path_factory):
+    """A small SentencePiece unigram model trained on text with accents, Korean and emoji (SigLIP's file kind)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    import io
+
+    corpus = ["a photo of a cat", "a dog on the grass", "café crème brûlée", "고양이 얼굴 귀여운 고양이", "🐱 🐶 emoji",
+              "an astronaut riding a horse", "the quick brown fox jumps over the lazy dog", "ångström ünïcödé"] * 40
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buffer, vocab_size=150,
+                                             model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                             character_coverage=1.0, hard_vocab_limit=False)
+    path = tmp_path_factory.mktemp("spiece") / "spiece.model"
+    path.write_bytes(buffer.getvalue())
+    return path

@@ -7,11 +7,13 @@ import threading
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import clipforge
+from clipforge import LoadOptions
 from clipforge.pretrained import cache_dir, download, registry
-from conftest import OPENAI
+from conftest import OPENAI, perturb_
 
 
 class Server:
@@ -168,7 +170,7 @@ def test_hub_file_with_a_wrong_checksum_is_removed(server, fixtures_dir, tmp_pat
     assert not list(hf_cache.rglob("blobs/abab*")) and not list(hf_cache.rglob("snapshots/*/*.safetensors"))
 
 
-def test_registry_lists_openai_checkpoints_with_their_published_sha256():
+def test_registry_lists_openai_checkpoints_with_their_published_sha256(monkeypatch):
     openai = {name: registry.get_pretrained(name, tag) for name, tag in clipforge.list_pretrained() if tag == "openai"}
     nine = {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
     assert nine <= set(openai) and len({e.sha256 for e in openai.values()}) == 9
@@ -176,9 +178,16 @@ def test_registry_lists_openai_checkpoints_with_their_published_sha256():
         assert entry.architecture.endswith("-quickgelu")  # OpenAI trained with QuickGELU: never loaded as GELU
         assert entry.sha256 in entry.url and len(entry.sha256) == 64
     assert registry.get_pretrained("ViT-L-14", "laion2b_s32b_b82k").mean == (0.5, 0.5, 0.5)
-    assert ("ViT-H-14", "dfn5b") not in clipforge.list_pretrained()  # squash resize: refused, with the reason
-    with pytest.raises(ValueError, match="resize_mode 'squash'"):
-        registry.get_pretrained("ViT-H-14", "dfn5b")
+    assert registry.get_pretrained("ViT-H-14", "dfn5b").resize == "squash"  # DFN resizes without a crop, as SigLIP
+    siglip = {name for name, tag in clipforge.list_pretrained() if "SigLIP" in name}
+    assert {"ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP-384", "ViT-B-16-SigLIP2", "ViT-gopt-16-SigLIP2-384"} <= siglip
+    assert {registry.get_pretrained(name, "webli").resize for name in siglip} == {"squash"}
+    odd = registry.PretrainedTag("x", "bilinear", "ViT-B-32", "org/x", (0.5,) * 3, (0.5,) * 3,
+                                 unsupported="preprocessing bilinear")
+    monkeypatch.setattr(registry, "_table", lambda: {("x", "bilinear"): odd})
+    assert clipforge.list_pretrained() == []
+    with pytest.raises(ValueError, match="preprocessing bilinear"):
+        registry.get_pretrained("x", "bilinear")
 
 
 @pytest.mark.integration
@@ -206,3 +215,29 @@ def test_index_and_query_by_architecture_and_tag(server, weights, fixtures_dir, 
     assert index.record(int(index.search(query, 1)[1][0, 0]))["path"].endswith("2.png")
     with pytest.raises(ValueError, match=r"built with model tiny-test \(pretrained fixture\), not tiny-test"):
         build_index(tmp_path / "images", tmp_path / "index", model="tiny-test", progress=False)
+
+
+def test_siglip_tag_loads_open_clip_timm_weights_with_its_tokenizer_and_preprocessing(server, spiece_model, tmp_path,
+                                                                                      monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from test_siglip_open_clip import open_clip_state_dict
+
+    original = perturb_(clipforge.create_model("cpu-siglip-tiny-32")).eval()
+    clipforge.save_pretrained(original, tmp_path / "hf", format="hf")
+    hf_model = transformers.SiglipModel.from_pretrained(tmp_path / "hf")
+    weights = safetensors.torch.save(open_clip_state_dict(hf_model))  # open_clip's names: a timm image tower
+    base = "/org/siglip-tiny/resolve/main"
+    server.files[f"{base}/open_clip_model.safetensors"] = weights
+    server.etags[f"{base}/open_clip_model.safetensors"] = hashlib.sha256(weights).hexdigest()
+    server.files[f"{base}/spiece.model"] = spiece_model.read_bytes()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    entry = registry.PretrainedTag("cpu-siglip-tiny-32", "fixture", "cpu-siglip-tiny-32", "org/siglip-tiny",
+                                   (0.5,) * 3, (0.5,) * 3, resize="squash")
+    monkeypatch.setattr(registry, "_table", lambda: {("cpu-siglip-tiny-32", "fixture"): entry})
+    model, _ = clipforge.load("cpu-siglip-tiny-32", pretrained="fixture")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixels), original.encode_image(pixels), rtol=1e-5, atol=1e-5)
+    assert (model.preprocess_config.resize, model.preprocess_config.mean) == ("squash", (0.5,) * 3)
+    tokenizer = clipforge.get_tokenizer("cpu-siglip-tiny-32", options=LoadOptions(pretrained="fixture"))
+    assert tokenizer.kind == "sentencepiece" and tokenizer(["a cat"]).shape == (1, 32)

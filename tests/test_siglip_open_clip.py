@@ -152,3 +152,22 @@ def test_open_clip_siglip_configs_map_exactly_or_are_refused():
     del causal["model_cfg"]["text_cfg"]["no_causal_mask"]  # open_clip's default: a causal text tower
     with pytest.raises(CheckpointError, match="no_causal_mask"):
         config_from_open_clip(causal)
+
+
+def test_registry_siglip_architectures_are_open_clips_own_configs():
+    import importlib.util
+    from pathlib import Path
+
+    from clipforge.checkpoint.open_clip import config_from_open_clip
+    from clipforge.model.config import get_model_config
+
+    spec = importlib.util.find_spec("open_clip")  # its model configs only (importing it needs torchvision)
+    if spec is None:
+        pytest.skip("open_clip_torch is not installed")
+    configs = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
+    names = [name for name in clipforge.list_models() if (configs / f"{name}.json").is_file() and "SigLIP" in name]
+    assert len(names) >= 20
+    for name in names:
+        theirs, preprocess = config_from_open_clip(json.loads((configs / f"{name}.json").read_text()), name)
+        assert get_model_config(name) == theirs, name
+        assert preprocess.resize == "squash"

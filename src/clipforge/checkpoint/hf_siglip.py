@@ -98,24 +98,27 @@ def is_siglip(config: CLIPConfig) -> bool:
     """Whether transformers' SiglipModel holds this architecture exactly."""
     v, t = config.vision, config.text
     return (v.pool == "map" and not v.projection and not t.causal and t.pool == "last" and t.projection_bias
-            and not v.is_resnet and config.text_tower == "clip" and v.gelu_tanh == t.gelu_tanh and not v.quick_gelu
-            and not t.quick_gelu and config.logit_bias_init is not None)
+            and not v.is_resnet and config.text_tower == "clip" and not v.quick_gelu and not t.quick_gelu
+            and config.logit_bias_init is not None)
 
 
 def hf_siglip_config(config: CLIPConfig, eos_token_id: int) -> dict[str, Any]:
     """HF SiglipModel config.json dict for a SigLIP-architecture clipforge config (SigLIP pads with EOS)."""
     v, t = config.vision, config.text
-    act = "gelu_pytorch_tanh" if v.gelu_tanh else "gelu"
+
+    def act(tower: TextConfig | VisionConfig) -> str:  # each tower its own: open_clip's SigLIP 2 mixes them
+        return "gelu_pytorch_tanh" if tower.gelu_tanh else "gelu"
+
     return {
         "architectures": ["SiglipModel"], "model_type": "siglip",
         "text_config": {"hidden_size": t.width, "intermediate_size": round(t.width * t.mlp_ratio),
                         "num_attention_heads": t.heads, "num_hidden_layers": t.layers,
-                        "max_position_embeddings": t.context_length, "vocab_size": t.vocab_size, "hidden_act": act,
+                        "max_position_embeddings": t.context_length, "vocab_size": t.vocab_size, "hidden_act": act(t),
                         "layer_norm_eps": t.layer_norm_eps, "projection_size": config.embed_dim,
                         "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id},
         "vision_config": {"hidden_size": v.width, "intermediate_size": round(v.width * v.mlp_ratio),
                           "num_attention_heads": v.heads, "num_hidden_layers": v.layers, "image_size": v.image_size,
-                          "patch_size": v.patch_size, "num_channels": 3, "hidden_act": act,
+                          "patch_size": v.patch_size, "num_channels": 3, "hidden_act": act(v),
                           "layer_norm_eps": v.layer_norm_eps, "vision_use_head": True},
     }
 

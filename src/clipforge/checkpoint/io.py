@@ -195,8 +195,9 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
         if options.config is None:
             options = replace(options, config=found.get("config"))
         model = _load_path(local, options, overrides)
-        if "mean" in found:  # the tag's own normalisation (a few open_clip weights use 0.5 / 0.5)
-            model.preprocess_config = PreprocessConfig(mean=tuple(found["mean"]), std=tuple(found["std"]))
+        if "mean" in found:  # the tag's own preprocessing (some open_clip weights use 0.5 / 0.5; SigLIP squashes)
+            model.preprocess_config = PreprocessConfig(mean=tuple(found["mean"]), std=tuple(found["std"]),
+                                                       resize=found["resize"])
     elif isinstance(name_or_path, str) and name_or_path in list_models() and not path.exists():
         if options.config is not None:  # never silently dropped: the name already is the architecture
             raise ConfigError(f"config= (--model-config) describes a checkpoint file or folder; {name_or_path!r} "
@@ -293,6 +294,17 @@ def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | 
         config = declared[0] if declared is not None else CLIPConfig()  # a bare state dict: CLIP's tokenizer
     elif isinstance(name_or_path, str) and name_or_path in list_models():
         config = get_model_config(name_or_path)
+        folder = _tag_folder(name_or_path, options.pretrained)
     else:
         config = CLIPConfig()
     return tokenizer_for(config, folder, context_length)
+
+
+def _tag_folder(name: str, pretrained: str | None) -> Path | None:
+    """The hub folder of a pretrained tag's weights, with the tokenizer files beside them (SigLIP's spiece.model)."""
+    if pretrained is None or Path(pretrained).is_file():
+        return None
+    from clipforge.pretrained import get_pretrained, hub_folder
+
+    entry = get_pretrained(name, pretrained)
+    return None if entry.url else hub_folder(entry.hf_hub, weights_only=True)  # cached by the load before it

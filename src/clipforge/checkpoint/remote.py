@@ -39,4 +39,4 @@ def resolve_remote(name: str, pretrained: str | None = None) -> tuple[Path, dict
         path = open_clip_weights(hub_folder(entry.hf_hub, weights_only=True))
         if path is None:
             raise CheckpointError(f"hf-hub:{entry.hf_hub} holds no open_clip weights for {name} {pretrained!r}")
-    return path, {"config": entry.architecture, "mean": entry.mean, "std": entry.std}
+    return path, {"config": entry.architecture, "mean": entry.mean, "std": entry.std, "resize": entry.resize}

@@ -25,9 +25,10 @@ def hub_folder(repo_id: str, revision: str | None = None, weights_only: bool = F
     for config, weights in (OPEN_CLIP_FILES, TRANSFORMERS_FILES):
         if not weights_only and _fetch(repo_id, config, revision, optional=True) is None:
             continue
-        if weights == TRANSFORMERS_FILES[1]:  # its preprocessing and tokenizer files, when the repo has them
-            for extra in ("preprocessor_config.json", "vocab.json", "merges.txt"):
-                _fetch(repo_id, extra, revision, optional=True)
+        # the tokenizer files (and transformers' preprocessing) when the repo has them; SigLIP's is spiece.model
+        extras = ("preprocessor_config.json", "vocab.json", "merges.txt") if weights == TRANSFORMERS_FILES[1] else ()
+        for extra in (*extras, "spiece.model"):
+            _fetch(repo_id, extra, revision, optional=True, extra=True)
         for name in weights:
             path = _fetch(repo_id, name, revision, optional=True)
             if path is not None:
@@ -40,7 +41,8 @@ def hub_folder(repo_id: str, revision: str | None = None, weights_only: bool = F
                      f"CLIP repo ({TRANSFORMERS_FILES[0]})")
 
 
-def _fetch(repo_id: str, filename: str, revision: str | None, optional: bool) -> Path | None:
+def _fetch(repo_id: str, filename: str, revision: str | None, optional: bool, extra: bool = False) -> Path | None:
+    """The cached file; None for an optional one the repo lacks, or an `extra` one offline and never fetched."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -48,6 +50,8 @@ def _fetch(repo_id: str, filename: str, revision: str | None, optional: bool) ->
         return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=os.environ.get("HF_ENDPOINT"),
                                     cache_dir=hub_cache(), local_files_only=is_offline()))
     except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: not cached, and offline or unreachable
+        if extra and is_offline():  # a repo without the file leaves nothing in the cache to tell it from "not cached"
+            return None
         if is_offline():
             raise CheckpointError(f"offline mode (CLIPFORGE_OFFLINE / HF_HUB_OFFLINE): hf-hub:{repo_id}/{filename} "
                                   f"is not in the Hugging Face cache (HF_HOME); run once online, or "

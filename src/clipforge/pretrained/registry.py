@@ -24,6 +24,7 @@ class PretrainedTag:
     url: str = ""  # OpenAI's own release URL (preferred: a published sha256 to check against)
     sha256: str = ""
     unsupported: str = ""  # why clipforge cannot run these weights exactly ("" when it can)
+    resize: str = "crop"  # "squash" for SigLIP's whole-image resize (PreprocessConfig.resize)
 
 
 @lru_cache(maxsize=1)
