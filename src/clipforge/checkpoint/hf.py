@@ -35,12 +35,12 @@ def _quick_gelu(act: str, where: str) -> bool:
 
 def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
     """clipforge config from an HF CLIPModel (or SiglipModel) config.json dict."""
-    if hf.get("model_type") == "siglip":
+    if hf.get("model_type") in ("siglip", "siglip2"):
         from clipforge.checkpoint.hf_siglip import config_from_hf_siglip  # local: it imports this module
 
         return config_from_hf_siglip(hf)
     if hf.get("model_type", "clip") != "clip":
-        raise CheckpointError(f"HF model_type {hf.get('model_type')!r} is not 'clip' or 'siglip'")
+        raise CheckpointError(f"HF model_type {hf.get('model_type')!r} is not 'clip', 'siglip' or 'siglip2'")
     t = {**_HF_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
     v = {**_HF_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
     if v["num_channels"] != 3:
@@ -205,7 +205,8 @@ def write_hf_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPCon
     if hf_siglip.is_siglip(config):
         weights = hf_siglip.state_dict_to_hf_siglip(state_dict, config)
         settings = hf_siglip.hf_siglip_config(config, tokenizer.eot_token_id)
-        processor = hf_siglip.hf_siglip_preprocessor_config(config, preprocess.mean, preprocess.std)
+        processor = hf_siglip.hf_siglip_preprocessor_config(config, preprocess.mean, preprocess.std,
+                                                            preprocess.interpolation)
     else:
         weights, settings = state_dict_to_hf(state_dict, config), hf_config(config, tokenizer.eot_token_id)
         processor = hf_preprocessor_config(config, preprocess.mean, preprocess.std)

@@ -45,14 +45,18 @@ def hf_preprocess(directory: Path, image_size: int, siglip: bool = False) -> Pre
 
 
 def _siglip_preprocess(path: Path, pp: dict[str, Any], image_size: int) -> PreprocessConfig:
-    """SiglipImageProcessor: one bicubic resize of the whole image to the square input, then its mean and std."""
+    """SiglipImageProcessor: one bicubic resize of the whole image to the square input, then its mean and std.
+    Siglip2ImageProcessor (NaFlex) keeps each image's aspect ratio; clipforge's fixed-size input is the model's
+    native square (its position grid), resized with the processor's filter (bilinear unless it says bicubic)."""
+    naflex = pp.get("image_processor_type", "").startswith("Siglip2")
     size = pp.get("size", {"height": image_size, "width": image_size})
-    if (pp.get("resample", 3) != 3 or not pp.get("do_resize", True) or
-            (size.get("height"), size.get("width")) != (image_size, image_size)):
-        raise CheckpointError(f"{path}: resize to {size}, resample {pp.get('resample')} differ from SigLIP's bicubic "
-                              f"{image_size}x{image_size} px resize, which is what clipforge implements for SigLIP")
+    resample = pp.get("resample", 2 if naflex else 3)
+    if (resample not in (2, 3) or not pp.get("do_resize", True) or
+            (not naflex and (size.get("height"), size.get("width")) != (image_size, image_size))):
+        raise CheckpointError(f"{path}: resize to {size}, resample {resample} differ from SigLIP's bicubic (or "
+                              f"bilinear) {image_size}x{image_size} px resize, which is what clipforge implements")
     if not pp.get("do_normalize", True) or pp.get("rescale_factor", 1 / 255) != 1 / 255:
         raise CheckpointError(f"{path}: clipforge implements rescale by 1/255 and normalisation, as SigLIP ships")
     return PreprocessConfig(composite_white=bool(pp.get("do_convert_rgb")),
                             mean=tuple(pp.get("image_mean", (0.5,) * 3)), std=tuple(pp.get("image_std", (0.5,) * 3)),
-                            resize="squash")
+                            resize="squash", interpolation="bilinear" if resample == 2 else "bicubic")

@@ -27,9 +27,16 @@ def _activation(act: str, where: str) -> dict[str, bool]:
 
 
 def config_from_hf_siglip(hf: dict[str, Any]) -> CLIPConfig:
-    """clipforge config from an HF SiglipModel config.json dict; refuses what the towers cannot hold."""
+    """clipforge config from an HF SiglipModel or Siglip2Model (NaFlex) config.json dict; refuses what the towers
+    cannot hold."""
+    naflex = hf.get("model_type") == "siglip2"
     t = {**_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
-    v = {**_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
+    v = {**_VISION_DEFAULTS, **({"num_patches": 256} if naflex else {}), **(hf.get("vision_config") or {})}
+    if naflex:  # a square grid of position embeddings, resized to each image's grid
+        side = math.isqrt(v["num_patches"])
+        if side * side != v["num_patches"]:
+            raise CheckpointError(f"HF Siglip2 num_patches {v['num_patches']} is not a square grid")
+        v["image_size"] = side * v["patch_size"]
     if v["num_channels"] != 3 or not v["vision_use_head"]:
         raise CheckpointError("HF SigLIP vision towers need num_channels 3 and the attention-pooling head "
                               f"(vision_use_head), got {v['num_channels']} and {v['vision_use_head']}")
@@ -42,7 +49,7 @@ def config_from_hf_siglip(hf: dict[str, Any]) -> CLIPConfig:
         vision=VisionConfig(image_size=v["image_size"], layers=v["num_hidden_layers"], width=v["hidden_size"],
                             heads=v["num_attention_heads"], patch_size=v["patch_size"],
                             mlp_ratio=v["intermediate_size"] / v["hidden_size"], layer_norm_eps=v["layer_norm_eps"],
-                            pool="map", projection=False, **_activation(v["hidden_act"], "vision")),
+                            pool="map", projection=False, naflex=naflex, **_activation(v["hidden_act"], "vision")),
         text=TextConfig(context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"],
                         width=t["hidden_size"], heads=t["num_attention_heads"], layers=t["num_hidden_layers"],
                         mlp_ratio=t["intermediate_size"] / t["hidden_size"], layer_norm_eps=t["layer_norm_eps"],
@@ -87,6 +94,9 @@ def state_dict_from_hf_siglip(sd: dict[str, torch.Tensor], config: CLIPConfig) -
         out["text_projection"] = sd.pop("text_model.head.weight").t().contiguous()
         out["logit_scale"] = sd.pop("logit_scale").reshape(())
         out["logit_bias"] = sd.pop("logit_bias").reshape(())
+        if config.vision.naflex:  # Siglip2's Linear over patch rows (channels last) -> the equivalent convolution
+            weight, patch = out["visual.conv1.weight"], config.vision.patch_size
+            out["visual.conv1.weight"] = weight.reshape(len(weight), patch, patch, 3).permute(0, 3, 1, 2).contiguous()
     except KeyError as error:
         raise CheckpointError(f"not an HF SiglipModel state dict: missing key {error.args[0]!r}") from None
     if sd:
@@ -109,7 +119,7 @@ def hf_siglip_config(config: CLIPConfig, eos_token_id: int) -> dict[str, Any]:
     def act(tower: TextConfig | VisionConfig) -> str:  # each tower its own: open_clip's SigLIP 2 mixes them
         return "gelu_pytorch_tanh" if tower.gelu_tanh else "gelu"
 
-    return {
+    settings = {
         "architectures": ["SiglipModel"], "model_type": "siglip",
         "text_config": {"hidden_size": t.width, "intermediate_size": round(t.width * t.mlp_ratio),
                         "num_attention_heads": t.heads, "num_hidden_layers": t.layers,
@@ -121,6 +131,11 @@ def hf_siglip_config(config: CLIPConfig, eos_token_id: int) -> dict[str, Any]:
                           "patch_size": v.patch_size, "num_channels": 3, "hidden_act": act(v),
                           "layer_norm_eps": v.layer_norm_eps, "vision_use_head": True},
     }
+    if v.naflex:  # Siglip2Model: a patch count instead of an image size
+        settings.update(architectures=["Siglip2Model"], model_type="siglip2")
+        del settings["vision_config"]["image_size"]
+        settings["vision_config"]["num_patches"] = (v.image_size // v.patch_size) ** 2
+    return settings
 
 
 def state_dict_to_hf_siglip(sd: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
@@ -130,12 +145,21 @@ def state_dict_to_hf_siglip(sd: dict[str, torch.Tensor], config: CLIPConfig) -> 
     out = {**encoders_to_hf(sd, config), **{theirs: sd[ours] for theirs, ours in _RENAMES.items()}}
     out["text_model.head.weight"] = sd["text_projection"].t()
     out["logit_scale"], out["logit_bias"] = sd["logit_scale"].reshape(1), sd["logit_bias"].reshape(1)
+    if config.vision.naflex:
+        weight = out["vision_model.embeddings.patch_embedding.weight"]
+        out["vision_model.embeddings.patch_embedding.weight"] = weight.permute(0, 2, 3, 1).reshape(len(weight), -1)
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def hf_siglip_preprocessor_config(config: CLIPConfig, mean: tuple, std: tuple) -> dict[str, Any]:
+def hf_siglip_preprocessor_config(config: CLIPConfig, mean: tuple, std: tuple,
+                                  interpolation: str = "bicubic") -> dict[str, Any]:
     """preprocessor_config.json so transformers' SiglipImageProcessor preprocesses like clipforge."""
-    size = config.vision.image_size
+    size, v = config.vision.image_size, config.vision
+    if v.naflex:
+        return {"image_processor_type": "Siglip2ImageProcessor", "do_resize": True, "patch_size": v.patch_size,
+                "max_num_patches": (size // v.patch_size) ** 2, "resample": 2 if interpolation == "bilinear" else 3,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean),
+                "image_std": list(std)}
     return {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
             "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": list(mean), "image_std": list(std)}

@@ -38,13 +38,14 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def eval_geometry(image: Image.Image, size: int, composite_white: bool = False, resize: str = "crop") -> Image.Image:
+def eval_geometry(image: Image.Image, size: int, composite_white: bool = False, resize: str = "crop",
+                  interpolation: str = "bicubic") -> Image.Image:
     """The RGB size x size square the eval transform normalises: short-side bicubic resize and center crop, or
-    (`resize="squash"`, SigLIP) a bicubic resize of the whole image to the square."""
+    (`resize="squash"`, SigLIP) one resize of the whole image to the square (bicubic, or bilinear: SigLIP 2)."""
     if composite_white:  # transformers' order: RGB first, then resize
         image = composite_on_white(image)
     if resize == "squash":  # transformers' SiglipImageProcessor: RGB, then one bicubic resize to (size, size)
-        return to_rgb(image).resize((size, size), Image.BICUBIC)
+        return to_rgb(image).resize((size, size), Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC)
     # OpenAI's order: resize and crop in the file's mode, RGB last (a P image resizes by nearest).
     return to_rgb(center_crop(resize_short_side(image, size), size))
 
@@ -66,16 +67,19 @@ class EvalTransform:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resize: str = "crop"  # "crop" (CLIP) or "squash" (SigLIP: the whole image to the square, no crop)
+    interpolation: str = "bicubic"  # the squash's filter ("bilinear": SigLIP 2's processor)
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
-        image = eval_geometry(load_image(image), self.image_size, self.composite_white, self.resize)
+        image = eval_geometry(load_image(image), self.image_size, self.composite_white, self.resize,
+                              self.interpolation)
         return to_tensor(image, self.mean, self.std)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> "EvalTransform":
         """The eval transform a model's checkpoint prescribes (its size and `preprocess_config`)."""
         config = getattr(model, "preprocess_config", None) or PreprocessConfig()
-        return cls(model.image_size, config.composite_white, config.mean, config.std, config.resize)
+        return cls(model.image_size, config.composite_white, config.mean, config.std, config.resize,
+                   config.interpolation)
 
 
 @dataclass

@@ -152,6 +152,13 @@ class CLIP(nn.Module):
         features = self.visual(pixels)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def encode_image_patches(self, patches: torch.Tensor, patch_mask: torch.Tensor, spatial_shapes: torch.Tensor,
+                             normalize: bool = False) -> torch.Tensor:
+        """Image embeddings from NaFlex input (SigLIP 2, transformers' Siglip2 `pixel_values`,
+        `pixel_attention_mask`, `spatial_shapes`): patch rows [B, N, p*p*3], a [B, N] mask, grids [B, 2]."""
+        features = self.visual.forward_patches(patches, patch_mask, spatial_shapes)
+        return F.normalize(features, dim=-1) if normalize else features
+
     @overload
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False,
                     output_tokens: Literal[False] = False) -> torch.Tensor: ...

@@ -31,6 +31,8 @@ class PreprocessConfig:
     # "crop": bicubic short side to the input size, centre crop (CLIP); "squash": bicubic resize of the whole
     # image to the square input size, no crop (SigLIP's SiglipImageProcessor)
     resize: str = "crop"
+    # the squash's filter: SiglipImageProcessor's bicubic, or bilinear (Siglip2ImageProcessor's default)
+    interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(float(x) for x in self.mean), tuple(float(x) for x in self.std)
@@ -38,11 +40,16 @@ class PreprocessConfig:
             raise ConfigError(f"preprocess mean and std need 3 values each, got {self.mean} and {self.std}")
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"preprocess resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.interpolation not in ("bicubic", "bilinear") or (self.interpolation != "bicubic" and
+                                                                 self.resize == "crop"):
+            raise ConfigError(f"preprocess interpolation {self.interpolation!r}: bicubic, or bilinear with squash")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (resize only when not CLIP's crop: files older readers still load)."""
+        """Plain-JSON form (resize and interpolation only when not CLIP's: files older readers still load)."""
         out = {"composite_white": self.composite_white, "mean": list(self.mean), "std": list(self.std)}
-        return out if self.resize == "crop" else {**out, "resize": self.resize}
+        if self.resize != "crop":
+            out["resize"] = self.resize
+        return out if self.interpolation == "bicubic" else {**out, "interpolation": self.interpolation}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
@@ -67,9 +74,14 @@ class VisionConfig:
     # then a multi-head attention-pooling head with a learned probe (SigLIP)
     pool: str = "class"
     projection: bool = True  # a final projection to embed_dim (SigLIP has none: width is embed_dim)
+    # SigLIP 2's NaFlex: also takes patch rows at each image's own aspect ratio (`CLIP.encode_image_patches`),
+    # positions resized from the image_size // patch_size square grid; transformers names it Siglip2Model
+    naflex: bool = False
 
     def __post_init__(self) -> None:
         _check_options(self, "vision", pools=("class", "map"))
+        if self.naflex and self.pool != "map":
+            raise ConfigError("vision naflex needs SigLIP's attention pool (pool 'map')")
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)
         if self.is_resnet and len(self.layers) != 4:
@@ -119,7 +131,7 @@ def _check_options(config: Any, where: str, pools: tuple[str, ...]) -> None:
 
 
 # The tower options SigLIP added, at their CLIP values (left out of config files that keep them).
-_SIGLIP_OPTIONS = {"vision": {"gelu_tanh": False, "pool": "class", "projection": True},
+_SIGLIP_OPTIONS = {"vision": {"gelu_tanh": False, "pool": "class", "projection": True, "naflex": False},
                    "text": {"gelu_tanh": False, "causal": True, "pool": "eot", "projection_bias": False}}
 TEXT_TOWER_NAMES = ("clip", "minilm")  # model.towers.TEXT_TOWERS holds their classes
 

@@ -24,9 +24,13 @@ def activation(quick_gelu: bool, gelu_tanh: bool = False) -> nn.Module:
     return QuickGELU() if quick_gelu else nn.GELU(approximate="tanh" if gelu_tanh else "none")
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """Softmax attention weights [B, H, L, L] (what HF returns with output_attentions)."""
+def attention_weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False,
+                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention weights [B, H, L, L] (what HF returns with output_attentions); `key_mask` [B, L]: False
+    for keys no query may attend to (NaFlex's padding patches)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     if causal:
         length = q.shape[-2]
         future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
@@ -34,15 +38,17 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False) ->
     return scores.softmax(dim=-1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention on [B, H, L, D]; plain matmuls for bf16 on CPU.
 
     Measured here (2-core AMD, torch 2.13): for CLIP's short sequences (17-197 tokens) the CPU
     flash kernel is 2-5x slower in bf16 than two matmuls and a softmax, forward and backward.
     """
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        return attention_weights(q, k, causal) @ v
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return attention_weights(q, k, causal, key_mask) @ v
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class Attention(nn.Module):
@@ -57,15 +63,16 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, weights: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, weights: list | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention; with a `weights` list, the softmax weights are computed explicitly and appended."""
         batch, length, width = x.shape
         qkv = self.project(x, slice(None))
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if weights is None:
-            out = attention(q, k, v, causal)
+            out = attention(q, k, v, causal, key_mask)
         else:
-            weights.append(attention_weights(q, k, causal))
+            weights.append(attention_weights(q, k, causal, key_mask))
             out = weights[-1] @ v
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
@@ -99,8 +106,9 @@ class ResidualAttentionBlock(nn.Module):
         # round: mlp ratios from HF sizes are inexact
         self.mlp = MLP(width, round(width * mlp_ratio), quick_gelu, gelu_tanh)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, weights: list | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal, weights=weights)
+    def forward(self, x: torch.Tensor, causal: bool = False, weights: list | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, weights=weights, key_mask=key_mask)
         return x + self.mlp(self.ln_2(x))
 
     def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,15 +138,16 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, eps, gelu_tanh) for _ in range(layers)
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = False, first_token_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, first_token_only: bool = False,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         last = len(self.resblocks) - 1
         for i, block in enumerate(self.resblocks):
             if first_token_only and i == last:
                 return block.forward_first_token(x)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, None, key_mask, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = block(x, causal=causal, key_mask=key_mask)
         return x
 
     def forward_states(self, x: torch.Tensor, causal: bool = False,
@@ -174,9 +183,11 @@ class AttentionPool(nn.Module):
         self.ln = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.mlp = MLP(width, round(width * config.mlp_ratio), config.quick_gelu, config.gelu_tanh)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, width] tokens -> [B, width]."""
-        pooled = self.attn(self.probe.to(x.dtype).expand(x.shape[0], -1, -1), x, x, need_weights=False)[0]
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, width] tokens -> [B, width]; `key_mask` [B, L]: False for tokens to ignore (NaFlex padding)."""
+        padding = None if key_mask is None else ~key_mask
+        probe = self.probe.to(x.dtype).expand(x.shape[0], -1, -1)
+        pooled = self.attn(probe, x, x, key_padding_mask=padding, need_weights=False)[0]
         return (pooled + self.mlp(self.ln(pooled)))[:, 0]
 
 
@@ -213,6 +224,35 @@ class VisionTransformer(nn.Module):
         if self.attn_pool is None:
             return self.project(self.ln_post(self.transformer(self.embed(pixels), first_token_only=True)[:, 0]))
         return self.project(self.attn_pool(self.ln_post(self.transformer(self.embed(pixels)))))
+
+    def forward_patches(self, patches: torch.Tensor, patch_mask: torch.Tensor,
+                        spatial_shapes: torch.Tensor) -> torch.Tensor:
+        """NaFlex input (SigLIP 2): patch rows [B, N, p*p*3] (channels last within a patch, row-major over the
+        image's grid), a [B, N] mask of real patches, each image's grid (rows, cols) [B, 2] -> [B, embed_dim]."""
+        if self.attn_pool is None:
+            raise ConfigError("patch input (NaFlex) needs an attention-pooled image tower (SigLIP's); this one "
+                              "reads a class token")
+        weight = self.conv1.weight
+        width, patch = weight.shape[0], weight.shape[-1]
+        if patches.shape[-1] != 3 * patch * patch:
+            raise ConfigError(f"patch rows of {patches.shape[-1]} values; this model's patches have 3*{patch}*{patch}")
+        x = F.linear(patches.to(weight.dtype), weight.permute(0, 2, 3, 1).reshape(width, -1), self.conv1.bias)
+        x = x + self.resized_positions(spatial_shapes, x.shape[1]).to(x.dtype)
+        mask = patch_mask.bool()
+        return self.project(self.attn_pool(self.ln_post(self.transformer(x, key_mask=mask)), key_mask=mask))
+
+    def resized_positions(self, spatial_shapes: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, length, width] position embeddings: the square grid resized (bilinear, antialiased) to each image's
+        grid, row-major, zero after its patches (their outputs are masked)."""
+        side = math.isqrt(self.positional_embedding.shape[0])
+        grid = self.positional_embedding.float().reshape(side, side, -1).permute(2, 0, 1)[None]
+        out = grid.new_zeros(len(spatial_shapes), length, grid.shape[1])
+        for i, (rows, cols) in enumerate(spatial_shapes.tolist()):
+            if rows * cols > length or rows < 1 or cols < 1:
+                raise ConfigError(f"image {i}: a {rows}x{cols} patch grid does not fit {length} patch rows")
+            resized = F.interpolate(grid, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)
+            out[i, : rows * cols] = resized[0].flatten(1).t()
+        return out
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """The pooled features in the shared space (unchanged without a projection)."""

@@ -1,0 +1,103 @@
+"""SigLIP 2 NaFlex: transformers' Siglip2Model folders load into SigLIP's towers; patch input with a padding mask
+at each image's own aspect ratio gives transformers' embeddings and logits; the model writes back as Siglip2Model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import clipforge
+
+transformers = pytest.importorskip("transformers")
+PATCH, GRID = 4, 4  # a 4x4 grid of position embeddings: the native square is 16 px
+
+
+def _hf_siglip2(seed: int = 0):
+    torch.manual_seed(seed)
+    text = dict(hidden_size=48, intermediate_size=100, num_attention_heads=3, num_hidden_layers=2, vocab_size=300,
+                max_position_embeddings=16, bos_token_id=None, eos_token_id=None, pad_token_id=1)
+    vision = dict(hidden_size=48, intermediate_size=90, num_attention_heads=3, num_hidden_layers=2,
+                  num_patches=GRID * GRID, patch_size=PATCH)
+    model = transformers.Siglip2Model(transformers.Siglip2Config(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():  # move the init's round values (zero biases, unit norms)
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return model
+
+
+def _features(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def naflex_batch(shapes: list[tuple[int, int]], rows: int, seed: int = 1):
+    """Patch rows for images of these grids, zero-padded to `rows`, with the mask of real patches."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = torch.zeros(len(shapes), rows, 3 * PATCH * PATCH)
+    mask = torch.zeros(len(shapes), rows, dtype=torch.long)
+    for i, (h, w) in enumerate(shapes):
+        patches[i, : h * w] = torch.randn(h * w, 3 * PATCH * PATCH, generator=generator)
+        mask[i, : h * w] = 1
+    return patches, mask, torch.tensor(shapes)
+
+
+def patchify(pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, grid cells, p*p*3] in Siglip2ImageProcessor's order (row-major cells, channels last)."""
+    b, c, h, w = pixels.shape
+    cells = pixels.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 3, 5, 1)
+    return cells.reshape(b, (h // PATCH) * (w // PATCH), PATCH * PATCH * c)
+
+
+def test_siglip2_folder_with_masked_patches_at_any_aspect_ratio_matches_transformers(tmp_path):
+    reference = _hf_siglip2()
+    reference.save_pretrained(tmp_path)
+    model, transform = clipforge.load(tmp_path)
+    assert model.config.vision.naflex and model.image_size == GRID * PATCH
+    patches, mask, shapes = naflex_batch([(2, 5), (4, 4), (3, 3), (1, 7), (6, 2)], rows=16)
+    ids = torch.randint(0, 300, (3, 16))
+    with torch.no_grad():
+        expected = _features(reference.get_image_features(pixel_values=patches, pixel_attention_mask=mask,
+                                                          spatial_shapes=shapes))
+        torch.testing.assert_close(model.encode_image_patches(patches, mask, shapes), expected, rtol=1e-4, atol=1e-4)
+        logits = reference(input_ids=ids, pixel_values=patches, pixel_attention_mask=mask,
+                           spatial_shapes=shapes).logits_per_image
+        ours = model.logit_scale.exp() * model.encode_image_patches(patches, mask, shapes, normalize=True) @ \
+            model.encode_text(ids, normalize=True).t() + model.logit_bias
+        torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-4)
+        padded = patches.clone()
+        padded[mask == 0] = 5.0  # what sits in the padding never reaches a real patch or the pooled output
+        torch.testing.assert_close(model.encode_image_patches(padded, mask, shapes), expected, rtol=1e-5, atol=1e-5)
+        # a native-size square image through the fixed-size path equals its patches at the native grid
+        pixels = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
+        native = _features(reference.get_image_features(pixel_values=patchify(pixels),
+                                                        pixel_attention_mask=torch.ones(2, GRID * GRID),
+                                                        spatial_shapes=torch.tensor([[GRID, GRID]] * 2)))
+        torch.testing.assert_close(model.encode_image(pixels), native, rtol=1e-4, atol=1e-4)
+    assert transform.resize == "squash"
+
+
+def test_siglip2_round_trip_writes_a_folder_transformers_loads_as_siglip2(spiece_model, tmp_path):
+    from clipforge.text import SentencePieceTokenizer
+
+    reference = _hf_siglip2(seed=3)
+    reference.save_pretrained(tmp_path / "hf")
+    model, _ = clipforge.load(tmp_path / "hf")
+    clipforge.save_pretrained(model, tmp_path / "cf", tokenizer=SentencePieceTokenizer(spiece_model, 16))
+    again, _ = clipforge.load(tmp_path / "cf")  # clipforge's format keeps the NaFlex option
+    clipforge.save_pretrained(again, tmp_path / "back", format="hf", tokenizer=SentencePieceTokenizer(spiece_model, 16))
+    back = transformers.Siglip2Model.from_pretrained(tmp_path / "back").eval()
+    patches, mask, shapes = naflex_batch([(3, 5), (4, 4)], rows=16, seed=2)
+    kwargs = {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+    with torch.no_grad():
+        torch.testing.assert_close(_features(back.get_image_features(**kwargs)),
+                                   _features(reference.get_image_features(**kwargs)), rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "siglip2"
+
+
+def test_patch_input_is_refused_by_a_class_token_tower():
+    from clipforge.errors import ConfigError
+
+    model = clipforge.create_model("cpu-vit-tiny-32")
+    patches, mask, shapes = naflex_batch([(2, 2)], rows=4)
+    with pytest.raises(ConfigError, match="class token"):
+        model.encode_image_patches(patches, mask, shapes)
