@@ -15,7 +15,7 @@ PATCH, GRID = 4, 4  # a 4x4 grid of position embeddings: the native square is 16
 
 def _hf_siglip2(seed: int = 0):
     torch.manual_seed(seed)
-    text = dict(hidden_size=48, intermediate_size=100, num_attention_heads=3, num_hidden_layers=2, vocab_size=300,
+    text = dict(hidden_size=48, intermediate_size=100, num_attention_heads=3, num_hidden_layers=2, vocab_size=400,
                 max_position_embeddings=16, bos_token_id=None, eos_token_id=None, pad_token_id=1)
     vision = dict(hidden_size=48, intermediate_size=90, num_attention_heads=3, num_hidden_layers=2,
                   num_patches=GRID * GRID, patch_size=PATCH)
@@ -101,3 +101,61 @@ def test_patch_input_is_refused_by_a_class_token_tower():
     patches, mask, shapes = naflex_batch([(2, 2)], rows=4)
     with pytest.raises(ConfigError, match="class token"):
         model.encode_image_patches(patches, mask, shapes)
+
+
+CORPUS = ["A photo of a Cat.", "Café  crème, brûlée!", "고양이 얼굴 🐱", "", "  leading and trailing spaces  ",
+          "x" * 40, "ÅNGSTRÖM 123-456 #tag @user", "tabs\tand\nnewlines"]
+
+
+def _gemma_folder(directory, cls: str, **settings):
+    """transformers' own tokenizer of class `cls` on a byte-fallback BPE trained here, saved as its hub files are."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    corpus = ["a photo of a cat", "a dog on the grass", "café crème brûlée", "고양이 얼굴 귀여운 고양이", "🐱 🐶 emoji",
+              "an astronaut riding a horse", "the quick brown fox jumps over the lazy dog", "ångström"] * 40
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "\u2581")])
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(merge) for merge in model["merges"]]
+    getattr(transformers, cls)(vocab=model["vocab"], merges=merges, **settings).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("cls, settings", [
+    ("Siglip2Tokenizer", dict(add_bos_token=False, add_eos_token=True, padding_side="right")),  # SigLIP 2's hub files
+    ("Siglip2Tokenizer", {}),  # the specials from the file's post-processor, transformers' left padding
+    ("GemmaTokenizer", dict(add_bos_token=True, add_eos_token=False)),  # no lower case, BOS first
+])
+def test_gemma_tokenizer_json_ids_equal_transformers(cls, settings, tmp_path):
+    from clipforge.errors import TextTooLong
+    from clipforge.text import GemmaTokenizer
+
+    folder = _gemma_folder(tmp_path, cls, **settings)
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    expected = reference(CORPUS, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    ours = GemmaTokenizer(folder, context_length=16)
+    assert torch.equal(ours(CORPUS, truncate=True), expected["input_ids"])
+    with pytest.raises(TextTooLong, match="truncate=True"):
+        ours(CORPUS[5])
+
+
+def test_siglip2_folder_carries_its_gemma_tokenizer_through_every_format(tmp_path):
+    reference = _hf_siglip2(seed=5)
+    reference.save_pretrained(tmp_path / "hf")
+    _gemma_folder(tmp_path / "hf", "Siglip2Tokenizer", add_bos_token=False, add_eos_token=True, padding_side="right")
+    model, _ = clipforge.load(tmp_path / "hf")
+    tokenizer = clipforge.get_tokenizer(tmp_path / "hf")
+    assert tokenizer.kind == "gemma" and tokenizer.context_length == 16
+    ids = tokenizer(["a photo of a cat", "A Dog!"])
+    with torch.no_grad():
+        expected = _features(reference.get_text_features(input_ids=ids))
+        torch.testing.assert_close(model.encode_text(ids), expected, rtol=1e-4, atol=1e-4)
+    clipforge.save_pretrained(model, tmp_path / "cf", tokenizer=tokenizer)
+    assert torch.equal(clipforge.get_tokenizer(tmp_path / "cf")(["a photo of a cat", "A Dog!"]), ids)
+    clipforge.save_pretrained(model, tmp_path / "back", format="hf", tokenizer=tokenizer)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert torch.equal(again(["a photo of a cat", "A Dog!"], padding="max_length", max_length=16,
+                             return_tensors="pt")["input_ids"], ids)

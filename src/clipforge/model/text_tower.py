@@ -130,6 +130,10 @@ class CausalTextTower(TextTower):
             from clipforge.text.spiece import SentencePieceTokenizer
 
             return SentencePieceTokenizer.from_directory(directory, length)
+        from clipforge.text.hf_json import GemmaTokenizer, is_gemma_folder
+
+        if directory is not None and is_gemma_folder(directory):  # SigLIP 2's Gemma tokenizer.json
+            return GemmaTokenizer.from_directory(directory, length)
         found = CLIPTokenizer.from_model_directory(directory, length) if directory is not None else None
         if found is not None:
             return found

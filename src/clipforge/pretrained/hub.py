@@ -25,9 +25,10 @@ def hub_folder(repo_id: str, revision: str | None = None, weights_only: bool = F
     for config, weights in (OPEN_CLIP_FILES, TRANSFORMERS_FILES):
         if not weights_only and _fetch(repo_id, config, revision, optional=True) is None:
             continue
-        # the tokenizer files (and transformers' preprocessing) when the repo has them; SigLIP's is spiece.model
+        # the tokenizer files (and transformers' preprocessing) when the repo has them: SigLIP's spiece.model,
+        # SigLIP 2's Gemma tokenizer.json with its tokenizer_config.json
         extras = ("preprocessor_config.json", "vocab.json", "merges.txt") if weights == TRANSFORMERS_FILES[1] else ()
-        for extra in (*extras, "spiece.model"):
+        for extra in (*extras, "spiece.model", "tokenizer.json", "tokenizer_config.json"):
             _fetch(repo_id, extra, revision, optional=True, extra=True)
         for name in weights:
             path = _fetch(repo_id, name, revision, optional=True)
