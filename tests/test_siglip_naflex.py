@@ -73,7 +73,7 @@ def test_siglip2_folder_with_masked_patches_at_any_aspect_ratio_matches_transfor
                                                         pixel_attention_mask=torch.ones(2, GRID * GRID),
                                                         spatial_shapes=torch.tensor([[GRID, GRID]] * 2)))
         torch.testing.assert_close(model.encode_image(pixels), native, rtol=1e-4, atol=1e-4)
-    assert transform.resize == "squash"
+    assert (transform.resize, transform.interpolation) == ("squash", "bilinear")  # Siglip2ImageProcessor's filter
 
 
 def test_siglip2_round_trip_writes_a_folder_transformers_loads_as_siglip2(spiece_model, tmp_path):
@@ -159,3 +159,25 @@ def test_siglip2_folder_carries_its_gemma_tokenizer_through_every_format(tmp_pat
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert torch.equal(again(["a photo of a cat", "A Dog!"], padding="max_length", max_length=16,
                              return_tensors="pt")["input_ids"], ids)
+
+
+def test_naflex_transform_matches_transformers_siglip2_image_processor(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from clipforge import NaFlexTransform
+
+    processor = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=GRID * GRID)
+    rng = np.random.default_rng(0)
+    sizes = [(30, 50), (64, 9), (7, 7), (200, 100), (16, 16), (13, 97)]  # (height, width): wide, tall, tiny, native
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    expected = processor(images=images, return_tensors="pt")
+    reference = _hf_siglip2(seed=7)
+    reference.save_pretrained(tmp_path)
+    model, _ = clipforge.load(tmp_path)
+    patches, mask, grids = NaFlexTransform.for_model(model).batch(images)
+    assert torch.equal(grids, expected["spatial_shapes"]) and torch.equal(mask, expected["pixel_attention_mask"])
+    torch.testing.assert_close(patches, expected["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image_patches(patches, mask, grids),
+                                   _features(reference.get_image_features(**expected)), rtol=1e-4, atol=1e-4)

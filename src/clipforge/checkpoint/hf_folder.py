@@ -9,7 +9,7 @@ import torch
 
 from clipforge.checkpoint.weights import read_weights
 from clipforge.errors import CheckpointError
-from clipforge.model.config import PreprocessConfig
+from clipforge.model.config import PreprocessConfig, VisionConfig
 
 
 def hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -24,11 +24,15 @@ def hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{directory}: HF directory has config.json but no model.safetensors or pytorch_model.bin")
 
 
-def hf_preprocess(directory: Path, image_size: int, siglip: bool = False) -> PreprocessConfig:
-    """transformers' CLIPImageProcessor settings: composite on white (`do_convert_rgb`), its mean and std."""
+def hf_preprocess(directory: Path, vision: VisionConfig) -> PreprocessConfig:
+    """transformers' image processor settings: CLIPImageProcessor's (composite on white with `do_convert_rgb`, its
+    mean and std), or SigLIP's; a folder without the file gets its model family's defaults."""
     path = directory / "preprocessor_config.json"
     pp = json.loads(path.read_text()) if path.is_file() else {}
-    if "Siglip" in pp.get("image_processor_type", "Siglip" if siglip else ""):  # no file: the model's own
+    image_size = vision.image_size
+    family = ("Siglip2ImageProcessor" if vision.naflex else "SiglipImageProcessor") if vision.pool == "map" else ""
+    pp.setdefault("image_processor_type", family)
+    if "Siglip" in pp["image_processor_type"]:
         return _siglip_preprocess(path, pp, image_size)
     size = pp.get("size", image_size)
     if isinstance(size, dict):  # {"shortest_edge": N}, or a bare N in older files (openai/clip-vit-base-patch32)

@@ -120,7 +120,7 @@ def read_folder(directory: Path) -> CheckpointFolder:
                                 weights)
     if (directory / "config.json").is_file():
         config = hf.config_from_hf(json.loads((directory / "config.json").read_text()))
-        preprocess = hf_preprocess(directory, config.vision.image_size, config.vision.pool == "map")
+        preprocess = hf_preprocess(directory, config.vision)
         return CheckpointFolder("hf", config, preprocess, directory)
     raise CheckpointError(f"{directory}: no {CONFIG_FILE} (clipforge), {open_clip.CONFIG_FILE} with open_clip "
                           "weights, or config.json (HF) in this directory")
