@@ -178,3 +178,28 @@ def test_export_traces_on_a_gpu_and_checks_on_the_cpu(tmp_path):
     assert config["parity"]["max_abs_diff"] <= 1e-4
     assert all(p.device.type == "cuda" for p in model.parameters())  # back where it was
     check_fresh_inputs(tmp_path, model.cpu())
+
+
+def test_siglip_export_keeps_its_pooling_bias_tokenizer_and_squash(spiece_model, tmp_path):
+    from PIL import Image
+
+    from clipforge.text import SentencePieceTokenizer
+
+    model = perturb_(clipforge.create_model("cpu-siglip-tiny-32", seed=0)).eval()
+    model.preprocess_config = clipforge.model.config.PreprocessConfig(mean=(0.5,) * 3, std=(0.5,) * 3,
+                                                                      resize="squash")
+    tokenizer = SentencePieceTokenizer(spiece_model, context_length=model.context_length)
+    config = export_onnx(model, tmp_path, tokenizer=tokenizer, int8=True)
+    assert config["logit_bias"] == pytest.approx(model.logit_bias.item())
+    assert config["preprocess"]["resize_mode"] == "squash" and config["tokenizer"]["kind"] == "sentencepiece"
+    runner = OnnxCLIP(tmp_path)
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 70, 3), dtype=np.uint8))
+    transform = clipforge.EvalTransform.for_model(model)
+    np.testing.assert_allclose(runner.preprocess(wide), transform(wide).numpy(), atol=1e-6)  # no crop
+    captions = ["a photo of a cat", "a dog"]
+    with torch.no_grad():
+        want_image = model.encode_image(transform(wide)[None], normalize=True).numpy()
+        want_text = model.encode_text(tokenizer(captions), normalize=True).numpy()
+    cosines = np.concatenate([(runner.embed_images([wide]) * want_image).sum(1),
+                              (runner.embed_texts(captions) * want_text).sum(1)])
+    assert cosines.min() > 0.99 and config["int8"]  # the int8 graphs, run by the runner, stay close

@@ -11,7 +11,7 @@ from conftest import perturb_
 CAPTIONS = ["a red circle", "a photo of a dog", "two cats on a sofa", "an emoji of a rocket", "tea", "a blue car"]
 
 
-@pytest.mark.parametrize("name", ["cpu-vit-tiny-32", "cpu-rn-tiny-64"])
+@pytest.mark.parametrize("name", ["cpu-vit-tiny-32", "cpu-rn-tiny-64", "cpu-siglip-tiny-32"])
 def test_int8_embeddings_match_fp32(name):
     model = perturb_(clipforge.create_model(name, seed=0)).eval()
     quantized = clipforge.quantize(model, "int8")

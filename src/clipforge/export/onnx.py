@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from clipforge.data.images import composite_on_white, load_image, to_rgb
-from clipforge.data.transforms import center_crop, resize_short_side
+from clipforge.data.images import load_image
+from clipforge.data.transforms import eval_geometry
 from clipforge.errors import ConfigError, ExportError, MissingDependency
 from clipforge.export.onnx_int8 import quantize_graphs
 from clipforge.model.clip import CLIP
@@ -147,6 +147,15 @@ def export_onnx(model: CLIP | str | Path, out_dir: str | Path, opset: int = DEFA
     return config
 
 
+def _geometry(preprocess: PreprocessConfig) -> dict[str, str]:
+    """The resize (and crop) rule in words, with the mode names `OnnxCLIP.preprocess` reads."""
+    if preprocess.resize == "squash":
+        return {"resize_mode": "squash", "interpolation": preprocess.interpolation, "crop": "none",
+                "resize": f"{preprocess.interpolation} (Pillow, antialiased) of the whole image to image_size x "
+                          "image_size, aspect ratio not kept (SigLIP)"}
+    return {"resize_mode": "crop", "interpolation": "bicubic", "resize": RESIZE_RULE, "crop": CROP_RULE}
+
+
 def _export_config(model: CLIP, tokenizer: Tokenizer, out: Path, opset: int) -> dict[str, Any]:
     """What a runtime needs beside the graphs: inputs, preprocessing rules, the tokenizer (whose files it writes)."""
     size = model.image_size
@@ -158,10 +167,12 @@ def _export_config(model: CLIP, tokenizer: Tokenizer, out: Path, opset: int) -> 
         "text_encoder": TEXT_FILE,
         "embed_dim": model.config.embed_dim,
         "logit_scale": float(model.logit_scale.detach().exp()),
+        # SigLIP: probabilities are sigmoid(logit_scale * cos + logit_bias), one per label
+        **({"logit_bias": float(model.logit_bias.detach())} if model.logit_bias is not None else {}),
         "inputs": {"image": {"name": "pixels", "dtype": "float32", "shape": ["batch", 3, size, size]},
                    "text": {"name": "tokens", "dtype": "int64", "shape": ["batch", "length"]}},
         "outputs": ["features", "embeddings"],
-        "preprocess": {"image_size": size, "resize": RESIZE_RULE, "crop": CROP_RULE,
+        "preprocess": {"image_size": size, **_geometry(preprocess),
                        "composite_white": preprocess.composite_white,
                        "transparency": "composite on white, then resize" if preprocess.composite_white
                        else "resize and crop in the file's mode, then drop alpha (RGB)",
@@ -249,10 +260,8 @@ class OnnxCLIP:
         """[3, S, S] float32 pixels, the same steps as clipforge's EvalTransform."""
         pp = self.config["preprocess"]
         size = pp["image_size"]
-        image = load_image(image)
-        if pp.get("composite_white", False):
-            image = composite_on_white(image)
-        image = to_rgb(center_crop(resize_short_side(image, size), size))
+        image = eval_geometry(load_image(image), size, pp.get("composite_white", False), pp.get("resize_mode", "crop"),
+                              pp.get("interpolation", "bicubic"))
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
         mean = np.asarray(pp["mean"], dtype=np.float32).reshape(3, 1, 1)
         std = np.asarray(pp["std"], dtype=np.float32).reshape(3, 1, 1)
