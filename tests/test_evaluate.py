@@ -104,7 +104,7 @@ def test_zero_shot_predict_and_metrics(model, tokenizer):
 
 
 def test_templates_and_classnames():
-    assert set(list_templates()) == {"openai_80", "openai_7", "simple", "emoji", "tuxpaint", "label"}
+    assert set(list_templates()) == {"openai_80", "openai_7", "simple", "siglip", "emoji", "tuxpaint", "label"}
     openai = get_templates("openai_80")
     assert len(openai) == 80 and all(t.count("{}") == 1 for t in openai)
     assert get_templates("openai_7") == list(OPENAI_TEMPLATES_7) and set(OPENAI_TEMPLATES_7) <= set(openai)

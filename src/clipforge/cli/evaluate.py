@@ -129,7 +129,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tuxpaint", default="", help="robustness: also zero-shot on this Tux Paint dataset")
     p.add_argument("--supervised-steps", type=int, default=0,
                    help="robustness: train a supervised baseline (same image tower, cross-entropy) this many steps")
-    p.add_argument("--templates", default="openai_7", help="template set: openai_80, openai_7, simple, emoji, tuxpaint")
+    p.add_argument("--templates", default="openai_7",
+                   help="template set: openai_80, openai_7, simple, siglip, emoji, tuxpaint")
     p.add_argument("--bias-template", default="an emoji of {}.", help="bias probe: the caption around each label")
     p.add_argument("--confusion", action="store_true", help="zero-shot: add a confusion matrix")
     p.add_argument("--composite-white", action=argparse.BooleanOptionalAction, default=None,

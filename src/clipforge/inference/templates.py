@@ -9,10 +9,11 @@ from typing import Any
 from clipforge.errors import EvaluationError
 
 # "simple" is the CLIP paper's single default prompt; "openai_7" is the notebook's best 7-template subset
-# (what open_clip calls SIMPLE_IMAGENET_TEMPLATES).
+# (what open_clip calls SIMPLE_IMAGENET_TEMPLATES). "siglip" is the prompt transformers' SigLIP documentation gives
+# for reproducing its zero-shot pipeline (SigLIP's own ImageNet numbers average the CLIP paper's 80: openai_80).
 _FILES = {"openai_80": "imagenet.json", "openai_7": "imagenet.json", "emoji": "templates.json",
           "tuxpaint": "templates.json"}
-_INLINE = {"simple": ["a photo of a {}."], "label": ["{}"]}
+_INLINE = {"simple": ["a photo of a {}."], "label": ["{}"], "siglip": ["This is a photo of {}."]}
 
 
 @lru_cache(maxsize=None)
@@ -26,7 +27,8 @@ def list_templates() -> list[str]:
 
 
 def get_templates(name: str) -> list[str]:
-    """Prompt templates ("{}" marks the class name) by set name: openai_80, openai_7, simple, emoji, tuxpaint, label."""
+    """Prompt templates ("{}" marks the class name) by set name: openai_80, openai_7, simple, siglip, emoji,
+    tuxpaint, label."""
     if name in _INLINE:
         return list(_INLINE[name])
     if name not in _FILES:
