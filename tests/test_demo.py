@@ -9,7 +9,7 @@ import pytest
 
 SECTIONS = ("## Summary", "## Training", "## Zero-shot top-1 by style", "## Prompt engineering and ensembling",
             "## Effective robustness", "## Retrieval (CLIP", "## Bias probe", "## Real photos and held-out examples",
-            "## Fine-tuning and WiSE-FT", "## Timings")
+            "## Fine-tuning and WiSE-FT", "## CLIP vs SigLIP at equal compute", "## Timings")
 PLOTS = ("training-curves.png", "prompt-ablation.png", "robustness.png", "effective-robustness.png", "photos-clip.png",
          "examples-clip.png", "examples-lit.png")
 
@@ -21,7 +21,8 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     # Archives come from the shared cache the full demo filled (fetched here when absent).
     args = ["--out", str(out), "--data-root", str(tmp_path / "data"), "--limit", "200",
             "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64",
-            "--warmup", "5", "--icons", "300", "--ablation", "1", "--finetune", "1", "--finetune-steps", "4"]
+            "--warmup", "5", "--icons", "300", "--ablation", "1", "--finetune", "1", "--finetune-steps", "4",
+            "--siglip", "1"]
     result = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "demo", *args], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,6 +79,12 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     assert {"finetune-ce", "finetune-flyp", "wise-0.5"} < set(results["effective_robustness"]["models"])
     assert sum(i.startswith(("fine-tuned-cross-entropy", "wise-ft")) for i in ids) == 3
     assert clipforge.load(out / "finetune" / "ce" / "step-00000004")[0].classnames
+    # --siglip 1: the same steps with SigLIP's loss and text tower, in every table and on the trend
+    siglip = results["siglip"]["models"]["SigLIP"]
+    assert 0 <= siglip["held_out_mean"] <= 1 and "siglip-zero-shot" in results["effective_robustness"]["models"]
+    assert "SigLIP" in results["zero_shot"] and "held_out_mean" in results["siglip"]["siglip_minus_clip"]
+    model = clipforge.load(out / "siglip" / "step-00000060")[0]
+    assert model.logit_bias is not None and not model.config.text.causal and model.config.text.pool == "last"
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["limit"] == 200
     assert config["precision"] in ("fp32", "bf16")  # "auto" is recorded as what it resolved to

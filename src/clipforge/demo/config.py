@@ -14,7 +14,7 @@ from clipforge.precision import PRECISION_CHOICES
 
 CHOICES = {"icon_query": ("labels", "any"), "icons_unseen": ("keep", "remove"), "lit_data": ("emoji", "clip"),
            "data_path": ("decoded", "pil"), "precision": PRECISION_CHOICES, "ablation": (0, 1),
-           "finetune": (0, 1)}
+           "finetune": (0, 1), "siglip": (0, 1)}
 
 
 @dataclass
@@ -63,6 +63,9 @@ class DemoConfig:
     finetune: int = 0
     finetune_steps: int = 150  # optimizer steps of each fine-tuning method (--finetune 1)
     finetune_lr: float = 1e-3  # peak learning rate of the fine-tuning runs (--finetune 1; 1e-4 measured: no change)
+    # 1: also train a SigLIP (sigmoid loss, SigLIP's text-tower options) on CLIP's data at CLIP's steps: the
+    # "CLIP vs SigLIP at equal compute" row; outside the 10-minute budget (README: SigLIP)
+    siglip: int = 0
 
     def validate(self) -> None:
         """Reject settings that cannot run, naming the field."""

@@ -18,6 +18,7 @@ import torch
 from clipforge.checkpoint.io import load
 from clipforge.data.transforms import EvalTransform
 from clipforge.demo.config import DemoConfig
+from clipforge.demo.robustness import robustness_point
 from clipforge.demo.training import AUG_COLOR_JITTER, AUG_SCALE_MIN, EvalPixels, TrainedModel, predictor
 from clipforge.evaluate.report import Section
 from clipforge.evaluate.tasks import CLIP_ZERO_SHOT
@@ -105,24 +106,14 @@ def finetuned_predictors(cfg: DemoConfig, clip: TrainedModel, emoji: Path, id_te
     return FinetunedPredictors(predictors, labels, info)
 
 
-def _point(results: dict[str, Any], method: str, held_out: Sequence[str]) -> dict[str, Any] | None:
-    domain = results["robustness"]["domains"].get(method)
-    if domain is None:
-        return None
-    accuracies = [domain["per_domain"][s] for s in held_out if s in domain["per_domain"]]
-    er = results.get("effective_robustness", {}).get("models", {}).get(method, {}).get("mean")
-    return {"in_distribution": domain["in_distribution"], "held_out_mean": sum(accuracies) / len(accuracies),
-            "effective_robustness": er}
-
-
 def finetune_findings(results: dict[str, Any], tuned: FinetunedPredictors, held_out: Sequence[str],
                       sections: list[Section]) -> dict[str, Any]:
     """The section's numbers (methods and the WiSE-FT curve, zero-shot at alpha 0), its table and its verdicts."""
     methods = {"zero-shot": CLIP_ZERO_SHOT, **{n: method_id(n) for n in METHODS}}
-    points = {name: _point(results, method, held_out) for name, method in methods.items()}
-    points["linear probe"] = _point(results, "clip-linear-probe", held_out)
+    points = {name: robustness_point(results, method, held_out) for name, method in methods.items()}
+    points["linear probe"] = robustness_point(results, "clip-linear-probe", held_out)
     curve = [{"alpha": 0.0, **(points["zero-shot"] or {})}]
-    curve += [{"alpha": a, **(_point(results, f"wise-{a:g}", held_out) or {})} for a in WISE_ALPHAS]
+    curve += [{"alpha": a, **(robustness_point(results, f"wise-{a:g}", held_out) or {})} for a in WISE_ALPHAS]
     curve.append({"alpha": 1.0, **(points["ce"] or {})})
     best = max(curve, key=lambda p: p.get("held_out_mean", -1.0))
     ends = (curve[0].get("held_out_mean"), curve[-1].get("held_out_mean"))

@@ -48,3 +48,14 @@ def demo_robustness(ctx: EvalContext, seen: LabelledImages, features: torch.Tens
     predictions = clip_predictions(ctx, seen, features, split, PROBE_CS)
     predictions.update({method: predict(seen.paths).argmax(-1) for method, predict in predictors.items()})
     return robustness_results(ctx, seen, split, predictions, settings, labels)
+
+
+def robustness_point(results: dict[str, Any], method: str, held_out: Sequence[str]) -> dict[str, Any] | None:
+    """A method's in-distribution top-1, mean held-out top-1 and effective robustness from the demo's results."""
+    domain = results["robustness"]["domains"].get(method)
+    if domain is None:
+        return None
+    accuracies = [domain["per_domain"][s] for s in held_out if s in domain["per_domain"]]
+    er = results.get("effective_robustness", {}).get("models", {}).get(method, {}).get("mean")
+    return {"in_distribution": domain["in_distribution"], "held_out_mean": sum(accuracies) / len(accuracies),
+            "effective_robustness": er}

@@ -34,6 +34,7 @@ from clipforge.demo.evaluation import (
 )
 from clipforge.demo.finetune import FinetunedPredictors, finetune_findings, finetuned_predictors
 from clipforge.demo.robustness import demo_robustness, held_out_split, zero_shot_method
+from clipforge.demo.siglip import siglip_findings, siglip_model
 from clipforge.demo.summary import claims, summary_rows
 from clipforge.demo.training import TrainedModel, read_training_rows, run_contrastive, train_config
 from clipforge.device import resolve_device
@@ -131,10 +132,11 @@ class DemoModels:
 
     clip: TrainedModel
     lit: TrainedModel
-    evaluated: list[Evaluated]  # CLIP, LiT, then the data ablation's CLIPs
+    evaluated: list[Evaluated]  # CLIP, LiT, then the data ablation's CLIPs, then SigLIP (--siglip 1)
     everything: LabelledImages
     seen: LabelledImages
     family: SupervisedFamily
+    siglip: dict[str, Any] | None = None  # the SigLIP run's steps, seconds, temperature and bias
 
 
 @dataclass
@@ -174,6 +176,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _robustness(run, inputs, models, tuned)
     if tuned is not None:
         run.results["finetune"] = finetune_findings(run.results, tuned, cfg.styles("held_out"), run.sections)
+    if models.siglip is not None:
+        run.results["siglip"] = siglip_findings(run.results, models.siglip, models.clip.seconds,
+                                                cfg.styles("held_out"), run.sections)
     _retrieval(run, inputs, models)
     _bias_photos_plots(run, inputs, models)
     return _finish(run, models)
@@ -224,10 +229,15 @@ def _train_models(run: DemoRun, inputs: DemoInputs) -> DemoModels:
         key_to_label = {c["hexcode"]: c["label"] for c in inputs.concepts}
         paths, labels = read_training_rows(tables.emoji, seen.classnames, key_to_label)
     evaluated += _data_ablation(run, inputs, everything)
+    siglip = None
+    if cfg.siglip:  # the CLIP-vs-SigLIP row: CLIP's table and steps, SigLIP's loss and text tower
+        with run.timed("train + embed SigLIP"):
+            features, siglip = siglip_model(cfg, tables.clip, everything, run.out, steps["clip"])
+        evaluated.append(features)
     family = supervised_family(cfg, paths, labels, seen.classnames, steps["supervised"], run.out,
                                clip.model.image_size)
     run.timings["train supervised (family)"] = family.info["family_seconds"]
-    return DemoModels(clip, lit, evaluated, everything, seen, family)
+    return DemoModels(clip, lit, evaluated, everything, seen, family, siglip)
 
 
 def _data_ablation(run: DemoRun, inputs: DemoInputs, everything: LabelledImages) -> list[Evaluated]:
