@@ -239,6 +239,9 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     if format == "clipforge":
         write_clipforge_dir(out, state_dict, model.config, tokenizer, preprocess)
     elif format == "open_clip":  # open_clip's hub layout; its CLIP uses OpenAI's parameter names, as clipforge
+        if model.config.decoder is not None:  # CoCa is open_clip's CustomTextCLIP kind: its text tower under "text."
+            names = model.text_tower.checkpoint_names
+            state_dict = {f"text.{k}" if k.startswith(names) else k: v for k, v in state_dict.items()}
         with atomic_path(out / open_clip.WEIGHT_FILES[0]) as tmp:  # safetensors alone writes 0600 files
             save_file(state_dict, str(tmp))
         (out / open_clip.CONFIG_FILE).write_text(json.dumps(settings, indent=1) + "\n")

@@ -12,6 +12,7 @@ from torch import nn
 from clipforge.errors import ConfigError
 from clipforge.model.compiled import compile_tower, use_compile_cache
 from clipforge.model.config import CLIPConfig, PreprocessConfig
+from clipforge.model.decoder import MultimodalDecoder
 from clipforge.model.outputs import TowerOutputs, image_outputs
 from clipforge.model.param_groups import weight_decay_groups
 from clipforge.model.resnet import ModifiedResNet
@@ -38,6 +39,8 @@ class CLIP(nn.Module):
         self.text_tower: TextTower = text_tower_class(config.text_tower)(config.text, config.embed_dim, pretrained_text)
         # Fine-tuned classifiers: logits = head(normalised image embedding); starts as the zero-shot classifier.
         self.head: nn.Linear | None = nn.Linear(config.embed_dim, len(config.classnames)) if config.classnames else None
+        # CoCa: a captioning decoder over the text tower's token states and the image tokens
+        self.text_decoder = MultimodalDecoder(config.decoder) if config.decoder is not None else None
         self.locked: set[str] = set()
         self.register_state_dict_post_hook(_text_keys_to_checkpoint)
         self.register_load_state_dict_pre_hook(_text_keys_from_checkpoint)
@@ -198,6 +201,31 @@ class CLIP(nn.Module):
             raise ConfigError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise ConfigError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
+
+    def caption_logits(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """CoCa's teacher-forced next-token logits [B, L - 1, vocab]: position i scores tokens[:, i + 1]."""
+        self._check_decoder()
+        self._check_tokens(tokens)
+        image_tokens = self.visual.forward_tokens(pixels.to(self.dtype))[1]
+        return self.text_decoder(image_tokens, self.text_tower.embed_and_tokens(tokens)[1][:, :-1])
+
+    def generate(self, images: torch.Tensor, strategy: str = "greedy", max_length: int = 30, **settings: Any
+                 ) -> torch.Tensor:
+        """Caption token ids [B, <= max_length] (rows start with start-of-text; padding after end-of-text).
+
+        strategy "greedy", "beam" (`num_beams`, `length_penalty`) or "sample" (`temperature`, `top_k`, `top_p`,
+        `seed`); `min_length`, `repetition_penalty`; `sot_token_id`, `eos_token_id`, `pad_token_id` default to
+        CLIP's tokenizer's. `clipforge.decode` (or the tokenizer's decode) turns ids into text.
+        """
+        from clipforge.model.generation import generate_ids
+
+        self._check_decoder()
+        return generate_ids(self, images, strategy=strategy, max_length=max_length, **settings)
+
+    def _check_decoder(self) -> None:
+        if self.text_decoder is None:
+            raise ConfigError("this model has no captioning decoder (a CoCa model has one: e.g. "
+                              "clipforge.load('coca_ViT-B-32', pretrained=...))")
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text): scaled cosine similarities (plus the logit bias), as OpenAI's CLIP."""

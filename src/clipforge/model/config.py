@@ -71,15 +71,19 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     gelu_tanh: bool = False  # GELU's tanh approximation (SigLIP); needs quick_gelu false
     # "class": a class token, pre-norm, post-norm on it (CLIP); "map": no class token, post-norm on every token,
-    # then a multi-head attention-pooling head with a learned probe (SigLIP)
+    # then a multi-head attention-pooling head with a learned probe (SigLIP); "attentional": CLIP's tokens read by
+    # `attn_pooler_queries` learned queries (open_clip's CoCa): the first, post-normed and projected, is the
+    # embedding, the others are the image tokens a captioning decoder attends to
     pool: str = "class"
     projection: bool = True  # a final projection to embed_dim (SigLIP has none: width is embed_dim)
     # SigLIP 2's NaFlex: also takes patch rows at each image's own aspect ratio (`CLIP.encode_image_patches`),
     # positions resized from the image_size // patch_size square grid; transformers names it Siglip2Model
     naflex: bool = False
+    attn_pooler_queries: int = 256  # pool "attentional" only
+    attn_pooler_heads: int = 8  # pool "attentional" only
 
     def __post_init__(self) -> None:
-        _check_options(self, "vision", pools=("class", "map"))
+        _check_options(self, "vision", pools=("class", "map", "attentional"))
         if self.naflex and self.pool != "map":
             raise ConfigError("vision naflex needs SigLIP's attention pool (pool 'map')")
         if isinstance(self.layers, list):
@@ -89,7 +93,7 @@ class VisionConfig:
         if self.heads is None:
             self.heads = self.width * 32 // 64 if self.is_resnet else max(1, self.width // 64)
         # SigLIP's So400m/14 at 384 px floors to 27x27 patches, as its convolution does; CLIP's ViTs divide evenly
-        if not self.is_resnet and self.pool == "class" and self.image_size % self.patch_size:
+        if not self.is_resnet and self.pool != "map" and self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
@@ -112,11 +116,15 @@ class TextConfig:
     layer_norm_eps: float = 1e-5
     gelu_tanh: bool = False  # GELU's tanh approximation (SigLIP); needs quick_gelu false
     causal: bool = True  # causal attention (CLIP); false: every token attends to every token (SigLIP)
-    pool: str = "eot"  # "eot": the features at the highest id (CLIP); "last": at the last position (SigLIP)
+    # "eot": the features at the highest id (CLIP); "last": at the last position (SigLIP); "cls": a learned class
+    # embedding appended after the tokens, normed and projected (open_clip's CoCa: padding keys masked, pad id 0)
+    pool: str = "eot"
     projection_bias: bool = False  # a bias on the projection into the shared space (SigLIP)
 
     def __post_init__(self) -> None:
-        _check_options(self, "text", pools=("eot", "last"))
+        _check_options(self, "text", pools=("eot", "last", "cls"))
+        if self.pool == "cls" and not self.causal:
+            raise ConfigError("text pool 'cls' is CoCa's causal tower: set causal true")
         if self.heads is None:
             self.heads = max(1, self.width // 64)
         if self.width % self.heads:
@@ -130,8 +138,28 @@ def _check_options(config: Any, where: str, pools: tuple[str, ...]) -> None:
         raise ConfigError(f"{where}: gelu_tanh and quick_gelu are two activations; set quick_gelu false")
 
 
-# The tower options SigLIP added, at their CLIP values (left out of config files that keep them).
-_SIGLIP_OPTIONS = {"vision": {"gelu_tanh": False, "pool": "class", "projection": True, "naflex": False},
+@dataclass
+class DecoderConfig:
+    """CoCa's captioning decoder: causal self-attention over the text tower's token features, cross-attention to
+    the image tokens, a projection to the vocabulary (open_clip's MultimodalTransformer)."""
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    context_length: int = 76
+    vocab_size: int = OPENAI_VOCAB_SIZE
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = False
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"decoder width {self.width} is not divisible by heads {self.heads}")
+
+
+# The tower options SigLIP and CoCa added, at their CLIP values (left out of config files that keep them).
+_TOWER_OPTIONS = {"vision": {"gelu_tanh": False, "pool": "class", "projection": True, "naflex": False,
+                             "attn_pooler_queries": 256, "attn_pooler_heads": 8},
                    "text": {"gelu_tanh": False, "causal": True, "pool": "eot", "projection_bias": False}}
 TEXT_TOWER_NAMES = ("clip", "minilm")  # model.towers.TEXT_TOWERS holds their classes
 
@@ -149,6 +177,7 @@ class CLIPConfig:
     # A classification head over these classes (a fine-tuned model, `CLIP.classify`); empty: none.
     classnames: list[str] = field(default_factory=list)
     head_templates: list[str] = field(default_factory=list)  # the prompts its zero-shot start was built from
+    decoder: DecoderConfig | None = None  # CoCa's captioning decoder (None: a contrastive model only)
 
     def __post_init__(self) -> None:
         if self.text_tower not in TEXT_TOWER_NAMES:
@@ -157,6 +186,18 @@ class CLIPConfig:
             raise ConfigError(f"classnames must be non-empty strings, got {self.classnames!r}")
         if len(set(self.classnames)) != len(self.classnames):
             raise ConfigError("classnames of a classification head must be distinct")
+        if self.decoder is not None:
+            self._check_decoder(self.decoder)
+
+    def _check_decoder(self, decoder: "DecoderConfig") -> None:
+        """CoCa's shapes: the decoder reads the text tower's tokens and the attentional pool's image tokens."""
+        if isinstance(decoder, dict):  # from a JSON override
+            decoder = self.decoder = DecoderConfig(**decoder)
+        if self.vision.pool != "attentional" or self.text.pool != "cls" or self.text_tower != "clip":
+            raise ConfigError("a captioning decoder needs vision pool 'attentional' and text pool 'cls' (CoCa)")
+        if not decoder.width == self.text.width == self.embed_dim:
+            raise ConfigError(f"CoCa: decoder width {decoder.width}, text width {self.text.width} and embed_dim "
+                              f"{self.embed_dim} must be equal")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (tuples become lists)."""
@@ -164,7 +205,9 @@ class CLIPConfig:
         for name in ("classnames", "head_templates"):  # absent without a head: files older readers still load
             if not d[name]:
                 del d[name]
-        for tower, defaults in _SIGLIP_OPTIONS.items():  # likewise SigLIP's tower options, at CLIP's values
+        if d["decoder"] is None:
+            del d["decoder"]
+        for tower, defaults in _TOWER_OPTIONS.items():  # likewise SigLIP's and CoCa's tower options at CLIP's values
             for name, value in defaults.items():
                 if d[tower][name] == value:
                     del d[tower][name]
@@ -178,6 +221,8 @@ class CLIPConfig:
         d = dict(d)
         vision = _make(VisionConfig, d.pop("vision", {}), "vision")
         text = _make(TextConfig, d.pop("text", {}), "text")
+        if d.get("decoder") is not None:
+            d["decoder"] = _make(DecoderConfig, d["decoder"], "decoder")
         d.pop("name", None)
         return _make(cls, {**d, "vision": vision, "text": text}, "top level")
 

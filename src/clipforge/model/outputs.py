@@ -40,6 +40,10 @@ def image_outputs(model: torch.nn.Module, pixels: torch.Tensor, attentions: bool
         embeds = visual.attnpool(feature_map)
         return TowerOutputs(_norm(embeds, normalize), feature_map.flatten(2).transpose(1, 2))
     states, weights = visual.transformer.forward_states(visual.embed(pixels), attentions=attentions)
+    if visual.pool == "attentional":  # CoCa: the pooler's queries are the tokens (what its decoder reads)
+        queries = visual.ln_post(visual.attn_pool(states[-1]))
+        return TowerOutputs(_norm(visual.project(queries[:, 0]), normalize), queries[:, 1:], tuple(states),
+                            tuple(weights))
     final = visual.ln_post(states[-1])
     if visual.attn_pool is not None:  # SigLIP: every token is a patch, pooled by the attention head
         return TowerOutputs(_norm(visual.project(visual.attn_pool(final)), normalize), final, tuple(states),

@@ -18,7 +18,8 @@ from clipforge.model.transformer import Transformer
 from clipforge.text.base import OPENAI_VOCAB_SIZE, Tokenizer
 
 # The causal tower's parameters live at the top level of OpenAI's checkpoints; this tower keeps that layout.
-OPENAI_TEXT_NAMES = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+OPENAI_TEXT_NAMES = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
+                     "cls_emb")
 
 
 class TextTower(nn.Module):
@@ -55,11 +56,18 @@ class TextTower(nn.Module):
         raise NotImplementedError
 
 
+def cls_key_mask(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """[B, L + 1] keys a CoCa text row may attend: open_clip's mask for its CoCa weights puts the class token's
+    slot first, so key j is kept when token j - 1 is not padding (key 0 always)."""
+    return torch.cat([torch.ones_like(tokens[:, :1], dtype=torch.bool), tokens != pad_id], dim=1)
+
+
 class CausalTextTower(TextTower):
     """CLIP's causal Transformer pooled at the EOT (highest id) token, with OpenAI's parameter names.
 
     SigLIP's text tower is this one with options: bidirectional attention (`causal=False`), pooled at the last
-    position (`pool="last"`), a biased projection (`projection_bias=True`).
+    position (`pool="last"`), a biased projection (`projection_bias=True`). CoCa's appends a learned class
+    embedding and pools it (`pool="cls"`); its per-token features feed the captioning decoder.
     """
 
     kind = "clip"
@@ -70,7 +78,9 @@ class CausalTextTower(TextTower):
     def __init__(self, config: TextConfig, embed_dim: int, pretrained: bool = True) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
+        self.pool_cls = config.pool == "cls"
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length + self.pool_cls, config.width))
+        self.cls_emb = nn.Parameter(torch.empty(config.width)) if self.pool_cls else None
         self.transformer = Transformer(config.width, config.layers, config.heads, config.mlp_ratio, config.quick_gelu,
                                        config.layer_norm_eps, config.gelu_tanh)
         self.ln_final = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
@@ -79,12 +89,17 @@ class CausalTextTower(TextTower):
         self.causal, self.pool_last = config.causal, config.pool == "last"
         if self.pool_last or not self.causal:
             self.pooling = "last position" if self.pool_last else "EOT (highest id), bidirectional"
+        if self.pool_cls:
+            self.pooling = "appended class embedding (CoCa)"
+            nn.init.normal_(self.cls_emb, std=0.01)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=config.width**-0.5)
         self.transformer.init_weights()
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_cls:  # the class embedding sits after the whole row: nothing to trim
+            return self.ln_final(self.cls_states(tokens)[:, -1])
         if not self.causal or self.pool_last:  # every position can reach the pooled one: nothing to trim
             return self._at_pool(self.transformer(self._embed(tokens), causal=self.causal), tokens)
         # The mask is causal and pooling reads the EOT position, so positions after the longest
@@ -97,9 +112,28 @@ class CausalTextTower(TextTower):
         return projected if self.text_projection_bias is None else projected + self.text_projection_bias
 
     def untrimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_cls:
+            return self.project(self.pooled(tokens))
         return self.project(self._at_pool(self.transformer(self._embed(tokens), causal=self.causal), tokens))
 
+    def cls_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CoCa: the last layer's states [B, L + 1, width] of the row with the class embedding appended. Padding
+        (id 0) keys are masked with open_clip's offset for CoCa weights (key j kept when token j - 1 is not
+        padding; key 0 always), and attention is causal, so a token's state never depends on what follows."""
+        x = torch.cat([self.token_embedding(tokens), self.cls_emb.to(self.token_embedding.weight.dtype).expand(
+            tokens.shape[0], 1, -1)], dim=1)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        return self.transformer(x, causal=True, key_mask=cls_key_mask(tokens))
+
+    def embed_and_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CoCa: the projected embedding and the per-token states [B, L, width] the decoder reads."""
+        states = self.cls_states(tokens)
+        return self.project(self.ln_final(states[:, -1])), states[:, :-1]
+
     def outputs(self, tokens: torch.Tensor, attentions: bool = False) -> TowerOutputs:
+        if self.pool_cls:
+            raise ConfigError("per-token outputs are not implemented for CoCa's text tower: use "
+                              "text_tower.embed_and_tokens")
         states, weights = self.transformer.forward_states(self._embed(tokens), causal=self.causal,
                                                           attentions=attentions)
         final = self.ln_final(states[-1])

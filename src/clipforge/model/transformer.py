@@ -47,8 +47,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return attention_weights(q, k, causal, key_mask) @ v
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    mask = key_mask[:, None, None, :]
+    if causal:  # SDPA takes a mask or is_causal, not both: one boolean mask of the two
+        mask = mask & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -79,6 +83,24 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """x through the fused projection's `rows` (q: [:width], k and v: [width:]); quantize() replaces it."""
         return F.linear(x, self.in_proj_weight[rows], self.in_proj_bias[rows])
+
+    def heads_of(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] -> [B, heads, L, head width]."""
+        return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, heads, L, head width] of `context` (what a decoding step caches)."""
+        width = self.out_proj.in_features
+        k, v = self.project(context, slice(width, None)).split(width, dim=-1)
+        return self.heads_of(k), self.heads_of(v)
+
+    def attend(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries from x [B, Lq, width] over given keys and values (cross-attention, or a cached decoding step:
+        every key may be attended, but for `key_mask`)."""
+        q = self.heads_of(self.project(x, slice(None, self.out_proj.in_features)))
+        out = attention(q, keys, values, key_mask=key_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -191,6 +213,24 @@ class AttentionPool(nn.Module):
         return (pooled + self.mlp(self.ln(pooled)))[:, 0]
 
 
+class AttentionalPooler(nn.Module):
+    """open_clip's CoCa pooler: learned queries (layer-normed) attend over the layer-normed tokens of the tower."""
+
+    def __init__(self, config: VisionConfig, output_dim: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(config.attn_pooler_queries, output_dim))
+        self.attn = nn.MultiheadAttention(output_dim, config.attn_pooler_heads, kdim=config.width, vdim=config.width,
+                                          batch_first=True)
+        self.ln_q = nn.LayerNorm(output_dim, eps=config.layer_norm_eps)
+        self.ln_k = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] tokens -> [B, queries, output_dim]."""
+        keys = self.ln_k(x)
+        queries = self.ln_q(self.query).to(x.dtype).expand(x.shape[0], -1, -1)
+        return self.attn(queries, keys, keys, need_weights=False)[0]
+
+
 class VisionTransformer(nn.Module):
     """ViT image tower: patchify, class token, pre-norm, transformer, post-norm on the class token, project.
 
@@ -203,7 +243,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, config: VisionConfig, output_dim: int) -> None:
         super().__init__()
         width, grid = config.width, config.image_size // config.patch_size
-        self.image_size = config.image_size
+        self.image_size, self.pool = config.image_size, config.pool
         map_pool = config.pool == "map"
         self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=map_pool)
         scale = width**-0.5
@@ -212,24 +252,37 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.Identity() if map_pool else nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.transformer = Transformer(width, config.layers, config.heads, config.mlp_ratio, config.quick_gelu,
                                        config.layer_norm_eps, config.gelu_tanh)
-        self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.attn_pool = AttentionPool(config) if map_pool else None
+        pooled = output_dim if config.pool == "attentional" else width  # CoCa's pooler outputs embed_dim already
+        self.ln_post = nn.LayerNorm(pooled, eps=config.layer_norm_eps)
+        pools = {"map": AttentionPool, "attentional": lambda c: AttentionalPooler(c, output_dim)}
+        self.attn_pool = pools[config.pool](config) if config.pool in pools else None
         if not config.projection and width != output_dim:
             raise ConfigError(f"an image tower without projection needs width == embed_dim, got {width} and "
                               f"{output_dim}")
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim)) if config.projection else None
+        self.proj = nn.Parameter(scale * torch.randn(pooled, output_dim)) if config.projection else None
         self.transformer.init_weights()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.attn_pool is None:
             return self.project(self.ln_post(self.transformer(self.embed(pixels), first_token_only=True)[:, 0]))
+        if self.pool == "attentional":
+            return self.forward_tokens(pixels)[0]
         return self.project(self.attn_pool(self.ln_post(self.transformer(self.embed(pixels)))))
+
+    def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CoCa (pool "attentional"): the embedding [B, embed_dim] and the image tokens [B, queries - 1, embed_dim]
+        a captioning decoder attends to."""
+        if self.pool != "attentional":
+            raise ConfigError("image tokens for a decoder come from CoCa's attentional pool (vision pool "
+                              "'attentional')")
+        queries = self.ln_post(self.attn_pool(self.transformer(self.embed(pixels))))
+        return self.project(queries[:, 0]), queries[:, 1:]
 
     def forward_patches(self, patches: torch.Tensor, patch_mask: torch.Tensor,
                         spatial_shapes: torch.Tensor) -> torch.Tensor:
         """NaFlex input (SigLIP 2): patch rows [B, N, p*p*3] (channels last within a patch, row-major over the
         image's grid), a [B, N] mask of real patches, each image's grid (rows, cols) [B, 2] -> [B, embed_dim]."""
-        if self.attn_pool is None:
+        if self.pool != "map":
             raise ConfigError("patch input (NaFlex) needs an attention-pooled image tower (SigLIP's); this one "
                               "reads a class token")
         weight = self.conv1.weight

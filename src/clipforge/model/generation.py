@@ -1,0 +1,272 @@
+"""Caption generation for CoCa models: greedy, beam search and sampling, one token per step with every layer's
+keys and values cached (the text tower is causal, so earlier positions never change).
+
+Conventions (open_clip's): rows start with the start-of-text id; a row that ended (end-of-text) is padded with
+the pad id; `max_length` counts every id of a row, start-of-text included; end-of-text is forbidden until a row
+holds `min_length` ids. Logit processing order: repetition penalty, then (sampling) temperature, top-k, top-p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from clipforge.errors import ConfigError
+from clipforge.model.decoder import KeysValues, block_step
+from clipforge.model.text_tower import cls_key_mask
+from clipforge.text.base import OPENAI_VOCAB_SIZE
+
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The token ids decoding needs: start-of-text, end-of-text and padding."""
+
+    sot: int
+    eos: int
+    pad: int = 0
+
+
+class Stepper(Protocol):
+    """Next-token logits, one appended id per row at a time (a cached model, or a reference that recomputes)."""
+
+    def step(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """Append `new_ids` [rows]; logits [rows, vocab] of the token after them."""
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep / repeat rows (beam search)."""
+
+
+@dataclass
+class DecodingState:
+    """What a decoding step needs: the ids so far and every layer's cached keys and values, batch-aligned."""
+
+    ids: torch.Tensor  # [B, t]
+    contexts: list[KeysValues]  # the decoder's cross-attention keys / values of the image tokens
+    text_cache: list[KeysValues | None] = field(default_factory=list)
+    decoder_cache: list[KeysValues | None] = field(default_factory=list)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep / repeat batch rows (beam search): every cached tensor follows its row."""
+        pick = lambda kv: None if kv is None else (kv[0][rows], kv[1][rows])  # noqa: E731
+        self.ids = self.ids[rows]
+        self.contexts = [pick(kv) for kv in self.contexts]
+        self.text_cache = [pick(kv) for kv in self.text_cache]
+        self.decoder_cache = [pick(kv) for kv in self.decoder_cache]
+
+
+@dataclass
+class GenerationConfig:
+    """The decoding settings of `CLIP.generate` (checked before any work)."""
+
+    strategy: str = "greedy"
+    max_length: int = 30
+    min_length: int = 5
+    num_beams: int = 3
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0  # beam search: hypotheses scored by sum of log-probs / length ** this
+    seed: int | None = None  # sampling: a fixed generator (the same seed, the same captions)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.max_length < 2 or self.min_length < 0 or self.num_beams < 1 or self.top_k < 0:
+            raise ConfigError(f"need max_length >= 2, min_length >= 0, num_beams >= 1, top_k >= 0; got "
+                              f"{self.max_length}, {self.min_length}, {self.num_beams}, {self.top_k}")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0 or self.repetition_penalty <= 0:
+            raise ConfigError(f"need 0 < top_p <= 1, temperature > 0, repetition_penalty > 0; got {self.top_p}, "
+                              f"{self.temperature}, {self.repetition_penalty}")
+
+
+class CachedStepper:
+    """Decoding steps of a CoCa model with every layer's keys and values cached (the text tower is causal, so
+    earlier positions never change): each step runs one position through the towers."""
+
+    def __init__(self, model: torch.nn.Module, image_tokens: torch.Tensor) -> None:
+        self.model = model
+        self.state = DecodingState(torch.zeros(image_tokens.shape[0], 0, dtype=torch.long, device=image_tokens.device),
+                                   model.text_decoder.contexts(image_tokens))
+        self.state.text_cache = [None] * len(model.text_tower.transformer.resblocks)
+        self.state.decoder_cache = [None] * len(model.text_decoder.resblocks)
+
+    def step(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """Append one id per row; the next-token logits [rows, vocab] (float32)."""
+        state, tower = self.state, self.model.text_tower
+        position = state.ids.shape[1]
+        state.ids = torch.cat([state.ids, new_ids[:, None]], dim=1)
+        x = tower.token_embedding(new_ids[:, None]) + tower.positional_embedding[position].to(
+            tower.token_embedding.weight.dtype)
+        keep = cls_key_mask(state.ids)[:, : position + 1]  # keys 0..position, open_clip's CoCa padding rule
+        for i, block in enumerate(tower.transformer.resblocks):
+            x, state.text_cache[i] = block_step(block, x, state.text_cache[i], keep)
+        return self.model.text_decoder.step(x, state.contexts, state.decoder_cache).float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep / repeat rows (beam search)."""
+        self.state.reorder(rows)
+
+
+def process(logits: torch.Tensor, ids: torch.Tensor, config: GenerationConfig, eos_id: int) -> torch.Tensor:
+    """Repetition penalty (on ids already in the row) and the minimum length (no end-of-text yet)."""
+    if config.repetition_penalty != 1.0:
+        seen = logits.gather(1, ids)
+        logits = logits.scatter(1, ids, torch.where(seen < 0, seen * config.repetition_penalty,
+                                                    seen / config.repetition_penalty))
+    if ids.shape[1] < config.min_length:
+        logits = logits.clone()
+        logits[:, eos_id] = float("-inf")
+    return logits
+
+
+def _filtered(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the smallest set of tokens whose probability reaches top_p)."""
+    logits = logits / config.temperature
+    if config.top_k:
+        kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        better = probs.cumsum(dim=-1) - probs  # the mass of the tokens ranked above each one
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, better >= config.top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def greedy_or_sample(stepper: Stepper, rows: int, config: GenerationConfig, ids: Specials,
+                     device: torch.device) -> torch.Tensor:
+    """Rows of ids [rows, <= max_length]: the best (greedy) or a drawn (sample) token at every step."""
+    generator = None
+    if config.strategy == "sample" and config.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed)
+    out = torch.full((rows, 1), ids.sot, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    logits = stepper.step(out[:, 0])
+    while out.shape[1] < config.max_length:
+        scores = process(logits, out, config, ids.eos)
+        if config.strategy == "greedy":
+            chosen = scores.argmax(dim=-1)
+        else:
+            chosen = torch.multinomial(_filtered(scores, config).softmax(dim=-1), 1, generator=generator)[:, 0]
+        chosen = torch.where(finished, torch.full_like(chosen, ids.pad), chosen)
+        out = torch.cat([out, chosen[:, None]], dim=1)
+        finished |= chosen == ids.eos
+        if bool(finished.all()) or out.shape[1] == config.max_length:
+            break
+        logits = stepper.step(chosen)
+    return out
+
+
+@dataclass
+class _Hypotheses:
+    """One image's finished beams: at most `size`, best first, scored by sum of log-probs / length ** penalty."""
+
+    size: int
+    penalty: float
+    kept: list[tuple[float, list[int]]] = field(default_factory=list)
+
+    def add(self, ids: list[int], sum_logprobs: float) -> None:
+        self.kept.append((sum_logprobs / len(ids) ** self.penalty, ids))
+        self.kept.sort(key=lambda kept: -kept[0])
+        del self.kept[self.size:]
+
+    def done(self, best_running: float, length: int) -> bool:
+        """Full, and no running beam can still beat the worst kept one (its score only falls as it grows)."""
+        return len(self.kept) == self.size and best_running / length ** self.penalty <= self.kept[-1][0]
+
+
+def beam_search(stepper: Stepper, rows: int, config: GenerationConfig, ids: Specials,
+                device: torch.device) -> torch.Tensor:
+    """The best of `num_beams` hypotheses per image [rows, <= max_length]; `stepper` holds rows * num_beams rows
+    (each image's beams next to each other). Of the 2 * beams best continuations of an image, an end-of-text
+    among the first `beams` closes a hypothesis, and the best `beams` others continue."""
+    beams = config.num_beams
+    out = torch.full((rows * beams, 1), ids.sot, dtype=torch.long, device=device)
+    scores = torch.full((rows, beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # one live beam at first, so the first step's beams differ
+    found = [_Hypotheses(beams, config.length_penalty) for _ in range(rows)]
+    done = [False] * rows
+    logits = stepper.step(out[:, 0])
+    while True:
+        logprobs = process(logits, out, config, ids.eos).log_softmax(dim=-1)
+        vocab = logprobs.shape[-1]
+        top_scores, top_index = (scores.view(-1, 1) + logprobs).view(rows, beams * vocab).topk(2 * beams, dim=1)
+        source, tokens, next_scores = [], [], []
+        for row in range(rows):
+            chosen = [(beam, ids.pad, float(scores[row, beam])) for beam in range(beams)] if done[row] else \
+                _advance(row, top_scores[row].tolist(), top_index[row].tolist(), vocab, out, found[row], beams, ids)
+            source += [row * beams + beam for beam, _, _ in chosen]
+            tokens += [token for _, token, _ in chosen]
+            next_scores += [score for _, _, score in chosen]
+            done[row] = done[row] or found[row].done(chosen[0][2], out.shape[1] + 1)
+        source_rows = torch.tensor(source, device=device)
+        chosen_ids = torch.tensor(tokens, device=device)
+        stepper.reorder(source_rows)
+        out = torch.cat([out[source_rows], chosen_ids[:, None]], dim=1)
+        scores = torch.tensor(next_scores, device=device).view(rows, beams)
+        if all(done) or out.shape[1] == config.max_length:
+            break
+        logits = stepper.step(chosen_ids)
+    return _best(found, out, scores, done, beams, ids.pad)
+
+
+def _advance(row: int, values: list[float], indices: list[int], vocab: int, out: torch.Tensor,
+             found: _Hypotheses, beams: int, ids: Specials) -> list[tuple[int, int, float]]:
+    """One image's next beams (beam, token, score); an end-of-text among the best `beams` closes a hypothesis."""
+    chosen: list[tuple[int, int, float]] = []
+    for rank, (value, index) in enumerate(zip(values, indices)):
+        beam, token = divmod(index, vocab)
+        if token == ids.eos:
+            if rank < beams:
+                found.add([*out[row * beams + beam].tolist(), token], value)
+        else:
+            chosen.append((beam, token, value))
+        if len(chosen) == beams:
+            break
+    return chosen
+
+
+def _best(found: list[_Hypotheses], out: torch.Tensor, scores: torch.Tensor, done: list[bool], beams: int,
+          pad: int) -> torch.Tensor:
+    """Each image's best hypothesis (an image cut by max_length also counts its running beams), padded."""
+    best = []
+    for row, hypotheses in enumerate(found):
+        if not done[row]:
+            for beam in range(beams):
+                if scores[row, beam] > float("-inf"):
+                    hypotheses.add(out[row * beams + beam].tolist(), float(scores[row, beam]))
+        best.append(hypotheses.kept[0][1])
+    width = max(len(b) for b in best)
+    return torch.tensor([b + [pad] * (width - len(b)) for b in best], dtype=torch.long, device=out.device)
+
+
+@torch.no_grad()
+def generate_ids(model: torch.nn.Module, images: torch.Tensor, sot_token_id: int | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int = 0, **settings: Any) -> torch.Tensor:
+    """`CLIP.generate`: encode the images once, then decode with the cached stepper."""
+    config = GenerationConfig(**settings)
+    if config.max_length > model.config.text.context_length:
+        raise ConfigError(f"max_length {config.max_length} is more than the text context "
+                          f"{model.config.text.context_length}")
+    vocab = model.config.text.vocab_size
+    if (sot_token_id is None or eos_token_id is None) and vocab != OPENAI_VOCAB_SIZE:
+        raise ConfigError(f"a {vocab}-token vocabulary is not CLIP's: pass sot_token_id and eos_token_id")
+    ids = Specials(vocab - 2 if sot_token_id is None else sot_token_id,
+                   vocab - 1 if eos_token_id is None else eos_token_id, pad_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        image_tokens = model.visual.forward_tokens(images.to(model.dtype))[1]
+        rows, device = image_tokens.shape[0], image_tokens.device
+        if config.strategy == "beam":
+            stepper = CachedStepper(model, image_tokens.repeat_interleave(config.num_beams, dim=0))
+            return beam_search(stepper, rows, config, ids, device)
+        return greedy_or_sample(CachedStepper(model, image_tokens), rows, config, ids, device)
+    finally:
+        model.train(was_training)
