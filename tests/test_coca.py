@@ -169,3 +169,29 @@ def test_generate_refuses_what_it_cannot_do(pair):
             model.generate(pixels, **ids, **settings)
     with pytest.raises(ConfigError, match="no captioning decoder"):
         clipforge.create_model("cpu-vit-tiny-32").generate(pixels)
+
+
+def test_caption_command_writes_the_models_greedy_and_beam_captions(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from clipforge.cli.main import main
+    from conftest import perturb_
+
+    model = perturb_(clipforge.create_model("cpu-coca-tiny-32", seed=0)).eval()
+    clipforge.save_pretrained(model, tmp_path / "coca")
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(images[-1])
+    loaded, preprocess = clipforge.load(tmp_path / "coca")
+    pixels = torch.stack([preprocess(p) for p in images])
+    for flags, settings in [([], dict(strategy="greedy")), (["--beam", "2"], dict(strategy="beam", num_beams=2))]:
+        assert main(["caption", *map(str, images), "--model", str(tmp_path / "coca"), "--json", "--max-length", "10",
+                     *flags]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        with torch.no_grad():
+            expected = clipforge.decode(loaded.generate(pixels, max_length=10, **settings))
+        assert [r["caption"] for r in rows] == expected and [r["image"] for r in rows] == list(map(str, images))
+    assert main(["caption", str(images[0]), "--model", "cpu-vit-tiny-32", "--random-weights"]) == 2
+    assert "no captioning decoder" in capsys.readouterr().err

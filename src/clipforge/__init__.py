@@ -3,6 +3,7 @@ from clipforge.checkpoint import LoadOptions, get_tokenizer, load, save_pretrain
 from clipforge.data.naflex import NaFlexTransform
 from clipforge.data.transforms import EvalTransform, TrainTransform, image_transform
 from clipforge.model import CLIP, CLIPConfig, TextConfig, VisionConfig, create_model, get_model_config, list_models
+from clipforge.model.generation import decode
 from clipforge.model.quantize import quantize
 from clipforge.pretrained.registry import list_pretrained
 from clipforge.text import CLIPTokenizer, tokenize
@@ -11,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIP", "CLIPConfig", "CLIPTokenizer", "EvalTransform", "LoadOptions", "NaFlexTransform", "TextConfig",
     "TrainTransform",
-    "VisionConfig", "create_model", "get_model_config", "get_tokenizer", "image_transform", "list_models",
+    "VisionConfig", "create_model", "decode", "get_model_config", "get_tokenizer", "image_transform", "list_models",
     "list_pretrained", "load", "quantize", "save_pretrained", "tokenize", "wise",
 ]
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipforge.cli import caption as caption_cmd
 from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
 from clipforge.cli import evaluate as eval_cmd
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "labels instead of each label's sigmoid match probability (CLIP: always the softmax)")
     p.set_defaults(func=_classify)
 
+    caption_cmd.add_parser(sub)
     data_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
     finetune_cmd.add_parser(sub)

@@ -270,3 +270,16 @@ def generate_ids(model: torch.nn.Module, images: torch.Tensor, sot_token_id: int
         return greedy_or_sample(CachedStepper(model, image_tokens), rows, config, ids, device)
     finally:
         model.train(was_training)
+
+
+def decode(ids: torch.Tensor, tokenizer: Any = None) -> list[str]:
+    """Text of each row of generated ids (start-of-text dropped, cut at end-of-text), with the model's tokenizer
+    (default: CLIP's BPE, which open_clip's CoCa weights use)."""
+    if tokenizer is None:
+        from clipforge.text.tokenizer import default_tokenizer
+
+        tokenizer = default_tokenizer()
+    if not hasattr(tokenizer, "decode"):
+        raise ConfigError(f"a {type(tokenizer).__name__} cannot decode ids into text")
+    rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(row) for row in ids]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]

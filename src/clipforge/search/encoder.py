@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -53,3 +53,16 @@ class QueryEncoder:
             return np.zeros((0, self.dim), np.float32)
         with self._lock:
             return extract_image_features(self.model, images, self.preprocess, precision=self.precision).numpy()
+
+    def caption(self, images: Sequence[Image.Image], **settings: Any) -> list[str]:
+        """Captions of PIL images from a CoCa model (settings: `CLIP.generate`'s), preprocessed as embeddings are."""
+        import torch
+
+        from clipforge.model.generation import decode
+
+        pixels = torch.stack([self.preprocess(image) for image in images])
+        sot = getattr(self.tokenizer, "sot_token_id", None)
+        with self._lock, torch.no_grad():
+            ids = self.model.generate(pixels.to(next(self.model.parameters()).device), sot_token_id=sot,
+                                      eos_token_id=self.tokenizer.eot_token_id, **settings)
+        return decode(ids.cpu(), self.tokenizer)

@@ -14,7 +14,7 @@ import tarfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import numpy as np
@@ -25,6 +25,7 @@ from PIL import Image
 from clipforge.errors import TextTooLong
 from clipforge.serve.batching import MicroBatcher
 from clipforge.serve.schemas import (
+    CaptionResponse,
     EmbedImageResponse,
     EmbedTextResponse,
     HealthResponse,
@@ -115,6 +116,8 @@ def add_routes(app: FastAPI, state: ServeState) -> None:
     app.add_api_route("/healthz", healthz, summary="Liveness and index facts", response_model=HealthResponse)
     _add_query_routes(app, state.config, texts)
     _add_image_route(app, texts)
+    if getattr(state.encoder.model, "text_decoder", None) is not None:  # a CoCa index: it can write captions
+        _add_caption_route(app, state.encoder.model.context_length, texts)
 
 
 def _add_query_routes(app: FastAPI, cfg: ServeConfig, texts: dict[int, str]) -> None:
@@ -183,3 +186,23 @@ def _add_image_route(app: FastAPI, texts: dict[int, str]) -> None:
     app.add_api_route("/images/{image_id}", image, summary="An indexed image, by id", response_class=Response,
                       responses={200: {"content": {"image/*": {}}, "description": "the image file"},
                                  **errors(texts, 404, 422, 503)})
+
+
+def _add_caption_route(app: FastAPI, context_length: int, texts: dict[int, str]) -> None:
+    """/caption: a caption for an uploaded image (only where the index's model has CoCa's decoder)."""
+    beams = Annotated[int, Query(ge=1, le=8, description="beam search: beams (1..8)")]
+    default_length = min(30, context_length)
+    length = Annotated[int, Query(ge=2, le=context_length,
+                                  description=f"ids per caption, start-of-text included (2..{context_length})")]
+
+    async def caption(state: State, file: UploadFile = File(description="an image file"), *,
+                      strategy: Literal["greedy", "beam"] = "greedy", num_beams: beams = 3,
+                      max_length: length = default_length) -> dict[str, Any]:
+        start = time.perf_counter()
+        image = await _upload(state, file)
+        settings = {"strategy": strategy, "num_beams": num_beams, "max_length": max_length}
+        words = await anyio.to_thread.run_sync(lambda: state.encoder.caption([image], **settings)[0])
+        return {"caption": words, "strategy": strategy, "took_ms": _took_ms(start)}
+
+    app.add_api_route("/caption", caption, methods=["POST"], summary="Caption an uploaded image (CoCa models)",
+                      response_model=CaptionResponse, responses=errors(texts, 400, 413, 415, 422))

@@ -50,6 +50,14 @@ class EmbedImageResponse(BaseModel):
     took_ms: float
 
 
+class CaptionResponse(BaseModel):
+    """The caption a CoCa model wrote for the uploaded image."""
+
+    caption: str
+    strategy: str
+    took_ms: float
+
+
 class HealthResponse(BaseModel):
     """Liveness, the index served and the server's limits and batching counters."""
 
