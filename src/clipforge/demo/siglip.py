@@ -27,7 +27,8 @@ def siglip_model(cfg: DemoConfig, train_csv: Path, everything: LabelledImages, o
                                  model_overrides=dict(SIGLIP_TEXT_TOWER))
     model = run_contrastive(NAME, config)
     info = {"steps": model.steps, "seconds": model.seconds, "checkpoint": str(model.checkpoint),
-            "logit_scale": float(model.model.logit_scale.exp()), "logit_bias": float(model.model.logit_bias)}
+            "logit_scale": model.model.logit_scale.detach().exp().item(),
+            "logit_bias": model.model.logit_bias.detach().item()}
     return embed_all(NAME, model.model, model.tokenizer, model.preprocess, everything), info
 
 

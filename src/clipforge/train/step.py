@@ -1,6 +1,8 @@
 """One optimizer step's compute: exact gradient accumulation, bf16 with fp32 master weights, grad sync."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,5 +184,55 @@ class ClassifierStep(TrainStep):
             loss = F.cross_entropy(logits, targets, reduction="sum") / len(pixels)
             loss.backward()
             value += loss.item()
+        self._finish_grads()
+        return value
+
+
+class CaptionStep(TrainStep):
+    """CoCa: the contrastive loss of the embeddings plus the captioning decoder's token cross-entropy (padding id 0
+    ignored), weighted. Accumulation stays exact: the contrastive part as TrainStep's (full-batch loss on cached
+    features, then each micro-batch recomputed), the caption part a token sum divided by the batch's token count."""
+
+    def __init__(self, *args: Any, contrastive_weight: float = 1.0, caption_weight: float = 2.0) -> None:
+        super().__init__(*args)
+        self.contrastive_weight, self.caption_weight = contrastive_weight, caption_weight
+
+    def _outputs(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised image embeddings, normalised text embeddings, the caption's summed token cross-entropy)."""
+        model = self.model
+        image, image_tokens = model.visual.forward_tokens(pixels.to(model.dtype))
+        text, states = model.text_tower.embed_and_tokens(tokens)
+        logits = model.text_decoder(image_tokens, states[:, :-1]).float()
+        caption = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=0, reduction="sum")
+        return F.normalize(image, dim=-1).float(), F.normalize(text, dim=-1).float(), caption
+
+    def __call__(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
+        """Accumulate gradients for one optimizer step; returns the weighted loss value."""
+        for p in self.trainable:
+            p.grad = None
+        scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
+        targets = max(int((tokens[:, 1:] != 0).sum()), 1)  # the batch's caption tokens (padding excluded)
+        micro = list(zip(pixels.chunk(self.accum_steps), tokens.chunk(self.accum_steps)))
+        if self.accum_steps == 1:
+            image, text, caption = self._outputs(pixels, tokens)
+            loss = (self.contrastive_weight * self.loss_fn(image, text, scale, bias)
+                    + self.caption_weight * caption / targets)
+            loss.backward()
+            value = loss.item()
+        else:
+            with torch.no_grad():
+                cached = [self._outputs(p, t) for p, t in micro]
+            images = torch.cat([c[0] for c in cached]).requires_grad_(True)
+            texts = torch.cat([c[1] for c in cached]).requires_grad_(True)
+            contrastive = self.contrastive_weight * self.loss_fn(images, texts, scale, bias)
+            contrastive.backward()
+            value = contrastive.item() + self.caption_weight * sum(float(c[2]) for c in cached) / targets
+            start = 0
+            for p, t in micro:
+                image, text, caption = self._outputs(p, t)
+                rows = slice(start, start + len(p))
+                torch.autograd.backward([image, text, self.caption_weight * caption / targets],
+                                        [images.grad[rows], texts.grad[rows], None])
+                start += len(p)
         self._finish_grads()
         return value
