@@ -8,6 +8,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[test]"
 # open_clip is a test-only reference (its tokenizer, its create_model loading clipforge's open_clip export).
 .venv/bin/python -m pip install -q --no-deps "open_clip_torch==3.3.0"
+# pycocoevalcap's BLEU and CIDEr-D scorers check clipforge's caption metrics (pure Python; its pycocotools
+# dependency, for COCO's annotation files, is not needed).
+.venv/bin/python -m pip install -q --no-deps "pycocoevalcap==1.2"
 # The browser test (tests/test_serve_browser.py) drives Debian's Chromium; it skips when none is found.
 # As root, install it if missing (a no-op when present); never fatal, and CLIPFORGE_NO_BROWSER=1 opts out.
 if [ -z "${CLIPFORGE_NO_BROWSER:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \

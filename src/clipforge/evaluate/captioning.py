@@ -1,0 +1,110 @@
+"""Caption metrics as the COCO caption evaluation computes them: corpus BLEU-1..4 (closest reference length, its
+smoothing constants) and CIDEr-D (tf-idf n-gram vectors over the references, clipped, with a Gaussian length
+penalty, sigma 6, x10). Texts are lower-cased, ASCII punctuation dropped, split on whitespace (the COCO code
+runs Stanford's PTB tokenizer in Java first; clipforge does not need Java)."""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from typing import Sequence
+
+from clipforge.errors import EvaluationError
+
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+_TINY, _SMALL = 1e-15, 1e-9  # the COCO code's: a zero count still gives a (near-)zero precision
+Words = list[str]
+
+
+def caption_words(text: str) -> Words:
+    """Lower case, punctuation to spaces, whitespace-split."""
+    return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).split()
+
+
+def ngrams(words: Words, n: int = 4) -> Counter:
+    """Counts of every 1..n-gram of a word list."""
+    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def _check(hypotheses: Sequence[Words], references: Sequence[Sequence[Words]]) -> None:
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise EvaluationError(f"need one hypothesis per image with its references: {len(hypotheses)} hypotheses, "
+                              f"{len(references)} reference lists")
+    if any(not refs for refs in references):
+        raise EvaluationError("every image needs at least one reference caption")
+
+
+def bleu(hypotheses: Sequence[Words], references: Sequence[Sequence[Words]], n: int = 4) -> list[float]:
+    """Corpus BLEU-1..n: clipped n-gram matches over all images, brevity penalty against each image's reference
+    length closest to its hypothesis (ties: the shorter)."""
+    _check(hypotheses, references)
+    correct, guess = [0] * n, [0] * n
+    test_length = reference_length = 0
+    for words, refs in zip(hypotheses, references):
+        best: Counter = Counter()
+        for ref in refs:
+            best |= ngrams(ref, n)  # the most times any one reference has each n-gram
+        for gram, count in ngrams(words, n).items():
+            correct[len(gram) - 1] += min(count, best[gram])
+        for k in range(n):
+            guess[k] += max(0, len(words) - k)
+        test_length += len(words)
+        reference_length += min((abs(len(ref) - len(words)), len(ref)) for ref in refs)[1]
+    scores, product = [], 1.0
+    for k in range(n):
+        product *= (correct[k] + _TINY) / (guess[k] + _SMALL)
+        scores.append(product ** (1 / (k + 1)))
+    ratio = (test_length + _TINY) / (reference_length + _SMALL)
+    penalty = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
+    return [score * penalty for score in scores]
+
+
+def _tfidf(counts: Counter, document_frequency: Counter, log_images: float,
+           n: int) -> tuple[list[dict], list[float], int]:
+    """Per n, the tf-idf vector and its norm; and the COCO code's length (its count of bigrams)."""
+    vectors: list[dict] = [{} for _ in range(n)]
+    norms = [0.0] * n
+    length = 0
+    for gram, count in counts.items():
+        k = len(gram) - 1
+        vectors[k][gram] = count * (log_images - math.log(max(1.0, document_frequency[gram])))
+        norms[k] += vectors[k][gram] ** 2
+        if k == 1:
+            length += count
+    return vectors, [math.sqrt(v) for v in norms], length
+
+
+def cider_d(hypotheses: Sequence[Words], references: Sequence[Sequence[Words]], n: int = 4,
+            sigma: float = 6.0) -> tuple[float, list[float]]:
+    """(mean, per image) CIDEr-D: for each n, the cosine of clipped tf-idf vectors against each reference, damped
+    by the length difference, averaged over n and references, x10; document frequencies from the references."""
+    _check(hypotheses, references)
+    reference_counts = [[ngrams(ref, n) for ref in refs] for refs in references]
+    frequency: Counter = Counter()
+    for counts in reference_counts:
+        frequency.update({gram for ref in counts for gram in ref})
+    log_images = math.log(len(references))
+    scores = []
+    for words, refs in zip(hypotheses, reference_counts):
+        vec, norm, length = _tfidf(ngrams(words, n), frequency, log_images, n)
+        total = [0.0] * n
+        for ref in refs:
+            ref_vec, ref_norm, ref_length = _tfidf(ref, frequency, log_images, n)
+            damping = math.exp(-((length - ref_length) ** 2) / (2 * sigma**2))
+            for k in range(n):
+                dot = sum(min(value, ref_vec[k].get(gram, 0.0)) * ref_vec[k].get(gram, 0.0)
+                          for gram, value in vec[k].items())
+                if norm[k] and ref_norm[k]:
+                    dot /= norm[k] * ref_norm[k]
+                total[k] += dot * damping
+        scores.append(10.0 * sum(total) / n / len(refs))
+    return sum(scores) / len(scores), scores
+
+
+def caption_scores(captions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """BLEU-1..4 and CIDEr-D of generated captions against each image's reference captions."""
+    hypotheses = [caption_words(c) for c in captions]
+    refs = [[caption_words(r) for r in group] for group in references]
+    bleus = bleu(hypotheses, refs)
+    return {**{f"bleu{k + 1}": score for k, score in enumerate(bleus)}, "cider_d": cider_d(hypotheses, refs)[0]}
