@@ -43,3 +43,35 @@ def test_caption_scores_tokenise_and_refuse_bad_input():
         bleu([["a"]], [])
     with pytest.raises(EvaluationError, match="at least one reference"):
         cider_d([["a"]], [[]])
+
+
+def test_eval_task_captioning_scores_the_models_own_captions(tmp_path, capsys):
+    import json
+
+    import torch
+
+    import clipforge
+    from clipforge.cli.main import main
+    from conftest import perturb_
+    from synthetic import make_caption_set
+
+    table = make_caption_set(tmp_path, per_concept=1, seed=0)
+    model = perturb_(clipforge.create_model("cpu-coca-tiny-32", seed=0)).eval()
+    clipforge.save_pretrained(model, tmp_path / "coca")
+    assert main(["eval", "--task", "captioning", "--model", str(tmp_path / "coca"), "--data", str(table),
+                 "--out", str(tmp_path / "out"), "--caption-beams", "2", "--caption-max-length", "8", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    from clipforge.data.labelled import decode_all, load_captioned_images
+
+    loaded, preprocess = clipforge.load(tmp_path / "coca")
+    captioned = load_captioned_images(table)
+    pixels, _ = decode_all(captioned.paths, preprocess)
+    with torch.no_grad():
+        written = clipforge.decode(loaded.generate(pixels, strategy="beam", num_beams=2, max_length=8))
+    references = [[c for c, i in zip(captioned.captions, captioned.caption_to_image.tolist()) if i == row]
+                  for row in range(len(written))]
+    assert results["cider_d"] == pytest.approx(caption_scores(written, references)["cider_d"])
+    assert results["images"] == len(written) and results["examples"][0]["generated"] == written[0]
+    assert main(["eval", "--task", "captioning", "--model", "cpu-vit-tiny-32", "--random-weights", "--data",
+                 str(table), "--out", str(tmp_path / "no")]) == 2
+    assert "captioning decoder" in capsys.readouterr().err

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from clipforge.data.images import SkippedFile
     from clipforge.evaluate.tasks import EvalContext
 
-TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias")
+TASKS = ("zeroshot", "retrieval", "linear-probe", "robustness", "bias", "captioning")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -57,6 +57,11 @@ def _run_task(args: argparse.Namespace, ctx: "EvalContext") -> dict[str, Any]:
     )
 
     styles = [s for s in args.styles.split(",") if s]
+    if args.task == "captioning":
+        from clipforge.evaluate.captioning import captioning
+
+        return captioning(ctx, args.data, styles or None, args.split or None, args.caption_beams,
+                          args.caption_max_length)
     if args.task == "zeroshot":
         return zeroshot(ctx, load_for_eval(args.data, args.styles, args.split), confusion=args.confusion)
     if args.task == "retrieval":
@@ -133,6 +138,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="template set: openai_80, openai_7, simple, siglip, emoji, tuxpaint")
     p.add_argument("--bias-template", default="an emoji of {}.", help="bias probe: the caption around each label")
     p.add_argument("--confusion", action="store_true", help="zero-shot: add a confusion matrix")
+    p.add_argument("--caption-beams", type=int, default=3, help="captioning: beams of the search (1: greedy)")
+    p.add_argument("--caption-max-length", type=int, default=30,
+                   help="captioning: ids per caption, start-of-text included")
     p.add_argument("--composite-white", action=argparse.BooleanOptionalAction, default=None,
                    help="blend transparency onto white (default: as the checkpoint's library does: transformers "
                         "yes, OpenAI and open_clip no)")

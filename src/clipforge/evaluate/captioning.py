@@ -8,9 +8,17 @@ import math
 import re
 import string
 from collections import Counter
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
+import torch
+
+from clipforge.data.images import SkippedFile
+from clipforge.data.labelled import decode_all, load_captioned_images
 from clipforge.errors import EvaluationError
+from clipforge.evaluate.report import Section
+from clipforge.evaluate.tasks import EvalContext
+from clipforge.model.generation import decode
 
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
 _TINY, _SMALL = 1e-15, 1e-9  # the COCO code's: a zero count still gives a (near-)zero precision
@@ -108,3 +116,40 @@ def caption_scores(captions: Sequence[str], references: Sequence[Sequence[str]])
     refs = [[caption_words(r) for r in group] for group in references]
     bleus = bleu(hypotheses, refs)
     return {**{f"bleu{k + 1}": score for k, score in enumerate(bleus)}, "cider_d": cider_d(hypotheses, refs)[0]}
+
+
+def captioning(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None = None, split: str | None = None,
+               num_beams: int = 3, max_length: int = 30, name: str = "captioning") -> dict[str, Any]:
+    """Captions written by a CoCa model for every image of a caption table, scored against its captions."""
+    model = ctx.model
+    if getattr(model, "text_decoder", None) is None:
+        raise EvaluationError("--task captioning needs a model with a captioning decoder (CoCa)")
+    captioned = load_captioned_images(data, domains=domains, split=split)
+    skipped: list[SkippedFile] = []
+    pixels, keep = decode_all(captioned.paths, ctx.preprocess, skipped)
+    ctx.note_skipped(skipped)
+    if not len(pixels):
+        raise EvaluationError(f"{data}: none of the images could be read")
+    kept = [i for i, k in enumerate(keep) if k]
+    references: list[list[str]] = [[] for _ in kept]
+    position = {image: row for row, image in enumerate(kept)}
+    for caption, image in zip(captioned.captions, captioned.caption_to_image.tolist()):
+        if image in position:
+            references[position[image]].append(caption)
+    settings = dict(strategy="beam" if num_beams > 1 else "greedy", num_beams=num_beams,
+                    max_length=min(max_length, model.context_length))
+    sot = getattr(ctx.tokenizer, "sot_token_id", None)
+    written: list[str] = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), 32):
+            ids = model.generate(pixels[start : start + 32], sot_token_id=sot,
+                                 eos_token_id=ctx.tokenizer.eot_token_id, **settings)
+            written += decode(ids, ctx.tokenizer)
+    scores = caption_scores(written, references)
+    examples = [{"image": str(captioned.paths[kept[i]]), "generated": written[i], "references": " | ".join(refs)}
+                for i, refs in enumerate(references[:8])]
+    text = (f"{len(written)} images, {sum(map(len, references))} reference captions; {settings['strategy']} "
+            f"decoding ({num_beams} beams), at most {settings['max_length']} ids. BLEU and CIDEr-D as the COCO "
+            "caption evaluation computes them.")
+    ctx.sections.append(Section(name, text, [{k: round(v, 4) for k, v in scores.items()}, *examples]))
+    return {"images": len(written), "decoding": settings, **scores, "examples": examples}
