@@ -75,3 +75,14 @@ def test_a_coca_run_killed_with_sigkill_resumes_to_the_uninterrupted_losses(tmp_
         assert abs(straight[step] - killed[step]) <= 1e-6, step
     model, _ = clipforge.load(checkpoints.resolve_resume(out, "latest"))
     assert model.text_decoder is not None and model.generate(torch.randn(1, 3, 32, 32), max_length=5).shape[0] == 1
+
+
+def test_a_coca_run_trains_in_bf16_with_fp32_masters(tmp_path):
+    make_caption_set(tmp_path, per_concept=1, seed=0)
+    summary = train(TrainConfig(model="cpu-coca-tiny-32", train_data=str(tmp_path / "train.csv"), batch_size=8,
+                                workers=0, warmup=1, lr=1e-3, seed=0, steps=3, precision="bf16",
+                                output_dir=str(tmp_path / "run")))
+    losses = _losses(tmp_path / "run")
+    assert summary["steps"] == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    model, _ = clipforge.load(summary["checkpoint"])
+    assert model.text_decoder.text_projection.dtype == torch.float32  # checkpoints keep the fp32 masters
