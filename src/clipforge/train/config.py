@@ -73,7 +73,7 @@ class TrainConfig:
     # CoCa (a model with a captioning decoder): loss = contrastive weight x the contrastive loss + caption weight x
     # the caption's token cross-entropy (open_clip's defaults 1 and 2); ignored for a contrastive-only model
     contrastive_loss_weight: float = 1.0
-    caption_loss_weight: float = 2.0
+    caption_loss_weight: float = 2.0  # CoCa: weight of the caption's token cross-entropy (padding ignored)
     seed: int = 0  # model init, data order and augmentation
     # bookkeeping
     output_dir: str = "runs/train"  # checkpoints, metrics.jsonl and the config of the run
