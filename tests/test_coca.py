@@ -195,3 +195,33 @@ def test_caption_command_writes_the_models_greedy_and_beam_captions(tmp_path, ca
         assert [r["caption"] for r in rows] == expected and [r["image"] for r in rows] == list(map(str, images))
     assert main(["caption", str(images[0]), "--model", "cpu-vit-tiny-32", "--random-weights"]) == 2
     assert "no captioning decoder" in capsys.readouterr().err
+
+
+def test_prompt_likelihood_equals_open_clips_caption_logits(pair):
+    from clipforge.model.generation import prompt_log_likelihood
+
+    reference, model = pair
+    pixels, prompts = torch.randn(2, 3, 32, 32), _texts()
+    with torch.no_grad():
+        ours = prompt_log_likelihood(model, pixels, prompts, chunk=3)
+        for i in range(2):
+            logits = reference(pixels[i : i + 1].expand(len(prompts), -1, -1, -1), prompts)["logits"]
+            picked = logits.log_softmax(-1).gather(2, prompts[:, 1:, None])[..., 0]
+            torch.testing.assert_close(ours[i], (picked * (prompts[:, 1:] != 0)).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_zeroshot_eval_of_a_coca_model_reports_caption_likelihood(tmp_path, capsys):
+    from clipforge.cli.main import main
+    from conftest import perturb_
+    from synthetic import make_labelled_set
+
+    data = make_labelled_set(tmp_path, per_concept=1)
+    model = perturb_(clipforge.create_model("cpu-coca-tiny-32", seed=0)).eval()
+    clipforge.save_pretrained(model, tmp_path / "coca")
+    assert main(["eval", "--task", "zeroshot", "--model", str(tmp_path / "coca"), "--data", str(data),
+                 "--out", str(tmp_path / "out"), "--json"]) == 0
+    likelihood = json.loads(capsys.readouterr().out)["caption_likelihood"]
+    from clipforge.inference.templates import get_templates
+
+    assert 0.0 <= likelihood["top1"] <= 1.0 and likelihood["images"] > 0
+    assert likelihood["template"] == get_templates("openai_7")[0]  # the set's first template, as the ablation's

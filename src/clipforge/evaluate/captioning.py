@@ -9,7 +9,7 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -17,8 +17,11 @@ from clipforge.data.images import SkippedFile
 from clipforge.data.labelled import decode_all, load_captioned_images
 from clipforge.errors import EvaluationError
 from clipforge.evaluate.report import Section
-from clipforge.evaluate.tasks import EvalContext
-from clipforge.model.generation import decode
+from clipforge.model.generation import decode, prompt_log_likelihood
+
+if TYPE_CHECKING:
+    from clipforge.data.labelled import LabelledImages
+    from clipforge.evaluate.tasks import EvalContext
 
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
 _TINY, _SMALL = 1e-15, 1e-9  # the COCO code's: a zero count still gives a (near-)zero precision
@@ -153,3 +156,15 @@ def captioning(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None
             "caption evaluation computes them.")
     ctx.sections.append(Section(name, text, [{k: round(v, 4) for k, v in scores.items()}, *examples]))
     return {"images": len(written), "decoding": settings, **scores, "examples": examples}
+
+
+def likelihood_zeroshot(ctx: EvalContext, data: LabelledImages, template: str) -> dict[str, Any]:
+    """Zero-shot top-1 of a CoCa model by caption likelihood: each image takes the class whose prompt its decoder
+    finds most likely (summed token log-probabilities), beside the contrastive classifier's."""
+    pixels, keep = decode_all(data.paths, ctx.preprocess)
+    labels = data.labels[torch.tensor(keep)]
+    prompts = ctx.tokenizer([template.format(name) for name in data.classnames])
+    scores = torch.cat([prompt_log_likelihood(ctx.model, pixels[start : start + 16], prompts)
+                        for start in range(0, len(pixels), 16)])
+    top1 = float((scores.argmax(dim=1) == labels).float().mean()) if len(labels) else float("nan")
+    return {"template": template, "images": len(labels), "top1": top1}

@@ -82,6 +82,12 @@ def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", co
         matrix = confusion_matrix(preds, data.labels, len(data.classnames))
         results["confusion_matrix"] = matrix.tolist()
         images.append(plot_confusion(matrix, data.classnames, ctx.out_dir / f"{_slug(name)}-confusion.png"))
+    if getattr(ctx.model, "text_decoder", None) is not None:  # CoCa: also by the decoder's caption likelihood
+        from clipforge.evaluate.captioning import likelihood_zeroshot
+
+        results["caption_likelihood"] = likelihood_zeroshot(ctx, data, prompt_modes(ctx.templates)["template"][0])
+        text += (f" Caption likelihood (CoCa's decoder, template `{results['caption_likelihood']['template']}`): "
+                 f"top-1 {results['caption_likelihood']['top1']:.4f}.")
     columns = ["prompts", "templates", "top1", "top5", "mean_per_class_recall"]
     ctx.sections.append(Section(name, text, rows, columns, images))
     return results

@@ -283,3 +283,22 @@ def decode(ids: torch.Tensor, tokenizer: Any = None) -> list[str]:
         raise ConfigError(f"a {type(tokenizer).__name__} cannot decode ids into text")
     rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(row) for row in ids]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+
+@torch.no_grad()
+def prompt_log_likelihood(model: torch.nn.Module, pixels: torch.Tensor, prompts: torch.Tensor,
+                          chunk: int = 64) -> torch.Tensor:
+    """[images, prompts] summed log-probability a CoCa decoder gives each prompt's tokens after start-of-text
+    (padding excluded) given each image: zero-shot classification by caption likelihood."""
+    image_tokens = model.visual.forward_tokens(pixels.to(model.dtype))[1]
+    states = model.text_tower.embed_and_tokens(prompts)[1][:, :-1]  # text states do not depend on the image
+    targets, keep = prompts[:, 1:], (prompts[:, 1:] != 0).float()
+    scores = torch.empty(len(pixels), len(prompts))
+    for i in range(len(pixels)):
+        for start in range(0, len(prompts), chunk):
+            rows = slice(start, start + chunk)
+            context = image_tokens[i : i + 1].expand(len(targets[rows]), -1, -1)
+            logprobs = model.text_decoder(context, states[rows]).float().log_softmax(dim=-1)
+            picked = logprobs.gather(2, targets[rows, :, None])[..., 0]
+            scores[i, rows] = (picked * keep[rows]).sum(dim=1).cpu()
+    return scores
