@@ -13,15 +13,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from clipforge.data.images import SkippedFile
-from clipforge.data.labelled import decode_all, load_captioned_images
+from clipforge.data.labelled import decode_all
 from clipforge.errors import EvaluationError
 from clipforge.evaluate.report import Section
+from clipforge.evaluate.tasks import EvalContext, decode_captioned
 from clipforge.model.generation import decode, prompt_log_likelihood
 
 if TYPE_CHECKING:
     from clipforge.data.labelled import LabelledImages
-    from clipforge.evaluate.tasks import EvalContext
 
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
 _TINY, _SMALL = 1e-15, 1e-9  # the COCO code's: a zero count still gives a (near-)zero precision
@@ -127,12 +126,7 @@ def captioning(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None
     model = ctx.model
     if getattr(model, "text_decoder", None) is None:
         raise EvaluationError("--task captioning needs a model with a captioning decoder (CoCa)")
-    captioned = load_captioned_images(data, domains=domains, split=split)
-    skipped: list[SkippedFile] = []
-    pixels, keep = decode_all(captioned.paths, ctx.preprocess, skipped)
-    ctx.note_skipped(skipped)
-    if not len(pixels):
-        raise EvaluationError(f"{data}: none of the images could be read")
+    captioned, pixels, keep, _ = decode_captioned(ctx, data, domains, split)
     kept = [i for i, k in enumerate(keep) if k]
     references: list[list[str]] = [[] for _ in kept]
     position = {image: row for row, image in enumerate(kept)}

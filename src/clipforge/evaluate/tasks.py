@@ -93,15 +93,23 @@ def zeroshot(ctx: EvalContext, data: LabelledImages, name: str = "zero-shot", co
     return results
 
 
-def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None = None, split: str | None = None,
-              name: str = "retrieval") -> dict[str, Any]:
-    """Image<->text recall@1/5/10 with every caption of every image."""
+def decode_captioned(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None = None,
+                     split: str | None = None) -> tuple[Any, torch.Tensor, list[bool], list[SkippedFile]]:
+    """A caption table's images decoded with the model's preprocessing: (the table, pixels, which rows decoded,
+    the unreadable ones, which also go to the skip log)."""
     captioned = load_captioned_images(data, domains=domains, split=split)
     skipped: list[SkippedFile] = []
     pixels, keep = decode_all(captioned.paths, ctx.preprocess, skipped)
     ctx.note_skipped(skipped)
     if not len(pixels):
         raise EvaluationError(f"{data}: none of the images could be read")
+    return captioned, pixels, keep, skipped
+
+
+def retrieval(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None = None, split: str | None = None,
+              name: str = "retrieval") -> dict[str, Any]:
+    """Image<->text recall@1/5/10 with every caption of every image."""
+    captioned, pixels, keep, skipped = decode_captioned(ctx, data, domains, split)
     new_index = torch.cumsum(torch.tensor(keep, dtype=torch.long), 0) - 1
     caption_keep = torch.tensor(keep)[captioned.caption_to_image]
     captions = [c for c, k in zip(captioned.captions, caption_keep.tolist()) if k]
