@@ -14,6 +14,19 @@ PLOTS = ("training-curves.png", "prompt-ablation.png", "robustness.png", "effect
          "examples-clip.png", "examples-lit.png")
 
 
+def _check_siglip_row(results: dict, out) -> None:
+    """--siglip 1: the same steps with SigLIP's loss and text tower, in every table and on the trend; not an
+    ablation row of the summary."""
+    import clipforge
+
+    siglip = results["siglip"]["models"]["SigLIP"]
+    assert 0 <= siglip["held_out_mean"] <= 1 and "siglip-zero-shot" in results["effective_robustness"]["models"]
+    assert "SigLIP" in results["zero_shot"] and "held_out_mean" in results["siglip"]["siglip_minus_clip"]
+    assert not any("SigLIP" in row["claim"] for row in results["summary"] if "ablation" in row["claim"])
+    model = clipforge.load(out / "siglip" / "step-00000060")[0]
+    assert model.logit_bias is not None and not model.config.text.causal and model.config.text.pool == "last"
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
@@ -79,12 +92,7 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     assert {"finetune-ce", "finetune-flyp", "wise-0.5"} < set(results["effective_robustness"]["models"])
     assert sum(i.startswith(("fine-tuned-cross-entropy", "wise-ft")) for i in ids) == 3
     assert clipforge.load(out / "finetune" / "ce" / "step-00000004")[0].classnames
-    # --siglip 1: the same steps with SigLIP's loss and text tower, in every table and on the trend
-    siglip = results["siglip"]["models"]["SigLIP"]
-    assert 0 <= siglip["held_out_mean"] <= 1 and "siglip-zero-shot" in results["effective_robustness"]["models"]
-    assert "SigLIP" in results["zero_shot"] and "held_out_mean" in results["siglip"]["siglip_minus_clip"]
-    model = clipforge.load(out / "siglip" / "step-00000060")[0]
-    assert model.logit_bias is not None and not model.config.text.causal and model.config.text.pool == "last"
+    _check_siglip_row(results, out)
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["limit"] == 200
     assert config["precision"] in ("fp32", "bf16")  # "auto" is recorded as what it resolved to

@@ -220,10 +220,13 @@ def test_index_and_query_by_architecture_and_tag(server, weights, fixtures_dir, 
 def test_siglip_tag_loads_open_clip_timm_weights_with_its_tokenizer_and_preprocessing(server, spiece_model, tmp_path,
                                                                                       monkeypatch):
     transformers = pytest.importorskip("transformers")
+    from clipforge.text import SentencePieceTokenizer
     from test_siglip_open_clip import open_clip_state_dict
 
-    original = perturb_(clipforge.create_model("cpu-siglip-tiny-32")).eval()
-    clipforge.save_pretrained(original, tmp_path / "hf", format="hf")
+    # the preset with the test's 150-piece SentencePiece vocabulary: a tag whose tokenizer is not CLIP's BPE
+    original = perturb_(clipforge.create_model("cpu-siglip-tiny-32", text__vocab_size=150)).eval()
+    arch = clipforge.save_pretrained(original, tmp_path / "arch", tokenizer=SentencePieceTokenizer(spiece_model))
+    clipforge.save_pretrained(original, tmp_path / "hf", format="hf", tokenizer=SentencePieceTokenizer(spiece_model))
     hf_model = transformers.SiglipModel.from_pretrained(tmp_path / "hf")
     weights = safetensors.torch.save(open_clip_state_dict(hf_model))  # open_clip's names: a timm image tower
     base = "/org/siglip-tiny/resolve/main"
@@ -231,7 +234,7 @@ def test_siglip_tag_loads_open_clip_timm_weights_with_its_tokenizer_and_preproce
     server.etags[f"{base}/open_clip_model.safetensors"] = hashlib.sha256(weights).hexdigest()
     server.files[f"{base}/spiece.model"] = spiece_model.read_bytes()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    entry = registry.PretrainedTag("cpu-siglip-tiny-32", "fixture", "cpu-siglip-tiny-32", "org/siglip-tiny",
+    entry = registry.PretrainedTag("cpu-siglip-tiny-32", "fixture", str(arch / "clipforge.json"), "org/siglip-tiny",
                                    (0.5,) * 3, (0.5,) * 3, resize="squash")
     monkeypatch.setattr(registry, "_table", lambda: {("cpu-siglip-tiny-32", "fixture"): entry})
     model, _ = clipforge.load("cpu-siglip-tiny-32", pretrained="fixture")
@@ -239,5 +242,7 @@ def test_siglip_tag_loads_open_clip_timm_weights_with_its_tokenizer_and_preproce
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(pixels), original.encode_image(pixels), rtol=1e-5, atol=1e-5)
     assert (model.preprocess_config.resize, model.preprocess_config.mean) == ("squash", (0.5,) * 3)
+    asked = len(server.requests)
     tokenizer = clipforge.get_tokenizer("cpu-siglip-tiny-32", options=LoadOptions(pretrained="fixture"))
     assert tokenizer.kind == "sentencepiece" and tokenizer(["a cat"]).shape == (1, 32)
+    assert not any("safetensors" in path for _, path, _ in server.requests[asked:])  # the tokenizer alone

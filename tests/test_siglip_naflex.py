@@ -99,8 +99,15 @@ def test_patch_input_is_refused_by_a_class_token_tower():
 
     model = clipforge.create_model("cpu-vit-tiny-32")
     patches, mask, shapes = naflex_batch([(2, 2)], rows=4)
-    with pytest.raises(ConfigError, match="class token"):
+    with pytest.raises(ConfigError, match="NaFlex image tower.*class token"):
         model.encode_image_patches(patches, mask, shapes)
+    siglip = clipforge.create_model("cpu-siglip-tiny-32")  # SigLIP 1: trained on its fixed grid only
+    with pytest.raises(ConfigError, match="fixed grid"):
+        siglip.encode_image_patches(*naflex_batch([(2, 2)], rows=4))
+    from clipforge import NaFlexTransform
+
+    with pytest.raises(ConfigError, match="NaFlex image tower"):
+        NaFlexTransform.for_model(siglip)
 
 
 CORPUS = ["A photo of a Cat.", "Café  crème, brûlée!", "고양이 얼굴 🐱", "", "  leading and trailing spaces  ",
@@ -181,3 +188,29 @@ def test_naflex_transform_matches_transformers_siglip2_image_processor(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image_patches(patches, mask, grids),
                                    _features(reference.get_image_features(**expected)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gemma", "sentencepiece"])
+def test_open_clip_siglip_folders_clean_text_as_open_clips_tokenizer(kind, open_clip_package, spiece_model,
+                                                                    tmp_path):
+    """open_clip's SigLIP configs say tokenizer_kwargs clean=canonicalize: its HFTokenizer lower-cases, drops
+    punctuation and makes underscores spaces before the folder's HF tokenizer runs; clipforge does the same."""
+    import shutil
+
+    if kind == "gemma":
+        _gemma_folder(tmp_path, "GemmaTokenizer", add_bos_token=False, add_eos_token=True, padding_side="right")
+    else:
+        shutil.copyfile(spiece_model, tmp_path / "spiece.model")
+        transformers.SiglipTokenizer(str(spiece_model), model_max_length=16).save_pretrained(tmp_path)
+    text_cfg = {"context_length": 16, "tokenizer_kwargs": {"clean": "canonicalize"}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": text_cfg}}))
+    texts = [*CORPUS, "snake_case_words and A_B", "Hello, World!"]
+    expected = open_clip_package.tokenizer.HFTokenizer(str(tmp_path), context_length=16, clean="canonicalize")(texts)
+    from clipforge.text import GemmaTokenizer, SentencePieceTokenizer
+
+    cls = GemmaTokenizer if kind == "gemma" else SentencePieceTokenizer
+    ours = cls.from_directory(tmp_path, context_length=16)
+    assert ours.clean == "canonicalize" and torch.equal(ours(texts, truncate=True), expected)
+    (tmp_path / "copy").mkdir()
+    ours.save(tmp_path / "copy")
+    assert cls.from_directory(tmp_path / "copy", context_length=16).clean == "canonicalize"  # kept by a save

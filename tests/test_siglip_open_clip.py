@@ -170,4 +170,4 @@ def test_registry_siglip_architectures_are_open_clips_own_configs():
     for name in names:
         theirs, preprocess = config_from_open_clip(json.loads((configs / f"{name}.json").read_text()), name)
         assert get_model_config(name) == theirs, name
-        assert preprocess.resize == "squash"
+        assert preprocess.resize == "crop"  # a bare model config: open_clip's defaults (its tags bring squash)

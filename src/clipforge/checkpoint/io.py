@@ -295,19 +295,23 @@ def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | 
     elif path is not None and path.is_file():
         declared = _declared_file_config(path, options)
         config = declared[0] if declared is not None else CLIPConfig()  # a bare state dict: CLIP's tokenizer
+    elif isinstance(name_or_path, str) and options.pretrained is not None and not Path(options.pretrained).is_file():
+        config, folder = _tag_tokenizer_source(name_or_path, options.pretrained)
     elif isinstance(name_or_path, str) and name_or_path in list_models():
         config = get_model_config(name_or_path)
-        folder = _tag_folder(name_or_path, options.pretrained)
     else:
         config = CLIPConfig()
     return tokenizer_for(config, folder, context_length)
 
 
-def _tag_folder(name: str, pretrained: str | None) -> Path | None:
-    """The hub folder of a pretrained tag's weights, with the tokenizer files beside them (SigLIP's spiece.model)."""
-    if pretrained is None or Path(pretrained).is_file():
-        return None
-    from clipforge.pretrained import get_pretrained, hub_folder
+def _tag_tokenizer_source(name: str, tag: str) -> tuple[CLIPConfig, Path | None]:
+    """A pretrained tag's architecture and, unless it uses CLIP's packaged BPE, the hub folder of its tokenizer
+    files (SigLIP's spiece.model, SigLIP 2's tokenizer.json), fetched alone: never the weights."""
+    from clipforge.pretrained import get_pretrained
+    from clipforge.pretrained.hub import hub_tokenizer_folder
 
-    entry = get_pretrained(name, pretrained)
-    return None if entry.url else hub_folder(entry.hf_hub, weights_only=True)  # cached by the load before it
+    entry = get_pretrained(name, tag)
+    config = _given_config(entry.architecture)[0]
+    if entry.url or config.text.vocab_size == OPENAI_VOCAB_SIZE:
+        return config, None
+    return config, hub_tokenizer_folder(entry.hf_hub)

@@ -53,7 +53,9 @@ def _vision(v: dict[str, Any], source: str) -> VisionConfig:
     if match is None:
         raise _refuse(source, f"timm image tower {name!r} is not one of timm's SigLIP ViTs with attention pooling "
                               "(vit_{base,large,so400m,giantopt}_patch*_siglip_*)")
-    if (v.get("timm_pool"), v.get("timm_proj", "none"), v.get("timm_proj_bias", False)) != ("map", "none", False):
+    # open_clip's defaults for absent keys: pool "avg", projection "linear" (neither is SigLIP's)
+    if (v.get("timm_pool", "avg"), v.get("timm_proj", "linear"), v.get("timm_proj_bias", False)) != ("map", "none",
+                                                                                                     False):
         raise _refuse(source, f"timm tower pool {v.get('timm_pool')!r} / projection {v.get('timm_proj')!r} "
                               "(only SigLIP's 'map' pool without a projection)")
     width, depth, heads, mlp_ratio = _TIMM_SIZES[match[1]]
@@ -74,6 +76,9 @@ def _text(t: dict[str, Any], source: str) -> TextConfig:
     act = t.get("act_kwargs") or {}
     if set(act) - {"approximate"} or act.get("approximate", "none") not in ("none", "tanh"):
         raise _refuse(source, f"text_cfg act_kwargs {act} are not supported (GELU, exact or approximate='tanh')")
+    if (t.get("tokenizer_kwargs") or {}) not in ({}, {"clean": "canonicalize"}):
+        raise _refuse(source, f"text_cfg tokenizer_kwargs {t['tokenizer_kwargs']} are not supported (clean: "
+                              "canonicalize)")
     norm = t.get("norm_kwargs") or {}
     if set(norm) - {"eps"}:
         raise _refuse(source, f"text_cfg norm_kwargs {norm} are not supported (eps only)")
@@ -105,9 +110,10 @@ def config_from_open_clip_siglip(d: dict[str, Any], source: str) -> tuple[CLIPCo
 
 
 def _preprocess(p: dict[str, Any] | None, source: str) -> PreprocessConfig:
-    # open_clip's SigLIP tags resize the whole image (no crop) and normalise with 0.5 / 0.5; a bare model config
-    # has no preprocess_cfg, so those are the defaults here (CLIP's crop and mean would shift every pixel).
-    p = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "squash", **(p or {})}
+    # What open_clip itself does: a hub folder's preprocess_cfg (SigLIP's squash, 0.5 / 0.5), else its defaults
+    # (CLIP's mean and std, shortest side + crop); a pretrained tag brings its own (pretrained/tags.json).
+    default = PreprocessConfig()
+    p = {"mean": default.mean, "std": default.std, "resize_mode": "shortest", **(p or {})}
     if p.get("interpolation", "bicubic") != "bicubic" or p["resize_mode"] not in ("squash", "shortest"):
         raise _refuse(source, f"preprocess_cfg interpolation {p.get('interpolation')!r} / resize_mode "
                               f"{p['resize_mode']!r} is not implemented (bicubic; squash or shortest)")

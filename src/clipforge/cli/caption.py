@@ -15,7 +15,10 @@ def captions(model, tokenizer, pixels, args: argparse.Namespace) -> list[str]:
     """Decoded captions of preprocessed pixels [N, 3, S, S] with the command's decoding settings."""
     from clipforge.model.generation import decode
 
-    settings = dict(strategy="beam" if args.beam else args.strategy, num_beams=args.beam or 1,
+    if args.beam and args.strategy == "sample":
+        raise ConfigError("--beam is beam search: it cannot go with --strategy sample")
+    strategy = "beam" if args.beam else args.strategy
+    settings = dict(strategy=strategy, num_beams=args.beam or 3,
                     max_length=min(args.max_length, model.context_length), min_length=args.min_length,
                     top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                     repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -55,7 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", type=Path, help="image files")
     add_model_arguments(p, device=True)
     p.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="greedy", help="decoding")
-    p.add_argument("--beam", type=int, default=0, help="beam search with this many beams (sets --strategy beam)")
+    p.add_argument("--beam", type=int, default=0,
+                   help="beam search with this many beams (sets --strategy beam; --strategy beam alone: 3)")
     p.add_argument("--max-length", type=int, default=30, help="ids per caption, start-of-text included")
     p.add_argument("--min-length", type=int, default=5, help="no end-of-text before this many ids")
     p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k best tokens (0: all)")

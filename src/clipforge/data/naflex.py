@@ -75,11 +75,11 @@ class NaFlexTransform:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_patches: int | None = None) -> "NaFlexTransform":
-        """The NaFlex transform of an attention-pooled (SigLIP) model: its patch size and normalisation; the patch
-        budget defaults to its native grid (image_size / patch_size squared)."""
+        """The NaFlex transform of a NaFlex (SigLIP 2) model: its patch size and normalisation; the patch budget
+        defaults to its native grid (image_size / patch_size squared)."""
         vision = model.config.vision
-        if vision.pool != "map":
-            raise ConfigError("NaFlex input needs an attention-pooled image tower (SigLIP's)")
+        if not vision.naflex:
+            raise ConfigError("NaFlex input needs a NaFlex image tower (SigLIP 2's, vision.naflex)")
         config = model.preprocess_config
         budget = max_patches or (vision.image_size // vision.patch_size) ** 2
         return cls(vision.patch_size, budget, config.mean, config.std, config.interpolation, config.composite_white)

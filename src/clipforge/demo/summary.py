@@ -162,7 +162,7 @@ def _ablation_rows(found: _Findings) -> list[dict[str, str]]:
                  f"robustness (this run's CLIP, {results.get('data_setting')}, in the CLIP column)", clip,
                  f"{_fmt(zero_shot(name, 'seen', colour))} / {_fmt(zero_shot(name, 'unseen', colour))} / "
                  f"{_signed(found.er(zero_shot_method(name)))}")
-            for name in results["zero_shot"] if name not in ("CLIP", "LiT")]
+            for name in results["zero_shot"] if name.startswith("CLIP (")]  # the ablation's CLIPs only
 
 
 def _probe_row(found: _Findings) -> dict[str, str]:

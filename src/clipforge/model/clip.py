@@ -206,8 +206,9 @@ class CLIP(nn.Module):
         """CoCa's teacher-forced next-token logits [B, L - 1, vocab]: position i scores tokens[:, i + 1]."""
         self._check_decoder()
         self._check_tokens(tokens)
-        image_tokens = self.visual.forward_tokens(pixels.to(self.dtype))[1]
-        return self.text_decoder(image_tokens, self.text_tower.embed_and_tokens(tokens)[1][:, :-1])
+        device = self.logit_scale.device
+        image_tokens = self.visual.forward_tokens(pixels.to(device, self.dtype))[1]
+        return self.text_decoder(image_tokens, self.text_tower.embed_and_tokens(tokens.to(device))[1][:, :-1])
 
     def generate(self, images: torch.Tensor, strategy: str = "greedy", max_length: int = 30, **settings: Any
                  ) -> torch.Tensor:

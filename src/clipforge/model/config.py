@@ -195,6 +195,9 @@ class CLIPConfig:
             decoder = self.decoder = DecoderConfig(**decoder)
         if self.vision.pool != "attentional" or self.text.pool != "cls" or self.text_tower != "clip":
             raise ConfigError("a captioning decoder needs vision pool 'attentional' and text pool 'cls' (CoCa)")
+        if decoder.vocab_size != self.text.vocab_size:
+            raise ConfigError(f"CoCa: the decoder's vocabulary ({decoder.vocab_size}) must be the text tower's "
+                              f"({self.text.vocab_size}): generated ids are fed back into it")
         if not decoder.width == self.text.width == self.embed_dim:
             raise ConfigError(f"CoCa: decoder width {decoder.width}, text width {self.text.width} and embed_dim "
                               f"{self.embed_dim} must be equal")

@@ -104,7 +104,8 @@ class CachedStepper:
         keep = cls_key_mask(state.ids)[:, : position + 1]  # keys 0..position, open_clip's CoCa padding rule
         for i, block in enumerate(tower.transformer.resblocks):
             x, state.text_cache[i] = block_step(block, x, state.text_cache[i], keep)
-        return self.model.text_decoder.step(x, state.contexts, state.decoder_cache).float()
+        logits = self.model.text_decoder.step(x, state.contexts, state.decoder_cache)
+        return logits if logits.dtype == torch.float64 else logits.float()  # search in float32 at least
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep / repeat rows (beam search)."""
@@ -188,11 +189,11 @@ def beam_search(stepper: Stepper, rows: int, config: GenerationConfig, ids: Spec
     among the first `beams` closes a hypothesis, and the best `beams` others continue."""
     beams = config.num_beams
     out = torch.full((rows * beams, 1), ids.sot, dtype=torch.long, device=device)
-    scores = torch.full((rows, beams), float("-inf"), device=device)
+    logits = stepper.step(out[:, 0])
+    scores = torch.full((rows, beams), float("-inf"), device=device, dtype=logits.dtype)
     scores[:, 0] = 0.0  # one live beam at first, so the first step's beams differ
     found = [_Hypotheses(beams, config.length_penalty) for _ in range(rows)]
     done = [False] * rows
-    logits = stepper.step(out[:, 0])
     while True:
         logprobs = process(logits, out, config, ids.eos).log_softmax(dim=-1)
         vocab = logprobs.shape[-1]
@@ -209,7 +210,7 @@ def beam_search(stepper: Stepper, rows: int, config: GenerationConfig, ids: Spec
         chosen_ids = torch.tensor(tokens, device=device)
         stepper.reorder(source_rows)
         out = torch.cat([out[source_rows], chosen_ids[:, None]], dim=1)
-        scores = torch.tensor(next_scores, device=device).view(rows, beams)
+        scores = torch.tensor(next_scores, device=device, dtype=scores.dtype).view(rows, beams)
         if all(done) or out.shape[1] == config.max_length:
             break
         logits = stepper.step(chosen_ids)
@@ -262,7 +263,9 @@ def generate_ids(model: torch.nn.Module, images: torch.Tensor, sot_token_id: int
     was_training = model.training
     model.eval()
     try:
-        image_tokens = model.visual.forward_tokens(images.to(model.dtype))[1]
+        if not len(images):
+            raise ConfigError("generate needs at least one image")
+        image_tokens = model.visual.forward_tokens(images.to(model.logit_scale.device, model.dtype))[1]
         rows, device = image_tokens.shape[0], image_tokens.device
         if config.strategy == "beam":
             stepper = CachedStepper(model, image_tokens.repeat_interleave(config.num_beams, dim=0))
@@ -290,7 +293,9 @@ def prompt_log_likelihood(model: torch.nn.Module, pixels: torch.Tensor, prompts:
                           chunk: int = 64) -> torch.Tensor:
     """[images, prompts] summed log-probability a CoCa decoder gives each prompt's tokens after start-of-text
     (padding excluded) given each image: zero-shot classification by caption likelihood."""
-    image_tokens = model.visual.forward_tokens(pixels.to(model.dtype))[1]
+    device = model.logit_scale.device
+    prompts = prompts.to(device)
+    image_tokens = model.visual.forward_tokens(pixels.to(device, model.dtype))[1]
     states = model.text_tower.embed_and_tokens(prompts)[1][:, :-1]  # text states do not depend on the image
     targets, keep = prompts[:, 1:], (prompts[:, 1:] != 0).float()
     scores = torch.empty(len(pixels), len(prompts))
@@ -300,5 +305,5 @@ def prompt_log_likelihood(model: torch.nn.Module, pixels: torch.Tensor, prompts:
             context = image_tokens[i : i + 1].expand(len(targets[rows]), -1, -1)
             logprobs = model.text_decoder(context, states[rows]).float().log_softmax(dim=-1)
             picked = logprobs.gather(2, targets[rows, :, None])[..., 0]
-            scores[i, rows] = (picked * keep[rows]).sum(dim=1).cpu()
+            scores[i, rows] = (picked * keep[rows]).sum(dim=1).cpu()  # float32 on the CPU
     return scores

@@ -243,7 +243,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, config: VisionConfig, output_dim: int) -> None:
         super().__init__()
         width, grid = config.width, config.image_size // config.patch_size
-        self.image_size, self.pool = config.image_size, config.pool
+        self.image_size, self.pool, self.naflex = config.image_size, config.pool, config.naflex
         map_pool = config.pool == "map"
         self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=map_pool)
         scale = width**-0.5
@@ -282,9 +282,10 @@ class VisionTransformer(nn.Module):
                         spatial_shapes: torch.Tensor) -> torch.Tensor:
         """NaFlex input (SigLIP 2): patch rows [B, N, p*p*3] (channels last within a patch, row-major over the
         image's grid), a [B, N] mask of real patches, each image's grid (rows, cols) [B, 2] -> [B, embed_dim]."""
-        if self.pool != "map":
-            raise ConfigError("patch input (NaFlex) needs an attention-pooled image tower (SigLIP's); this one "
-                              "reads a class token")
+        if not self.naflex:
+            raise ConfigError("patch input needs a NaFlex image tower (SigLIP 2's, vision.naflex): this one was "
+                              "trained on its fixed grid only" + ("" if self.pool == "map" else " and reads a class "
+                                                                 "token"))
         weight = self.conv1.weight
         width, patch = weight.shape[0], weight.shape[-1]
         if patches.shape[-1] != 3 * patch * patch:

@@ -15,6 +15,8 @@ from clipforge.pretrained.download import cache_dir, is_offline, sha256_of
 OPEN_CLIP_FILES = ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
 TRANSFORMERS_FILES = ("config.json", ("model.safetensors", "pytorch_model.bin"))
 SHA256 = re.compile(r"[0-9a-f]{64}")
+# the tokenizer files a repo may carry beside its weights: SigLIP's spiece.model, SigLIP 2's Gemma tokenizer.json
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
 
 
 def hub_folder(repo_id: str, revision: str | None = None, weights_only: bool = False) -> Path:
@@ -25,11 +27,8 @@ def hub_folder(repo_id: str, revision: str | None = None, weights_only: bool = F
     for config, weights in (OPEN_CLIP_FILES, TRANSFORMERS_FILES):
         if not weights_only and _fetch(repo_id, config, revision, optional=True) is None:
             continue
-        # the tokenizer files (and transformers' preprocessing) when the repo has them: SigLIP's spiece.model,
-        # SigLIP 2's Gemma tokenizer.json with its tokenizer_config.json
         extras = ("preprocessor_config.json", "vocab.json", "merges.txt") if weights == TRANSFORMERS_FILES[1] else ()
-        for extra in (*extras, "spiece.model", "tokenizer.json", "tokenizer_config.json"):
-            _fetch(repo_id, extra, revision, optional=True, extra=True)
+        _fetch_extras(repo_id, revision, (*extras, *TOKENIZER_FILES))
         for name in weights:
             path = _fetch(repo_id, name, revision, optional=True)
             if path is not None:
@@ -40,6 +39,18 @@ def hub_folder(repo_id: str, revision: str | None = None, weights_only: bool = F
         raise CheckpointError(f"hf-hub:{repo_id} has {config} but none of {', '.join(weights)}")
     raise CheckpointError(f"hf-hub:{repo_id} is neither an open_clip repo ({OPEN_CLIP_FILES[0]}) nor a transformers "
                      f"CLIP repo ({TRANSFORMERS_FILES[0]})")
+
+
+def hub_tokenizer_folder(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local folder of a repo's tokenizer files alone (no weights), or None when it has none."""
+    found = _fetch_extras(repo_id, revision, (*TOKENIZER_FILES, OPEN_CLIP_FILES[0]))
+    return found[0].parent if found else None
+
+
+def _fetch_extras(repo_id: str, revision: str | None, names: tuple[str, ...]) -> list[Path]:
+    """The optional files of `names` the repo has (offline: those already cached)."""
+    paths = (_fetch(repo_id, name, revision, optional=True, extra=True) for name in names)
+    return [path for path in paths if path is not None]
 
 
 def _fetch(repo_id: str, filename: str, revision: str | None, optional: bool, extra: bool = False) -> Path | None:

@@ -46,3 +46,33 @@ def copy_into(source: Path, directory: str | Path, name: str) -> Path:
     if source.resolve() != target.resolve():
         shutil.copyfile(source, target)
     return Path(directory)
+
+
+CLEAN_FILE = "clipforge_text_clean.json"  # a clipforge folder's record of open_clip's text cleaning
+
+
+def open_clip_clean(directory: Path | None) -> str:
+    """The text cleaning open_clip applies before a folder's HF tokenizer ("canonicalize", or "" for none): its
+    open_clip_config.json's text_cfg.tokenizer_kwargs.clean, or what a clipforge save recorded."""
+    import json
+
+    if directory is None:
+        return ""
+    for name in ("open_clip_config.json", CLEAN_FILE):
+        try:
+            data = json.loads((Path(directory) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if name == CLEAN_FILE:
+            return str(data.get("clean", ""))
+        text_cfg = (data.get("model_cfg", data) or {}).get("text_cfg") or {}
+        return str((text_cfg.get("tokenizer_kwargs") or {}).get("clean", ""))
+    return ""
+
+
+def record_clean(directory: str | Path, clean: str) -> None:
+    """Keep open_clip's text cleaning with a tokenizer saved into a clipforge folder."""
+    import json
+
+    if clean:
+        (Path(directory) / CLEAN_FILE).write_text(json.dumps({"clean": clean}) + "\n")

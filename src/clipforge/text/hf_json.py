@@ -1,7 +1,7 @@
 """SigLIP 2's Gemma tokenizer: a repository's HF `tokenizers` file (tokenizer.json), with transformers' ids.
 
 transformers' Siglip2Tokenizer (and the GemmaTokenizerFast SigLIP 2 was converted with) rebuilds its pipeline
-around the file's vocabulary and merges: lower case (SigLIP 2 was trained on lower-cased text), spaces as "▁",
+around the file's vocabulary and merges: lower case (Siglip2Tokenizer, or do_lower_case), spaces as "▁",
 byte-fallback BPE, then the special tokens its tokenizer_config.json asks for (SigLIP 2: EOS appended, no BOS),
 padded with the pad id to the context length on the configured side (SigLIP 2: right).
 """
@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import torch
 
 from clipforge.errors import TextTooLong, TokenizerError
+from clipforge.text.base import open_clip_clean, record_clean
+from clipforge.text.spiece import canonicalize
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -51,9 +53,11 @@ class GemmaTokenizer:
 
     kind = "gemma"  # the name an ONNX export records (text.TOKENIZERS)
 
-    def __init__(self, directory: str | Path, context_length: int = 64) -> None:
-        """Read DIRECTORY/tokenizer.json and DIRECTORY/tokenizer_config.json."""
+    def __init__(self, directory: str | Path, context_length: int = 64, clean: str | None = None) -> None:
+        """Read DIRECTORY/tokenizer.json and DIRECTORY/tokenizer_config.json; `clean` "canonicalize" applies
+        open_clip's cleaning first (default: what the folder's open_clip config says)."""
         self.directory = Path(directory)
+        self.clean = open_clip_clean(self.directory) if clean is None else clean
         settings: dict[str, Any] = json.loads((self.directory / CONFIG_FILE).read_text())
         self.settings = settings
         lowercase = settings.get("tokenizer_class") == "Siglip2Tokenizer" or bool(settings.get("do_lower_case"))
@@ -91,6 +95,8 @@ class GemmaTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """The ids of one text, without special tokens."""
+        if self.clean == "canonicalize":  # open_clip's SigLIP 2: lower case, punctuation dropped
+            text = canonicalize(text, underscores_as_spaces=True)
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None,
@@ -118,7 +124,8 @@ class GemmaTokenizer:
         return out
 
     def save(self, directory: str | Path) -> Path:
-        """Copy tokenizer.json and tokenizer_config.json into a model directory."""
+        """Copy tokenizer.json and tokenizer_config.json into a model directory (and open_clip's cleaning)."""
+        record_clean(directory, self.clean)
         for name in (TOKENIZER_FILE, CONFIG_FILE):
             target = Path(directory) / name
             if (self.directory / name).resolve() != target.resolve():

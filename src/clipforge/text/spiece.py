@@ -15,15 +15,18 @@ from typing import Sequence
 import torch
 
 from clipforge.errors import MissingDependency, TextTooLong, TokenizerError
-from clipforge.text.base import copy_into
+from clipforge.text.base import copy_into, open_clip_clean, record_clean
 
 MODEL_FILE = "spiece.model"
 UNDERLINE = "\u2581"  # SentencePiece's word-start mark
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def canonicalize(text: str) -> str:
-    """SigLIP's text canonicalisation: lower case, no ASCII punctuation, single spaces, no outer spaces."""
+def canonicalize(text: str, underscores_as_spaces: bool = False) -> str:
+    """SigLIP's text canonicalisation: lower case, no ASCII punctuation, single spaces, no outer spaces;
+    open_clip's (`underscores_as_spaces`) makes underscores spaces first instead of dropping them."""
+    if underscores_as_spaces:
+        text = text.replace("_", " ")
     return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
 
 
@@ -48,8 +51,9 @@ class SentencePieceTokenizer:
 
     kind = "sentencepiece"  # the name an ONNX export records (text.TOKENIZERS)
 
-    def __init__(self, path: str | Path, context_length: int = 64) -> None:
+    def __init__(self, path: str | Path, context_length: int = 64, clean: str = "") -> None:
         self.path = Path(path)
+        self.clean = clean  # "canonicalize": open_clip's cleaning first (underscores become spaces)
         self._sp = _processor(self.path)
         self.context_length = context_length
         self.vocab_size = self._sp.get_piece_size()
@@ -60,6 +64,8 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """The ids of one text, without EOS (transformers' SiglipTokenizer.tokenize, step by step)."""
+        if self.clean == "canonicalize":
+            text = text.replace("_", " ")
         text = canonicalize(UNDERLINE + text.replace(UNDERLINE, " "))
         # Encoding "<unk>" + text and dropping its pieces keeps SentencePiece from stripping the leading "▁".
         pieces = self._sp.encode(self._unk + text, out_type=str)[self._unk_pieces:]
@@ -87,7 +93,8 @@ class SentencePieceTokenizer:
         return out
 
     def save(self, directory: str | Path) -> Path:
-        """Copy spiece.model into a model directory."""
+        """Copy spiece.model into a model directory (with open_clip's text cleaning, when it applies)."""
+        record_clean(directory, self.clean)
         return copy_into(self.path, directory, MODEL_FILE)
 
     def save_portable(self, directory: str | Path) -> dict[str, str]:
@@ -108,4 +115,5 @@ class SentencePieceTokenizer:
     @classmethod
     def from_directory(cls, directory: str | Path, context_length: int | None = None) -> "SentencePieceTokenizer":
         """Load the tokenizer a model directory carries."""
-        return cls(Path(directory) / MODEL_FILE, context_length=context_length or 64)
+        return cls(Path(directory) / MODEL_FILE, context_length=context_length or 64,
+                   clean=open_clip_clean(Path(directory)))
