@@ -86,3 +86,20 @@ def test_a_coca_run_trains_in_bf16_with_fp32_masters(tmp_path):
     assert summary["steps"] == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     model, _ = clipforge.load(summary["checkpoint"])
     assert model.text_decoder.text_projection.dtype == torch.float32  # checkpoints keep the fp32 masters
+
+
+def test_decoder_only_training_leaves_the_clip_bit_identical(tmp_path):
+    make_caption_set(tmp_path, per_concept=1, seed=0)
+    start = clipforge.create_model("cpu-coca-tiny-32", seed=0)
+    clipforge.save_pretrained(start, tmp_path / "start")
+    base = dict(train_data=str(tmp_path / "train.csv"), batch_size=8, workers=0, warmup=1, lr=1e-3, seed=0, steps=3)
+    for accum in (1, 2):
+        summary = train(TrainConfig(model=str(tmp_path / "start"), decoder_only=True, accum_steps=accum,
+                                    output_dir=str(tmp_path / f"run{accum}"), **base))
+        trained, _ = clipforge.load(summary["checkpoint"])
+        before, after = start.state_dict(), trained.state_dict()
+        for name, value in after.items():
+            same = torch.equal(value, before[name])
+            assert same != name.startswith("text_decoder."), name  # the decoder moved, nothing else did
+    with pytest.raises(Exception, match="captioning decoder"):
+        train(TrainConfig(model="cpu-vit-tiny-32", decoder_only=True, output_dir=str(tmp_path / "no"), **base))

@@ -79,6 +79,17 @@ class CLIP(nn.Module):
         """Freeze the text tower but its projection (a pretrained one, typically); returns how many weights froze."""
         return self._lock("text", self.text_tower, self.text_tower.projection_names)
 
+    def lock_all_but_decoder(self) -> int:
+        """CoCa: freeze both towers, their projections and the temperature (BatchNorm statistics too), so only
+        the captioning decoder trains; returns how many weights froze."""
+        frozen = 0
+        for name, param in self.named_parameters():
+            if not name.startswith("text_decoder."):
+                param.requires_grad_(False)
+                frozen += param.numel()
+        self.locked.update({"image", "text"})
+        return frozen
+
     def _lock(self, name: str, tower: nn.Module, keep: tuple[str, ...]) -> int:
         frozen = 0
         for param_name, param in tower.named_parameters():

@@ -29,6 +29,9 @@ class TrainConfig:
     bpe_vocab: str = ""  # a smaller BPE vocab file (clipforge.text.train_bpe) for a from-scratch text tower
     lock_image: bool = False  # LiT: freeze the image tower
     lock_text: bool = False  # freeze the text tower (a pretrained one, typically)
+    # CoCa: train the captioning decoder alone; both towers, their projections and the temperature stay as they
+    # were (captioning added to a CLIP whose embeddings, and any index built with them, do not change)
+    decoder_only: bool = False
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # where the model trains: cpu, cuda, cuda:N, mps, or auto (a CUDA GPU if one is visible, else cpu);
     # under torchrun each process takes cuda:LOCAL_RANK (cuda) or the CPU

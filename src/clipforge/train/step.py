@@ -231,8 +231,10 @@ class CaptionStep(TrainStep):
             for p, t in micro:
                 image, text, caption = self._outputs(p, t)
                 rows = slice(start, start + len(p))
-                torch.autograd.backward([image, text, self.caption_weight * caption / targets],
-                                        [images.grad[rows], texts.grad[rows], None])
+                pairs = [(image, images.grad[rows]), (text, texts.grad[rows]),
+                         (self.caption_weight * caption / targets, None)]
+                pairs = [(out, grad) for out, grad in pairs if out.requires_grad]  # frozen towers: the decoder's
+                torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
                 start += len(p)
         self._finish_grads()
         return value

@@ -27,7 +27,7 @@ from clipforge.distributed import (
     mean_over_ranks,
     min_over_ranks,
 )
-from clipforge.errors import ConfigError, DataError, TrainingDiverged
+from clipforge.errors import ConfigError, DataError, TrainingDiverged, TrainingError
 from clipforge.loss import LOSSES
 from clipforge.model import CLIP
 from clipforge.precision import PrecisionChoice, resolve_precision
@@ -128,6 +128,11 @@ class TrainingRun:
             self.model.lock_image_tower()
         if self.config.lock_text:
             self.model.lock_text_tower()
+        if self.config.decoder_only:
+            if self.model.text_decoder is None:
+                raise TrainingError(f"decoder_only needs a model with a captioning decoder (CoCa); "
+                                    f"{self.config.model} has none")
+            self.model.lock_all_but_decoder()
         self.model.train()
 
     def _restore(self, state: dict[str, Any]) -> None:
