@@ -13,7 +13,7 @@ BATCH = 16  # images encoded and decoded together
 
 def captions(model, tokenizer, pixels, args: argparse.Namespace) -> list[str]:
     """Decoded captions of preprocessed pixels [N, 3, S, S] with the command's decoding settings."""
-    from clipforge.model.generation import decode
+    from clipforge.model.generation import caption_texts
 
     if args.beam and args.strategy == "sample":
         raise ConfigError("--beam is beam search: it cannot go with --strategy sample")
@@ -22,9 +22,7 @@ def captions(model, tokenizer, pixels, args: argparse.Namespace) -> list[str]:
                     max_length=min(args.max_length, model.context_length), min_length=args.min_length,
                     top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                     repetition_penalty=args.repetition_penalty, seed=args.seed)
-    specials = {"sot_token_id": getattr(tokenizer, "sot_token_id", None), "eos_token_id": tokenizer.eot_token_id}
-    ids = model.generate(pixels, **settings, **specials)
-    return decode(ids, tokenizer)
+    return caption_texts(model, pixels, tokenizer, **settings)
 
 
 def run_caption(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from clipforge.data.labelled import decode_all
 from clipforge.errors import EvaluationError
 from clipforge.evaluate.report import Section
 from clipforge.evaluate.tasks import EvalContext, decode_captioned
-from clipforge.model.generation import decode, prompt_log_likelihood
+from clipforge.model.generation import caption_texts, prompt_log_likelihood
 
 if TYPE_CHECKING:
     from clipforge.data.labelled import LabelledImages
@@ -135,13 +135,10 @@ def captioning(ctx: EvalContext, data: str | Path, domains: Sequence[str] | None
             references[position[image]].append(caption)
     settings = dict(strategy="beam" if num_beams > 1 else "greedy", num_beams=num_beams,
                     max_length=min(max_length, model.context_length))
-    sot = getattr(ctx.tokenizer, "sot_token_id", None)
     written: list[str] = []
     with torch.no_grad():
         for start in range(0, len(pixels), 32):
-            ids = model.generate(pixels[start : start + 32], sot_token_id=sot,
-                                 eos_token_id=ctx.tokenizer.eot_token_id, **settings)
-            written += decode(ids, ctx.tokenizer)
+            written += caption_texts(model, pixels[start : start + 32], ctx.tokenizer, **settings)
     scores = caption_scores(written, references)
     examples = [{"image": str(captioned.paths[kept[i]]), "generated": written[i], "references": " | ".join(refs)}
                 for i, refs in enumerate(references[:8])]

@@ -215,11 +215,17 @@ class CLIP(nn.Module):
 
     def caption_logits(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """CoCa's teacher-forced next-token logits [B, L - 1, vocab]: position i scores tokens[:, i + 1]."""
+        return self.caption_outputs(pixels, tokens)[2]
+
+    def caption_outputs(self, pixels: torch.Tensor,
+                        tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CoCa in one pass: (image embeddings, text embeddings, teacher-forced next-token logits), unnormalised."""
         self._check_decoder()
         self._check_tokens(tokens)
         device = self.logit_scale.device
-        image_tokens = self.visual.forward_tokens(pixels.to(device, self.dtype))[1]
-        return self.text_decoder(image_tokens, self.text_tower.embed_and_tokens(tokens.to(device))[1][:, :-1])
+        image, image_tokens = self.visual.forward_tokens(pixels.to(device, self.dtype))
+        text, states = self.text_tower.embed_and_tokens(tokens.to(device))
+        return image, text, self.text_decoder(image_tokens, states[:, :-1])
 
     def generate(self, images: torch.Tensor, strategy: str = "greedy", max_length: int = 30, **settings: Any
                  ) -> torch.Tensor:

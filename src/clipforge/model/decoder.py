@@ -74,10 +74,12 @@ class MultimodalDecoder(nn.Module):
         """Every cross-attention layer's keys and values of the image tokens."""
         return [block.context(image_tokens) for block in self.cross_attn]
 
-    def forward(self, image_tokens: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L, vocab] of the token after each position (teacher forcing)."""
+    def forward(self, image_tokens: torch.Tensor | None, text_states: torch.Tensor,
+                contexts: list[KeysValues] | None = None) -> torch.Tensor:
+        """Logits [B, L, vocab] of the token after each position (teacher forcing); `contexts` (the image tokens'
+        keys and values, `contexts()`) instead of the image tokens when they are already computed."""
         x = text_states
-        for block, cross, context in zip(self.resblocks, self.cross_attn, self.contexts(image_tokens)):
+        for block, cross, context in zip(self.resblocks, self.cross_attn, contexts or self.contexts(image_tokens)):
             x = cross(block(x, causal=True), context)
         return self.ln_final(x) @ self.text_projection
 

@@ -40,24 +40,6 @@ class Stepper(Protocol):
 
 
 @dataclass
-class DecodingState:
-    """What a decoding step needs: the ids so far and every layer's cached keys and values, batch-aligned."""
-
-    ids: torch.Tensor  # [B, t]
-    contexts: list[KeysValues]  # the decoder's cross-attention keys / values of the image tokens
-    text_cache: list[KeysValues | None] = field(default_factory=list)
-    decoder_cache: list[KeysValues | None] = field(default_factory=list)
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep / repeat batch rows (beam search): every cached tensor follows its row."""
-        pick = lambda kv: None if kv is None else (kv[0][rows], kv[1][rows])  # noqa: E731
-        self.ids = self.ids[rows]
-        self.contexts = [pick(kv) for kv in self.contexts]
-        self.text_cache = [pick(kv) for kv in self.text_cache]
-        self.decoder_cache = [pick(kv) for kv in self.decoder_cache]
-
-
-@dataclass
 class GenerationConfig:
     """The decoding settings of `CLIP.generate` (checked before any work)."""
 
@@ -89,27 +71,31 @@ class CachedStepper:
 
     def __init__(self, model: torch.nn.Module, image_tokens: torch.Tensor) -> None:
         self.model = model
-        self.state = DecodingState(torch.zeros(image_tokens.shape[0], 0, dtype=torch.long, device=image_tokens.device),
-                                   model.text_decoder.contexts(image_tokens))
-        self.state.text_cache = [None] * len(model.text_tower.transformer.resblocks)
-        self.state.decoder_cache = [None] * len(model.text_decoder.resblocks)
+        self.ids = torch.zeros(image_tokens.shape[0], 0, dtype=torch.long, device=image_tokens.device)
+        self.contexts = model.text_decoder.contexts(image_tokens)  # the image tokens' cross-attention keys / values
+        self.text_cache: list[KeysValues | None] = [None] * len(model.text_tower.transformer.resblocks)
+        self.decoder_cache: list[KeysValues | None] = [None] * len(model.text_decoder.resblocks)
 
     def step(self, new_ids: torch.Tensor) -> torch.Tensor:
-        """Append one id per row; the next-token logits [rows, vocab] (float32)."""
-        state, tower = self.state, self.model.text_tower
-        position = state.ids.shape[1]
-        state.ids = torch.cat([state.ids, new_ids[:, None]], dim=1)
+        """Append one id per row; the next-token logits [rows, vocab] (float32, or float64 for a float64 model)."""
+        tower = self.model.text_tower
+        position = self.ids.shape[1]
+        self.ids = torch.cat([self.ids, new_ids[:, None]], dim=1)
         x = tower.token_embedding(new_ids[:, None]) + tower.positional_embedding[position].to(
             tower.token_embedding.weight.dtype)
-        keep = cls_key_mask(state.ids)[:, : position + 1]  # keys 0..position, open_clip's CoCa padding rule
+        keep = cls_key_mask(self.ids)[:, : position + 1]  # keys 0..position, open_clip's CoCa padding rule
         for i, block in enumerate(tower.transformer.resblocks):
-            x, state.text_cache[i] = block_step(block, x, state.text_cache[i], keep)
-        logits = self.model.text_decoder.step(x, state.contexts, state.decoder_cache)
+            x, self.text_cache[i] = block_step(block, x, self.text_cache[i], keep)
+        logits = self.model.text_decoder.step(x, self.contexts, self.decoder_cache)
         return logits if logits.dtype == torch.float64 else logits.float()  # search in float32 at least
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep / repeat rows (beam search)."""
-        self.state.reorder(rows)
+        """Keep / repeat rows among one image's beams (beam search): the ids and the self-attention caches follow
+        their rows; the cross-attention keys of the image tokens are the same for all of an image's beams."""
+        pick = lambda kv: None if kv is None else (kv[0][rows], kv[1][rows])  # noqa: E731
+        self.ids = self.ids[rows]
+        self.text_cache = [pick(kv) for kv in self.text_cache]
+        self.decoder_cache = [pick(kv) for kv in self.decoder_cache]
 
 
 def process(logits: torch.Tensor, ids: torch.Tensor, config: GenerationConfig, eos_id: int) -> torch.Tensor:
@@ -300,10 +286,19 @@ def prompt_log_likelihood(model: torch.nn.Module, pixels: torch.Tensor, prompts:
     targets, keep = prompts[:, 1:], (prompts[:, 1:] != 0).float()
     scores = torch.empty(len(pixels), len(prompts))
     for i in range(len(pixels)):
+        image = model.text_decoder.contexts(image_tokens[i : i + 1])  # once per image, shared by every prompt
         for start in range(0, len(prompts), chunk):
             rows = slice(start, start + chunk)
-            context = image_tokens[i : i + 1].expand(len(targets[rows]), -1, -1)
-            logprobs = model.text_decoder(context, states[rows]).float().log_softmax(dim=-1)
+            contexts = [(k.expand(len(targets[rows]), -1, -1, -1), v.expand(len(targets[rows]), -1, -1, -1))
+                        for k, v in image]
+            logprobs = model.text_decoder(None, states[rows], contexts).float().log_softmax(dim=-1)
             picked = logprobs.gather(2, targets[rows, :, None])[..., 0]
             scores[i, rows] = (picked * keep[rows]).sum(dim=1).cpu()  # float32 on the CPU
     return scores
+
+
+def caption_texts(model: torch.nn.Module, pixels: torch.Tensor, tokenizer: Any, **settings: Any) -> list[str]:
+    """Captions of preprocessed pixels: `CLIP.generate` with the tokenizer's special ids, decoded by it."""
+    ids = model.generate(pixels, sot_token_id=getattr(tokenizer, "sot_token_id", None),
+                         eos_token_id=tokenizer.eot_token_id, **settings)
+    return decode(ids.cpu(), tokenizer)

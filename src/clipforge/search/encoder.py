@@ -58,11 +58,8 @@ class QueryEncoder:
         """Captions of PIL images from a CoCa model (settings: `CLIP.generate`'s), preprocessed as embeddings are."""
         import torch
 
-        from clipforge.model.generation import decode
+        from clipforge.model.generation import caption_texts
 
         pixels = torch.stack([self.preprocess(image) for image in images])
-        sot = getattr(self.tokenizer, "sot_token_id", None)
         with self._lock, torch.no_grad():
-            ids = self.model.generate(pixels.to(next(self.model.parameters()).device), sot_token_id=sot,
-                                      eos_token_id=self.tokenizer.eot_token_id, **settings)
-        return decode(ids.cpu(), self.tokenizer)
+            return caption_texts(self.model, pixels, self.tokenizer, **settings)

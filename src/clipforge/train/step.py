@@ -199,11 +199,8 @@ class CaptionStep(TrainStep):
 
     def _outputs(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normalised image embeddings, normalised text embeddings, the caption's summed token cross-entropy)."""
-        model = self.model
-        image, image_tokens = model.visual.forward_tokens(pixels.to(model.dtype))
-        text, states = model.text_tower.embed_and_tokens(tokens)
-        logits = model.text_decoder(image_tokens, states[:, :-1]).float()
-        caption = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=0, reduction="sum")
+        image, text, logits = self.model.caption_outputs(pixels, tokens)
+        caption = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], ignore_index=0, reduction="sum")
         return F.normalize(image, dim=-1).float(), F.normalize(text, dim=-1).float(), caption
 
     def __call__(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
