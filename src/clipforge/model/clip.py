@@ -41,6 +41,9 @@ class CLIP(nn.Module):
         self.head: nn.Linear | None = nn.Linear(config.embed_dim, len(config.classnames)) if config.classnames else None
         # CoCa: a captioning decoder over the text tower's token states and the image tokens
         self.text_decoder = MultimodalDecoder(config.decoder) if config.decoder is not None else None
+        # The paper's bag-of-words baseline: n-gram classes predicted from the image embedding (model.bag_of_words)
+        words = config.bag_of_words
+        self.bag_of_words: nn.Linear | None = nn.Linear(config.embed_dim, words.buckets) if words else None
         self.locked: set[str] = set()
         self.register_state_dict_post_hook(_text_keys_to_checkpoint)
         self.register_load_state_dict_pre_hook(_text_keys_from_checkpoint)
@@ -226,6 +229,14 @@ class CLIP(nn.Module):
         image, image_tokens = self.visual.forward_tokens(pixels.to(device, self.dtype))
         text, states = self.text_tower.embed_and_tokens(tokens.to(device))
         return image, text, self.text_decoder(image_tokens, states[:, :-1])
+
+    def bag_of_words_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, buckets] logits of the caption's hashed n-grams (clipforge.model.bag_of_words) from the images."""
+        if self.bag_of_words is None:
+            raise ConfigError("this model has no bag-of-words head (model option bag_of_words, e.g. "
+                              "--model-overrides '{\"bag_of_words\": {\"buckets\": 16384, \"ngram\": 2}}')")
+        device = self.logit_scale.device
+        return self.bag_of_words(self.visual(pixels.to(device, self.dtype)))
 
     def generate(self, images: torch.Tensor, strategy: str = "greedy", max_length: int = 30, **settings: Any
                  ) -> torch.Tensor:

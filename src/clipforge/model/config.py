@@ -157,6 +157,19 @@ class DecoderConfig:
             raise ConfigError(f"decoder width {self.width} is not divisible by heads {self.heads}")
 
 
+@dataclass
+class BagOfWordsConfig:
+    """A bag-of-n-grams predictor on the image embedding (the CLIP paper's predictive baseline, Visual N-Grams'
+    objective): the caption's token n-grams (1..ngram) hashed into `buckets` classes, predicted without order."""
+
+    buckets: int = 16384
+    ngram: int = 2
+
+    def __post_init__(self) -> None:
+        if self.buckets < 2 or not 1 <= self.ngram <= 4:
+            raise ConfigError(f"bag_of_words needs buckets >= 2 and ngram in 1..4, got {self.buckets}, {self.ngram}")
+
+
 # The tower options SigLIP and CoCa added, at their CLIP values (left out of config files that keep them).
 _TOWER_OPTIONS = {"vision": {"gelu_tanh": False, "pool": "class", "projection": True, "naflex": False,
                              "attn_pooler_queries": 256, "attn_pooler_heads": 8},
@@ -178,6 +191,7 @@ class CLIPConfig:
     classnames: list[str] = field(default_factory=list)
     head_templates: list[str] = field(default_factory=list)  # the prompts its zero-shot start was built from
     decoder: DecoderConfig | None = None  # CoCa's captioning decoder (None: a contrastive model only)
+    bag_of_words: BagOfWordsConfig | None = None  # a bag-of-n-grams head on the image embedding (None: none)
 
     def __post_init__(self) -> None:
         if self.text_tower not in TEXT_TOWER_NAMES:
@@ -188,13 +202,19 @@ class CLIPConfig:
             raise ConfigError("classnames of a classification head must be distinct")
         if self.decoder is not None:
             self._check_decoder(self.decoder)
+        if isinstance(self.bag_of_words, dict):  # from a JSON override
+            self.bag_of_words = BagOfWordsConfig(**self.bag_of_words)
+        if self.bag_of_words is not None and self.decoder is not None:
+            raise ConfigError("bag_of_words and a captioning decoder are two predictive objectives: pick one")
 
     def _check_decoder(self, decoder: "DecoderConfig") -> None:
         """CoCa's shapes: the decoder reads the text tower's tokens and the attentional pool's image tokens."""
         if isinstance(decoder, dict):  # from a JSON override
             decoder = self.decoder = DecoderConfig(**decoder)
-        if self.vision.pool != "attentional" or self.text.pool != "cls" or self.text_tower != "clip":
-            raise ConfigError("a captioning decoder needs vision pool 'attentional' and text pool 'cls' (CoCa)")
+        tokens = self.vision.pool == "attentional" or self.vision.is_resnet  # towers that give image tokens
+        if not tokens or self.text.pool != "cls" or self.text_tower != "clip":
+            raise ConfigError("a captioning decoder needs image tokens (vision pool 'attentional', or a ResNet "
+                              "tower's attention pool) and text pool 'cls' (CoCa)")
         if decoder.vocab_size != self.text.vocab_size:
             raise ConfigError(f"CoCa: the decoder's vocabulary ({decoder.vocab_size}) must be the text tower's "
                               f"({self.text.vocab_size}): generated ids are fed back into it")
@@ -208,8 +228,9 @@ class CLIPConfig:
         for name in ("classnames", "head_templates"):  # absent without a head: files older readers still load
             if not d[name]:
                 del d[name]
-        if d["decoder"] is None:
-            del d["decoder"]
+        for name in ("decoder", "bag_of_words"):
+            if d[name] is None:
+                del d[name]
         for tower, defaults in _TOWER_OPTIONS.items():  # likewise SigLIP's and CoCa's tower options at CLIP's values
             for name, value in defaults.items():
                 if d[tower][name] == value:
@@ -226,6 +247,8 @@ class CLIPConfig:
         text = _make(TextConfig, d.pop("text", {}), "text")
         if d.get("decoder") is not None:
             d["decoder"] = _make(DecoderConfig, d["decoder"], "decoder")
+        if d.get("bag_of_words") is not None:
+            d["bag_of_words"] = _make(BagOfWordsConfig, d["bag_of_words"], "bag_of_words")
         d.pop("name", None)
         return _make(cls, {**d, "vision": vision, "text": text}, "top level")
 

@@ -61,16 +61,18 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Linear(embed_dim, output_dim)
         self.heads = heads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """[B, output_dim] pooled features; `all_positions`: [B, 1 + HW, output_dim], every position queried
+        (the pooled one first), the image tokens a captioning decoder attends to."""
         x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
         batch, length, dim = x.shape
-        head_dim = dim // self.heads
-        q = self.q_proj(x[:, :1]).view(batch, 1, self.heads, head_dim).transpose(1, 2)
+        head_dim, queries = dim // self.heads, length if all_positions else 1
+        q = self.q_proj(x[:, :queries]).view(batch, queries, self.heads, head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.heads, head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.c_proj(out.transpose(1, 2).reshape(batch, dim))
+        out = self.c_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, queries, dim))
+        return out if all_positions else out[:, 0]
 
 
 class ModifiedResNet(nn.Module):
@@ -121,6 +123,12 @@ class ModifiedResNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.attnpool(self.feature_map(pixels))
+
+    def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A captioning decoder's input: the embedding [B, output_dim] and the attention pool's output at every
+        position [B, 1 + HW, output_dim] (the pooled one first: at 32 px the grid is a single position)."""
+        tokens = self.attnpool(self.feature_map(pixels), all_positions=True)
+        return tokens[:, 0], tokens
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         """The last stage's features [B, width * 32, H / 32, W / 32], what the attention pool reads."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from clipforge.distributed import DistInfo, average_gradients
 from clipforge.loss import clamp_logit_scale_
+from clipforge.model.bag_of_words import bag_of_words_loss
 
 
 class LockedTextCache:
@@ -182,6 +183,27 @@ class ClassifierStep(TrainStep):
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             logits = self.model.classify(chunk).float()
             loss = F.cross_entropy(logits, targets, reduction="sum") / len(pixels)
+            loss.backward()
+            value += loss.item()
+        self._finish_grads()
+        return value
+
+
+class BagOfWordsStep(TrainStep):
+    """The paper's bag-of-words baseline: the image embedding predicts the caption's hashed n-grams (soft-target
+    cross-entropy, clipforge.model.bag_of_words); the text tower takes no part. A per-sample sum divided by the
+    batch size, so accumulation gives exactly the large-batch gradient."""
+
+    def __call__(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
+        """Accumulate gradients for one optimizer step on (pixels, caption tokens); returns the loss value."""
+        for p in self.trainable:
+            p.grad = None
+        value = 0.0
+        for chunk, rows in zip(pixels.chunk(self.accum_steps), tokens.chunk(self.accum_steps)):
+            if self.channels_last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            logits = self.model.bag_of_words_logits(chunk)
+            loss = bag_of_words_loss(logits, rows.to(logits.device), self.model.config.bag_of_words) / len(pixels)
             loss.backward()
             value += loss.item()
         self._finish_grads()

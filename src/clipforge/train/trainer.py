@@ -38,7 +38,7 @@ from clipforge.train.data import TrainData, build_train_data, build_val_data
 from clipforge.train.metrics_log import MetricsLog
 from clipforge.train.models import build_model_and_tokenizer
 from clipforge.train.resume import check_resume, check_schedule
-from clipforge.train.step import CaptionStep, TrainStep
+from clipforge.train.step import BagOfWordsStep, CaptionStep, TrainStep
 from clipforge.train.throughput import counting_flops
 from clipforge.train.validate import Validation, ZeroShotProbe
 
@@ -113,7 +113,7 @@ class TrainingRun:
         if self.model.text_decoder is not None:  # CoCa: the contrastive and the captioning loss
             return CaptionStep(*args, contrastive_weight=config.contrastive_loss_weight,
                                caption_weight=config.caption_loss_weight)
-        return TrainStep(*args)
+        return BagOfWordsStep(*args) if self.model.bag_of_words is not None else TrainStep(*args)
 
     def _targets(self, batch: dict[str, Any]) -> torch.Tensor:
         """What a batch's images are matched with: its captions' token ids."""
