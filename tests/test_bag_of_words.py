@@ -11,6 +11,7 @@ from clipforge.distributed import DistInfo
 from clipforge.loss import ContrastiveLoss
 from clipforge.model.bag_of_words import bag_log_likelihood, bag_targets, ngram_buckets
 from clipforge.model.config import BagOfWordsConfig
+from clipforge.text.bpe_train import train_bpe
 from clipforge.train.config import TrainConfig
 from clipforge.train.step import BagOfWordsStep
 from clipforge.train.trainer import train
@@ -82,8 +83,13 @@ def test_a_resnet_tower_feeds_a_captioning_decoder(tmp_path):
     assert torch.allclose(embedding, model.encode_image(pixels), atol=1e-5)
     assert model.generate(pixels, max_length=6).shape[0] == 2
     make_caption_set(tmp_path, per_concept=1, seed=0)
+    # a caption language model with a vocabulary of its own: the decoder writes the BPE's ids
+    vocab = tmp_path / "bpe.txt.gz"
+    train_bpe([f"a {c} {s}" for c in ("red", "green", "blue") for s in ("square", "circle")] * 5, 530, vocab)
     summary = train(TrainConfig(model="demo-rn-32", model_overrides=RESNET_DECODER, contrastive_loss_weight=0.0,
-                                train_data=str(tmp_path / "train.csv"), batch_size=8, workers=0, warmup=2, steps=3,
-                                output_dir=str(tmp_path / "lm")))
+                                bpe_vocab=str(vocab), train_data=str(tmp_path / "train.csv"), batch_size=8, workers=0,
+                                warmup=2, steps=3, output_dir=str(tmp_path / "lm")))
     loaded, _ = clipforge.load(summary["checkpoint"])
     assert loaded.text_decoder is not None and loaded.config.vision.is_resnet
+    tokenizer = clipforge.get_tokenizer(summary["checkpoint"])
+    assert loaded.config.decoder.vocab_size == loaded.config.text.vocab_size == tokenizer.vocab_size < 600

@@ -220,15 +220,16 @@ class CLIP(nn.Module):
         """CoCa's teacher-forced next-token logits [B, L - 1, vocab]: position i scores tokens[:, i + 1]."""
         return self.caption_outputs(pixels, tokens)[2]
 
-    def caption_outputs(self, pixels: torch.Tensor,
-                        tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CoCa in one pass: (image embeddings, text embeddings, teacher-forced next-token logits), unnormalised."""
+    def caption_outputs(self, pixels: torch.Tensor, tokens: torch.Tensor,
+                        project: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CoCa in one pass: (image embeddings, text embeddings, teacher-forced next-token logits), unnormalised;
+        `project=False`: the decoder's final states instead of logits (`text_decoder.text_projection` maps them)."""
         self._check_decoder()
         self._check_tokens(tokens)
         device = self.logit_scale.device
         image, image_tokens = self.visual.forward_tokens(pixels.to(device, self.dtype))
         text, states = self.text_tower.embed_and_tokens(tokens.to(device))
-        return image, text, self.text_decoder(image_tokens, states[:, :-1])
+        return image, text, self.text_decoder(image_tokens, states[:, :-1], project=project)
 
     def bag_of_words_logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, buckets] logits of the caption's hashed n-grams (clipforge.model.bag_of_words) from the images."""

@@ -75,13 +75,15 @@ class MultimodalDecoder(nn.Module):
         return [block.context(image_tokens) for block in self.cross_attn]
 
     def forward(self, image_tokens: torch.Tensor | None, text_states: torch.Tensor,
-                contexts: list[KeysValues] | None = None) -> torch.Tensor:
+                contexts: list[KeysValues] | None = None, project: bool = True) -> torch.Tensor:
         """Logits [B, L, vocab] of the token after each position (teacher forcing); `contexts` (the image tokens'
-        keys and values, `contexts()`) instead of the image tokens when they are already computed."""
+        keys and values, `contexts()`) instead of the image tokens when they are already computed. `project=False`:
+        the final states [B, L, width] instead, for a loss that projects only the positions it scores."""
         x = text_states
         for block, cross, context in zip(self.resblocks, self.cross_attn, contexts or self.contexts(image_tokens)):
             x = cross(block(x, causal=True), context)
-        return self.ln_final(x) @ self.text_projection
+        x = self.ln_final(x)
+        return x @ self.text_projection if project else x
 
     def step(self, x: torch.Tensor, contexts: list[KeysValues],
              cache: list[KeysValues | None]) -> torch.Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 from clipforge.checkpoint.io import get_tokenizer, load
 from clipforge.errors import TrainingError
 from clipforge.loss import LOSSES
-from clipforge.model import CLIP, create_model, list_models
+from clipforge.model import CLIP, create_model, get_model_config, list_models
 from clipforge.model.towers import tokenizer_for
 from clipforge.text import CLIPTokenizer
 from clipforge.text.base import Tokenizer
@@ -40,6 +40,9 @@ def _fresh_model(config: TrainConfig, overrides: dict) -> CLIP:
         context = overrides.get("text.context_length")
         tokenizer = CLIPTokenizer(config.bpe_vocab, **({"context_length": context} if context else {}))
         overrides["text.vocab_size"] = tokenizer.vocab_size
+        decoder = overrides.get("decoder") or get_model_config(config.model).to_dict().get("decoder")
+        if decoder:  # a captioning decoder writes the text tower's ids
+            overrides["decoder"] = {**decoder, "vocab_size": tokenizer.vocab_size}
     return create_model(config.model, seed=config.seed, **overrides)
 
 

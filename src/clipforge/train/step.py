@@ -221,8 +221,11 @@ class CaptionStep(TrainStep):
 
     def _outputs(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normalised image embeddings, normalised text embeddings, the caption's summed token cross-entropy)."""
-        image, text, logits = self.model.caption_outputs(pixels, tokens)
-        caption = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], ignore_index=0, reduction="sum")
+        image, text, states = self.model.caption_outputs(pixels, tokens, project=False)
+        targets = tokens[:, 1:].to(states.device)
+        scored = targets != 0  # padding is never a target: project only the scored positions (the vocabulary
+        logits = states[scored] @ self.model.text_decoder.text_projection  # projection dominates a small decoder)
+        caption = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
         return F.normalize(image, dim=-1).float(), F.normalize(text, dim=-1).float(), caption
 
     def __call__(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
