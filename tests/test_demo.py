@@ -9,9 +9,10 @@ import pytest
 
 SECTIONS = ("## Summary", "## Training", "## Zero-shot top-1 by style", "## Prompt engineering and ensembling",
             "## Effective robustness", "## Retrieval (CLIP", "## Bias probe", "## Real photos and held-out examples",
-            "## Fine-tuning and WiSE-FT", "## CLIP vs SigLIP at equal compute", "## Timings")
+            "## Fine-tuning and WiSE-FT", "## CLIP vs SigLIP at equal compute",
+            "## Why a contrastive objective (the paper's Figure 2)", "## Captioning (CoCa)", "## Timings")
 PLOTS = ("training-curves.png", "prompt-ablation.png", "robustness.png", "effective-robustness.png", "photos-clip.png",
-         "examples-clip.png", "examples-lit.png")
+         "examples-clip.png", "examples-lit.png", "objectives.png", "captions.png")
 
 
 def _check_siglip_row(results: dict, out) -> None:
@@ -27,6 +28,21 @@ def _check_siglip_row(results: dict, out) -> None:
     assert model.logit_bias is not None and not model.config.text.causal and model.config.text.pool == "last"
 
 
+def _check_predictive_sections(results: dict, claim_ids: set) -> None:
+    """--objectives 1: three curves over the same images seen, a factor per predictive model and its claim;
+    --captioning 1: CoCa's captions and the retrieval baseline scored on the same held-out images."""
+    curves = results["objectives"]["curves"]
+    assert set(curves) == {"contrastive", "bag_of_words", "caption_lm"}
+    assert [c["images"] for c in curves["contrastive"]] == [c["images"] for c in curves["caption_lm"]]
+    assert len(curves["bag_of_words"]) >= 8 and curves["bag_of_words"][-1]["images"] == 60 * 64
+    assert all(0 <= c["top1"] <= 1 for curve in curves.values() for c in curve)
+    assert set(results["objectives"]["factors"]) == {"bag_of_words", "caption_lm"}
+    assert sum(i.startswith("contrastive-needs-fewer-images") for i in claim_ids) == 2
+    captions = results["captioning"]
+    assert captions["images"] > 0 and captions["steps"] == 60 and len(captions["examples"]) == 12
+    assert all(0 <= s["cider_d"] and 0 <= s["bleu4"] <= 1 for s in captions["scores"].values())
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
@@ -35,7 +51,7 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     args = ["--out", str(out), "--data-root", str(tmp_path / "data"), "--limit", "200",
             "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64",
             "--warmup", "5", "--icons", "300", "--ablation", "1", "--finetune", "1", "--finetune-steps", "4",
-            "--siglip", "1"]
+            "--siglip", "1", "--objectives", "1", "--captioning", "1"]
     result = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "demo", *args], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -93,6 +109,7 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     assert sum(i.startswith(("fine-tuned-cross-entropy", "wise-ft")) for i in ids) == 3
     assert clipforge.load(out / "finetune" / "ce" / "step-00000004")[0].classnames
     _check_siglip_row(results, out)
+    _check_predictive_sections(results, ids)
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["limit"] == 200
     assert config["precision"] in ("fp32", "bf16")  # "auto" is recorded as what it resolved to

@@ -14,7 +14,7 @@ from clipforge.precision import PRECISION_CHOICES
 
 CHOICES = {"icon_query": ("labels", "any"), "icons_unseen": ("keep", "remove"), "lit_data": ("emoji", "clip"),
            "data_path": ("decoded", "pil"), "precision": PRECISION_CHOICES, "ablation": (0, 1),
-           "finetune": (0, 1), "siglip": (0, 1)}
+           "finetune": (0, 1), "siglip": (0, 1), "objectives": (0, 1), "captioning": (0, 1)}
 
 
 @dataclass
@@ -66,6 +66,13 @@ class DemoConfig:
     # 1: also train a SigLIP (sigmoid loss, SigLIP's text-tower options) on CLIP's data at CLIP's steps: the
     # "CLIP vs SigLIP at equal compute" row; outside the 10-minute budget (README: SigLIP)
     siglip: int = 0
+    # 1: also train a bag-of-n-grams predictor and a caption language model on CLIP's data at CLIP's steps (CLIP keeps
+    # 8 checkpoints): zero-shot accuracy against images seen, the paper's Figure 2; outside the 10-minute budget
+    # (README: objectives)
+    objectives: int = 0
+    # 1: also train a CoCa on CLIP's data at CLIP's steps: captions of held-out-style images (BLEU-4, CIDEr-D) next to a
+    # retrieval baseline (README: captioning); outside the 10-minute budget
+    captioning: int = 0
 
     def validate(self) -> None:
         """Reject settings that cannot run, naming the field."""

@@ -21,6 +21,7 @@ import torch
 from clipforge.data.labelled import LabelledImages, load_labelled_images
 from clipforge.demo.ablation import ablation_models, main_setting
 from clipforge.demo.baselines import SupervisedFamily, effective_robustness, supervised_family
+from clipforge.demo.captioning import captioning_findings, coca_model
 from clipforge.demo.config import DemoConfig
 from clipforge.demo.data import DemoData, clip_table, prepare_datasets, read_concepts, training_captions
 from clipforge.demo.evaluation import (
@@ -33,6 +34,7 @@ from clipforge.demo.evaluation import (
     zero_shot_by_style,
 )
 from clipforge.demo.finetune import FinetunedPredictors, finetune_findings, finetuned_predictors
+from clipforge.demo.objectives import objective_findings, predictive_models, with_snapshots, zero_shot_task
 from clipforge.demo.robustness import demo_robustness, held_out_split, zero_shot_method
 from clipforge.demo.siglip import siglip_findings, siglip_model
 from clipforge.demo.summary import claims, summary_rows
@@ -179,6 +181,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if models.siglip is not None:
         run.results["siglip"] = siglip_findings(run.results, models.siglip, models.clip.seconds,
                                                 cfg.styles("held_out"), run.sections)
+    if cfg.objectives or cfg.captioning:
+        _predictive(run, inputs, models)
     _retrieval(run, inputs, models)
     _bias_photos_plots(run, inputs, models)
     return _finish(run, models)
@@ -215,7 +219,7 @@ def _train_models(run: DemoRun, inputs: DemoInputs) -> DemoModels:
     """Train CLIP and LiT, embed every emoji image under each (and the data ablation's CLIPs), train the baselines."""
     cfg, steps, tables = run.cfg, run.steps, inputs.tables
     lit_csv = tables.emoji if cfg.lit_data == "emoji" else tables.clip
-    clip = run_contrastive("CLIP", train_config(cfg, tables.clip, run.out / "clip", steps["clip"]))
+    clip = run_contrastive("CLIP", with_snapshots(cfg, train_config(cfg, tables.clip, run.out / "clip", steps["clip"])))
     run.timings["train CLIP"] = clip.seconds
     if clip.step_gflop:  # counted on the run's first step
         with run.timed("matmul limit"):
@@ -302,6 +306,22 @@ def _robustness(run: DemoRun, inputs: DemoInputs, models: DemoModels, tuned: Fin
         run.results["effective_robustness"] = effective_robustness(results["domains"], list(family.members),
                                                                    cfg.styles("held_out"), run.out, run.sections,
                                                                    ablation, labels)
+
+
+def _predictive(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> None:
+    """--objectives 1: the paper's objective comparison; --captioning 1: a CoCa's captions against retrieval."""
+    cfg, table, steps = run.cfg, inputs.tables.clip, run.steps["clip"]
+    if cfg.objectives:
+        with run.timed("objectives (train + evaluate)"):
+            runs = {"contrastive": models.clip, **predictive_models(cfg, table, run.out, steps)}
+            styles = [s.strip() for s in cfg.held_out_styles.split(",") if s.strip()]
+            task = zero_shot_task(models.everything, styles, models.clip.preprocess, cfg.seed)
+            run.results["objectives"] = objective_findings(runs, task, cfg.batch_size, run.out, run.sections)
+    if cfg.captioning:
+        with run.timed("captioning (train CoCa + evaluate)"):
+            coca = coca_model(cfg, table, run.out, steps)
+            run.results["captioning"] = captioning_findings(cfg, coca, models.clip, inputs.data.emoji, table, run.out,
+                                                            run.sections)
 
 
 def _retrieval(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> None:

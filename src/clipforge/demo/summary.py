@@ -13,6 +13,7 @@ ROBUSTNESS_TARGET = 0.05  # effective robustness of zero-shot CLIP over the supe
 MINUTES_TARGET = 10.0  # the whole default demo, wall time (data cached)
 DATA_MINUTES_TARGET = 4.0  # the first run's extra time to fetch and build the data
 MATMUL_SHARE_TARGET = 0.35  # CLIP training's achieved FLOP rate over the best matmul rate of its precision
+OBJECTIVE_FACTOR_TARGET = 3.0  # images CLIP saves over each predictive objective (the paper: ~4x and ~12x)
 LIT_ZERO_SHOT = zero_shot_method("LiT")
 
 
@@ -63,7 +64,7 @@ def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: lis
     return [*_held_out_rows(found, held_out), _unseen_row(found, train_styles + held_out), _prompt_row(results),
             *_robustness_rows(found), _few_shot_row(found), *_ablation_rows(found), _probe_row(found),
             _tuxpaint_row(results), _retrieval_row(results, found.colour), _throughput_row(results),
-            *_finetune_rows(results)]
+            *_finetune_rows(results), *_objective_rows(results), *_captioning_rows(results)]
 
 
 def _held_out_rows(found: _Findings, held_out: list[str]) -> list[dict[str, str]]:
@@ -140,6 +141,35 @@ def _finetune_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             _row("WiSE-FT: held-out mean top-1 at the best alpha vs zero-shot / fine-tuned",
                  f"alpha {best['alpha']:g}: {_fmt(best.get('held_out_mean'))} vs {_fmt(ends[0])} / {_fmt(ends[1])}",
                  "", "", "above both ends", _verdict(tuned["wise_above_both_ends"]))]
+
+
+def _objective_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """--objectives 1: how many times fewer images contrastive CLIP needs to reach each predictive model's final
+    zero-shot accuracy (the paper's Figure 2: the same direction, >= 3x)."""
+    factors = (results.get("objectives") or {}).get("factors", {})
+    rows = []
+    for name, label in (("bag_of_words", "bag-of-n-grams prediction"), ("caption_lm", "a caption language model")):
+        found = factors.get(name)
+        if found is None:
+            continue
+        factor = found["factor"]
+        cell = ("never reached" if found["clip_images_to_reach"] is None else
+                "at chance" if factor is None else f"{factor:.1f}x")
+        rows.append(_row(f"contrastive needs fewer images than {label} to reach its final zero-shot top-1 "
+                         f"({found['final_top1']:.3f})", cell, target=f"CLIP >= {OBJECTIVE_FACTOR_TARGET:g}x",
+                         verdict=_verdict(found["met"])))
+    return rows
+
+
+def _captioning_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """--captioning 1: CoCa's held-out CIDEr-D and BLEU-4 next to the nearest-training-caption baseline."""
+    found = results.get("captioning")
+    if not found:
+        return []
+    coca, retrieved = found["scores"].values()
+    return [_row(f"CoCa captions vs retrieval baseline ({found['style']}, seen): CIDEr-D / BLEU-4",
+                 f"CoCa {coca['cider_d']:.3f} / {coca['bleu4']:.3f} vs retrieval {retrieved['cider_d']:.3f} / "
+                 f"{retrieved['bleu4']:.3f}")]
 
 
 def _few_shot_row(found: _Findings) -> dict[str, str]:

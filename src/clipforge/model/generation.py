@@ -276,25 +276,25 @@ def decode(ids: torch.Tensor, tokenizer: Any = None) -> list[str]:
 
 @torch.no_grad()
 def prompt_log_likelihood(model: torch.nn.Module, pixels: torch.Tensor, prompts: torch.Tensor,
-                          chunk: int = 64) -> torch.Tensor:
+                          chunk: int = 1024) -> torch.Tensor:
     """[images, prompts] summed log-probability a CoCa decoder gives each prompt's tokens after start-of-text
-    (padding excluded) given each image: zero-shot classification by caption likelihood."""
+    (padding excluded) given each image: zero-shot classification by caption likelihood. `chunk`: (image, prompt)
+    pairs per decoder call."""
     device = model.logit_scale.device
     prompts = prompts.to(device)
-    image_tokens = model.visual.forward_tokens(pixels.to(device, model.dtype))[1]
+    used = (prompts != 0).any(dim=0).nonzero()
+    prompts = prompts[:, : max(2, int(used.max()) + 1 if len(used) else 2)]  # causal: trailing padding changes nothing
+    contexts = model.text_decoder.contexts(model.visual.forward_tokens(pixels.to(device, model.dtype))[1])
     states = model.text_tower.embed_and_tokens(prompts)[1][:, :-1]  # text states do not depend on the image
     targets, keep = prompts[:, 1:], (prompts[:, 1:] != 0).float()
-    scores = torch.empty(len(pixels), len(prompts))
-    for i in range(len(pixels)):
-        image = model.text_decoder.contexts(image_tokens[i : i + 1])  # once per image, shared by every prompt
-        for start in range(0, len(prompts), chunk):
-            rows = slice(start, start + chunk)
-            contexts = [(k.expand(len(targets[rows]), -1, -1, -1), v.expand(len(targets[rows]), -1, -1, -1))
-                        for k, v in image]
-            logprobs = model.text_decoder(None, states[rows], contexts).float().log_softmax(dim=-1)
-            picked = logprobs.gather(2, targets[rows, :, None])[..., 0]
-            scores[i, rows] = (picked * keep[rows]).sum(dim=1).cpu()  # float32 on the CPU
-    return scores
+    pairs = torch.cartesian_prod(torch.arange(len(pixels)), torch.arange(len(prompts))).view(-1, 2).to(device)
+    scores = torch.empty(len(pairs))
+    for start in range(0, len(pairs), chunk):
+        image, prompt = pairs[start : start + chunk].unbind(dim=1)
+        logprobs = model.text_decoder(None, states[prompt], [(k[image], v[image]) for k, v in contexts])
+        picked = logprobs.float().log_softmax(dim=-1).gather(2, targets[prompt, :, None])[..., 0]
+        scores[start : start + chunk] = (picked * keep[prompt]).sum(dim=1).cpu()  # float32 on the CPU
+    return scores.view(len(pixels), len(prompts))
 
 
 def caption_texts(model: torch.nn.Module, pixels: torch.Tensor, tokenizer: Any, **settings: Any) -> list[str]:
