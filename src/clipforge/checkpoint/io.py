@@ -151,8 +151,11 @@ def _load_path(path: Path, options: LoadOptions, overrides: dict[str, Any]) -> C
         weights_path = path
         state_dict, hints = _read_file(path)
         config, preprocess = _file_config(path, state_dict, hints, options)
+    added_decoder = config.decoder is None and overrides.get("decoder") is not None
     config = _apply_choice(config, options, overrides)
     model = CLIP(config, pretrained_text=False)  # the file holds every weight
+    if added_decoder:  # a captioning decoder added to a contrastive checkpoint starts from its initialisation
+        state_dict = {**state_dict, **{k: v for k, v in model.state_dict().items() if k.startswith("text_decoder.")}}
     load_into(model, state_dict, str(weights_path))
     model.preprocess_config = preprocess or PreprocessConfig()
     return model

@@ -22,6 +22,7 @@ def run_index(args: argparse.Namespace) -> None:
     from clipforge.search import build_index
 
     refuse_random_weights(args.model, args.random_weights, args.pretrained)
+    captioner = _captioner(args) if args.captions else None
     precision = command_precision(args.precision, resolve_device(args.device))
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
@@ -29,8 +30,14 @@ def run_index(args: argparse.Namespace) -> None:
                         device=args.device, pretrained=args.pretrained, workers=args.workers)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
         return
+    captions = None
+    if captioner is not None:
+        from clipforge.search.captions import caption_index
+
+        captions = caption_index(args.out, *captioner, num_beams=args.caption_beams,
+                                 progress=not args.quiet and sys.stderr.isatty())
     if args.json:
-        print(json.dumps(asdict(stats), indent=1))
+        print(json.dumps({**asdict(stats), **({"captions": asdict(captions)} if captions else {})}, indent=1))
         return
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(stats.skipped.items())) or "none"
     if stats.skipped:
@@ -41,6 +48,23 @@ def run_index(args: argparse.Namespace) -> None:
     backend = stats.backend
     detail = ", ".join(f"{k}={v}" for k, v in backend.items() if k != "kind")
     print(f"search backend: {backend['kind']}" + (f" ({detail})" if detail else "") + f"; {stats.seconds:.1f} s")
+    if captions is not None:
+        unread = ", ".join(f"{reason} {count}" for reason, count in sorted(captions.skipped.items())) or "none"
+        print(f"captions written: {captions.written}; images not read for captioning: {unread}")
+
+
+def _captioner(args: argparse.Namespace) -> tuple:
+    """--captions: (model, tokenizer, preprocess) of --model, loaded before anything is embedded so a model without a
+    captioning decoder is refused first."""
+    from clipforge.checkpoint.io import get_tokenizer, load
+    from clipforge.checkpoint.options import LoadOptions
+
+    model, preprocess = load(args.model, pretrained=args.pretrained, device=str(resolve_device(args.device)))
+    if model.text_decoder is None:
+        raise ConfigError(f"--captions needs a model with a captioning decoder (CoCa); {args.model} has none")
+    tokenizer = get_tokenizer(args.model, context_length=model.context_length,
+                              options=LoadOptions(pretrained=args.pretrained) if args.pretrained else None)
+    return model, tokenizer, preprocess
 
 
 def run_search(args: argparse.Namespace) -> None:
@@ -105,6 +129,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; under torchrun each rank takes its local GPU")
     p.add_argument("--workers", type=int, default=default_of(build_index, "workers"),
                    help="processes decoding images while the model embeds (0: in the main process)")
+    p.add_argument("--captions", action="store_true",
+                   help="a CoCa --model writes captions for images the source gives none (shown in results, marked "
+                        "generated; kept across updates until the file changes)")
+    p.add_argument("--caption-beams", type=int, default=3, help="--captions: beam width (1: greedy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the build statistics as JSON (skipped files by reason "
                                                       "under skipped_files; OUT/skipped.jsonl lists them too)")

@@ -211,10 +211,11 @@ class CLIPConfig:
         """CoCa's shapes: the decoder reads the text tower's tokens and the attentional pool's image tokens."""
         if isinstance(decoder, dict):  # from a JSON override
             decoder = self.decoder = DecoderConfig(**decoder)
-        tokens = self.vision.pool == "attentional" or self.vision.is_resnet  # towers that give image tokens
-        if not tokens or self.text.pool != "cls" or self.text_tower != "clip":
-            raise ConfigError("a captioning decoder needs image tokens (vision pool 'attentional', or a ResNet "
-                              "tower's attention pool) and text pool 'cls' (CoCa)")
+        # towers that give image tokens: CoCa's attentional pool, a class-token ViT's patches, a ResNet's attention pool
+        tokens = self.vision.pool in ("attentional", "class") or self.vision.is_resnet
+        if not tokens or self.text.pool not in ("cls", "eot") or not self.text.causal or self.text_tower != "clip":
+            raise ConfigError("a captioning decoder needs image tokens (vision pool 'attentional' or 'class', or a "
+                              "ResNet) and a causal text tower pooled at 'cls' (CoCa) or 'eot' (CLIP)")
         if decoder.vocab_size != self.text.vocab_size:
             raise ConfigError(f"CoCa: the decoder's vocabulary ({decoder.vocab_size}) must be the text tower's "
                               f"({self.text.vocab_size}): generated ids are fed back into it")

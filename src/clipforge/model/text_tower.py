@@ -126,9 +126,13 @@ class CausalTextTower(TextTower):
         return self.transformer(x, causal=True, key_mask=cls_key_mask(tokens))
 
     def embed_and_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CoCa: the projected embedding and the per-token states [B, L, width] the decoder reads."""
-        states = self.cls_states(tokens)
-        return self.project(self.ln_final(states[:, -1])), states[:, :-1]
+        """CoCa: the projected embedding and the per-token states [B, L, width] the decoder reads (the last layer's,
+        before the final norm); a plain CLIP tower under an added decoder gives its EOT-pooled embedding."""
+        if self.pool_cls:
+            states = self.cls_states(tokens)
+            return self.project(self.ln_final(states[:, -1])), states[:, :-1]
+        states = self.transformer(self._embed(tokens), causal=True)
+        return self.project(self._at_pool(states, tokens)), states
 
     def outputs(self, tokens: torch.Tensor, attentions: bool = False) -> TowerOutputs:
         if self.pool_cls:

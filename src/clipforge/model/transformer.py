@@ -271,10 +271,13 @@ class VisionTransformer(nn.Module):
 
     def forward_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CoCa (pool "attentional"): the embedding [B, embed_dim] and the image tokens [B, queries - 1, embed_dim]
-        a captioning decoder attends to."""
+        a captioning decoder attends to; pool "class": the embedding and the projected patch tokens."""
+        if self.pool == "class":  # a plain CLIP under an added decoder: the patch tokens, normed and projected
+            x = self.ln_post(self.transformer(self.embed(pixels)))
+            return self.project(x[:, 0]), self.project(x[:, 1:])
         if self.pool != "attentional":
             raise ConfigError("image tokens for a decoder come from CoCa's attentional pool (vision pool "
-                              "'attentional')")
+                              "'attentional') or a class-token tower's patches")
         queries = self.ln_post(self.attn_pool(self.transformer(self.embed(pixels))))
         return self.project(queries[:, 0]), queries[:, 1:]
 

@@ -104,11 +104,14 @@ class ImageIndex:
         return np.where(positions >= 0, scores, -np.inf).astype(np.float32), ids.astype(np.int64)
 
     def record(self, id: int) -> dict[str, Any]:
-        """{"id", "path", "size", "mtime", "caption"} of an indexed image; KeyError if the id is unknown."""
+        """{"id", "path", "size", "mtime", "caption", "caption_generated"} of an indexed image (the source's caption,
+        else one a model wrote with `clipforge index --captions`); KeyError if the id is unknown."""
         con = getattr(self._local, "con", None)
         if con is None:
             con = self._local.con = store.connect_readonly(self.path)
         row = store.image_row(con, id)
         if row is None:
             raise KeyError(id)
-        return {"id": row.id, "path": row.path, "size": row.size, "mtime": row.mtime_ns / 1e9, "caption": row.caption}
+        generated = None if row.caption else store.generated_caption(con, row.id)
+        return {"id": row.id, "path": row.path, "size": row.size, "mtime": row.mtime_ns / 1e9,
+                "caption": generated or row.caption, "caption_generated": generated is not None}

@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- captions a CoCa model wrote (`clipforge index --captions`) for images the source gives none; a source caption wins
+CREATE TABLE IF NOT EXISTS generated_captions (id INTEGER PRIMARY KEY, caption TEXT NOT NULL);
 """
 _IMAGE_COLUMNS = "id, path, size, mtime_ns, caption, shard, row"
 
@@ -196,7 +198,9 @@ def known_files(con: sqlite3.Connection) -> dict[str, ImageRow]:
 
 
 def upsert_rows(con: sqlite3.Connection, placements: Sequence[Placement]) -> None:
-    """Point each image at its shard row (inside the caller's transaction); a known path keeps its id."""
+    """Point each image at its shard row (inside the caller's transaction); a known path keeps its id, and loses a
+    caption written for its earlier content."""
+    _forget_generated(con, [p.path for p in placements])
     con.executemany(
         "INSERT INTO images(path, size, mtime_ns, caption, shard, row) VALUES(?, ?, ?, ?, ?, ?) "
         "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
@@ -205,12 +209,40 @@ def upsert_rows(con: sqlite3.Connection, placements: Sequence[Placement]) -> Non
 
 def delete_paths(con: sqlite3.Connection, paths: Iterable[str]) -> None:
     """Forget these images (inside the caller's transaction); their ids are never handed out again."""
+    paths = list(paths)
+    _forget_generated(con, paths)
     con.executemany("DELETE FROM images WHERE path = ?", [(path,) for path in paths])
 
 
 def set_captions(con: sqlite3.Connection, captions: dict[int, str | None]) -> None:
     """Set the caption of each image id (inside the caller's transaction)."""
     con.executemany("UPDATE images SET caption = ? WHERE id = ?", [(c, i) for i, c in captions.items()])
+
+
+def _forget_generated(con: sqlite3.Connection, paths: Sequence[str]) -> None:
+    con.executemany("DELETE FROM generated_captions WHERE id IN (SELECT id FROM images WHERE path = ?)",
+                    [(path,) for path in paths])
+
+
+def uncaptioned(con: sqlite3.Connection) -> list[ImageRow]:
+    """Images the source gives no caption and no model has captioned yet, by id."""
+    return list(map(ImageRow._make, con.execute(
+        f"SELECT {_IMAGE_COLUMNS} FROM images WHERE (caption IS NULL OR caption = '') "
+        "AND id NOT IN (SELECT id FROM generated_captions) ORDER BY id")))
+
+
+def set_generated_captions(con: sqlite3.Connection, captions: dict[int, str]) -> None:
+    """Store captions a model wrote, by image id (inside the caller's transaction)."""
+    con.executemany("INSERT OR REPLACE INTO generated_captions(id, caption) VALUES(?, ?)", list(captions.items()))
+
+
+def generated_caption(con: sqlite3.Connection, id: int) -> str | None:
+    """The caption a model wrote for image `id`; None when there is none (or the index predates them)."""
+    try:
+        row = con.execute("SELECT caption FROM generated_captions WHERE id = ?", (int(id),)).fetchone()
+    except sqlite3.OperationalError:  # an index written before generated captions, opened read-only
+        return None
+    return None if row is None else row[0]
 
 
 def registered_shards(con: sqlite3.Connection) -> set[str]:

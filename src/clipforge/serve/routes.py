@@ -91,7 +91,8 @@ async def _search(state: ServeState, vector: np.ndarray, k: int) -> list[dict[st
         # The file name only: absolute paths on the server are none of the client's business.
         name = record["path"].rsplit("#", 1)[-1].replace("\\", "/").rsplit("/", 1)[-1]
         results.append({"rank": rank, "id": int(image_id), "score": round(float(score), 6),
-                        "url": f"/images/{int(image_id)}", "name": name, "caption": record.get("caption")})
+                        "url": f"/images/{int(image_id)}", "name": name, "caption": record.get("caption"),
+                        "caption_generated": bool(record.get("caption_generated"))})
     return results
 
 

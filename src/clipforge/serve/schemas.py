@@ -23,6 +23,7 @@ class SearchResult(BaseModel):
     url: str
     name: str
     caption: Optional[str] = None
+    caption_generated: bool = False  # the caption was written by the index's CoCa model (`index --captions`)
 
 
 class SearchResponse(BaseModel):
