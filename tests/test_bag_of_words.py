@@ -40,8 +40,9 @@ def test_ngrams_cover_the_content_tokens_only_and_ignore_order_within_unigrams()
 
 def test_zero_shot_score_is_the_mean_log_probability_of_the_prompts_ngrams():
     model = clipforge.create_model("demo-rn-32", seed=0, bag_of_words={"buckets": 4096, "ngram": 2}).eval()
-    pixels, prompts = torch.randn(3, 3, 32, 32), _tokens(["a red square", "blue"])
+    pixels, prompts = torch.randn(3, 3, 32, 32), _tokens(["a red square", "blue", ""])
     scores = bag_log_likelihood(model, pixels, prompts)
+    assert torch.isinf(scores[:, 2]).all() and (scores[:, 2] < 0).all()  # no n-gram: never the best prompt
     logprobs = model.bag_of_words_logits(pixels).log_softmax(dim=-1)
     ids, valid = ngram_buckets(prompts, WORDS)
     for p in range(2):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import clipforge
-from clipforge.errors import ConfigError
+from clipforge.errors import CheckpointError, ConfigError
 from clipforge.train.config import TrainConfig
 from clipforge.train.trainer import train
 from conftest import perturb_
@@ -62,6 +62,18 @@ def test_decoder_only_training_from_a_clip_checkpoint_changes_only_the_decoder(p
     assert all(torch.equal(before[k], after[k]) for k in before)  # every CLIP weight, the temperature included
     halfway = clipforge.load(tmp_path / "run" / "step-00000002")[0].text_decoder.state_dict()
     assert any(not torch.equal(v, trained.text_decoder.state_dict()[k]) for k, v in halfway.items())  # it trains
+
+
+def test_formats_without_a_place_for_the_added_decoder_are_refused(plain, tmp_path):
+    model, _ = clipforge.load(plain[1], **DECODER)
+    for format in ("hf", "open_clip"):  # open_clip's CoCa needs its attentional pool and class token
+        with pytest.raises(CheckpointError, match="decoder on plain CLIP towers"):
+            clipforge.save_pretrained(model, tmp_path / format, format=format)
+        assert not (tmp_path / format).exists()
+    bag = clipforge.create_model("cpu-vit-tiny-32", bag_of_words={"buckets": 64, "ngram": 1})
+    with pytest.raises(CheckpointError, match="bag-of-words head"):
+        clipforge.save_pretrained(bag, tmp_path / "bag", format="open_clip")
+    assert clipforge.load(clipforge.save_pretrained(model, tmp_path / "ours"))[0].text_decoder is not None
 
 
 def test_a_bidirectional_text_tower_cannot_feed_a_decoder():

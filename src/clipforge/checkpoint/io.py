@@ -230,6 +230,11 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     if format != "clipforge" and model.logit_bias is not None and not (format == "hf" and is_siglip(model.config)):
         raise CheckpointError(f"{format} has no place for this model's logit_bias (a SigLIP-trained CLIP): save with "
                               "format='clipforge'")
+    coca = model.config.vision.pool == "attentional" and model.config.text.pool == "cls"
+    if format != "clipforge" and (model.bag_of_words is not None or (model.text_decoder is not None and not coca)):
+        raise CheckpointError(f"{format} has no place for this model's bag-of-words head or a decoder on plain CLIP "
+                              "towers (open_clip's CoCa has its attentional pool and class token): save with "
+                              "format='clipforge'")
     if format != "clipforge" and model.head is not None:
         raise CheckpointError(f"{format} has no place for this model's classification head (a fine-tuned "
                               "classifier): save with format='clipforge'")

@@ -22,19 +22,22 @@ def run_index(args: argparse.Namespace) -> None:
     from clipforge.search import build_index
 
     refuse_random_weights(args.model, args.random_weights, args.pretrained)
-    captioner = _captioner(args) if args.captions else None
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 reports for all, and captions
+    captioner = _captioner(args) if args.captions and rank0 else None
     precision = command_precision(args.precision, resolve_device(args.device))
     stats = build_index(args.source, args.out, model=args.model, batch_size=args.batch_size,
                         progress=not args.quiet and sys.stderr.isatty(), backend=args.backend,
                         shard_size=args.shard_size, precision=precision, target_recall=args.target_recall,
                         device=args.device, pretrained=args.pretrained, workers=args.workers)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
+    if not rank0:
         return
     captions = None
     if captioner is not None:
         from clipforge.search.captions import caption_index
 
-        captions = caption_index(args.out, *captioner, num_beams=args.caption_beams,
+        model, tokenizer, preprocess = captioner
+        model.to(resolve_device(args.device))  # after the build: under torchrun it has picked this rank's GPU
+        captions = caption_index(args.out, model, tokenizer, preprocess, num_beams=args.caption_beams,
                                  progress=not args.quiet and sys.stderr.isatty())
     if args.json:
         print(json.dumps({**asdict(stats), **({"captions": asdict(captions)} if captions else {})}, indent=1))
@@ -54,12 +57,14 @@ def run_index(args: argparse.Namespace) -> None:
 
 
 def _captioner(args: argparse.Namespace) -> tuple:
-    """--captions: (model, tokenizer, preprocess) of --model, loaded before anything is embedded so a model without a
-    captioning decoder is refused first."""
+    """--captions: (model, tokenizer, preprocess) of --model, loaded on the CPU before anything is embedded so a model
+    without a captioning decoder, or a bad beam width, is refused first."""
     from clipforge.checkpoint.io import get_tokenizer, load
     from clipforge.checkpoint.options import LoadOptions
 
-    model, preprocess = load(args.model, pretrained=args.pretrained, device=str(resolve_device(args.device)))
+    if args.caption_beams < 1:
+        raise ConfigError(f"--caption-beams must be >= 1, got {args.caption_beams}")
+    model, preprocess = load(args.model, pretrained=args.pretrained)
     if model.text_decoder is None:
         raise ConfigError(f"--captions needs a model with a captioning decoder (CoCa); {args.model} has none")
     tokenizer = get_tokenizer(args.model, context_length=model.context_length,

@@ -108,10 +108,13 @@ def zero_shot_scores(model: torch.nn.Module, tokenizer: Callable, task: ZeroShot
     return total / len(PROMPTS)
 
 
-def accuracy_curve(run_dir: Path, task: ZeroShotTask, objective: str, batch_size: int) -> list[dict[str, float]]:
-    """Zero-shot top-1 at every checkpoint of a run: [{"step", "images", "top1"}]."""
+def accuracy_curve(run_dir: Path, task: ZeroShotTask, objective: str, batch_size: int,
+                   steps: int) -> list[dict[str, float]]:
+    """Zero-shot top-1 at every checkpoint this run of `steps` saved: [{"step", "images", "top1"}]."""
+    every = max(1, steps // SNAPSHOTS)
+    saved = {f"step-{s:08d}" for s in [*range(every, steps + 1, every), steps]}  # an earlier run's others stay out
     curve = []
-    for checkpoint in list_checkpoints(run_dir):
+    for checkpoint in [c for c in list_checkpoints(run_dir) if c.name in saved]:
         model, _ = load(checkpoint)
         scores = zero_shot_scores(model, get_tokenizer(checkpoint, context_length=model.context_length), task,
                                   objective)
@@ -149,7 +152,8 @@ def objective_findings(runs: dict[str, TrainedModel], task: ZeroShotTask, batch_
                        sections: list[Section]) -> dict[str, Any]:
     """Every run's accuracy curve, the plot, and the images CLIP needs to reach each other model's final accuracy."""
     chance = 1.0 / len(task.classnames)
-    curves = {name: accuracy_curve(Path(run.checkpoint).parent, task, name, batch_size) for name, run in runs.items()}
+    curves = {name: accuracy_curve(Path(run.checkpoint).parent, task, name, batch_size, run.steps)
+              for name, run in runs.items()}
     rows, factors = [], {}
     for name, curve in curves.items():
         final = curve[-1]
@@ -159,8 +163,9 @@ def objective_findings(runs: dict[str, TrainedModel], task: ZeroShotTask, batch_
         if name != "contrastive":
             needed = images_to_reach(curves["contrastive"], final["top1"], chance)
             factor = final["images"] / needed if needed else None
+            met = False if needed is None else None if factor is None else factor >= FACTOR_TARGET  # None: at chance
             factors[name] = {"final_top1": final["top1"], "clip_images_to_reach": needed, "factor": factor,
-                             "met": None if factor is None else factor >= FACTOR_TARGET}
+                             "met": met}
             row["CLIP images to reach it"] = "never" if needed is None else round(needed)
             row["factor"] = "n/a" if factor is None else f"{factor:.1f}x"
         rows.append(row)

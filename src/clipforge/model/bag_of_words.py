@@ -14,10 +14,10 @@ _STEP, _MIX = 1_000_003, 2_654_435_761  # polynomial step, then Knuth's multipli
 
 def ngram_buckets(tokens: torch.Tensor, config: BagOfWordsConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(bucket ids [B, M], validity [B, M]) of every 1..ngram window of each row's content tokens: what lies
-    between start-of-text (position 0) and end-of-text (the last non-padding id), padding id 0."""
+    between start-of-text (position 0) and end-of-text (the highest id, as CLIP's text tower pools)."""
     tokens = tokens.long()
     length = tokens.shape[1]
-    ends = (tokens != 0).sum(dim=1, keepdim=True) - 1  # end-of-text's position
+    ends = tokens.argmax(dim=1, keepdim=True)  # end-of-text's position
     positions = torch.arange(length, device=tokens.device)[None]
     content = (positions >= 1) & (positions < ends)
     ids, valid = [], []
@@ -48,6 +48,9 @@ def bag_of_words_loss(logits: torch.Tensor, tokens: torch.Tensor, config: BagOfW
 
 @torch.no_grad()
 def bag_log_likelihood(model: torch.nn.Module, pixels: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-    """[images, prompts] the mean log-probability of each prompt's n-grams given each image (zero-shot scores)."""
+    """[images, prompts] the mean log-probability of each prompt's n-grams given each image (zero-shot scores); a
+    prompt without any n-gram scores -inf (it says nothing the model could predict)."""
     logprobs = model.bag_of_words_logits(pixels).float().log_softmax(dim=-1)
-    return (logprobs @ bag_targets(prompts.to(logprobs.device), model.config.bag_of_words).t()).cpu()
+    targets = bag_targets(prompts.to(logprobs.device), model.config.bag_of_words)
+    scores = logprobs @ targets.t()
+    return scores.masked_fill(targets.sum(dim=1) == 0, float("-inf")).cpu()

@@ -83,7 +83,8 @@ class CachedStepper:
         self.ids = torch.cat([self.ids, new_ids[:, None]], dim=1)
         x = tower.token_embedding(new_ids[:, None]) + tower.positional_embedding[position].to(
             tower.token_embedding.weight.dtype)
-        keep = cls_key_mask(self.ids)[:, : position + 1]  # keys 0..position, open_clip's CoCa padding rule
+        # keys 0..position: open_clip's CoCa padding rule; a plain EOT tower's teacher-forced pass masks nothing
+        keep = cls_key_mask(self.ids)[:, : position + 1] if tower.pool_cls else None
         for i, block in enumerate(tower.transformer.resblocks):
             x, self.text_cache[i] = block_step(block, x, self.text_cache[i], keep)
         logits = self.model.text_decoder.step(x, self.contexts, self.decoder_cache)
@@ -276,7 +277,7 @@ def decode(ids: torch.Tensor, tokenizer: Any = None) -> list[str]:
 
 @torch.no_grad()
 def prompt_log_likelihood(model: torch.nn.Module, pixels: torch.Tensor, prompts: torch.Tensor,
-                          chunk: int = 1024) -> torch.Tensor:
+                          chunk: int = 256) -> torch.Tensor:
     """[images, prompts] summed log-probability a CoCa decoder gives each prompt's tokens after start-of-text
     (padding excluded) given each image: zero-shot classification by caption likelihood. `chunk`: (image, prompt)
     pairs per decoder call."""
@@ -291,7 +292,8 @@ def prompt_log_likelihood(model: torch.nn.Module, pixels: torch.Tensor, prompts:
     scores = torch.empty(len(pairs))
     for start in range(0, len(pairs), chunk):
         image, prompt = pairs[start : start + chunk].unbind(dim=1)
-        logprobs = model.text_decoder(None, states[prompt], [(k[image], v[image]) for k, v in contexts])
+        per_layer = ((k[image], v[image]) for k, v in contexts)  # one layer's gathered keys at a time
+        logprobs = model.text_decoder(None, states[prompt], per_layer)
         picked = logprobs.float().log_softmax(dim=-1).gather(2, targets[prompt, :, None])[..., 0]
         scores[start : start + chunk] = (picked * keep[prompt]).sum(dim=1).cpu()  # float32 on the CPU
     return scores.view(len(pixels), len(prompts))

@@ -144,7 +144,8 @@ def _by_reason(skips: Sequence[SkippedFile]) -> tuple[dict[str, int], dict[str, 
     return dict(Counter(skip.reason for skip in skips)), skipped_by_reason(skips)
 
 
-def _lock(index_dir: Path) -> IO[str]:
+def lock_index(index_dir: Path) -> IO[str]:
+    """The index's exclusive lock (one writer at a time), or IndexLocked at once."""
     index_dir.mkdir(parents=True, exist_ok=True)
     lock = open(index_dir / LOCK_FILE, "w")
     try:
@@ -189,7 +190,7 @@ class IndexBuild:
 
         Returns the items to embed (new or changed, in path order) and the run id."""
         self._fresh = not self.index_dir.exists() or not any(self.index_dir.iterdir())
-        self._lock = _lock(self.index_dir)
+        self._lock = lock_index(self.index_dir)
         self._con = store.connect(self.index_dir)
         self._check_model()
         items, missing = list_source(self.source, self.separator)

@@ -27,12 +27,27 @@ class CaptionStats:
 def caption_index(index_dir: str | Path, model: torch.nn.Module, tokenizer: Any, preprocess: Callable,
                   num_beams: int = 3, max_length: int = 30, batch_size: int = 32,
                   progress: bool = False) -> CaptionStats:
-    """Write captions for every indexed image without one; returns how many, and the skips by reason."""
+    """Write captions for every indexed image without one; returns how many, and the skips by reason. Holds the
+    index's lock: it refuses to run beside a `clipforge index` updating the same index."""
     if getattr(model, "text_decoder", None) is None:
         raise SearchError("--captions needs a model with a captioning decoder (CoCa, e.g. coca_ViT-B-32)")
+    if num_beams < 1:
+        raise SearchError(f"caption beams must be >= 1, got {num_beams}")
     from tqdm import tqdm
 
+    from clipforge.search.build import lock_index
+
+    lock = lock_index(Path(index_dir))  # no other `clipforge index` changes a file's row while its caption is written
     con = store.connect(Path(index_dir))
+    try:
+        return _caption_rows(con, model, tokenizer, preprocess, num_beams, max_length, batch_size, progress, tqdm)
+    finally:
+        con.close()
+        lock.close()
+
+
+def _caption_rows(con: Any, model: torch.nn.Module, tokenizer: Any, preprocess: Callable, num_beams: int,
+                  max_length: int, batch_size: int, progress: bool, tqdm: Any) -> CaptionStats:
     rows, stats = store.uncaptioned(con), CaptionStats()
     settings = {"strategy": "beam" if num_beams > 1 else "greedy", "num_beams": num_beams,
                 "max_length": min(max_length, model.context_length)}
@@ -48,9 +63,11 @@ def caption_index(index_dir: str | Path, model: torch.nn.Module, tokenizer: Any,
                 with torch.no_grad():
                     written = caption_texts(model, pixels, tokenizer, **settings)
                 kept = [row for row, ok in zip(batch, keep) if ok]
+                captions = {row.id: text.strip() for row, text in zip(kept, written) if text.strip()}
+                if len(captions) < len(kept):  # nothing worth storing: tried again next time
+                    stats.skipped["empty caption"] = stats.skipped.get("empty caption", 0) + len(kept) - len(captions)
                 with store.transaction(con):
-                    store.set_generated_captions(con, {row.id: text for row, text in zip(kept, written)})
-                stats.written += len(written)
+                    store.set_generated_captions(con, captions)
+                stats.written += len(captions)
             bar.update(len(batch))
-    con.close()
     return stats

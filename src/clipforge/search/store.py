@@ -349,6 +349,8 @@ def drop_broken(index_dir: Path, con: sqlite3.Connection) -> None:
     lost = [name for name in registered_shards(con) if name not in files]
     if lost:
         with transaction(con):
+            con.executemany("DELETE FROM generated_captions WHERE id IN (SELECT id FROM images WHERE shard = ?)",
+                            [(n,) for n in lost])
             con.executemany("DELETE FROM images WHERE shard = ?", [(n,) for n in lost])
             con.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in lost])
             bump_generation(con)

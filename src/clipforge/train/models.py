@@ -40,7 +40,8 @@ def _fresh_model(config: TrainConfig, overrides: dict) -> CLIP:
         context = overrides.get("text.context_length")
         tokenizer = CLIPTokenizer(config.bpe_vocab, **({"context_length": context} if context else {}))
         overrides["text.vocab_size"] = tokenizer.vocab_size
-        decoder = overrides.get("decoder") or get_model_config(config.model).to_dict().get("decoder")
+        decoder = overrides["decoder"] if "decoder" in overrides else get_model_config(config.model).to_dict().get(
+            "decoder")
         if decoder:  # a captioning decoder writes the text tower's ids
             overrides["decoder"] = {**decoder, "vocab_size": tokenizer.vocab_size}
     return create_model(config.model, seed=config.seed, **overrides)
