@@ -16,7 +16,9 @@ def _summary(name: str, manifest: dict, folder: Path, seconds: float) -> str:
                 f"{manifest['unseen']} unseen, seed {manifest['split_seed']}; {manifest['concepts_in_all_styles']} "
                 f"concepts exist in all six styles) at {manifest['image_size']} px to {folder} in {seconds:.1f} s"
                 + "".join(f"; evaluation style {s}: {manifest['images_per_style'][s]} of {manifest['concepts']} "
-                          f"concepts" for s in manifest.get("eval_styles", [])))
+                          f"concepts" for s in manifest.get("eval_styles", []))
+                + "".join(f"; {lang} names {n['concepts']} of {manifest['concepts']} concepts (captions-{lang}.csv)"
+                          for lang, n in manifest.get("languages", {}).items()))
     if name == "icons":
         return _icons_summary(manifest, folder, seconds)
     return (f"tuxpaint: wrote {manifest['stamps']} stamps in {manifest['categories']} categories at "
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     common = {"root": args.root, "size": args.size, "limit": args.limit, "cache": args.cache, "force": args.force,
               "progress": not args.quiet}
     if args.dataset == "emoji":
-        manifest = build_emoji(styles=args.styles, seed=args.seed, **common)
+        manifest = build_emoji(styles=args.styles, seed=args.seed, languages=args.languages, **common)
     elif args.dataset == "icons":
         labels = read_labels(args.exclude_labels) if args.exclude_labels else ()
         manifest = build_icons(variants=args.variants, exclude_labels=labels, workers=args.workers, **common)
@@ -74,6 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"subset of styles, space- or comma-separated (default the six training styles: "
                         f"{','.join(STYLES)}); evaluation-only styles, never in the default: {','.join(EVAL_STYLES)}")
     e.add_argument("--seed", type=int, default=0, help="seen/unseen concept split seed (default 0)")
+    e.add_argument("--languages", nargs="+", default=None, metavar="LANG",
+                   help="also each concept's CLDR name and keywords in these languages (e.g. ko,ja): "
+                        "concepts-LANG.csv and captions-LANG.csv, same images and keys")
     t = datasets.add_parser("tuxpaint", help="Tux Paint stamps with English sentences, 16 categories")
     _common(t)
     t.add_argument("--stamps", type=Path, default=None,

@@ -37,6 +37,7 @@ from typing import Callable, Sequence, Union
 from PIL import Image
 from tqdm import tqdm
 
+from clipforge.corpora.cldr import CLDR_PACKAGES, members, parse_languages, write_language_tables
 from clipforge.corpora.fetch import (
     DatasetError,
     NpmPackage,
@@ -341,22 +342,26 @@ def _unpack(key: str, tarballs: dict, tmp: Path, keep: Callable[[str], bool], ca
 
 
 def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None, limit: int | None = None,
-                cache: Path | None = None, seed: int = 0, force: bool = False, progress: bool = True) -> dict:
-    """Build ROOT/emoji (module docstring); returns the manifest, with "up_to_date": True when nothing was done."""
+                cache: Path | None = None, seed: int = 0, force: bool = False, progress: bool = True,
+                languages: Sequence[str] | None = None) -> dict:
+    """Build ROOT/emoji (module docstring; `languages`: CLDR names per language, clipforge.corpora.cldr); returns
+    the manifest, with "up_to_date": True when nothing was done."""
     root = Path(root)
-    chosen = _parse_styles(styles)
+    chosen, langs = _parse_styles(styles), parse_languages(languages)
     if size < 8 or (limit is not None and limit < 1):
         raise DataError("--size must be >= 8 and --limit >= 1")
     evals = [s for s in chosen if s in EVAL_STYLES]
     packages = {**PACKAGES, **{s: EVAL_PACKAGES[s] for s in evals}}
+    cldr = list(CLDR_PACKAGES) if langs else []  # absent from a build without languages: its options stay as they were
     options = {"builder_version": BUILDER_VERSION, "size": size, "styles": chosen, "limit": limit, "seed": seed,
-               "packages": {p.name: p.version for p in packages.values()}}
+               "packages": {p.name: p.version for p in [*packages.values(), *cldr]}, **({"languages": langs} if langs
+                                                                                      else {})}
     existing = read_manifest(root / "emoji")
     if not force and existing is not None and existing.get("options") == options:
         return {**existing, "up_to_date": True}
     start = time.perf_counter()
     cache = Path(cache) if cache is not None else root / ".cache"
-    tarballs = fetch_npm(list(packages.values()), cache)
+    tarballs = fetch_npm([*packages.values(), *cldr], cache)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".emoji-src-") as tmp:
         for key in tqdm(packages, desc="indexes", disable=not progress or None):
@@ -381,9 +386,12 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
                       for c in kept if isinstance(source := indexes[s].get(c.key), Path)}
             if wanted:
                 _unpack(key, tarballs, Path(tmp), wanted.__contains__, cache)
+        for package, wanted in zip(cldr, members(langs)):
+            safe_extract(tarballs[package][0], Path(tmp) / package.name, wanted.__contains__)
         with atomic_dataset(root, "emoji") as out:
             counts = _write_images(out, kept, indexes, chosen, size, progress)
-            _write_tables(out, kept, chosen, seed, indexes)
+            rows = _write_tables(out, kept, chosen, seed, indexes)
+            named = write_language_tables(out, [Path(tmp) / p.name / "package" for p in cldr], langs, kept, rows, seed)
             manifest = {
                 "dataset": "emoji", "options": options, "clipforge_version": clipforge_version(),
                 "image_size": size, "split_seed": seed, "styles": chosen,
@@ -391,8 +399,8 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
                 "seen": sum(c.split == "seen" for c in kept), "unseen": sum(c.split == "unseen" for c in kept),
                 "images_per_style": counts, "images": sum(counts.values()),
                 "packages": {p.name: {"version": p.version, "tarball": p.tarball, "sha256": tarballs[p][1]}
-                             for p in packages.values()},
-                **({"eval_styles": evals} if evals else {}),
+                             for p in [*packages.values(), *cldr]},
+                **({"eval_styles": evals} if evals else {}), **({"languages": named} if langs else {}),
                 "build_seconds": round(time.perf_counter() - start, 1),
             }
             write_json(out / "manifest.json", manifest)
@@ -417,7 +425,7 @@ def _write_images(out: Path, concepts: list[Concept], indexes: dict[str, dict[st
 
 
 def _write_tables(out: Path, concepts: list[Concept], styles: Sequence[str], seed: int,
-                  indexes: dict[str, dict[str, Source]]) -> None:
+                  indexes: dict[str, dict[str, Source]]) -> list[tuple[str, Concept, str]]:
     header = ["hexcode", "label", "tags", "group", "subgroup", "split", "gender", "base_concept"]
     write_csv(out / "concepts.csv", header,
               ([c.key, c.label, "|".join(c.tags), c.group, c.subgroup, c.split, c.gender, c.base_concept]
@@ -429,3 +437,4 @@ def _write_tables(out: Path, concepts: list[Concept], styles: Sequence[str], see
     class_index = {c.key: i for i, c in enumerate(concepts)}
     write_csv(out / "labels.csv", ["image", "label", "class_index", "style", "split"],
               ((image, c.label, class_index[c.key], style, c.split) for image, c, style in rows))
+    return rows
