@@ -25,11 +25,12 @@ from clipforge.errors import CheckpointError, ConfigError
 from clipforge.io import atomic_path
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, PreprocessConfig, apply_overrides, get_model_config, list_models
-from clipforge.model.towers import tokenizer_for
+from clipforge.model.towers import text_tower_class, tokenizer_for
 from clipforge.text.base import OPENAI_VOCAB_SIZE, Tokenizer
 
 CONFIG_FILE = "clipforge.json"
 WEIGHTS_FILE = "model.safetensors"
+MODALITY_DIR = "modalities"  # a bound tower's tokenizer files: MODALITY_DIR/NAME/
 
 
 def config_from_file(path: Path) -> tuple[CLIPConfig, PreprocessConfig | None]:
@@ -215,11 +216,8 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: to
     return model, EvalTransform.for_model(model)
 
 
-def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
-                    tokenizer: Tokenizer | None = None) -> Path:
-    """Write `model` (and its tokenizer) as a clipforge, HF transformers (CLIPModel or SiglipModel) or open_clip (hub)
-    directory."""
-    out = Path(out_dir)
+def _check_writable(model: CLIP, format: str) -> None:
+    """CheckpointError, before anything is written, for what `format` has no place for."""
     if format not in ("clipforge", "hf", "open_clip"):
         raise CheckpointError(f"unknown format {format!r}: use 'clipforge', 'hf' or 'open_clip'")
     if format == "hf" and not is_siglip(model.config):  # refused before anything is written
@@ -238,6 +236,17 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     if format != "clipforge" and model.head is not None:
         raise CheckpointError(f"{format} has no place for this model's classification head (a fine-tuned "
                               "classifier): save with format='clipforge'")
+    if format != "clipforge" and model.bound_text:
+        raise CheckpointError(f"{format} has no place for this model's bound towers ({', '.join(model.bound_text)}): "
+                              "save with format='clipforge'")
+
+
+def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge", tokenizer: Tokenizer | None = None,
+                    modality_tokenizers: dict[str, Tokenizer] | None = None) -> Path:
+    """Write `model` (and its tokenizer) as a clipforge, HF transformers (CLIPModel or SiglipModel) or open_clip (hub)
+    directory; `modality_tokenizers`: the tokenizer of each bound text tower (clipforge format, under modalities/)."""
+    out = Path(out_dir)
+    _check_writable(model, format)
     tokenizer = tokenizer or tokenizer_for(model.config, context_length=model.context_length)
     preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig()
     settings = _open_clip_settings(model.config, tokenizer, preprocess) if format == "open_clip" else None
@@ -245,7 +254,7 @@ def save_pretrained(model: CLIP, out_dir: str | Path, format: str = "clipforge",
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                   if not k.endswith("num_batches_tracked")}
     if format == "clipforge":
-        write_clipforge_dir(out, state_dict, model.config, tokenizer, preprocess)
+        write_clipforge_dir(out, state_dict, model.config, tokenizer, preprocess, modality_tokenizers)
     elif format == "open_clip":  # open_clip's hub layout; its CLIP uses OpenAI's parameter names, as clipforge
         if model.config.decoder is not None:  # CoCa is open_clip's CustomTextCLIP kind: its text tower under "text."
             names = model.text_tower.checkpoint_names
@@ -271,8 +280,13 @@ def _open_clip_settings(config: CLIPConfig, tokenizer: Tokenizer, preprocess: Pr
 
 
 def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: CLIPConfig, tokenizer: Tokenizer,
-                        preprocess: PreprocessConfig | None = None) -> None:
-    """Write a clipforge model directory: safetensors weights, config JSON (model + preprocessing), tokenizer files."""
+                        preprocess: PreprocessConfig | None = None,
+                        modality_tokenizers: dict[str, Tokenizer] | None = None) -> None:
+    """Write a clipforge model directory: safetensors weights, config JSON (model + preprocessing), tokenizer files
+    (a bound text tower's under modalities/NAME/; each one is required)."""
+    missing = sorted(set(config.bound_text) - set(modality_tokenizers or {}))
+    if missing:
+        raise CheckpointError(f"no tokenizer for the bound tower(s) {missing}: pass modality_tokenizers")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_FILE) as tmp:  # safetensors alone writes 0600 files, unreadable to others
         save_file(state_dict, str(tmp))
@@ -280,11 +294,14 @@ def write_clipforge_dir(out: Path, state_dict: dict[str, torch.Tensor], config: 
             "preprocess": (preprocess or PreprocessConfig()).to_dict()}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     tokenizer.save(out)
+    for name, bound in (modality_tokenizers or {}).items():
+        bound.save(out / MODALITY_DIR / name)
 
 
 def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | None = None,
-                  options: LoadOptions | None = None) -> Tokenizer:
-    """Tokenizer for a registry name or checkpoint: the files it ships, else its text tower's default (CLIP's BPE).
+                  options: LoadOptions | None = None, modality: str = "text") -> Tokenizer:
+    """Tokenizer for a registry name or checkpoint: the files it ships, else its text tower's default (CLIP's BPE);
+    `modality`: a bound text tower's own (e.g. "text-ko"), from the folder's modalities/NAME/.
 
     The architecture is read as `load` reads it with the same `options` (the caller's config, a folder's
     config through `read_folder`, an open_clip_config.json beside a weights file), so the two agree.
@@ -309,7 +326,40 @@ def get_tokenizer(name_or_path: str | Path | None = None, context_length: int | 
         config = get_model_config(name_or_path)
     else:
         config = CLIPConfig()
+    if modality != "text":
+        return _modality_tokenizer(config, folder, modality, context_length)
     return tokenizer_for(config, folder, context_length)
+
+
+def _modality_tokenizer(config: CLIPConfig, folder: Path | None, modality: str,
+                        context_length: int | None) -> Tokenizer:
+    """A bound text tower's tokenizer; its files must be there (a default vocabulary would give wrong ids)."""
+    if modality not in config.bound_text:
+        kinds = ", ".join(["text", *config.bound_text])
+        raise CheckpointError(f"no {modality!r} text tower to tokenise for: this model's text modalities are {kinds}"
+                              + (" (images take clipforge.get_preprocess)" if modality == "image" else ""))
+    files = folder / MODALITY_DIR / modality if folder is not None else None
+    if files is None or not files.is_dir():
+        raise CheckpointError(f"the {modality!r} tokenizer files are missing (expected in {files or 'the folder'})")
+    text = config.bound_text[modality]
+    return text_tower_class("clip").tokenizer(text, files, context_length or text.context_length)
+
+
+def get_preprocess(name_or_path: str | Path, modality: str = "image",
+                   options: LoadOptions | None = None) -> EvalTransform:
+    """The transform that turns one raw input of `modality` into a fixed-shape tensor (a batch is their stack): the
+    checkpoint's image preprocessing. Text modalities take a tokenizer (get_tokenizer(..., modality=))."""
+    if modality != "image":
+        raise CheckpointError(f"{modality!r} has no preprocess here: text modalities take "
+                              f"clipforge.get_tokenizer(path, modality={modality!r}); images take modality 'image'")
+    path = Path(name_or_path)
+    if path.is_dir():
+        folder = read_folder(path)
+        config = _given_config(options.config)[0] if options and options.config is not None else folder.config
+        preprocess = folder.preprocess or PreprocessConfig()
+        return EvalTransform(config.vision.image_size, preprocess.composite_white, preprocess.mean, preprocess.std,
+                             preprocess.resize, preprocess.interpolation)
+    return load(name_or_path, options=options)[1]  # a file or a tag: its preprocessing is known once it is read
 
 
 def _tag_tokenizer_source(name: str, tag: str) -> tuple[CLIPConfig, Path | None]:

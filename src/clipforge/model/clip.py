@@ -11,7 +11,7 @@ from torch import nn
 
 from clipforge.errors import ConfigError
 from clipforge.model.compiled import compile_tower, use_compile_cache
-from clipforge.model.config import CLIPConfig, PreprocessConfig
+from clipforge.model.config import BUILT_IN_MODALITIES, CLIPConfig, PreprocessConfig, TextConfig, check_modality_name
 from clipforge.model.decoder import MultimodalDecoder
 from clipforge.model.outputs import TowerOutputs, image_outputs
 from clipforge.model.param_groups import weight_decay_groups
@@ -44,6 +44,9 @@ class CLIP(nn.Module):
         # The paper's bag-of-words baseline: n-gram classes predicted from the image embedding (model.bag_of_words)
         words = config.bag_of_words
         self.bag_of_words: nn.Linear | None = nn.Linear(config.embed_dim, words.buckets) if words else None
+        # ImageBind: towers of other modalities bound to this space (model.modalities, model.encode)
+        self.bound_text = nn.ModuleDict({name: text_tower_class("clip")(c, config.embed_dim, pretrained_text)
+                                         for name, c in config.bound_text.items()})
         self.locked: set[str] = set()
         self.register_state_dict_post_hook(_text_keys_to_checkpoint)
         self.register_load_state_dict_pre_hook(_text_keys_from_checkpoint)
@@ -210,11 +213,12 @@ class CLIP(nn.Module):
             outputs.embeds = F.normalize(outputs.embeds, dim=-1)
         return outputs
 
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
+    def _check_tokens(self, tokens: torch.Tensor, context_length: int | None = None) -> None:
+        context_length = context_length or self.context_length
         if tokens.dim() != 2:
             raise ConfigError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.context_length:
-            raise ConfigError(f"tokens have length {tokens.shape[1]} > context length {self.context_length}")
+        if tokens.shape[1] > context_length:
+            raise ConfigError(f"tokens have length {tokens.shape[1]} > context length {context_length}")
 
     def caption_logits(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """CoCa's teacher-forced next-token logits [B, L - 1, vocab]: position i scores tokens[:, i + 1]."""
@@ -230,6 +234,34 @@ class CLIP(nn.Module):
         image, image_tokens = self.visual.forward_tokens(pixels.to(device, self.dtype))
         text, states = self.text_tower.embed_and_tokens(tokens.to(device))
         return image, text, self.text_decoder(image_tokens, states[:, :-1], project=project)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What this model embeds: "image", "text", then its bound towers (e.g. "text-ko"), in the order bound."""
+        return (*BUILT_IN_MODALITIES, *self.bound_text)
+
+    def encode(self, modality: str, batch: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embeddings [B, embed_dim] of a batch of one modality: pixels for "image", token ids for "text" and a
+        bound text tower (its own tokenizer: clipforge.get_tokenizer(path, modality=...))."""
+        if modality == "image":
+            return self.encode_image(batch, normalize=normalize)
+        if modality == "text":
+            return self.encode_text(batch, normalize=normalize)
+        if modality not in self.bound_text:
+            raise ConfigError(f"this model has no {modality!r} tower; it embeds {', '.join(self.modalities)}")
+        self._check_tokens(batch, self.config.bound_text[modality].context_length)
+        features = self.bound_text[modality](batch.to(self.logit_scale.device))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def bind_text_tower(self, modality: str, config: TextConfig) -> nn.Module:
+        """Add a fresh text tower for `modality` (a second language, ...) to train against this space; returns it."""
+        check_modality_name(modality)
+        if modality in self.bound_text:
+            raise ConfigError(f"this model already has a {modality!r} tower")
+        tower = text_tower_class("clip")(config, self.config.embed_dim, False).to(self.logit_scale.device)
+        self.config.bound_text[modality] = config
+        self.bound_text[modality] = tower
+        return tower
 
     def bag_of_words_logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, buckets] logits of the caption's hashed n-grams (clipforge.model.bag_of_words) from the images."""

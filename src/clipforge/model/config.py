@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -192,6 +193,9 @@ class CLIPConfig:
     head_templates: list[str] = field(default_factory=list)  # the prompts its zero-shot start was built from
     decoder: DecoderConfig | None = None  # CoCa's captioning decoder (None: a contrastive model only)
     bag_of_words: BagOfWordsConfig | None = None  # a bag-of-n-grams head on the image embedding (None: none)
+    # Text towers bound to this CLIP's frozen space (ImageBind), by modality name (e.g. "text-ko"): each its own
+    # causal Transformer and tokenizer, trained against the image embeddings; image and text are untouched
+    bound_text: dict[str, TextConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.text_tower not in TEXT_TOWER_NAMES:
@@ -204,6 +208,9 @@ class CLIPConfig:
             self._check_decoder(self.decoder)
         if isinstance(self.bag_of_words, dict):  # from a JSON override
             self.bag_of_words = BagOfWordsConfig(**self.bag_of_words)
+        self.bound_text = {name: TextConfig(**c) if isinstance(c, dict) else c for name, c in self.bound_text.items()}
+        for name in self.bound_text:
+            check_modality_name(name)
         if self.bag_of_words is not None and self.decoder is not None:
             raise ConfigError("bag_of_words and a captioning decoder are two predictive objectives: pick one")
 
@@ -232,6 +239,8 @@ class CLIPConfig:
         for name in ("decoder", "bag_of_words"):
             if d[name] is None:
                 del d[name]
+        if not d["bound_text"]:
+            del d["bound_text"]
         for tower, defaults in _TOWER_OPTIONS.items():  # likewise SigLIP's and CoCa's tower options at CLIP's values
             for name, value in defaults.items():
                 if d[tower][name] == value:
@@ -248,10 +257,23 @@ class CLIPConfig:
         text = _make(TextConfig, d.pop("text", {}), "text")
         if d.get("decoder") is not None:
             d["decoder"] = _make(DecoderConfig, d["decoder"], "decoder")
+        d["bound_text"] = {name: _make(TextConfig, c, f"bound_text.{name}") if isinstance(c, dict) else c
+                           for name, c in (d.get("bound_text") or {}).items()}
         if d.get("bag_of_words") is not None:
             d["bag_of_words"] = _make(BagOfWordsConfig, d["bag_of_words"], "bag_of_words")
         d.pop("name", None)
         return _make(cls, {**d, "vision": vision, "text": text}, "top level")
+
+
+BUILT_IN_MODALITIES = ("image", "text")
+_MODALITY_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+
+def check_modality_name(name: str) -> None:
+    """A bound tower's name: lower-case words joined by '-' ("text-ko", "audio"), not a built-in modality."""
+    if not isinstance(name, str) or not _MODALITY_NAME.match(name) or name in BUILT_IN_MODALITIES:
+        raise ConfigError(f"bad modality name {name!r}: lower-case words joined by '-' (e.g. 'text-ko', 'audio'), "
+                          f"not {' or '.join(BUILT_IN_MODALITIES)}")
 
 
 def _make(kind: type, values: dict[str, Any], where: str) -> Any:
