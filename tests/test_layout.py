@@ -9,10 +9,10 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge"
 # Each package may import only from packages below it; the embedding core sits under every job.
 FOUNDATION = {"model", "text", "data", "checkpoint", "loss"}
-JOBS = {"train", "evaluate", "finetune", "search", "serve", "demo", "cli"}
+JOBS = {"train", "evaluate", "finetune", "bind", "search", "serve", "demo", "cli"}
 FORBIDDEN = {**{package: JOBS for package in FOUNDATION}, "inference": JOBS,
-             "search": {"evaluate", "finetune"}, "train": {"evaluate", "finetune"}, "evaluate": {"finetune"},
-             "serve": {"finetune"}}
+             "search": {"evaluate", "finetune", "bind"}, "train": {"evaluate", "finetune", "bind"},
+             "evaluate": {"finetune", "bind"}, "serve": {"finetune", "bind"}, "bind": {"evaluate", "finetune"}}
 MAX_FUNCTION_LINES = 60
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipforge.cli import bind as bind_cmd
 from clipforge.cli import caption as caption_cmd
 from clipforge.cli import data as data_cmd
 from clipforge.cli import demo as demo_cmd
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
     finetune_cmd.add_parser(sub)
+    bind_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     export_cmd.add_parser(sub)

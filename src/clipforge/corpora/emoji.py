@@ -353,9 +353,7 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
     evals = [s for s in chosen if s in EVAL_STYLES]
     packages = {**PACKAGES, **{s: EVAL_PACKAGES[s] for s in evals}}
     cldr = list(CLDR_PACKAGES) if langs else []  # absent from a build without languages: its options stay as they were
-    options = {"builder_version": BUILDER_VERSION, "size": size, "styles": chosen, "limit": limit, "seed": seed,
-               "packages": {p.name: p.version for p in [*packages.values(), *cldr]}, **({"languages": langs} if langs
-                                                                                      else {})}
+    options = _options(size, chosen, limit, seed, [*packages.values(), *cldr], langs)
     existing = read_manifest(root / "emoji")
     if not force and existing is not None and existing.get("options") == options:
         return {**existing, "up_to_date": True}
@@ -367,13 +365,7 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
         for key in tqdm(packages, desc="indexes", disable=not progress or None):
             _unpack(key, tarballs, Path(tmp), prefix_filter(INDEX_MEMBERS[key]), cache)
         src = {key: Path(tmp) / key / "package" for key in packages}
-        try:
-            concepts = load_concepts(src["emojibase"])
-            indexes = style_indexes(src)
-            eval_indexes = {s: eval_style_index(src[s] / "icons.json", src[s] / "chars.json", concepts) for s in evals}
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise DatasetError(f"unexpected package contents ({type(error).__name__}: {error}); "
-                               f"are the tarballs in {cache} the pinned versions?") from None
+        concepts, indexes, eval_indexes = _read_sources(src, evals, cache)
         common = [c for c in concepts.values() if all(c.key in index for index in indexes.values())]
         common.sort(key=lambda c: c.order)
         assign_families_and_split(common, seed)  # on the full list: --limit keeps the full build's split
@@ -405,6 +397,25 @@ def build_emoji(root: Path, size: int = 64, styles: Sequence[str] | None = None,
             }
             write_json(out / "manifest.json", manifest)
     return {**manifest, "up_to_date": False}
+
+
+def _options(size: int, styles: list[str], limit: int | None, seed: int, packages: list[NpmPackage],
+             languages: list[str]) -> dict:
+    """What a build is made of; an existing build with the same options is up to date."""
+    return {"builder_version": BUILDER_VERSION, "size": size, "styles": styles, "limit": limit, "seed": seed,
+            "packages": {p.name: p.version for p in packages}, **({"languages": languages} if languages else {})}
+
+
+def _read_sources(src: dict[str, Path], evals: list[str], cache: Path) -> tuple[dict, dict, dict]:
+    """(concepts, each training style's index, each evaluation style's index) from the unpacked index files."""
+    try:
+        concepts = load_concepts(src["emojibase"])
+        indexes = style_indexes(src)
+        eval_indexes = {s: eval_style_index(src[s] / "icons.json", src[s] / "chars.json", concepts) for s in evals}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DatasetError(f"unexpected package contents ({type(error).__name__}: {error}); "
+                           f"are the tarballs in {cache} the pinned versions?") from None
+    return concepts, indexes, eval_indexes
 
 
 def _write_images(out: Path, concepts: list[Concept], indexes: dict[str, dict[str, Source]],

@@ -77,9 +77,10 @@ class CLIP(nn.Module):
                 compile_tower(module, dynamic=True)  # text length varies with the longest caption
         return self
 
-    def lock_image_tower(self) -> int:
-        """Freeze the image tower but its projection (LiT locks it this way); returns how many weights froze."""
-        return self._lock("image", self.visual, self.visual.projection_names)
+    def lock_image_tower(self, projection: bool = True) -> int:
+        """Freeze the image tower but its projection (LiT locks it this way; `projection=False`: that too, as binding
+        a new modality needs); returns how many weights froze."""
+        return self._lock("image", self.visual, self.visual.projection_names if projection else ())
 
     def lock_text_tower(self) -> int:
         """Freeze the text tower but its projection (a pretrained one, typically); returns how many weights froze."""

@@ -27,7 +27,8 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # e.g. {"embed_dim": 128, "vision.layers": 4}
     text_tower: str = "clip"  # "clip" (causal transformer) or "minilm" (pretrained sentence encoder)
     bpe_vocab: str = ""  # a smaller BPE vocab file (clipforge.text.train_bpe) for a from-scratch text tower
-    lock_image: bool = False  # LiT: freeze the image tower
+    lock_image: bool = False  # LiT: freeze the image tower (its projection still trains)
+    lock_image_projection: bool = False  # with lock_image: freeze the projection too (the image space stays as it is)
     lock_text: bool = False  # freeze the text tower (a pretrained one, typically)
     # CoCa: train the captioning decoder alone; both towers, their projections and the temperature stay as they
     # were (captioning added to a CLIP whose embeddings, and any index built with them, do not change)

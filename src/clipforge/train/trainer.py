@@ -125,7 +125,7 @@ class TrainingRun:
         if self.config.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if self.config.lock_image:
-            self.model.lock_image_tower()
+            self.model.lock_image_tower(projection=not self.config.lock_image_projection)
         if self.config.lock_text:
             self.model.lock_text_tower()
         if self.config.decoder_only:

@@ -1,0 +1,111 @@
+"""`clipforge bind`: a Korean-like text tower trained against a frozen CLIP through image pairs only, through the
+real CLI. The bound model's CLIP outputs are bit-identical to the original's, the new tower has its own tokenizer,
+the binding resumes after kill -9 to the uninterrupted run's losses, and bad settings are refused first."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.bind import BindConfig, bind
+from clipforge.cli.main import main
+from clipforge.errors import ConfigError
+from clipforge.train import checkpoints
+from conftest import perturb_
+from synthetic import make_caption_set
+
+WORDS = {"red": "빨간", "green": "초록", "blue": "파란", "yellow": "노란", "purple": "보라", "black": "검은",
+         "circle": "원", "square": "사각형", "triangle": "삼각형", "cross": "십자"}
+FLAGS = ["--batch-size", "8", "--workers", "0", "--warmup", "2", "--lr", "2e-3", "--vocab-size", "600",
+         "--tower", '{"width": 32, "heads": 2, "layers": 1, "context_length": 16}']
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A CLIP checkpoint and (image, text) pairs in another language: the text never in English."""
+    root = tmp_path_factory.mktemp("bind")
+    model = perturb_(clipforge.create_model("cpu-vit-tiny-32", seed=0), scale=0.1)
+    folder = clipforge.save_pretrained(model, root / "clip")
+    table = make_caption_set(root, per_concept=2, seed=0)
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(root / "pairs.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "text", "key"])
+        for row in rows:
+            color, shape = row["caption"].split()[1:]
+            writer.writerow([str(root / row["image"]), f"{WORDS[color]} {WORDS[shape]}", row["key"]])
+    return folder, root / "pairs.csv"
+
+
+def _losses(run) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_bind_trains_a_tower_and_leaves_the_clip_bit_identical(pairs, tmp_path, capsys):
+    folder, table = pairs
+    out = tmp_path / "bind"
+    assert main(["bind", "--model", str(folder), "--modality", "text-ko", "--train-data", str(table),
+                 "--key-column", "key", "--steps", "30", "--output-dir", str(out), *FLAGS]) == 0
+    printed = capsys.readouterr().out  # the trainer's closing line, then the summary
+    summary = json.loads(printed[printed.index("{"):])
+    bound, _ = clipforge.load(summary["bound"])
+    original, _ = clipforge.load(folder)
+    assert bound.modalities == ("image", "text", "text-ko")
+    pixels, tokens = torch.randn(3, 3, 32, 32), clipforge.get_tokenizer(folder)(["a red circle", "x", "a b"])
+    with torch.no_grad():
+        assert torch.equal(bound.encode_image(pixels), original.encode_image(pixels))
+        assert torch.equal(bound.encode_text(tokens), original.encode_text(tokens))
+    originals = original.state_dict()
+    assert all(torch.equal(v, originals[k]) for k, v in bound.state_dict().items() if not k.startswith("bound_text"))
+    korean = clipforge.get_tokenizer(summary["bound"], modality="text-ko")
+    assert korean.vocab_size < 1000 and korean.context_length == 16
+    with torch.no_grad():
+        assert bound.encode("text-ko", korean(["빨간 원", "파란 사각형"])).shape == (2, 64)
+    losses = _losses(out / "run")
+    assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))  # the tower learned
+
+
+def test_a_binding_killed_with_sigkill_resumes_to_the_uninterrupted_losses(pairs, tmp_path):
+    folder, table = pairs
+    base = dict(model=str(folder), modality="text-ko", train_data=str(table), key_column="key", steps=10,
+                batch_size=8, workers=0, warmup=2, lr=2e-3, vocab_size=600,
+                tower={"width": 32, "heads": 2, "layers": 1, "context_length": 16})
+    bind(BindConfig(**base, output_dir=str(tmp_path / "straight")))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "clipforge.cli.main", "bind", "--model", str(folder), "--train-data", str(table),
+           "--key-column", "key", "--steps", "10", "--save-every", "1", "--output-dir", str(out), *FLAGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and len(checkpoints.list_checkpoints(out / "run")) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(checkpoints.resolve_resume(out / "run", "latest").name.split("-")[1])
+    assert resumed_from < 10, "the run finished before the kill: nothing was resumed"
+    summary = bind(BindConfig(**base, output_dir=str(out), resume="latest"))
+    straight, killed = _losses(tmp_path / "straight" / "run"), _losses(out / "run")
+    assert sorted(killed) == list(range(1, 11))
+    for step in range(resumed_from + 1, 11):
+        assert abs(straight[step] - killed[step]) <= 1e-6, step
+    assert clipforge.load(summary["bound"])[0].modalities == ("image", "text", "text-ko")
+
+
+def test_bad_binding_settings_are_refused_before_anything_is_written(pairs, tmp_path):
+    folder, table = pairs
+    for settings, message in (({"modality": "audio"}, "only text towers"), ({"modality": "text"}, "bad modality"),
+                              ({"vocab_size": 100}, "vocab_size must be"), ({"lock_text": True}, "fixed by binding"),
+                              ({"model": ""}, "model is required")):
+        config = BindConfig(**{"model": str(folder), "train_data": str(table), "output_dir": str(tmp_path / "x"),
+                               **settings})
+        with pytest.raises(ConfigError, match=message):
+            bind(config)
+    assert not (tmp_path / "x").exists()
