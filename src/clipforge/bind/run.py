@@ -37,7 +37,7 @@ def bind(config: BindConfig) -> dict[str, Any]:
     original, _ = load(config.model)
     if config.modality in original.modalities:
         raise ConfigError(f"{config.model} already has a {config.modality!r} tower")
-    tokenizer = _tokenizer(config, out)
+    tokenizer = _tokenizer(config, out, original.context_length)
     student = out / "student"
     if not (student / CONFIG_FILE).is_file():
         _write_student(config, original, tokenizer, student)
@@ -65,10 +65,11 @@ def _texts(config: BindConfig) -> list[str]:
     return texts
 
 
-def _tokenizer(config: BindConfig, out: Path) -> CLIPTokenizer:
-    """The new tower's BPE: trained on the pairs' texts once (OUTPUT/bpe.txt.gz), read back on a resume."""
+def _tokenizer(config: BindConfig, out: Path, clip_context: int) -> CLIPTokenizer:
+    """The new tower's BPE: trained on the pairs' texts once (OUTPUT/bpe.txt.gz), read back on a resume; its
+    context length is `tower`'s, else the CLIP's text tower's."""
     path = out / "bpe.txt.gz"
-    context = int(config.tower.get("context_length", 77))
+    context = int(config.tower.get("context_length", clip_context))
     if path.is_file():
         return CLIPTokenizer(str(path), context_length=context)
     out.mkdir(parents=True, exist_ok=True)
