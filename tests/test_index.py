@@ -79,7 +79,9 @@ def test_text_and_image_search_equal_brute_force(shapes, model_dir, encoder, tmp
     scores, ids = index.search(texts, 500)  # k larger than the index: all of it
     assert scores.shape == ids.shape == (3, 72) and len(set(ids[0].tolist())) == 72
     record = index.record(int(ids[0, 0]))
-    assert set(record) == {"id", "path", "size", "mtime", "caption"} and Path(record["path"]).is_absolute()
+    assert set(record) == {"id", "path", "size", "mtime", "caption", "caption_generated"}
+    assert Path(record["path"]).is_absolute()
+    assert record["caption_generated"] is False  # the source's caption (or none); `index --captions` writes others
     assert record["size"] == Path(record["path"]).stat().st_size and record["caption"] is None
     with pytest.raises(KeyError):
         index.record(10_000)
