@@ -166,48 +166,45 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
 
 
-class ClassifierStep(TrainStep):
-    """Cross-entropy of the model's classification head (`CLIP.classify`) on class indices, for fine-tuning.
+class ImageLossStep(TrainStep):
+    """A loss summed over samples from the images alone (`summed_loss`), divided by the batch size: accumulating
+    micro-batches gives exactly the large-batch gradient; bf16 masters, grad sync and clipping are TrainStep's."""
 
-    The loss is a mean over samples, so accumulating micro-batch losses summed and divided by the batch size
-    gives exactly the large-batch gradient; bf16 masters, grad sync and clipping are TrainStep's.
-    """
+    def summed_loss(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of a micro-batch, summed over its samples."""
+        raise NotImplementedError
 
-    def __call__(self, pixels: torch.Tensor, labels: torch.Tensor) -> float:
-        """Accumulate gradients for one optimizer step on (pixels, class indices); returns the loss value."""
+    def __call__(self, pixels: torch.Tensor, targets: torch.Tensor) -> float:
+        """Accumulate gradients for one optimizer step on (pixels, targets); returns the loss value."""
         for p in self.trainable:
             p.grad = None
         value = 0.0
-        for chunk, targets in zip(pixels.chunk(self.accum_steps), labels.chunk(self.accum_steps)):
+        for chunk, rows in zip(pixels.chunk(self.accum_steps), targets.chunk(self.accum_steps)):
             if self.channels_last:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
-            logits = self.model.classify(chunk).float()
-            loss = F.cross_entropy(logits, targets, reduction="sum") / len(pixels)
+            loss = self.summed_loss(chunk, rows) / len(pixels)
             loss.backward()
             value += loss.item()
         self._finish_grads()
         return value
 
 
-class BagOfWordsStep(TrainStep):
+class ClassifierStep(ImageLossStep):
+    """Cross-entropy of the model's classification head (`CLIP.classify`) on class indices, for fine-tuning."""
+
+    def summed_loss(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the head's logits."""
+        return F.cross_entropy(self.model.classify(pixels).float(), targets, reduction="sum")
+
+
+class BagOfWordsStep(ImageLossStep):
     """The paper's bag-of-words baseline: the image embedding predicts the caption's hashed n-grams (soft-target
-    cross-entropy, clipforge.model.bag_of_words); the text tower takes no part. A per-sample sum divided by the
-    batch size, so accumulation gives exactly the large-batch gradient."""
+    cross-entropy, clipforge.model.bag_of_words); the text tower takes no part."""
 
-    def __call__(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
-        """Accumulate gradients for one optimizer step on (pixels, caption tokens); returns the loss value."""
-        for p in self.trainable:
-            p.grad = None
-        value = 0.0
-        for chunk, rows in zip(pixels.chunk(self.accum_steps), tokens.chunk(self.accum_steps)):
-            if self.channels_last:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
-            logits = self.model.bag_of_words_logits(chunk)
-            loss = bag_of_words_loss(logits, rows.to(logits.device), self.model.config.bag_of_words) / len(pixels)
-            loss.backward()
-            value += loss.item()
-        self._finish_grads()
-        return value
+    def summed_loss(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the predicted n-gram distribution against each caption's (token ids)."""
+        logits = self.model.bag_of_words_logits(pixels)
+        return bag_of_words_loss(logits, targets.to(logits.device), self.model.config.bag_of_words)
 
 
 class CaptionStep(TrainStep):
