@@ -109,3 +109,24 @@ def test_bad_binding_settings_are_refused_before_anything_is_written(pairs, tmp_
         with pytest.raises(ConfigError, match=message):
             bind(config)
     assert not (tmp_path / "x").exists()
+
+
+def test_classify_reads_labels_through_a_bound_tower(pairs, tmp_path, capsys):
+    folder, table = pairs
+    out = tmp_path / "bind"
+    assert main(["bind", "--model", str(folder), "--modality", "text-ko", "--train-data", str(table),
+                 "--key-column", "key", "--steps", "4", "--output-dir", str(out), *FLAGS]) == 0
+    capsys.readouterr()
+    image = next(iter(csv.DictReader(open(table, encoding="utf-8"))))["image"]
+    labels = ["빨간 원", "파란 사각형", "노란 십자"]
+    assert main(["classify", image, "--model", str(out / "bound"), "--label-modality", "text-ko", "--labels",
+                 ",".join(labels), "--json", "--top", "3"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    model, preprocess = clipforge.load(out / "bound")
+    korean = clipforge.get_tokenizer(out / "bound", modality="text-ko")
+    with torch.no_grad():  # the same ranking from the API: the bound tower's embeddings of the bare labels
+        scores = model.encode("image", preprocess(image)[None]) @ model.encode("text-ko", korean(labels)).t()
+    assert [label for label, _ in top] == [labels[i] for i in scores[0].argsort(descending=True).tolist()]
+    assert main(["classify", image, "--model", str(out / "bound"), "--label-modality", "text-fr", "--labels",
+                 "chat"]) == 2
+    assert "text-fr" in capsys.readouterr().err

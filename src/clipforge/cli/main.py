@@ -58,10 +58,12 @@ def _classify(args: argparse.Namespace) -> None:
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     model, preprocess = load_model(args)
     precision = command_precision(args.precision, next(model.parameters()).device)
-    tokenizer = load_tokenizer(args, model)
+    modality = args.label_modality
+    tokenizer = load_tokenizer(args, model, modality=modality)
     tokenizer = functools.partial(tokenizer, truncate=args.truncate)
-    templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template,)
-    classifier = build_classifier(model, tokenizer, labels, templates, precision=precision)
+    default = get_templates("simple")[0] if modality == "text" else "{}"  # English sentences suit the CLIP's tower
+    templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template or default,)
+    classifier = build_classifier(model, tokenizer, labels, templates, precision=precision, modality=modality)
     probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier, precision, args.softmax)
     results = []
     for path, row in zip(args.images, probs):
@@ -151,9 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, device=True)
     add_precision_argument(p)
     p.add_argument("--labels", required=True, help="comma-separated class names")
-    p.add_argument("--template", default=get_templates("simple")[0], help="prompt template (without --ensemble)")
+    p.add_argument("--template", default=None, help="prompt template (without --ensemble; default "
+                   f"{get_templates('simple')[0]!r}, or '{{}}' for a bound tower's --label-modality)")
     p.add_argument("--ensemble", action="store_true", help="average OpenAI's 7 ImageNet templates")
     p.add_argument("--top", type=int, default=3, help="labels printed per image")
+    p.add_argument("--label-modality", default="text",
+                   help="the text tower that reads --labels: 'text' (the CLIP's own) or a bound one, e.g. text-ko "
+                        "(`clipforge bind`)")
     p.add_argument("--truncate", action="store_true",
                    help="cut a prompt longer than the model's context (default: refuse)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -63,11 +63,15 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
                        quick_gelu=args.quick_gelu)
 
 
-def load_tokenizer(args: argparse.Namespace, model: Any, name: str | Path | None = None) -> Any:
-    """The tokenizer of the checkpoint `load_model` read, found the same way (same folder detection and flags)."""
+def load_tokenizer(args: argparse.Namespace, model: Any, name: str | Path | None = None,
+                   modality: str = "text") -> Any:
+    """The tokenizer of the checkpoint `load_model` read, found the same way (same folder detection and flags);
+    `modality`: a bound text tower's own."""
     import clipforge
 
     name = args.model if name is None else name
+    if modality != "text":
+        return clipforge.get_tokenizer(name, options=load_options(args), modality=modality)
     return clipforge.get_tokenizer(name, context_length=model.context_length, options=load_options(args))
 
 

@@ -140,8 +140,9 @@ def extract_labeled_image_features(model: torch.nn.Module, images: Any, preproce
 
 
 def iter_text_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 256,
-                       precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(row indices, unnormalised fp32 features) batches of `tokens`, shortest texts first."""
+                       precision: str = "fp32", modality: str = "text") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices, unnormalised fp32 features) batches of `tokens`, shortest texts first; `modality`: a bound text
+    tower's (model.encode) instead of the CLIP's own."""
     device = model_device(model)
     # encode_text trims padding after the batch's longest text, so batching similar lengths together
     # saves most of the compute while every row's embedding stays exactly the same.
@@ -149,7 +150,8 @@ def iter_text_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size:
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         with autocast_context(device, precision):
-            out = model.encode_text(tokens[rows].to(device))
+            batch = tokens[rows].to(device)
+            out = model.encode_text(batch) if modality == "text" else model.encode(modality, batch, normalize=False)
         yield rows, out.float()
 
 

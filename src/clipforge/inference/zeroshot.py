@@ -54,12 +54,12 @@ def clear_classifier_cache() -> None:
 
 
 def _encode_classes(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
-                    templates: Sequence[str], batch_size: int, precision: str) -> torch.Tensor:
+                    templates: Sequence[str], batch_size: int, precision: str, modality: str) -> torch.Tensor:
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
     tokens = tokenizer(prompts)
     sums: torch.Tensor | None = None
     # Per-class sums of normalised embeddings, streamed: memory is O(classes x dim), not O(prompts x dim).
-    for rows, features in iter_text_features(model, tokens, batch_size, precision):
+    for rows, features in iter_text_features(model, tokens, batch_size, precision, modality):
         if sums is None:
             sums = torch.zeros(len(classnames), features.shape[1], device=features.device)
         sums.index_add_(0, (rows // len(templates)).to(features.device), F.normalize(features, dim=-1))
@@ -70,14 +70,15 @@ def _encode_classes(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor],
 @torch.inference_mode()
 def build_classifier(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
                      templates: Sequence[str] = ("a photo of a {}.",), batch_size: int = 256, *,
-                     cache: bool = True, precision: str = "fp32") -> torch.Tensor:
-    """[embed_dim, n_classes] weights: per class, mean of L2-normalised template embeddings, renormalised."""
+                     cache: bool = True, precision: str = "fp32", modality: str = "text") -> torch.Tensor:
+    """[embed_dim, n_classes] weights: per class, mean of L2-normalised template embeddings, renormalised;
+    `modality`: class names in a bound text tower's language (its own tokenizer), e.g. "text-ko"."""
     if not classnames:
         raise EvaluationError("no class names given")
     if not templates or any("{}" not in t for t in templates):
         raise EvaluationError(f"every template needs a '{{}}' placeholder, got {list(templates)}")
     fingerprint = weights_fingerprint(model) if cache else None
-    key = (id(model), fingerprint, id(tokenizer), precision, tuple(classnames), tuple(templates))
+    key = (id(model), fingerprint, id(tokenizer), precision, modality, tuple(classnames), tuple(templates))
     if fingerprint is not None and key in _CACHE:
         model_ref, _, weights = _CACHE[key]
         if model_ref() is model:
@@ -86,7 +87,7 @@ def build_classifier(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor]
     was_training = model.training
     model.eval()  # dropout (e.g. a MiniLM text tower) would make the classifier random
     try:
-        weights = _encode_classes(model, tokenizer, classnames, templates, batch_size, precision)
+        weights = _encode_classes(model, tokenizer, classnames, templates, batch_size, precision, modality)
     finally:
         model.train(was_training)
     if fingerprint is not None:
