@@ -14,6 +14,7 @@ from clipforge.data.labelled import decode_all
 from clipforge.errors import SearchError
 from clipforge.model.generation import caption_texts
 from clipforge.search import store
+from clipforge.search.build import lock_index
 
 
 @dataclass
@@ -33,21 +34,19 @@ def caption_index(index_dir: str | Path, model: torch.nn.Module, tokenizer: Any,
         raise SearchError("--captions needs a model with a captioning decoder (CoCa, e.g. coca_ViT-B-32)")
     if num_beams < 1:
         raise SearchError(f"caption beams must be >= 1, got {num_beams}")
-    from tqdm import tqdm
-
-    from clipforge.search.build import lock_index
-
     lock = lock_index(Path(index_dir))  # no other `clipforge index` changes a file's row while its caption is written
     con = store.connect(Path(index_dir))
     try:
-        return _caption_rows(con, model, tokenizer, preprocess, num_beams, max_length, batch_size, progress, tqdm)
+        return _caption_rows(con, model, tokenizer, preprocess, num_beams, max_length, batch_size, progress)
     finally:
         con.close()
         lock.close()
 
 
 def _caption_rows(con: Any, model: torch.nn.Module, tokenizer: Any, preprocess: Callable, num_beams: int,
-                  max_length: int, batch_size: int, progress: bool, tqdm: Any) -> CaptionStats:
+                  max_length: int, batch_size: int, progress: bool) -> CaptionStats:
+    from tqdm import tqdm  # local, as the index build's: only a captioning pass needs it
+
     rows, stats = store.uncaptioned(con), CaptionStats()
     settings = {"strategy": "beam" if num_beams > 1 else "greedy", "num_beams": num_beams,
                 "max_length": min(max_length, model.context_length)}
