@@ -20,6 +20,7 @@ from clipforge.checkpoint.openai import clean_state_dict, infer_shapes, load_int
 from clipforge.checkpoint.options import LoadOptions, merge_options
 from clipforge.checkpoint.remote import HUB_PREFIX, hub_repo, is_remote, resolve_remote
 from clipforge.checkpoint.weights import is_torchscript, read_weights
+from clipforge.data.audio import AudioPreprocess
 from clipforge.data.transforms import EvalTransform
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.io import atomic_path
@@ -236,8 +237,9 @@ def _check_writable(model: CLIP, format: str) -> None:
     if format != "clipforge" and model.head is not None:
         raise CheckpointError(f"{format} has no place for this model's classification head (a fine-tuned "
                               "classifier): save with format='clipforge'")
-    if format != "clipforge" and model.bound_text:
-        raise CheckpointError(f"{format} has no place for this model's bound towers ({', '.join(model.bound_text)}): "
+    bound = [*model.bound_text, *model.bound_audio]
+    if format != "clipforge" and bound:
+        raise CheckpointError(f"{format} has no place for this model's bound towers ({', '.join(bound)}): "
                               "save with format='clipforge'")
 
 
@@ -346,13 +348,18 @@ def _modality_tokenizer(config: CLIPConfig, folder: Path | None, modality: str,
 
 
 def get_preprocess(name_or_path: str | Path, modality: str = "image",
-                   options: LoadOptions | None = None) -> EvalTransform:
+                   options: LoadOptions | None = None) -> EvalTransform | AudioPreprocess:
     """The transform that turns one raw input of `modality` into a fixed-shape tensor (a batch is their stack): the
-    checkpoint's image preprocessing. Text modalities take a tokenizer (get_tokenizer(..., modality=))."""
-    if modality != "image":
-        raise CheckpointError(f"{modality!r} has no preprocess here: text modalities take "
-                              f"clipforge.get_tokenizer(path, modality={modality!r}); images take modality 'image'")
+    checkpoint's image preprocessing, or a bound audio tower's log-mel front end (an audio file's path or bytes ->
+    [1, mel_bins, frames]). Text modalities take a tokenizer (get_tokenizer(..., modality=))."""
     path = Path(name_or_path)
+    if modality != "image":
+        config = read_folder(path).config if path.is_dir() else load(name_or_path, options=options)[0].config
+        if modality in config.bound_audio:
+            return AudioPreprocess(config.bound_audio[modality])
+        kinds = ", ".join(["image", *config.bound_audio]) or "image"
+        raise CheckpointError(f"{modality!r} has no preprocess here (this model's are {kinds}): text modalities "
+                              f"take clipforge.get_tokenizer(path, modality={modality!r})")
     if path.is_dir():
         folder = read_folder(path)
         config = _given_config(options.config)[0] if options and options.config is not None else folder.config

@@ -10,8 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.errors import ConfigError
+from clipforge.model.audio import AudioTower
 from clipforge.model.compiled import compile_tower, use_compile_cache
-from clipforge.model.config import BUILT_IN_MODALITIES, CLIPConfig, PreprocessConfig, TextConfig, check_modality_name
+from clipforge.model.config import (
+    BUILT_IN_MODALITIES,
+    AudioConfig,
+    CLIPConfig,
+    PreprocessConfig,
+    TextConfig,
+    check_modality_name,
+)
 from clipforge.model.decoder import MultimodalDecoder
 from clipforge.model.outputs import TowerOutputs, image_outputs
 from clipforge.model.param_groups import weight_decay_groups
@@ -47,6 +55,8 @@ class CLIP(nn.Module):
         # ImageBind: towers of other modalities bound to this space (model.modalities, model.encode)
         self.bound_text = nn.ModuleDict({name: text_tower_class("clip")(c, config.embed_dim, pretrained_text)
                                          for name, c in config.bound_text.items()})
+        self.bound_audio = nn.ModuleDict({name: AudioTower(c, config.embed_dim)
+                                          for name, c in config.bound_audio.items()})
         self.locked: set[str] = set()
         self.register_state_dict_post_hook(_text_keys_to_checkpoint)
         self.register_load_state_dict_pre_hook(_text_keys_from_checkpoint)
@@ -238,16 +248,21 @@ class CLIP(nn.Module):
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """What this model embeds: "image", "text", then its bound towers (e.g. "text-ko"), in the order bound."""
-        return (*BUILT_IN_MODALITIES, *self.bound_text)
+        """What this model embeds: "image", "text", then its bound text towers (e.g. "text-ko"), then its audio
+        towers, each kind in the order bound."""
+        return (*BUILT_IN_MODALITIES, *self.bound_text, *self.bound_audio)
 
     def encode(self, modality: str, batch: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Embeddings [B, embed_dim] of a batch of one modality: pixels for "image", token ids for "text" and a
-        bound text tower (its own tokenizer: clipforge.get_tokenizer(path, modality=...))."""
+        bound text tower (its own tokenizer: clipforge.get_tokenizer(path, modality=...)), log-mel spectrograms for
+        an audio tower (clipforge.get_preprocess(path, modality))."""
         if modality == "image":
             return self.encode_image(batch, normalize=normalize)
         if modality == "text":
             return self.encode_text(batch, normalize=normalize)
+        if modality in self.bound_audio:
+            features = self.bound_audio[modality](batch.to(self.logit_scale.device))
+            return F.normalize(features, dim=-1) if normalize else features
         if modality not in self.bound_text:
             raise ConfigError(f"this model has no {modality!r} tower; it embeds {', '.join(self.modalities)}")
         self._check_tokens(batch, self.config.bound_text[modality].context_length)
@@ -256,13 +271,24 @@ class CLIP(nn.Module):
 
     def bind_text_tower(self, modality: str, config: TextConfig) -> nn.Module:
         """Add a fresh text tower for `modality` (a second language, ...) to train against this space; returns it."""
-        check_modality_name(modality)
-        if modality in self.bound_text:
-            raise ConfigError(f"this model already has a {modality!r} tower")
+        self._check_new_modality(modality)
         tower = text_tower_class("clip")(config, self.config.embed_dim, False).to(self.logit_scale.device)
         self.config.bound_text[modality] = config
         self.bound_text[modality] = tower
         return tower
+
+    def bind_audio_tower(self, modality: str, config: AudioConfig) -> AudioTower:
+        """Add a fresh audio tower for `modality` (e.g. "audio") to train against this space; returns it."""
+        self._check_new_modality(modality)
+        tower = AudioTower(config, self.config.embed_dim).to(self.logit_scale.device)
+        self.config.bound_audio[modality] = config
+        self.bound_audio[modality] = tower
+        return tower
+
+    def _check_new_modality(self, modality: str) -> None:
+        check_modality_name(modality)
+        if modality in self.modalities:
+            raise ConfigError(f"this model already has a {modality!r} tower")
 
     def bag_of_words_logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, buckets] logits of the caption's hashed n-grams (clipforge.model.bag_of_words) from the images."""

@@ -171,6 +171,61 @@ class BagOfWordsConfig:
             raise ConfigError(f"bag_of_words needs buckets >= 2 and ngram in 1..4, got {self.buckets}, {self.ngram}")
 
 
+@dataclass
+class AudioConfig:
+    """A bound audio tower (ImageBind's): a log-mel front end (Kaldi fbank: 25 ms Hann frames every 10 ms,
+    pre-emphasis 0.97, `mel_bins` triangles from 20 Hz to Nyquist), then a ViT over the [1, mel_bins, frames]
+    spectrogram with overlapping `patch_size` patches every `patch_stride` bins/frames."""
+
+    sample_rate: int = 16000
+    clip_seconds: float = 2.0  # one fixed-length crop (shorter audio is padded with silence)
+    mel_bins: int = 128
+    mel_mean: float = -4.268  # normalisation of the log-mel values: (x - mean) / std (ImageBind's AudioSet values)
+    mel_std: float = 9.138
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    patch_size: int = 16
+    patch_stride: int = 10
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"audio width {self.width} is not divisible by heads {self.heads}")
+        if self.sample_rate < 4000 or self.clip_seconds <= 0 or self.mel_std <= 0:
+            raise ConfigError(f"audio needs sample_rate >= 4000, clip_seconds > 0 and mel_std > 0, got "
+                              f"{self.sample_rate}, {self.clip_seconds}, {self.mel_std}")
+        if not 0 < self.patch_stride <= self.patch_size <= min(self.mel_bins, self.frames):
+            raise ConfigError(f"audio patches of {self.patch_size} every {self.patch_stride} do not fit a "
+                              f"{self.mel_bins} x {self.frames} spectrogram")
+
+    @property
+    def frame_length(self) -> int:
+        """Samples in one 25 ms analysis frame."""
+        return self.sample_rate * 25 // 1000
+
+    @property
+    def hop_length(self) -> int:
+        """Samples between frames (10 ms)."""
+        return self.sample_rate // 100
+
+    @property
+    def samples(self) -> int:
+        """Samples in one clip."""
+        return round(self.sample_rate * self.clip_seconds)
+
+    @property
+    def frames(self) -> int:
+        """Spectrogram frames of one clip (Kaldi's snip-edges framing: only whole frames)."""
+        return max(0, 1 + (self.samples - self.frame_length) // self.hop_length)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid (along mel bins, along frames)."""
+        return tuple(1 + (n - self.patch_size) // self.patch_stride for n in (self.mel_bins, self.frames))
+
+
 # The tower options SigLIP and CoCa added, at their CLIP values (left out of config files that keep them).
 _TOWER_OPTIONS = {"vision": {"gelu_tanh": False, "pool": "class", "projection": True, "naflex": False,
                              "attn_pooler_queries": 256, "attn_pooler_heads": 8},
@@ -196,6 +251,7 @@ class CLIPConfig:
     # Text towers bound to this CLIP's frozen space (ImageBind), by modality name (e.g. "text-ko"): each its own
     # causal Transformer and tokenizer, trained against the image embeddings; image and text are untouched
     bound_text: dict[str, TextConfig] = field(default_factory=dict)
+    bound_audio: dict[str, AudioConfig] = field(default_factory=dict)  # audio towers bound likewise (e.g. "audio")
 
     def __post_init__(self) -> None:
         if self.text_tower not in TEXT_TOWER_NAMES:
@@ -209,8 +265,12 @@ class CLIPConfig:
         if isinstance(self.bag_of_words, dict):  # from a JSON override
             self.bag_of_words = BagOfWordsConfig(**self.bag_of_words)
         self.bound_text = {name: TextConfig(**c) if isinstance(c, dict) else c for name, c in self.bound_text.items()}
-        for name in self.bound_text:
+        self.bound_audio = {name: AudioConfig(**c) if isinstance(c, dict) else c
+                            for name, c in self.bound_audio.items()}
+        for name in [*self.bound_text, *self.bound_audio]:
             check_modality_name(name)
+        if set(self.bound_text) & set(self.bound_audio):
+            raise ConfigError(f"bound tower names must differ: {sorted(set(self.bound_text) & set(self.bound_audio))}")
         if self.bag_of_words is not None and self.decoder is not None:
             raise ConfigError("bag_of_words and a captioning decoder are two predictive objectives: pick one")
 
@@ -239,8 +299,9 @@ class CLIPConfig:
         for name in ("decoder", "bag_of_words"):
             if d[name] is None:
                 del d[name]
-        if not d["bound_text"]:
-            del d["bound_text"]
+        for name in ("bound_text", "bound_audio"):
+            if not d[name]:
+                del d[name]
         for tower, defaults in _TOWER_OPTIONS.items():  # likewise SigLIP's and CoCa's tower options at CLIP's values
             for name, value in defaults.items():
                 if d[tower][name] == value:
@@ -259,6 +320,8 @@ class CLIPConfig:
             d["decoder"] = _make(DecoderConfig, d["decoder"], "decoder")
         d["bound_text"] = {name: _make(TextConfig, c, f"bound_text.{name}") if isinstance(c, dict) else c
                            for name, c in (d.get("bound_text") or {}).items()}
+        d["bound_audio"] = {name: _make(AudioConfig, c, f"bound_audio.{name}") if isinstance(c, dict) else c
+                            for name, c in (d.get("bound_audio") or {}).items()}
         if d.get("bag_of_words") is not None:
             d["bag_of_words"] = _make(BagOfWordsConfig, d["bag_of_words"], "bag_of_words")
         d.pop("name", None)
@@ -315,3 +378,17 @@ def get_model_config(name: str) -> CLIPConfig:
     if not path.is_file():
         raise ConfigError(f"unknown model name {name!r}; known: {', '.join(list_models())}")
     return CLIPConfig.from_dict(json.loads(path.read_text()))
+
+
+def list_audio_towers() -> list[str]:
+    """Names of the audio tower shapes in the registry (architectures/audio/)."""
+    files = resources.files(_ARCH_PACKAGE).joinpath(_ARCH_DIR, "audio").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".json"))
+
+
+def get_audio_config(name: str, **overrides: Any) -> AudioConfig:
+    """A registry audio tower ("imagebind": ImageBind's shape; "cpu-small") with fields overridden."""
+    path = resources.files(_ARCH_PACKAGE).joinpath(_ARCH_DIR, "audio", f"{name}.json")
+    if not path.is_file():
+        raise ConfigError(f"unknown audio tower {name!r}; known: {', '.join(list_audio_towers())}")
+    return _make(AudioConfig, {**json.loads(path.read_text()), **overrides}, f"audio tower {name}")
