@@ -101,7 +101,11 @@ def test_a_binding_killed_with_sigkill_resumes_to_the_uninterrupted_losses(pairs
 
 def test_bad_binding_settings_are_refused_before_anything_is_written(pairs, tmp_path):
     folder, table = pairs
-    for settings, message in (({"modality": "audio"}, "only text towers"), ({"modality": "text"}, "bad modality"),
+    for settings, message in (({"modality": "depth"}, "a text tower .* or an audio tower"),
+                              ({"modality": "text"}, "bad modality"),
+                              ({"modality": "audio", "audio_tower": "huge"}, "unknown audio tower"),
+                              ({"modality": "audio", "tower": {"depth": 2}}, "unknown audio tower cpu-small config"),
+                              ({"modality": "audio", "decoded_cache": True}, "not available when binding audio"),
                               ({"vocab_size": 100}, "vocab_size must be"), ({"lock_text": True}, "fixed by binding"),
                               ({"model": ""}, "model is required")):
         config = BindConfig(**{"model": str(folder), "train_data": str(table), "output_dir": str(tmp_path / "x"),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from clipforge.config_flags import add_dataclass_arguments
 from clipforge.errors import ConfigError
-from clipforge.model.config import check_modality_name
+from clipforge.model.config import check_modality_name, get_audio_config
 from clipforge.train.config import CHOICES, TrainConfig
 
 # TrainConfig fields a binding sets itself: the image tower and its projection stay frozen (the new tower must land
@@ -21,12 +21,14 @@ class BindConfig(TrainConfig):
     """A binding run; `clipforge bind --config run.json --lr 1e-3` overrides fields."""
 
     model: str = ""  # the CLIP to bind to (a checkpoint or model folder): its towers never change
-    modality: str = "text-ko"  # the new tower's name: "text-LANG" for a second language (audio: not built yet)
-    train_data: str = ""  # pairs CSV/TSV: an image column and a text column of the new modality
-    caption_column: str = "text"  # the column with the new modality's text
-    vocab_size: int = 8000  # ids of the new tower's BPE, trained on train_data's texts (fewer when they run out)
-    # the new text tower's shape, over the CLIP's own text config (e.g. {"layers": 4, "width": 256}); its context
-    # length is the tokenizer's
+    modality: str = "text-ko"  # the new tower's name: "text-LANG" for a second language, "audio" (or "audio-NAME")
+    train_data: str = ""  # pairs CSV/TSV: an image column and a column of the new modality (text, or audio files)
+    caption_column: str = ""  # the new modality's column ("": "text" for a text tower, "audio" for an audio tower)
+    vocab_size: int = 8000  # text: ids of the new tower's BPE, trained on train_data's texts (fewer when they run out)
+    audio_tower: str = "cpu-small"  # audio: the tower's registry shape ("imagebind": ImageBind's; "cpu-small")
+    max_audio_seconds: float = 600.0  # audio: longer recordings are skipped (reason too_long) before decoding
+    # the new tower's shape over its base (a text tower: the CLIP's own text config, e.g. {"layers": 4, "width":
+    # 256}, its context length the tokenizer's; an audio tower: audio_tower's, e.g. {"layers": 2, "mel_bins": 64})
     tower: dict = field(default_factory=dict)
     lr: float = 1e-3  # peak learning rate (a tower from scratch)
     warmup: int = 50  # linear warm-up steps
@@ -34,21 +36,43 @@ class BindConfig(TrainConfig):
     lock_image: bool = True  # fixed: the image tower stays frozen
     lock_image_projection: bool = True  # fixed: and its projection
 
+    @property
+    def is_audio(self) -> bool:
+        """Whether the new tower reads audio ("audio", "audio-...") rather than text ("text-...")."""
+        return self.modality == "audio" or self.modality.startswith("audio-")
+
+    @property
+    def pair_column(self) -> str:
+        """The table column of the new modality."""
+        return self.caption_column or ("audio" if self.is_audio else "text")
+
     def validate(self) -> None:
         """Reject settings that cannot bind, naming the field."""
         if not self.model:
             raise ConfigError("model is required: the CLIP to bind to (a checkpoint or model folder)")
         check_modality_name(self.modality)
-        if not self.modality.startswith("text-"):
-            raise ConfigError(f"modality {self.modality!r}: only text towers bind so far ('text-LANG', e.g. text-ko)")
+        if not (self.modality.startswith("text-") or self.is_audio):
+            raise ConfigError(f"modality {self.modality!r}: a text tower ('text-LANG', e.g. text-ko) or an audio tower "
+                              "('audio' or 'audio-NAME') binds")
         if self.vocab_size < 600:
             raise ConfigError(f"vocab_size must be >= 600 (512 bytes + merges + start/end), got {self.vocab_size}")
         if not isinstance(self.tower, dict):
-            raise ConfigError(f"tower must be a JSON object of text config fields, got {self.tower!r}")
+            raise ConfigError(f"tower must be a JSON object of the tower's config fields, got {self.tower!r}")
         for name, value in FIXED.items():
             if getattr(self, name) != value:
                 raise ConfigError(f"{name} is fixed by binding ({value!r}); leave it out")
+        if self.is_audio:
+            self._check_audio()
         super().validate()
+
+    def _check_audio(self) -> None:
+        get_audio_config(self.audio_tower, **self.tower)  # an unknown shape or field is refused here
+        if ".tar" in self.train_data:
+            raise ConfigError("an audio binding reads a pairs CSV/TSV (image,audio columns), not webdataset shards")
+        for name in ("val_data", "val_zeroshot", "decoded_cache"):
+            if getattr(self, name):
+                raise ConfigError(f"{name} is not available when binding audio; evaluate the bound model with "
+                                  "clipforge eval --modality instead")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from clipforge.bind.audio import AudioBindingRun, write_audio_student
 from clipforge.bind.config import BindConfig
 from clipforge.checkpoint.io import CONFIG_FILE, get_tokenizer, load, save_pretrained
 from clipforge.errors import ConfigError
@@ -37,12 +39,19 @@ def bind(config: BindConfig) -> dict[str, Any]:
     original, _ = load(config.model)
     if config.modality in original.modalities:
         raise ConfigError(f"{config.model} already has a {config.modality!r} tower")
-    tokenizer = _tokenizer(config, out, original.context_length)
+    tokenizer = None if config.is_audio else _tokenizer(config, out, original.context_length)
     student = out / "student"
     if not (student / CONFIG_FILE).is_file():
-        _write_student(config, original, tokenizer, student)
+        if config.is_audio:
+            write_audio_student(config, original, get_tokenizer(config.model), student)
+        else:
+            _write_student(config, original, tokenizer, student)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
-    summary = train(TrainConfig(**{**fields, "model": str(student), "output_dir": str(out / "run")}))
+    run_config = TrainConfig(**{**fields, "model": str(student), "output_dir": str(out / "run"),
+                                "caption_column": config.pair_column})
+    run_class = (functools.partial(AudioBindingRun, modality=config.modality, max_seconds=config.max_audio_seconds)
+                 if config.is_audio else None)
+    summary = train(run_config, run_class)
     if summary.get("checkpoint") is None:  # a rank other than 0, or a run stopped early (max_steps_this_run)
         return summary
     return {**summary, "bound": str(_assemble(config, Path(summary["checkpoint"]), tokenizer, out / "bound"))}
@@ -55,13 +64,13 @@ def _texts(config: BindConfig) -> list[str]:
         raise ConfigError(f"train_data {path}: binding trains its tokenizer on a pairs CSV/TSV (image,text columns)")
     with open(path, newline="", encoding="utf-8") as handle:
         rows = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        if config.caption_column not in (rows.fieldnames or []):
-            raise ConfigError(f"{path}: no {config.caption_column!r} column (columns: {rows.fieldnames})")
-        cells = [row[config.caption_column] or "" for row in rows]
+        if config.pair_column not in (rows.fieldnames or []):
+            raise ConfigError(f"{path}: no {config.pair_column!r} column (columns: {rows.fieldnames})")
+        cells = [row[config.pair_column] or "" for row in rows]
     texts = [t for cell in cells for t in (cell.split(config.caption_separator) if config.caption_separator
                                            else [cell]) if t.strip()]
     if not texts:
-        raise ConfigError(f"{path}: the {config.caption_column!r} column holds no text")
+        raise ConfigError(f"{path}: the {config.pair_column!r} column holds no text")
     return texts
 
 
@@ -93,14 +102,20 @@ def _write_student(config: BindConfig, original: CLIP, tokenizer: CLIPTokenizer,
     save_pretrained(student, folder, tokenizer=tokenizer)
 
 
-def _assemble(config: BindConfig, checkpoint: Path, tokenizer: CLIPTokenizer, folder: Path) -> Path:
+def _assemble(config: BindConfig, checkpoint: Path, tokenizer: CLIPTokenizer | None, folder: Path) -> Path:
     """The original CLIP (reloaded: untouched) plus the trained tower, with every tokenizer, saved in `folder`."""
     model, _ = load(config.model)
     trained, _ = load(checkpoint)
-    ours, theirs = model.visual.state_dict(), trained.visual.state_dict()
-    if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
-        raise ConfigError(f"{checkpoint}: its image tower differs from {config.model}'s: not a binding of it")
+    towers = ("visual", "text_tower") if config.is_audio else ("visual",)  # what the binding kept frozen
+    for tower in towers:
+        ours, theirs = getattr(model, tower).state_dict(), getattr(trained, tower).state_dict()
+        if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
+            raise ConfigError(f"{checkpoint}: its {tower} differs from {config.model}'s: not a binding of it")
     tokenizers = {name: get_tokenizer(config.model, modality=name) for name in model.bound_text}
-    model.bind_text_tower(config.modality, trained.config.text).load_state_dict(trained.text_tower.state_dict())
-    return save_pretrained(model, folder, tokenizer=get_tokenizer(config.model),
-                           modality_tokenizers={**tokenizers, config.modality: tokenizer})
+    if config.is_audio:
+        tower = model.bind_audio_tower(config.modality, trained.config.bound_audio[config.modality])
+        tower.load_state_dict(trained.bound_audio[config.modality].state_dict())
+    else:
+        model.bind_text_tower(config.modality, trained.config.text).load_state_dict(trained.text_tower.state_dict())
+        tokenizers[config.modality] = tokenizer
+    return save_pretrained(model, folder, tokenizer=get_tokenizer(config.model), modality_tokenizers=tokenizers)

@@ -17,6 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import IO, Sequence, Union
 
 import numpy as np
@@ -174,3 +175,17 @@ class AudioPreprocess:
         mel = (log_mel(clip, self.config) - self.config.mel_mean) / self.config.mel_std
         mel = mel.unsqueeze(0)
         return self.augment(mel, rng or random.Random(0)) if self.augment is not None else mel
+
+
+@dataclass(frozen=True)
+class AudioColumn:
+    """A pairs table's audio column for the training pipeline: its cells (paths relative to the table's folder, or
+    absolute) -> a batch of log-mel clips; a bad file raises SampleError, so the sample is skipped and counted."""
+
+    preprocess: AudioPreprocess
+    folder: Path
+    takes_rng = True
+
+    def __call__(self, cells: Sequence[str], rng: random.Random | None = None) -> torch.Tensor:
+        """[N, 1, mel_bins, frames] for the cells."""
+        return self.preprocess([self.folder / cell for cell in cells], rng)

@@ -114,10 +114,14 @@ class TruncatingTokenizer:
             return self.tokenizer(texts, truncate=True), cut
 
 
-def tokenize_counted(tokenizer: Callable, texts: Sequence[str]) -> tuple[torch.Tensor, int]:
-    """Token rows and how many texts were cut to fit (only a `TruncatingTokenizer` counts its cuts)."""
+def tokenize_counted(tokenizer: Callable, texts: Sequence[str],
+                     rng: random.Random | None = None) -> tuple[torch.Tensor, int]:
+    """Token rows and how many texts were cut to fit (only a `TruncatingTokenizer` counts its cuts). A pair
+    column of another modality (`takes_rng`: e.g. audio files, `data.audio.AudioColumn`) gets the sample's draws."""
     if isinstance(tokenizer, TruncatingTokenizer):
         return tokenizer.counted(texts)
+    if getattr(tokenizer, "takes_rng", False):
+        return tokenizer(texts, rng=rng), 0
     return tokenizer(texts), 0
 
 
@@ -132,7 +136,7 @@ def make_sample(
     caption = captions[rng.randrange(len(captions))]
     decoded = decode_image(image, max_pixels, name)
     pixels = transform(decoded, rng=rng) if pass_rng else transform(decoded)
-    tokens, cut = tokenize_counted(tokenizer, [caption])
+    tokens, cut = tokenize_counted(tokenizer, [caption], rng)
     return {"pixels": pixels, "tokens": tokens[0], "key": key, "index": index, "caption": caption,
             "caption_truncated": cut}
 

@@ -267,7 +267,8 @@ def build_from_config(
 ) -> TrainLoader:
     """Dataset, sampler and TrainLoader for a config (TrainTransform of config.image_size by default)."""
     transform = transform or TrainTransform(config.image_size, composite_white=config.composite_white)
-    tokenizer = TruncatingTokenizer(tokenizer)  # an over-long caption is cut (and counted), not fatal
+    if not getattr(tokenizer, "takes_rng", False):  # a column of another modality (audio) is not text
+        tokenizer = TruncatingTokenizer(tokenizer)  # an over-long caption is cut (and counted), not fatal
     if config.decoded_cache and (config.is_shards or not isinstance(transform, TrainTransform)):
         raise DataError("decoded_cache needs a CSV/TSV dataset and the standard TrainTransform")
     if config.unique_keys and (config.is_shards or not config.key_column):

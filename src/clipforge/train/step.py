@@ -57,12 +57,13 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, precision: str, accum_steps: int,
-                 grad_clip: float, dist_info: DistInfo) -> None:
-        self.model, self.loss_fn = model, loss_fn
+                 grad_clip: float, dist_info: DistInfo, modality: str = "text") -> None:
+        """`modality`: the tower the images are matched with ("text"; a bound tower's name when binding one)."""
+        self.model, self.loss_fn, self.modality = model, loss_fn, modality
         self.accum_steps, self.grad_clip, self.dist = accum_steps, grad_clip, dist_info
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.master: list[torch.Tensor] | None = None
-        self.text_cache = LockedTextCache(model) if "text" in model.locked else None
+        self.text_cache = LockedTextCache(model) if "text" in model.locked and modality == "text" else None
         # oneDNN convolutions run ~25% faster on NHWC tensors on CPU (measured, ResNet tower fwd+bwd).
         self.channels_last = bool(getattr(model.config.vision, "is_resnet", False))
         if self.channels_last:
@@ -121,6 +122,8 @@ class TrainStep:
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         image = self.model.encode_image(pixels, normalize=True).float()
+        if self.modality != "text":  # a bound tower being trained (clipforge bind)
+            return image, self.model.encode(self.modality, tokens, normalize=True).float()
         if self.text_cache is None:
             return image, self.model.encode_text(tokens, normalize=True).float()
         text = self.model.text_tower.project(self.text_cache(tokens).to(self.model.dtype))

@@ -8,7 +8,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -48,10 +48,11 @@ def build_loss(config: TrainConfig) -> torch.nn.Module:
     return LOSSES[config.loss](chunk_size=config.loss_chunk_size or None)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns a summary dict. Only rank 0 writes files."""
+def train(config: TrainConfig, run_class: Callable[[TrainConfig], "TrainingRun"] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run (a `run_class`: a TrainingRun subclass); returns a summary dict. Only rank 0
+    writes files."""
     config.validate()
-    run = TrainingRun(config)
+    run = (run_class or TrainingRun)(config)
     started = time.perf_counter()
     run.loop()
     return run.finish(started)
@@ -79,7 +80,7 @@ class TrainingRun:
         transform = TrainTransform(self.model.image_size, scale=(config.aug_scale_min, 1.0),
                                    composite_white=config.composite_white, color_jitter=config.aug_color_jitter,
                                    grayscale_prob=config.aug_grayscale)
-        self.data: TrainData = build_train_data(config, transform, self.tokenizer, self.info)
+        self.data: TrainData = build_train_data(config, transform, self._pair_encoder(), self.info)
         self.total_steps = config.steps or config.epochs * self.data.steps_per_epoch
         if state is not None:
             check_schedule(config, state.get("total_steps"), self.total_steps, resume_from)
@@ -105,6 +106,10 @@ class TrainingRun:
     def _build_model(self, resume_from: Path | None) -> tuple[CLIP, Tokenizer]:
         """The model and tokenizer the run starts from (a subclass may change the model, e.g. give it a head)."""
         return build_model_and_tokenizer(self.config, resume_from)
+
+    def _pair_encoder(self) -> Callable:
+        """What turns the pair column's cells into the second tower's input: the tokenizer (a binding: audio)."""
+        return self.tokenizer
 
     def _build_step(self) -> TrainStep:
         """The step that turns a batch into gradients (contrastive here; cross-entropy for a fine-tuned classifier)."""

@@ -1,0 +1,128 @@
+"""`clipforge bind --modality audio`: an audio tower trained against a frozen CLIP through (image, recording) pairs
+only, through the real CLI: the CLIP's weights come back bit-identical, bad recordings are skipped and counted by
+reason, and a binding killed with SIGKILL resumes to the uninterrupted run's losses."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import clipforge
+from clipforge.bind import BindConfig, bind
+from clipforge.cli.main import main
+from clipforge.train import checkpoints
+from conftest import perturb_
+from synthetic import make_audio_pairs, make_caption_set
+
+TOWER = {"width": 32, "heads": 2, "layers": 1, "mel_bins": 32, "clip_seconds": 0.5, "patch_size": 8,
+         "patch_stride": 8}
+FLAGS = ["--modality", "audio", "--batch-size", "8", "--workers", "0", "--warmup", "2", "--lr", "2e-3",
+         "--tower", json.dumps(TOWER)]
+
+
+@pytest.fixture(scope="module")
+def audio_pairs(tmp_path_factory):
+    """A CLIP checkpoint and (image, audio) pairs: two synthetic recordings of each image's concept."""
+    root = tmp_path_factory.mktemp("bind_audio")
+    model = perturb_(clipforge.create_model("cpu-vit-tiny-32", seed=0), scale=0.1)
+    folder = clipforge.save_pretrained(model, root / "clip")
+    return folder, make_audio_pairs(root, make_caption_set(root, per_concept=2, seed=0))
+
+
+def _losses(run) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_bind_audio_trains_a_tower_and_leaves_the_clip_bit_identical(audio_pairs, tmp_path, capsys):
+    folder, table = audio_pairs
+    out = tmp_path / "bind"
+    assert main(["bind", "--model", str(folder), "--train-data", str(table), "--key-column", "key", "--steps", "30",
+                 "--output-dir", str(out), *FLAGS]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["skipped"] == {}
+    bound, _ = clipforge.load(summary["bound"])
+    original, _ = clipforge.load(folder)
+    assert bound.modalities == ("image", "text", "audio")
+    originals = original.state_dict()
+    kept = {k: v for k, v in bound.state_dict().items() if not k.startswith("bound_audio.")}
+    assert kept.keys() == originals.keys() and all(torch.equal(v, originals[k]) for k, v in kept.items())
+    preprocess = clipforge.get_preprocess(summary["bound"], "audio")
+    rows = list(csv.DictReader(open(table)))
+    clips = torch.stack([preprocess(table.parent / row["audio"]) for row in rows[:4]])
+    with torch.no_grad():
+        assert bound.encode("audio", clips).shape == (4, 64)
+    losses = _losses(out / "run")
+    assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))  # the tower learned
+
+
+def _bad_recordings(root, table) -> dict[str, str]:
+    """One more image for each kind of bad recording, paired with it alone: reason -> the audio cell."""
+    image = next(csv.DictReader(open(table)))["image"]
+    (root / "bad").mkdir(exist_ok=True)
+    flac = io.BytesIO()
+    soundfile.write(flac, np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1, 16000,
+                    format="FLAC")
+    files = {"empty_file": b"", "not_audio": b"no sound here\n" * 40, "truncated_audio": flac.getvalue()[:6000]}
+    cells = {}
+    for reason, data in files.items():
+        (root / "bad" / f"{reason}.flac").write_bytes(data)
+        cells[reason] = f"bad/{reason}.flac"
+    soundfile.write(root / "bad" / "long.wav", np.zeros(32000, np.float32), 16000)
+    cells["too_long"], cells["missing_file"] = "bad/long.wav", "bad/absent.wav"
+    for reason in cells:
+        shutil.copy(table.parent / image, root / "bad" / f"{reason}.png")
+    return cells
+
+
+def test_bad_recordings_are_skipped_and_counted_by_reason(audio_pairs, tmp_path):
+    folder, table = audio_pairs
+    root = table.parent
+    cells = _bad_recordings(root, table)
+    with_bad = root / "with_bad.csv"
+    rows = list(csv.DictReader(open(table)))
+    with open(with_bad, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "audio", "key"])
+        writer.writerows([r["image"], r["audio"], r["key"]] for r in rows)
+        writer.writerows([f"bad/{reason}.png", cell, f"bad-{reason}"] for reason, cell in cells.items())
+    summary = bind(BindConfig(model=str(folder), modality="audio", train_data=str(with_bad), key_column="key",
+                              epochs=1, batch_size=8, workers=0, warmup=2, tower=TOWER, max_audio_seconds=1.5,
+                              output_dir=str(tmp_path / "bad")))
+    assert summary["skipped"] == {reason: 1 for reason in cells}
+    assert summary["steps"] >= 5 and summary["bound"]
+
+
+def test_an_audio_binding_killed_with_sigkill_resumes_to_the_uninterrupted_losses(audio_pairs, tmp_path):
+    folder, table = audio_pairs
+    base = dict(model=str(folder), modality="audio", train_data=str(table), key_column="key", steps=10,
+                batch_size=8, workers=0, warmup=2, lr=2e-3, tower=TOWER)
+    bind(BindConfig(**base, output_dir=str(tmp_path / "straight")))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "clipforge.cli.main", "bind", "--model", str(folder), "--train-data", str(table),
+           "--key-column", "key", "--steps", "10", "--save-every", "1", "--output-dir", str(out), *FLAGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and len(checkpoints.list_checkpoints(out / "run")) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(checkpoints.resolve_resume(out / "run", "latest").name.split("-")[1])
+    assert resumed_from < 10, "the run finished before the kill: nothing was resumed"
+    summary = bind(BindConfig(**base, output_dir=str(out), resume="latest"))
+    straight, killed = _losses(tmp_path / "straight" / "run"), _losses(out / "run")
+    assert sorted(killed) == list(range(1, 11))
+    for step in range(resumed_from + 1, 11):
+        assert abs(straight[step] - killed[step]) <= 1e-6, step
+    assert clipforge.load(summary["bound"])[0].modalities == ("image", "text", "audio")
