@@ -21,8 +21,11 @@ def _summary(name: str, manifest: dict, folder: Path, seconds: float) -> str:
                           for lang, n in manifest.get("languages", {}).items()))
     if name == "icons":
         return _icons_summary(manifest, folder, seconds)
+    audio = manifest.get("audio")
+    sounds = (f"; {audio['recordings']} recordings of {audio['stamps']} stamps (audio.csv)" if audio else "")
     return (f"tuxpaint: wrote {manifest['stamps']} stamps in {manifest['categories']} categories at "
-            f"{manifest['image_size']} px to {folder} in {seconds:.1f} s (source: {manifest['source']['kind']})")
+            f"{manifest['image_size']} px to {folder} in {seconds:.1f} s (source: {manifest['source']['kind']})"
+            + sounds)
 
 
 def _icons_summary(manifest: dict, folder: Path, seconds: float) -> str:
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
         labels = read_labels(args.exclude_labels) if args.exclude_labels else ()
         manifest = build_icons(variants=args.variants, exclude_labels=labels, workers=args.workers, **common)
     else:
-        manifest = build_tuxpaint(stamps=args.stamps, **common)
+        manifest = build_tuxpaint(stamps=args.stamps, audio=args.audio, **common)
     print(_summary(args.dataset, manifest, Path(args.root) / args.dataset, time.perf_counter() - start))
 
 
@@ -83,6 +86,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(t)
     t.add_argument("--stamps", type=Path, default=None,
                    help="an unpacked tuxpaint stamps folder to read instead of the Debian package")
+    t.add_argument("--audio", action="store_true",
+                   help="also the stamps' recordings (sound effects, spoken names and descriptions in ~12 languages), "
+                        "each paired with its stamp's picture: audio/ and audio.csv (image, audio, key, category, "
+                        "kind, language, transcript, split)")
     i = datasets.add_parser("icons", help="~114k curated Iconify icons in ~150 sets, captions from names",
                             description="Curated Iconify sets (npm @iconify/json) rendered black on white; the "
                                         "counts per curation rule are printed and kept in manifest.json.")

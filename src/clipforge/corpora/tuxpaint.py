@@ -17,6 +17,8 @@ Layout written under ROOT/tuxpaint (atomically, via ROOT/.tuxpaint.tmp):
     captions.csv   image (relative path), caption, key (= name), category
     labels.csv     image, label (= category), class_index (sorted categories)
     manifest.json  options, source (package, version, sha256), counts per category, skips, clipforge version
+
+With --audio (`audio=True`) the stamps' recordings too: audio/<category>/*.ogg and audio.csv (see tuxpaint_audio).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from clipforge.corpora.fetch import (
     write_json,
 )
 from clipforge.corpora.render import render_svg, to_size
+from clipforge.corpora.tuxpaint_audio import AUDIO_COLUMNS, write_stamp_audio
 from clipforge.errors import DataError
 
 BUILDER_VERSION = 1
@@ -122,7 +125,7 @@ def load_stamp(path: Path, size: int) -> Image.Image | None:
     return to_size(image.crop(box), size)
 
 
-def _source(cache: Path, stamps: Path | None) -> tuple[Path, dict]:
+def _source(cache: Path, stamps: Path | None, audio: bool = False) -> tuple[Path, dict]:
     """The stamps folder to read and a description of where it came from."""
     if stamps is not None:
         if not Path(stamps).is_dir():
@@ -134,7 +137,8 @@ def _source(cache: Path, stamps: Path | None) -> tuple[Path, dict]:
     deb = fetch_deb(PACKAGE, cache)
     version, digest = deb_field(deb, "Version"), sha256_file(deb)
     # Unpacking means decompressing 161 MB of xz (10 s): done once, kept beside the .deb.
-    unpacked = unpack_deb_cached(deb, _wanted, f"stamps-v{BUILDER_VERSION}", digest)
+    keep, tag = (_wanted_with_audio, "stamps-audio") if audio else (_wanted, "stamps")
+    unpacked = unpack_deb_cached(deb, keep, f"{tag}-v{BUILDER_VERSION}", digest)
     folder = unpacked / _STAMPS_IN_DEB
     if not folder.is_dir():
         raise DatasetError(f"{deb} has no {_STAMPS_IN_DEB}/ folder: not a Tux Paint stamps package?")
@@ -145,20 +149,25 @@ def _wanted(name: str) -> bool:
     return name.lstrip("./").startswith(_STAMPS_IN_DEB) and name.lower().endswith((".png", ".svg", ".txt"))
 
 
+def _wanted_with_audio(name: str) -> bool:
+    return _wanted(name) or (name.lstrip("./").startswith(_STAMPS_IN_DEB) and name.lower().endswith(".ogg"))
+
+
 def build_tuxpaint(root: Path, size: int = 64, limit: int | None = None, cache: Path | None = None,
-                   stamps: Path | None = None, force: bool = False, progress: bool = True) -> dict:
-    """Build ROOT/tuxpaint (module docstring); returns the manifest, with "up_to_date": True when nothing was done."""
+                   stamps: Path | None = None, force: bool = False, progress: bool = True, audio: bool = False) -> dict:
+    """Build ROOT/tuxpaint (module docstring; `audio`: the stamps' recordings too); returns the manifest, with
+    "up_to_date": True when nothing was done."""
     root = Path(root)
     if size < 8 or (limit is not None and limit < 1):
         raise DataError("--size must be >= 8 and --limit >= 1")
     options = {"builder_version": BUILDER_VERSION, "size": size, "limit": limit,
-               "stamps": str(Path(stamps).resolve()) if stamps else None}
+               "stamps": str(Path(stamps).resolve()) if stamps else None, **({"audio": True} if audio else {})}
     existing = read_manifest(root / "tuxpaint")
     if not force and existing is not None and existing.get("options") == options:
         return {**existing, "up_to_date": True}
     start = time.perf_counter()
     cache = Path(cache) if cache is not None else root / ".cache"
-    folder, source = _source(cache, stamps)
+    folder, source = _source(cache, stamps, audio)
     found, skipped = collect_stamps(folder)
     if not found:
         raise DatasetError(f"no captioned stamp images under {folder}")
@@ -190,7 +199,12 @@ def build_tuxpaint(root: Path, size: int = 64, limit: int | None = None, cache: 
             "image_size": size, "source": source, "stamps": len(written), "categories": len(categories),
             "per_category": dict(Counter(s.category for s in written).most_common()),
             "skipped_files": {**skipped, "unreadable": len(unreadable)}, "unreadable": unreadable,
-            "build_seconds": round(time.perf_counter() - start, 1),
         }
+        if audio:
+            audio_rows, counts = write_stamp_audio(out, rows, {s.path.with_suffix("") for s in found})
+            write_csv(out / "audio.csv", AUDIO_COLUMNS, audio_rows)
+            manifest["audio"] = {"recordings": len(audio_rows), "stamps": len({r[2] for r in audio_rows}),
+                                 "by_kind": dict(sorted(counts.items()))}
+        manifest["build_seconds"] = round(time.perf_counter() - start, 1)
         write_json(out / "manifest.json", manifest)
     return {**manifest, "up_to_date": False}
