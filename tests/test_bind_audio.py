@@ -3,6 +3,7 @@ only, through the real CLI: the CLIP's weights come back bit-identical, bad reco
 reason, and a binding killed with SIGKILL resumes to the uninterrupted run's losses."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -44,27 +45,61 @@ def _losses(run) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_bind_audio_trains_a_tower_and_leaves_the_clip_bit_identical(audio_pairs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bound(audio_pairs, tmp_path_factory):
+    """The binding of the pairs' audio through the real CLI (30 steps): its printed summary and output folder."""
     folder, table = audio_pairs
-    out = tmp_path / "bind"
-    assert main(["bind", "--model", str(folder), "--train-data", str(table), "--key-column", "key", "--steps", "30",
-                 "--output-dir", str(out), *FLAGS]) == 0
-    printed = capsys.readouterr().out
-    summary = json.loads(printed[printed.index("{"):])
+    out = tmp_path_factory.mktemp("bound") / "bind"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["bind", "--model", str(folder), "--train-data", str(table), "--key-column", "key", "--steps",
+                     "30", "--output-dir", str(out), *FLAGS]) == 0
+    printed = stdout.getvalue()
+    return json.loads(printed[printed.index("{"):]), out
+
+
+def test_bind_audio_trains_a_tower_and_leaves_the_clip_bit_identical(audio_pairs, bound):
+    folder, table = audio_pairs
+    summary, out = bound
     assert summary["skipped"] == {}
-    bound, _ = clipforge.load(summary["bound"])
+    model, _ = clipforge.load(summary["bound"])
     original, _ = clipforge.load(folder)
-    assert bound.modalities == ("image", "text", "audio")
+    assert model.modalities == ("image", "text", "audio")
     originals = original.state_dict()
-    kept = {k: v for k, v in bound.state_dict().items() if not k.startswith("bound_audio.")}
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("bound_audio.")}
     assert kept.keys() == originals.keys() and all(torch.equal(v, originals[k]) for k, v in kept.items())
     preprocess = clipforge.get_preprocess(summary["bound"], "audio")
     rows = list(csv.DictReader(open(table)))
     clips = torch.stack([preprocess(table.parent / row["audio"]) for row in rows[:4]])
     with torch.no_grad():
-        assert bound.encode("audio", clips).shape == (4, 64)
+        assert model.encode("audio", clips).shape == (4, 64)
     losses = _losses(out / "run")
     assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))  # the tower learned
+
+
+def test_classify_audio_files_against_text_labels(audio_pairs, bound, capsys):
+    _, table = audio_pairs
+    summary, _ = bound
+    files = [str(table.parent / row["audio"]) for row in list(csv.DictReader(open(table)))[:3]]
+    labels = ["a red circle", "a blue square", "a green cross"]
+    assert main(["classify", *files, "--model", summary["bound"], "--modality", "audio", "--labels", ",".join(labels),
+                 "--template", "{}", "--json", "--top", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    model, _ = clipforge.load(summary["bound"])
+    preprocess = clipforge.get_preprocess(summary["bound"], "audio")
+    tokenizer = clipforge.get_tokenizer(summary["bound"])
+    with torch.no_grad():  # the API's ranking: the audio tower's embeddings against the frozen text tower's
+        scores = model.encode("audio", torch.stack([preprocess(f) for f in files])) @ model.encode(
+            "text", tokenizer(labels)).t()
+    for row, score in zip(printed, scores):
+        assert row["audio"] in files and [label for label, _ in row["top"]] == [
+            labels[i] for i in score.argsort(descending=True).tolist()]
+    (table.parent / "noise.ogg").write_bytes(b"not a recording")
+    assert main(["classify", str(table.parent / "noise.ogg"), "--model", summary["bound"], "--modality", "audio",
+                 "--labels", "a"]) == 2
+    assert "not_audio" in capsys.readouterr().err
+    assert main(["classify", files[0], "--model", summary["bound"], "--modality", "depth", "--labels", "a"]) == 2
+    assert "'depth' has no preprocess here (this model's are image, audio)" in capsys.readouterr().err
 
 
 def _bad_recordings(root, table) -> dict[str, str]:

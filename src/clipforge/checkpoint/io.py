@@ -354,12 +354,8 @@ def get_preprocess(name_or_path: str | Path, modality: str = "image",
     [1, mel_bins, frames]). Text modalities take a tokenizer (get_tokenizer(..., modality=))."""
     path = Path(name_or_path)
     if modality != "image":
-        config = read_folder(path).config if path.is_dir() else load(name_or_path, options=options)[0].config
-        if modality in config.bound_audio:
-            return AudioPreprocess(config.bound_audio[modality])
-        kinds = ", ".join(["image", *config.bound_audio]) or "image"
-        raise CheckpointError(f"{modality!r} has no preprocess here (this model's are {kinds}): text modalities "
-                              f"take clipforge.get_tokenizer(path, modality={modality!r})")
+        return bound_preprocess(read_folder(path).config if path.is_dir() else load(name_or_path, options=options)[0]
+                                .config, modality)
     if path.is_dir():
         folder = read_folder(path)
         config = _given_config(options.config)[0] if options and options.config is not None else folder.config
@@ -367,6 +363,15 @@ def get_preprocess(name_or_path: str | Path, modality: str = "image",
         return EvalTransform(config.vision.image_size, preprocess.composite_white, preprocess.mean, preprocess.std,
                              preprocess.resize, preprocess.interpolation)
     return load(name_or_path, options=options)[1]  # a file or a tag: its preprocessing is known once it is read
+
+
+def bound_preprocess(config: CLIPConfig, modality: str) -> AudioPreprocess:
+    """The evaluation preprocess of a bound audio tower of a model with this config (a file -> its log-mel)."""
+    if modality in config.bound_audio:
+        return AudioPreprocess(config.bound_audio[modality])
+    kinds = ", ".join(["image", *config.bound_audio])
+    raise CheckpointError(f"{modality!r} has no preprocess here (this model's are {kinds}): text modalities "
+                          f"take clipforge.get_tokenizer(path, modality={modality!r})")
 
 
 def _tag_tokenizer_source(name: str, tag: str) -> tuple[CLIPConfig, Path | None]:

@@ -53,10 +53,13 @@ def _convert(args: argparse.Namespace) -> None:
 def _classify(args: argparse.Namespace) -> None:
     import torch
 
+    from clipforge.checkpoint.io import bound_preprocess
     from clipforge.inference.zeroshot import OPENAI_TEMPLATES_7, build_classifier, classify
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     model, preprocess = load_model(args)
+    if args.modality != "image":  # a bound tower's inputs (audio files): its own preprocess
+        preprocess = bound_preprocess(model.config, args.modality)
     precision = command_precision(args.precision, next(model.parameters()).device)
     modality = args.label_modality
     tokenizer = load_tokenizer(args, model, modality=modality)
@@ -64,17 +67,18 @@ def _classify(args: argparse.Namespace) -> None:
     default = get_templates("simple")[0] if modality == "text" else "{}"  # English sentences suit the CLIP's tower
     templates = OPENAI_TEMPLATES_7 if args.ensemble else (args.template or default,)
     classifier = build_classifier(model, tokenizer, labels, templates, precision=precision, modality=modality)
-    probs = classify(model, torch.stack([preprocess(p) for p in args.images]), classifier, precision, args.softmax)
+    inputs = torch.stack([preprocess(p) for p in args.images])
+    probs = classify(model, inputs, classifier, precision, args.softmax, modality=args.modality)
     results = []
     for path, row in zip(args.images, probs):
         top = row.topk(min(args.top, len(labels)))
         best = zip(top.values.tolist(), top.indices.tolist())
-        results.append({"image": str(path), "top": [[labels[i], round(p, 4)] for p, i in best]})
+        results.append({args.modality: str(path), "top": [[labels[i], round(p, 4)] for p, i in best]})
     if args.json:
         print(json.dumps(results, indent=1))
     else:
         for r in results:
-            print(f"{r['image']}: " + ", ".join(f"{label} {p:.3f}" for label, p in r["top"]))
+            print(f"{r[args.modality]}: " + ", ".join(f"{label} {p:.3f}" for label, p in r["top"]))
 
 
 def _version() -> str:
@@ -148,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, flag=None)
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("classify", help="zero-shot classify images against comma-separated labels")
-    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p = sub.add_parser("classify", help="zero-shot classify images (or audio) against comma-separated labels")
+    p.add_argument("images", nargs="+", type=Path, help="image files (audio files with --modality audio)")
+    p.add_argument("--modality", default="image",
+                   help="what the files are: 'image', or a bound tower's inputs, e.g. audio (`clipforge bind`)")
     add_model_arguments(p, device=True)
     add_precision_argument(p)
     p.add_argument("--labels", required=True, help="comma-separated class names")

@@ -117,15 +117,16 @@ def evaluate_zero_shot(model: CLIP | None, image_features: torch.Tensor, labels:
 
 @torch.inference_mode()
 def classify(model: CLIP, pixels: torch.Tensor, classifier: torch.Tensor, precision: str = "fp32",
-             softmax: bool = False) -> torch.Tensor:
-    """Class probabilities [B, n_classes]; bf16 autocast for "bf16".
+             softmax: bool = False, modality: str = "image") -> torch.Tensor:
+    """Class probabilities [B, n_classes] of a batch of `modality` (images; a bound tower's inputs, e.g. audio
+    spectrograms: emergent zero-shot); bf16 autocast for "bf16".
 
     CLIP: a softmax of the scaled cosines over the labels. A model with a logit bias (SigLIP): each label's own
     match probability, sigmoid(scale * cosine + bias), as it was trained (they need not sum to 1); `softmax=True`
     gives the softmax over the labels instead, for a comparison."""
     device = model_device(model)
     with autocast_context(device, precision):
-        image = model.encode_image(pixels.to(device), normalize=True).float()
+        image = model.encode(modality, pixels.to(device), normalize=True).float()
     logits = zero_shot_predict(model, image, classifier)
     bias = getattr(model, "logit_bias", None)
     if bias is None or softmax:
