@@ -134,3 +134,16 @@ def test_classify_reads_labels_through_a_bound_tower(pairs, tmp_path, capsys):
     assert main(["classify", image, "--model", str(out / "bound"), "--label-modality", "text-fr", "--labels",
                  "chat"]) == 2
     assert "text-fr" in capsys.readouterr().err
+    # an index built with the CLIP alone answers Korean queries through the bound model's tower
+    images = sorted({row["image"] for row in csv.DictReader(open(table, encoding="utf-8"))})
+    assert main(["index", str(table.parent / "images"), "--model", str(folder), "--out", str(tmp_path / "index"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "index"), "빨간 원", "--label-modality", "text-ko", "--model",
+                 str(out / "bound"), "-k", "3", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["query"] == {"text": "빨간 원", "modality": "text-ko"}
+    with torch.no_grad():
+        scores = model.encode("text-ko", korean(["빨간 원"])) @ model.encode(
+            "image", torch.stack([preprocess(i) for i in images])).t()
+    assert [r["path"] for r in printed["results"]] == [images[i] for i in scores[0].argsort(descending=True)[:3]]

@@ -37,7 +37,10 @@ def audio_pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bind_audio")
     model = perturb_(clipforge.create_model("cpu-vit-tiny-32", seed=0), scale=0.1)
     folder = clipforge.save_pretrained(model, root / "clip")
-    return folder, make_audio_pairs(root, make_caption_set(root, per_concept=2, seed=0))
+    pairs = make_audio_pairs(root, make_caption_set(root, per_concept=2, seed=0))
+    # an index of the images built with the CLIP before anything is bound to it
+    assert main(["index", str(root / "images"), "--model", str(folder), "--out", str(root / "index"), "--quiet"]) == 0
+    return folder, pairs
 
 
 def _losses(run) -> dict[int, float]:
@@ -161,3 +164,27 @@ def test_an_audio_binding_killed_with_sigkill_resumes_to_the_uninterrupted_losse
     for step in range(resumed_from + 1, 11):
         assert abs(straight[step] - killed[step]) <= 1e-6, step
     assert clipforge.load(summary["bound"])[0].modalities == ("image", "text", "audio")
+
+
+def test_search_by_audio_over_an_index_built_before_the_binding(audio_pairs, bound, capsys, tmp_path):
+    folder, table = audio_pairs
+    summary, _ = bound
+    index = table.parent / "index"
+    clip = str(table.parent / list(csv.DictReader(open(table)))[0]["audio"])
+    capsys.readouterr()
+    assert main(["search", str(index), "--audio", clip, "--model", summary["bound"], "-k", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["query"] == {"audio": clip}
+    model, preprocess = clipforge.load(summary["bound"])
+    images = sorted((table.parent / "images").glob("*.png"))
+    with torch.no_grad():  # the same ranking as the bound model's own audio and image embeddings
+        sound = model.encode("audio", clipforge.get_preprocess(summary["bound"], "audio")(clip)[None])
+        scores = (sound @ model.encode("image", torch.stack([preprocess(str(i)) for i in images])).t())[0]
+    expected = [str(images[i]) for i in scores.argsort(descending=True)[:5].tolist()]
+    assert [r["path"] for r in printed["results"]] == expected
+    other = clipforge.save_pretrained(perturb_(clipforge.create_model("cpu-vit-tiny-32", seed=1), scale=0.1),
+                                      tmp_path / "other")
+    assert main(["search", str(index), "--audio", clip, "--model", str(other)]) == 2
+    assert "was built with model" in capsys.readouterr().err
+    assert main(["search", str(index), "--audio", clip]) == 2  # the index's own model has no audio tower
+    assert "has no audio tower" in capsys.readouterr().err

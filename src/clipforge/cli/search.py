@@ -77,19 +77,24 @@ def run_search(args: argparse.Namespace) -> None:
     from clipforge.data.images import load_image
     from clipforge.search import ImageIndex, QueryEncoder
 
-    if args.text is None and args.image is None:
-        raise ConfigError('no query: give a text (clipforge search INDEX "a red bicycle") or --image PATH')
-    if args.text is not None and args.image is not None:
-        raise ConfigError("give a text query or --image, not both")
+    given = [name for name in ("text", "image", "audio") if getattr(args, name) is not None]
+    if not given:
+        raise ConfigError('no query: give a text (clipforge search INDEX "a red bicycle"), --image PATH or '
+                          "--audio PATH")
+    if len(given) > 1:
+        raise ConfigError(f"give one query: a text, --image or --audio, not {' and '.join(given)}")
     index = ImageIndex.open(args.index)
-    model = index.query_model(args.model, args.pretrained)  # another model than the index's is refused
+    # another model than the index's is refused, unless it has the index model's image tower (a bound model)
+    model = index.query_model(args.model, args.pretrained)
     device = resolve_device(args.device)
     encoder = QueryEncoder(model.name, precision=command_precision(args.precision, device), device=device,
                            pretrained=model.pretrained)
     if args.image is not None:
         query = encoder.embed_images([load_image(args.image)])
+    elif args.audio is not None:
+        query = encoder.embed_audio([args.audio])
     else:
-        query = encoder.embed_texts([args.text], truncate=args.truncate)
+        query = encoder.embed_texts([args.text], truncate=args.truncate, modality=args.label_modality)
     if query.shape[1] != index.dim:
         raise ConfigError(f"the model embeds into {query.shape[1]} dimensions, the index holds {index.dim}")
     scores, ids = index.search(query, args.k)
@@ -100,7 +105,9 @@ def run_search(args: argparse.Namespace) -> None:
         record = index.record(id_)
         results.append({"rank": rank, "score": round(score, 6), **record})
     if args.json:
-        query_desc = {"image": str(args.image)} if args.image is not None else {"text": args.text}
+        query_desc = {given[0]: args.text if args.text is not None else str(getattr(args, given[0]))}
+        if args.text is not None and args.label_modality != "text":
+            query_desc["modality"] = args.label_modality
         print(json.dumps({"query": query_desc, "backend": index.backend["kind"], "results": results}, indent=1))
         return
     for r in results:
@@ -147,6 +154,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", type=Path, help="index folder written by `clipforge index`")
     p.add_argument("text", nargs="?", help="text query")
     p.add_argument("--image", type=Path, help="image query instead of a text")
+    p.add_argument("--audio", type=Path, help="audio query (a recording) through the model's bound audio tower: "
+                   "--model names the bound model (`clipforge bind`); the index may predate the binding")
+    p.add_argument("--label-modality", default="text",
+                   help="the text tower that reads a text query: 'text' or a bound one, e.g. text-ko")
     p.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="number of results")
     p.add_argument("--model", default=None, help="query model (default: the one the index was built with); another "
                                                  "model is refused, a new location of a moved checkpoint is taken")

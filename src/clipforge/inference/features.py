@@ -158,19 +158,36 @@ def iter_text_features(model: torch.nn.Module, tokens: torch.Tensor, batch_size:
 @torch.inference_mode()
 def extract_text_features(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
                           texts: Sequence[str] | Iterable[str], batch_size: int = 256, normalize: bool = True,
-                          precision: str = "fp32") -> torch.Tensor:
-    """fp32 CPU text embeddings [N, D], in input order."""
+                          precision: str = "fp32", modality: str = "text") -> torch.Tensor:
+    """fp32 CPU text embeddings [N, D], in input order (`modality`: a bound text tower, with its own tokenizer)."""
     texts = list(texts)
     if not texts:
         raise EvaluationError("no texts given")
     tokens = tokenizer(texts)
     out: torch.Tensor | None = None
     with _eval_mode(model):
-        for rows, features in iter_text_features(model, tokens, batch_size, precision):
+        for rows, features in iter_text_features(model, tokens, batch_size, precision, modality):
             if out is None:
                 out = torch.empty(len(texts), features.shape[1])
             out[rows] = features.cpu()
     return F.normalize(out, dim=-1) if normalize else out
+
+
+@torch.inference_mode()
+def extract_bound_features(model: torch.nn.Module, inputs: Sequence[Any], preprocess: Callable, modality: str,
+                           batch_size: int = 64, normalize: bool = True, precision: str = "fp32") -> torch.Tensor:
+    """fp32 CPU embeddings [N, D], in input order, of a bound tower's inputs (audio files, bytes) through its
+    preprocess (`clipforge.get_preprocess(path, modality)`); a bad input raises its SampleError."""
+    inputs = list(inputs)
+    if not inputs:
+        raise EvaluationError(f"no {modality} inputs given")
+    device, out = model_device(model), []
+    with _eval_mode(model):
+        for start in range(0, len(inputs), batch_size):
+            batch = torch.stack([preprocess(item) for item in inputs[start:start + batch_size]])
+            with autocast_context(device, precision):
+                out.append(model.encode(modality, batch.to(device), normalize=False).float().cpu())
+    return _joined(out, normalize)
 
 
 def labelled_image_features(model: torch.nn.Module, images: LabelledImages, preprocess: Callable,

@@ -9,6 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from clipforge.errors import ConfigError
+
 
 class QueryEncoder:
     """Normalised float32 query embeddings of texts or PIL images; safe to share between threads."""
@@ -23,6 +25,7 @@ class QueryEncoder:
         where = resolve_device(device)
         self.model, self.preprocess = clipforge.load(model, where, pretrained=pretrained)
         self.tokenizer = clipforge.get_tokenizer(model, context_length=self.model.context_length)
+        self._tokenizers: dict[str, Any] = {"text": self.tokenizer}  # a bound text tower's, read on first use
         self.precision = resolve_precision(precision, where).precision  # "auto": this machine's choice
         # One call at a time: torch already spreads one batch over every core, and the tokenizer's
         # cache is not meant for concurrent writers.
@@ -33,16 +36,40 @@ class QueryEncoder:
         """Embedding size."""
         return int(self.model.config.embed_dim)
 
-    def embed_texts(self, texts: Sequence[str], truncate: bool = False) -> np.ndarray:
-        """[n, d] normalised float32 text embeddings; a text over the context is refused unless `truncate`."""
+    def embed_texts(self, texts: Sequence[str], truncate: bool = False, modality: str = "text") -> np.ndarray:
+        """[n, d] normalised float32 text embeddings; a text over the context is refused unless `truncate`.
+        `modality`: a bound text tower (e.g. "text-ko") reads them, with its own tokenizer."""
+        import clipforge
         from clipforge.inference.features import extract_text_features
 
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        tokenizer = functools.partial(self.tokenizer, truncate=truncate)
         with self._lock:
-            return extract_text_features(self.model, tokenizer, texts, precision=self.precision).numpy()
+            if modality not in self._tokenizers:
+                self._tokenizers[modality] = clipforge.get_tokenizer(self.model_name, modality=modality)
+            tokenizer = functools.partial(self._tokenizers[modality], truncate=truncate)
+            return extract_text_features(self.model, tokenizer, texts, precision=self.precision,
+                                         modality=modality).numpy()
+
+    def audio_modality(self) -> str:
+        """The model's audio tower: "audio", or its only one; refused when it has none (or several, none "audio")."""
+        towers = list(self.model.bound_audio)
+        if "audio" in towers or len(towers) == 1:
+            return "audio" if "audio" in towers else towers[0]
+        if not towers:
+            raise ConfigError(f"{self.model_name} has no audio tower: bind one (clipforge bind --modality audio)")
+        raise ConfigError(f"{self.model_name} has several audio towers ({', '.join(towers)}) and none named 'audio'")
+
+    def embed_audio(self, sources: Sequence[Any], modality: str | None = None) -> np.ndarray:
+        """[n, d] normalised float32 embeddings of audio files (paths or bytes) through a bound audio tower."""
+        from clipforge.checkpoint.io import bound_preprocess
+        from clipforge.inference.features import extract_bound_features
+
+        modality = modality or self.audio_modality()
+        preprocess = bound_preprocess(self.model.config, modality)
+        with self._lock:
+            return extract_bound_features(self.model, sources, preprocess, modality, precision=self.precision).numpy()
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """[n, d] normalised float32 image embeddings (preprocessed as the index's images were)."""

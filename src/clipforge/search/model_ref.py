@@ -2,7 +2,9 @@
 
 Embeddings of two models are not comparable, even at the same size: a query embedded by another model
 ranks the index's images at random. So `clipforge index` refuses to update an index with another model
-and `clipforge search --model` refuses to query it with one, both through `check_model`.
+and `clipforge search --model` refuses to query it with one, both through `check_model`. A checkpoint with the
+index model's image tower, bit for bit (the CLIP with towers bound to it by `clipforge bind`), embeds into the same
+space and is taken: an index built before a binding serves the bound model's audio or second-language queries.
 """
 from __future__ import annotations
 
@@ -46,6 +48,24 @@ def check_model(index_dir: Path, recorded: ModelRef, asked: ModelRef) -> bool:
         warnings.warn(f"{index_dir}: {gone[0]}, the model it was built with, no longer exists; taking {asked} as "
                       "that checkpoint moved (not checked)", stacklevel=3)
         return True
-    if asked != recorded:
+    if asked != recorded and not same_image_tower(recorded, asked):
         raise SearchError(f"{index_dir} was built with model {recorded}, not {asked}: use the same model "
                           "(its embeddings only compare with their own), or a new index folder for another")
+    return False
+
+
+def same_image_tower(recorded: ModelRef, asked: ModelRef) -> bool:
+    """Whether a local checkpoint `asked` has the recorded model's image tower and projection, bit for bit: the same
+    CLIP with towers bound to it (`clipforge bind`) embeds images into the index's space, so it may query it."""
+    import torch
+
+    from clipforge.checkpoint.io import load
+    from clipforge.errors import ClipforgeError
+
+    if not Path(asked.name).exists():
+        return False
+    try:
+        ours, theirs = (load(ref.name, pretrained=ref.pretrained)[0].visual.state_dict() for ref in (recorded, asked))
+    except ClipforgeError:
+        return False
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
