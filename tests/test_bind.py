@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,11 @@ def test_classify_reads_labels_through_a_bound_tower(pairs, tmp_path, capsys):
         scores = model.encode("text-ko", korean(["빨간 원"])) @ model.encode(
             "image", torch.stack([preprocess(i) for i in images])).t()
     assert [r["path"] for r in printed["results"]] == [images[i] for i in scores[0].argsort(descending=True)[:3]]
+    from fastapi.testclient import TestClient
+
+    from clipforge.serve import ServeConfig, create_app
+
+    with TestClient(create_app(tmp_path / "index", ServeConfig(model=str(out / "bound")))) as client:
+        answer = client.get("/search", params={"q": "빨간 원", "k": 3, "modality": "text-ko"}).json()
+        assert [r["name"] for r in answer["results"]] == [Path(r["path"]).name for r in printed["results"]]
+        assert client.get("/search", params={"q": "x", "modality": "text-fr"}).status_code == 422

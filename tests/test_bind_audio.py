@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,30 @@ def test_search_by_audio_over_an_index_built_before_the_binding(audio_pairs, bou
     assert "was built with model" in capsys.readouterr().err
     assert main(["search", str(index), "--audio", clip]) == 2  # the index's own model has no audio tower
     assert "has no audio tower" in capsys.readouterr().err
+
+
+def test_serve_searches_by_uploaded_recording_with_the_bound_model(audio_pairs, bound, capsys):
+    from fastapi.testclient import TestClient
+
+    from clipforge.serve import ServeConfig, create_app
+
+    folder, table = audio_pairs
+    summary, _ = bound
+    index = table.parent / "index"
+    clip = table.parent / list(csv.DictReader(open(table)))[0]["audio"]
+    assert main(["search", str(index), "--audio", str(clip), "--model", summary["bound"], "-k", "4", "--json"]) == 0
+    expected = [Path(r["path"]).name for r in json.loads(capsys.readouterr().out)["results"]]
+    app = create_app(index, ServeConfig(model=summary["bound"], max_audio_seconds=1.0))
+    with TestClient(app) as client:
+        found = client.post("/search/audio?k=4", files={"file": ("clip.wav", clip.read_bytes(), "audio/wav")})
+        assert found.status_code == 200 and [r["name"] for r in found.json()["results"]] == expected
+        long = io.BytesIO()
+        soundfile.write(long, np.zeros(32000, np.float32), 16000, format="WAV")
+        for data, status in ((b"", 400), (b"not audio" * 50, 415), (long.getvalue(), 413)):
+            answer = client.post("/search/audio", files={"file": ("x.wav", data, "audio/wav")})
+            assert answer.status_code == status, answer.json()
+        assert "/search/audio" in client.get("/openapi.json").json()["paths"]
+        assert client.get("/search", params={"q": "a red circle", "modality": "text-ko"}).status_code == 422
+        assert "audio" in client.get("/healthz").json()["batches"]
+    with TestClient(create_app(index)) as client:  # the index's own model: no audio tower, no audio endpoint
+        assert client.post("/search/audio", files={"file": ("clip.wav", clip.read_bytes())}).status_code in (404, 405)

@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> None:
 
     config = ServeConfig(max_k=args.max_k, max_upload_bytes=int(args.max_upload_mb * 2**20),
                          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         allow_random_weights=args.random_weights, device=args.device,
+                         allow_random_weights=args.random_weights, device=args.device, model=args.model,
+                         max_audio_seconds=args.max_audio_seconds,
                          precision=command_precision(args.precision, resolve_device(args.device)))
     # Bound first: a taken port fails in a second, with one error line (exit 2), before the model loads.
     with bind_socket(args.host, args.port) as sock:
@@ -41,7 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one, printed)")
     p.add_argument("--max-k", type=int, default=ServeConfig.max_k, help="largest k a request may ask for")
     p.add_argument("--max-upload-mb", type=float, default=ServeConfig.max_upload_bytes / 2**20,
-                   help="largest image upload")
+                   help="largest upload (an image or a recording)")
+    p.add_argument("--max-audio-seconds", type=float, default=ServeConfig.max_audio_seconds,
+                   help="longest recording POST /search/audio takes")
+    p.add_argument("--model", default="", help="query model: the index's own by default; a model with towers bound "
+                   "to it (`clipforge bind`) adds search by recording (POST /search/audio) and its text towers "
+                   "(/search?modality=text-ko); the index need not be rebuilt")
     p.add_argument("--max-batch", type=int, default=ServeConfig.max_batch, help="micro-batch size for query embedding")
     p.add_argument("--batch-wait-ms", type=float, default=ServeConfig.batch_wait_ms,
                    help="how long a batch waits to fill")

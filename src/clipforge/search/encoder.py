@@ -61,13 +61,20 @@ class QueryEncoder:
             raise ConfigError(f"{self.model_name} has no audio tower: bind one (clipforge bind --modality audio)")
         raise ConfigError(f"{self.model_name} has several audio towers ({', '.join(towers)}) and none named 'audio'")
 
-    def embed_audio(self, sources: Sequence[Any], modality: str | None = None) -> np.ndarray:
-        """[n, d] normalised float32 embeddings of audio files (paths or bytes) through a bound audio tower."""
+    def audio_preprocess(self, modality: str | None = None) -> Any:
+        """The audio tower's preprocess: a recording (path or bytes) -> its log-mel clip."""
         from clipforge.checkpoint.io import bound_preprocess
+
+        return bound_preprocess(self.model.config, modality or self.audio_modality())
+
+    def embed_audio(self, sources: Sequence[Any], modality: str | None = None,
+                    preprocessed: bool = False) -> np.ndarray:
+        """[n, d] normalised float32 embeddings of recordings (paths or bytes; `preprocessed`: their log-mel clips,
+        from `audio_preprocess`) through a bound audio tower."""
         from clipforge.inference.features import extract_bound_features
 
         modality = modality or self.audio_modality()
-        preprocess = bound_preprocess(self.model.config, modality)
+        preprocess = (lambda clip: clip) if preprocessed else self.audio_preprocess(modality)
         with self._lock:
             return extract_bound_features(self.model, sources, preprocess, modality, precision=self.precision).numpy()
 

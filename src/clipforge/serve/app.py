@@ -7,6 +7,7 @@ concurrent callers share forward passes. The app is assembled from named parts: 
 """
 from __future__ import annotations
 
+import functools
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from importlib import resources
@@ -36,7 +37,8 @@ def load_state(index_dir: str | Path, config: ServeConfig, encoder: Any = None) 
     if encoder is None:
         from clipforge.checkpoint.io import refuse_random_weights
 
-        model = index.query_model()  # the index's own model; a checkpoint that moved is named, with what to do
+        # the index's own model (a checkpoint that moved is named, with what to do), or a bound one of it
+        model = index.query_model(config.model or None)
         refuse_random_weights(model.name, config.allow_random_weights)
         # The one model of this app, loaded here, once.
         encoder = QueryEncoder(model.name, config.precision, device=config.device, pretrained=model.pretrained)
@@ -46,8 +48,15 @@ def load_state(index_dir: str | Path, config: ServeConfig, encoder: Any = None) 
     wait = config.batch_wait_ms / 1000
     batchers = {"text": MicroBatcher(encoder.embed_texts, config.max_batch, wait, name="text-batcher"),
                 "image": MicroBatcher(encoder.embed_images, config.max_batch, wait, name="image-batcher")}
+    for modality in getattr(encoder.model, "bound_text", {}):  # a bound model's text towers: their own batches
+        embed = functools.partial(encoder.embed_texts, modality=modality)
+        batchers[modality] = MicroBatcher(embed, config.max_batch, wait, name=f"{modality}-batcher")
+    if getattr(encoder.model, "bound_audio", None):  # recordings arrive as log-mel clips (decoded per request)
+        embed = functools.partial(encoder.embed_audio, preprocessed=True)
+        batchers["audio"] = MicroBatcher(embed, config.max_batch, wait, name="audio-batcher")
+        audio = replace(encoder.audio_preprocess(), max_seconds=config.max_audio_seconds)
     page = resources.files("clipforge.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    return ServeState(index, encoder, config, batchers, page)
+    return ServeState(index, encoder, config, batchers, page, audio if "audio" in batchers else None)
 
 
 @asynccontextmanager

@@ -35,7 +35,7 @@ from clipforge.serve.schemas import (
     text_request_model,
 )
 from clipforge.serve.state import ServeConfig, ServeState
-from clipforge.serve.uploads import read_upload
+from clipforge.serve.uploads import read_audio_upload, read_upload
 
 
 async def serve_state(request: Request) -> ServeState:
@@ -115,15 +115,21 @@ def add_routes(app: FastAPI, state: ServeState) -> None:
 
     app.add_api_route("/", home, response_class=HTMLResponse, include_in_schema=False)
     app.add_api_route("/healthz", healthz, summary="Liveness and index facts", response_model=HealthResponse)
-    _add_query_routes(app, state.config, texts)
+    text_modalities = tuple(name for name in state.batchers if name == "text" or name.startswith("text-"))
+    _add_query_routes(app, state.config, texts, text_modalities)
+    if state.audio_preprocess is not None:  # a bound model with an audio tower: search by recording
+        _add_audio_route(app, state.config, texts)
     _add_image_route(app, texts)
     if getattr(state.encoder.model, "text_decoder", None) is not None:  # a CoCa index: it can write captions
         _add_caption_route(app, state.encoder.model.context_length, texts)
 
 
-def _add_query_routes(app: FastAPI, cfg: ServeConfig, texts: dict[int, str]) -> None:
-    """/embed/text, /embed/image, /search and /search/image, with `cfg`'s limits in their parameter types."""
+def _add_query_routes(app: FastAPI, cfg: ServeConfig, texts: dict[int, str], text_modalities: tuple[str, ...]) -> None:
+    """/embed/text, /embed/image, /search and /search/image, with `cfg`'s limits in their parameter types;
+    `text_modalities`: the text towers a query may name ("text", and a bound model's, e.g. "text-ko")."""
     query = Annotated[str, Query(min_length=1, max_length=cfg.max_query_chars, description="text query")]
+    modality_of = Annotated[Literal[text_modalities], Query(  # type: ignore[valid-type]
+        description="the text tower that reads q: the CLIP's own ('text') or a bound one (`clipforge bind`)")]
     top_k = Annotated[int, Query(ge=1, le=cfg.max_k, description=f"results to return (1..{cfg.max_k})")]
     text_request = text_request_model(cfg.max_texts, cfg.max_query_chars)
 
@@ -138,11 +144,12 @@ def _add_query_routes(app: FastAPI, cfg: ServeConfig, texts: dict[int, str]) -> 
         row = await _embed(state, state.images, await _upload(state, file))
         return {"dim": state.index.dim, "embedding": row.astype(np.float32).tolist(), "took_ms": _took_ms(start)}
 
-    async def search_text(state: State, q: query, k: top_k = cfg.default_k) -> dict[str, Any]:
+    async def search_text(state: State, q: query, k: top_k = cfg.default_k,
+                          modality: modality_of = "text") -> dict[str, Any]:
         start = time.perf_counter()
         if not q.strip():
             raise HTTPException(422, "invalid request: q: the query is blank")
-        results = await _search(state, await _embed(state, state.texts, q), k)
+        results = await _search(state, await _embed(state, state.batchers[modality], q), k)
         return {"query": q, "k": k, "results": results, "took_ms": _took_ms(start)}
 
     async def search_image(state: State, file: UploadFile = File(description="an image file"), *,
@@ -161,6 +168,22 @@ def _add_query_routes(app: FastAPI, cfg: ServeConfig, texts: dict[int, str]) -> 
     app.add_api_route("/search/image", search_image, methods=["POST"],
                       summary="Search the index with an uploaded image", response_model=SearchResponse,
                       responses=errors(texts, 400, 413, 415, 422, 503))
+
+
+def _add_audio_route(app: FastAPI, cfg: ServeConfig, texts: dict[int, str]) -> None:
+    """POST /search/audio: a recording through the bound audio tower, against the index's images."""
+    top_k = Annotated[int, Query(ge=1, le=cfg.max_k, description=f"results to return (1..{cfg.max_k})")]
+
+    async def search_audio(state: State, file: UploadFile = File(description="a recording (WAV, FLAC, Ogg, ...)"),
+                           *, k: top_k = cfg.default_k) -> dict[str, Any]:
+        start = time.perf_counter()
+        clip = await read_audio_upload(file, state.config.max_upload_bytes, state.audio_preprocess)
+        results = await _search(state, await _embed(state, state.batchers["audio"], clip), k)
+        return {"k": k, "results": results, "took_ms": _took_ms(start)}
+
+    app.add_api_route("/search/audio", search_audio, methods=["POST"],
+                      summary="Search the index with an uploaded recording (a bound audio tower)",
+                      response_model=SearchResponse, responses=errors(texts, 400, 413, 415, 422, 503))
 
 
 def _add_image_route(app: FastAPI, texts: dict[int, str]) -> None:

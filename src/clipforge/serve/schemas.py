@@ -76,15 +76,16 @@ def text_request_model(max_texts: int, max_chars: int) -> type[BaseModel]:
     return create_model("EmbedTextRequest", texts=(list[text], Field(min_length=1, max_length=max_texts)))
 
 
-def error_texts(limits: dict[str, int]) -> dict[int, str]:
+def error_texts(limits: dict[str, Any]) -> dict[int, str]:
     """What each error status means, with the server's limits (`max_k`, `max_query_chars`, `max_texts`,
-    `max_upload_bytes`, `max_image_pixels`, `context_length`) written in."""
+    `max_upload_bytes`, `max_image_pixels`, `max_audio_seconds`, `context_length`) written in."""
     return {
         400: "the upload is empty (0 bytes)",
         404: "no image with this id in the index, or its file is gone",
-        413: f"request body over {limits['max_upload_bytes']} bytes, or an image over {limits['max_image_pixels']} "
-             "pixels (read from its header: never decoded)",
-        415: "the upload is not a readable image (unknown format, corrupt, or an unsupported pixel mode)",
+        413: f"request body over {limits['max_upload_bytes']} bytes, an image over {limits['max_image_pixels']} "
+             f"pixels (read from its header: never decoded), or a recording over {limits['max_audio_seconds']:g} s",
+        415: "the upload is not a readable image (unknown format, corrupt, or an unsupported pixel mode), or on "
+             "/search/audio not a usable recording (not audio, corrupt, truncated, or no samples)",
         422: f"invalid parameters: k outside 1..{limits['max_k']}; a query or text empty, blank or over "
              f"{limits['max_query_chars']} characters; more than {limits['max_texts']} texts; or a text over the "
              f"model's context of {limits['context_length']} tokens",

@@ -22,17 +22,23 @@ class ServeConfig:
     allow_random_weights: bool = False  # an index built with a registry name (no weights) answers at random
     device: str = "cpu"  # where the query model runs (resolve_device's spec; an app's config: the device in use)
     precision: str = "fp32"  # query embedding: "fp32", "bf16" or "auto" (an app's config: the resolved one)
+    # the query model: "" for the index's own; a checkpoint with its image tower bit for bit (the CLIP with towers
+    # bound to it, `clipforge bind`) adds its text towers' `modality` on /search and POST /search/audio
+    model: str = ""
+    max_audio_seconds: float = 30.0  # an uploaded recording's longest duration (longer: 413)
 
 
 @dataclass
 class ServeState:
-    """The index, query encoder, micro-batchers ("text", "image"), limits and web page of one app."""
+    """The index, query encoder, micro-batchers ("text", "image", one per bound tower: "text-ko", "audio"), limits
+    and web page of one app."""
 
     index: Any  # clipforge.search.ImageIndex
     encoder: Any  # clipforge.search.QueryEncoder, or anything with its embed_* methods and model
     config: ServeConfig
     batchers: dict[str, MicroBatcher]
     page: str
+    audio_preprocess: Any = None  # a bound audio tower's: an uploaded recording -> its log-mel clip
 
     @property
     def texts(self) -> MicroBatcher:

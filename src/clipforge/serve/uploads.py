@@ -1,7 +1,11 @@
-"""Uploaded images: read within the size limit, decoded by clipforge's one image policy (data.images)."""
+"""Uploads: images decoded by clipforge's one image policy (data.images), recordings by its audio policy
+(data.audio, through a bound audio tower's preprocess); both read within the size limit."""
 from __future__ import annotations
 
+from typing import Callable
+
 import anyio
+import torch
 from fastapi import HTTPException, UploadFile
 from PIL import Image
 
@@ -28,3 +32,26 @@ async def read_upload(file: UploadFile, max_bytes: int, max_pixels: int) -> Imag
     if len(data) > max_bytes:
         raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
     return await anyio.to_thread.run_sync(decode_upload, data, max_pixels)
+
+
+# The audio policy's reasons (data.audio), as HTTP statuses: an unusable recording is 415.
+_AUDIO_STATUS = {"empty_file": 400, "too_long": 413}
+
+
+def decode_audio_upload(data: bytes, preprocess: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """An uploaded recording through a bound audio tower's preprocess (its log-mel clip), or a 4xx HTTPException."""
+    try:
+        return preprocess(data)
+    except SampleError as error:
+        status = _AUDIO_STATUS.get(error.reason, 415)
+        message = {400: "the upload is empty", 413: f"the recording is too long ({error.detail})"}
+        unreadable = f"the upload is not a usable recording ({error.reason}: {error.detail})"
+        raise HTTPException(status, message.get(status, unreadable)) from None
+
+
+async def read_audio_upload(file: UploadFile, max_bytes: int, preprocess: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The uploaded recording's log-mel clip, decoded off the event loop; 413 over `max_bytes`."""
+    data = await file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
+    return await anyio.to_thread.run_sync(decode_audio_upload, data, preprocess)
