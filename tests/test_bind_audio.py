@@ -216,3 +216,42 @@ def test_serve_searches_by_uploaded_recording_with_the_bound_model(audio_pairs, 
         assert "audio" in client.get("/healthz").json()["batches"]
     with TestClient(create_app(index)) as client:  # the index's own model: no audio tower, no audio endpoint
         assert client.post("/search/audio", files={"file": ("clip.wav", clip.read_bytes())}).status_code in (404, 405)
+
+
+def test_eval_audio_zeroshot_and_retrieval_through_the_cli(audio_pairs, bound, tmp_path, capsys):
+    _, table = audio_pairs
+    summary, _ = bound
+    rows = list(csv.DictReader(open(table)))
+    audio_table = table.parent / "eval-audio.csv"
+    with open(audio_table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "audio", "label", "language", "split"])
+        for i, row in enumerate(rows):
+            writer.writerow([row["image"], row["audio"], row["key"].replace("-", " "), "xx" if i % 3 else "yy",
+                             "test"])
+        writer.writerow([rows[0]["image"], "bad/not_audio.flac", "red circle", "xx", "test"])
+        writer.writerow([rows[0]["image"], rows[0]["audio"], "red circle", "xx", "train"])  # filtered out
+    (table.parent / "bad").mkdir(exist_ok=True)
+    (table.parent / "bad" / "not_audio.flac").write_bytes(b"no sound here\n" * 40)
+    common = ["--model", summary["bound"], "--modality", "audio", "--data", str(audio_table), "--split", "test",
+              "--templates", "simple", "--json"]
+    assert main(["eval", "--task", "zeroshot", *common, "--out", str(tmp_path / "zs")]) == 0
+    zs = json.loads(capsys.readouterr().out)
+    assert zs["recordings"] == len(rows) and zs["classes"] == 24 and zs["chance"] == pytest.approx(1 / 24)
+    assert zs["skipped"] == {"not_audio": 1} and set(zs["per_language"]) == {"xx", "yy"}
+    assert 0 <= zs["image_zero_shot"] <= 1
+    model, _ = clipforge.load(summary["bound"])
+    preprocess = clipforge.get_preprocess(summary["bound"], "audio")
+    tokenizer = clipforge.get_tokenizer(summary["bound"])
+    classes = sorted({row["key"].replace("-", " ") for row in rows})
+    with torch.no_grad():  # the bare-label top-1 by hand: recordings against the frozen text tower's labels
+        sounds = model.encode("audio", torch.stack([preprocess(table.parent / row["audio"]) for row in rows]))
+        guesses = (sounds @ model.encode("text", tokenizer(classes)).t()).argmax(-1).tolist()
+    truth = [classes.index(row["key"].replace("-", " ")) for row in rows]
+    assert zs["label"]["top1"] == pytest.approx(sum(g == t for g, t in zip(guesses, truth)) / len(rows))
+    assert main(["eval", "--task", "retrieval", *common, "--out", str(tmp_path / "ret")]) == 0
+    ret = json.loads(capsys.readouterr().out)
+    assert ret["images"] == len({row["image"] for row in rows}) and ret["recordings"] == len(rows)
+    assert all(0 <= ret[f"{d}_r{k}"] <= ret[f"{d}_r10"] <= 1 for d in ("audio_to_image", "image_to_audio")
+               for k in (1, 5))
+    assert main(["eval", "--task", "linear-probe", *common, "--out", str(tmp_path / "lp")]) == 2

@@ -57,6 +57,8 @@ def _run_task(args: argparse.Namespace, ctx: "EvalContext") -> dict[str, Any]:
     )
 
     styles = [s for s in args.styles.split(",") if s]
+    if args.modality != "image":
+        return _bound_task(args, ctx)
     if args.task == "captioning":
         from clipforge.evaluate.captioning import captioning
 
@@ -77,6 +79,22 @@ def _run_task(args: argparse.Namespace, ctx: "EvalContext") -> dict[str, Any]:
         settings = RobustnessSettings(id_styles, args.supervised_steps, extra)
         return robustness(ctx, load_for_eval(args.data, args.styles, args.split), settings)
     return _bias(args, ctx, styles)
+
+
+def _bound_task(args: argparse.Namespace, ctx: "EvalContext") -> dict[str, Any]:
+    """--modality audio: emergent zero-shot or audio-image retrieval of a bound tower on an audio table."""
+    from clipforge.evaluate.bound import audio_retrieval, audio_zeroshot, read_audio_table
+
+    if args.task not in ("zeroshot", "retrieval"):
+        raise ConfigError(f"--modality {args.modality} evaluates --task zeroshot or retrieval, not {args.task}")
+    if args.modality not in getattr(ctx.model, "bound_audio", {}):
+        raise ConfigError(f"{args.model} has no {args.modality!r} audio tower (bind one: clipforge bind --modality "
+                          "audio); its modalities: " + ", ".join(ctx.model.modalities))
+    languages = [s for s in args.languages.split(",") if s]
+    table = read_audio_table(args.data, args.label_column, args.split or None, languages or None)
+    if args.task == "zeroshot":
+        return audio_zeroshot(ctx, table, args.modality)
+    return audio_retrieval(ctx, table, args.modality)
 
 
 def _bias(args: argparse.Namespace, ctx: "EvalContext", styles: list[str]) -> dict[str, Any]:
@@ -128,6 +146,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=TASKS, required=True, help="which evaluation to run")
     p.add_argument("--data", required=True,
                    help="labels CSV, a dataset folder with labels.csv/captions.csv, or an image folder per class")
+    p.add_argument("--modality", default="image",
+                   help="what --data holds: 'image', or a bound tower's inputs, e.g. audio (an audio table: audio, "
+                        "label[, image, language, split] columns, as `clipforge data tuxpaint --audio` writes): "
+                        "emergent zero-shot against English labels, or audio-image retrieval")
+    p.add_argument("--label-column", default="label", help="--modality audio: the table's class-name column")
+    p.add_argument("--languages", default="", help="--modality audio: comma-separated languages to keep")
     p.add_argument("--styles", default="", help="comma-separated styles (domains) to keep")
     p.add_argument("--split", default="", help="keep one split (e.g. seen / unseen)")
     p.add_argument("--id-styles", default="", help="robustness / linear probe: the training styles")

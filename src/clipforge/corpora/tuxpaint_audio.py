@@ -9,9 +9,10 @@ Beside a stamp `NAME.png|svg` the package keeps, in the same folder:
 
 A file whose stem is itself a stamp's (`cow_white.ogg` next to the stamps cow and cow_white) belongs to that stamp.
 The recordings are copied as they are (Ogg Vorbis, decoded by clipforge's audio policy when used) to
-audio/<category>/, and listed in audio.csv: image, audio, key (the stamp), category, kind (effect, name,
-description), language ("" for effects), transcript (the stamp's text in that language, when it has one) and split
-(train/test by stamp: a stamp's recordings never straddle the split).
+audio/<category>/, and listed in audio.csv: image, audio, key (the stamp), label (its English text as a class name:
+"A sleeping capybara." -> "sleeping capybara"), category, kind (effect, name, description), language ("" for
+effects), transcript (the stamp's text in that language, when it has one) and split (train/test by stamp: a stamp's
+recordings never straddle the split).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-AUDIO_COLUMNS = ["image", "audio", "key", "category", "kind", "language", "transcript", "split"]
+AUDIO_COLUMNS = ["image", "audio", "key", "label", "category", "kind", "language", "transcript", "split"]
 TEST_SHARE = 0.2  # stamps held out for evaluation
 _LANGUAGE = r"[a-z]{2,3}(?:_[A-Z]{2})?"
 _DESCRIPTION = re.compile(rf"^_desc(?:_({_LANGUAGE}))?$")
@@ -65,6 +66,12 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
+def class_name(sentence: str) -> str:
+    """A stamp's English sentence as a class name: no leading article, no closing punctuation."""
+    name = re.sub(r"^(a|an|the|some)\s+", "", sentence.strip(), flags=re.IGNORECASE)
+    return name.rstrip(" .!?").strip() or sentence.strip()
+
+
 def transcripts(text_file: Path) -> dict[str, str]:
     """The stamp's text by language: the first line is English, then `LANG.utf8=text` lines."""
     if not text_file.is_file():
@@ -91,7 +98,7 @@ def write_stamp_audio(out: Path, stamps: Iterable[tuple[str, object]], stamp_ste
             (out / cell).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(recording.path, out / cell)
             transcript = texts.get(recording.language, "") if recording.language else ""
-            rows.append((image_cell, cell, stamp.name, stamp.category, recording.kind, recording.language,
-                         transcript, stamp_split(stamp.name)))
+            rows.append((image_cell, cell, stamp.name, class_name(stamp.caption), stamp.category, recording.kind,
+                         recording.language, transcript, stamp_split(stamp.name)))
             counts[f"{recording.kind}:{recording.language}" if recording.language else recording.kind] += 1
     return rows, counts
