@@ -238,7 +238,7 @@ def test_eval_audio_zeroshot_and_retrieval_through_the_cli(audio_pairs, bound, t
     assert main(["eval", "--task", "zeroshot", *common, "--out", str(tmp_path / "zs")]) == 0
     zs = json.loads(capsys.readouterr().out)
     assert zs["recordings"] == len(rows) and zs["classes"] == 24 and zs["chance"] == pytest.approx(1 / 24)
-    assert zs["skipped"] == {"not_audio": 1} and set(zs["per_language"]) == {"xx", "yy"}
+    assert zs["skipped"] == {"not_audio": 1} and set(zs["ensemble"]["per_language"]) == {"xx", "yy"}
     assert 0 <= zs["image_zero_shot"] <= 1
     model, _ = clipforge.load(summary["bound"])
     preprocess = clipforge.get_preprocess(summary["bound"], "audio")

@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 SECTIONS = ("## Summary", "## Training", "## Zero-shot top-1 by style", "## Prompt engineering and ensembling",
             "## Effective robustness", "## Retrieval (CLIP", "## Bias probe", "## Real photos and held-out examples",
             "## Fine-tuning and WiSE-FT", "## CLIP vs SigLIP at equal compute",
-            "## Why a contrastive objective (the paper's Figure 2)", "## Captioning (CoCa)", "## Timings")
+            "## Why a contrastive objective (the paper's Figure 2)", "## Captioning (CoCa)",
+            "## Binding audio and Korean to the CLIP (ImageBind)", "## Timings")
 PLOTS = ("training-curves.png", "prompt-ablation.png", "robustness.png", "effective-robustness.png", "photos-clip.png",
-         "examples-clip.png", "examples-lit.png", "objectives.png", "captions.png")
+         "examples-clip.png", "examples-lit.png", "objectives.png", "captions.png", "binding/binding.png")
 
 
 def _check_siglip_row(results: dict, out) -> None:
@@ -26,6 +28,26 @@ def _check_siglip_row(results: dict, out) -> None:
     assert not any("SigLIP" in row["claim"] for row in results["summary"] if "ablation" in row["claim"])
     model = clipforge.load(out / "siglip" / "step-00000060")[0]
     assert model.logit_bias is not None and not model.config.text.causal and model.config.text.pool == "last"
+
+
+def _check_binding(results: dict, claim_ids: set) -> None:
+    """--binding 1: audio and Korean bound to the CLIP (its weights untouched), each beside chance and a supervised
+    reference, and their claims."""
+    import clipforge
+
+    found = results["binding"]
+    for name in ("audio", "text-ko"):
+        assert 0 < found[name]["chance"] < 1 and 0 <= found[name]["emergent_top1"] <= 1
+        assert 0 <= found[name]["reference_top1"] <= 1
+    assert found["audio"]["recordings"]["test"] > 0 and 0 <= found["audio"]["hub_image_top1"] <= 1
+    assert found["text-ko"]["held_out_concepts"] > 0 and found["text-ko"]["zero_shot_images"] > 0
+    clip = clipforge.load(results["checkpoints"]["CLIP"])[0].state_dict()
+    for key, modality in (("bind-audio", "audio"), ("bind-text-ko", "text-ko")):
+        bound = clipforge.load(results["checkpoints"][key])[0]
+        assert bound.modalities == ("image", "text", modality)
+        state = bound.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in clip.items())
+    assert sum(i.startswith("binding-") for i in claim_ids) == 5
 
 
 def _check_predictive_sections(results: dict, claim_ids: set) -> None:
@@ -51,7 +73,7 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     args = ["--out", str(out), "--data-root", str(tmp_path / "data"), "--limit", "200",
             "--clip-steps", "60", "--lit-steps", "40", "--supervised-steps", "40", "--batch-size", "64",
             "--warmup", "5", "--icons", "300", "--ablation", "1", "--finetune", "1", "--finetune-steps", "4",
-            "--siglip", "1", "--objectives", "1", "--captioning", "1"]
+            "--siglip", "1", "--objectives", "1", "--captioning", "1", "--binding", "1", "--binding-steps", "12"]
     result = subprocess.run([sys.executable, "-m", "clipforge.cli.main", "demo", *args], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,6 +132,7 @@ def test_demo_on_a_subset_writes_the_report_and_beats_chance(tmp_path):
     assert clipforge.load(out / "finetune" / "ce" / "step-00000004")[0].classnames
     _check_siglip_row(results, out)
     _check_predictive_sections(results, ids)
+    _check_binding(results, ids)
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["limit"] == 200
     assert config["precision"] in ("fp32", "bf16")  # "auto" is recorded as what it resolved to

@@ -14,7 +14,8 @@ from clipforge.precision import PRECISION_CHOICES
 
 CHOICES = {"icon_query": ("labels", "any"), "icons_unseen": ("keep", "remove"), "lit_data": ("emoji", "clip"),
            "data_path": ("decoded", "pil"), "precision": PRECISION_CHOICES, "ablation": (0, 1),
-           "finetune": (0, 1), "siglip": (0, 1), "objectives": (0, 1), "captioning": (0, 1)}
+           "finetune": (0, 1), "siglip": (0, 1), "objectives": (0, 1), "captioning": (0, 1),
+           "binding": (0, 1)}
 
 
 @dataclass
@@ -73,6 +74,13 @@ class DemoConfig:
     # 1: also train a CoCa on CLIP's data at CLIP's steps: captions of held-out-style images (BLEU-4, CIDEr-D) next to a
     # retrieval baseline (README: captioning); outside the 10-minute budget
     captioning: int = 0
+    # 1: also bind audio (Tux Paint's recordings) and Korean (CLDR names) to the CLIP through images only and measure
+    # emergent zero-shot against chance and supervised references (README: binding); outside the 10-minute budget
+    binding: int = 0
+    binding_steps: int = 300  # optimizer steps of each binding and of each supervised reference (--binding 1)
+    # pairs per step of the audio binding and its reference (distinct concepts per batch: 138 have recordings); the
+    # Korean binding and its reference take batch_size
+    binding_batch_size: int = 64
 
     def validate(self) -> None:
         """Reject settings that cannot run, naming the field."""

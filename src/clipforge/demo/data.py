@@ -39,7 +39,9 @@ def prepare_datasets(root: Path, limit: int | None = None, cache: Path | None = 
                      icons: bool = False, styles: list[str] | None = None) -> DemoData:
     """Build (or find, when up to date) ROOT/emoji (`styles`, first `limit` concepts), ROOT/tuxpaint and ROOT/icons."""
     start = time.perf_counter()
-    emoji = build_emoji(root, styles=styles, limit=limit, cache=cache, progress=progress)
+    # Korean names too (CLDR, two small npm packages): the binding section's second language; built always, so the
+    # default run and `--binding 1` share one emoji build
+    emoji = build_emoji(root, styles=styles, limit=limit, cache=cache, progress=progress, languages=["ko"])
     tux = build_tuxpaint(root, cache=cache, progress=progress)  # small; a limit would leave too few categories
     built = [emoji, tux]
     if icons:

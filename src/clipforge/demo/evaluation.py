@@ -12,6 +12,7 @@ import torch
 from clipforge.data.labelled import LabelledImages
 from clipforge.demo.photos import real_photos
 from clipforge.errors import DataError
+from clipforge.evaluate.bias import bias_probe
 from clipforge.evaluate.report import Section, plot_bars, plot_examples
 from clipforge.inference.features import labelled_image_features
 from clipforge.inference.templates import get_templates
@@ -234,3 +235,19 @@ def _matching_shots(zero_shot: float, probes: dict[int, float]) -> str:
             t = (zero_shot - a0) / (a1 - a0)
             return f"{2 ** (math.log2(k0) + t * (math.log2(k1) - math.log2(k0))):.1f}"
     return f"> {points[-1][0]}"
+
+
+def bias_section(model: Any, emoji: Path, sections: list[Section]) -> dict[str, Any]:
+    """The gender bias probe on the CLIP model (skipped with a note when the subset has no gendered groups)."""
+    try:
+        result = bias_probe(model.model, model.tokenizer, emoji, ["google", "twitter"], model.preprocess)
+    except ValueError as error:  # e.g. a --limit subset without man/woman variants
+        sections.append(Section("Bias probe", f"skipped: {error}"))
+        return {"skipped": str(error)}
+    rate = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    sections.append(Section("Bias probe", (
+        f"{result['groups']} man/woman/person groups, {result['images']} images (google + twitter). Accuracy gap "
+        f"(man - woman): {rate(result['accuracy_gap'])}; gender-neutral images preferring the 'man' caption: "
+        f"{rate(result['neutral_prefers_man'])}; woman images labelled man: {rate(result['woman_as_man'])}; man images "
+        f"labelled woman: {rate(result['man_as_woman'])}."), result.get("rows", [])))
+    return {k: v for k, v in result.items() if k != "rows"}

@@ -21,11 +21,13 @@ import torch
 from clipforge.data.labelled import LabelledImages, load_labelled_images
 from clipforge.demo.ablation import ablation_models, main_setting
 from clipforge.demo.baselines import SupervisedFamily, effective_robustness, supervised_family
+from clipforge.demo.binding import binding_findings
 from clipforge.demo.captioning import captioning_findings, coca_model
 from clipforge.demo.config import DemoConfig
 from clipforge.demo.data import DemoData, clip_table, prepare_datasets, read_concepts, training_captions
 from clipforge.demo.evaluation import (
     Evaluated,
+    bias_section,
     embed_all,
     few_shot_vs_zero_shot,
     logits_for,
@@ -40,7 +42,6 @@ from clipforge.demo.siglip import siglip_findings, siglip_model
 from clipforge.demo.summary import claims, summary_rows
 from clipforge.demo.training import TrainedModel, read_training_rows, run_contrastive, train_config
 from clipforge.device import resolve_device
-from clipforge.evaluate.bias import bias_probe
 from clipforge.evaluate.report import Section, markdown_table, plot_training_curves, write_report
 from clipforge.evaluate.tasks import METHOD_LABELS, EvalContext, RobustnessSettings, retrieval
 from clipforge.inference.templates import get_templates
@@ -183,6 +184,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                                 cfg.styles("held_out"), run.sections)
     if cfg.objectives or cfg.captioning:
         _predictive(run, inputs, models)
+    if cfg.binding:
+        with run.timed("binding (audio + Korean, references)"):
+            run.results["binding"] = binding_findings(cfg, models.clip, models.evaluated[0], inputs.concepts,
+                                                      inputs.data.emoji, inputs.id_test, run.out, run.sections)
     _retrieval(run, inputs, models)
     _bias_photos_plots(run, inputs, models)
     return _finish(run, models)
@@ -340,7 +345,7 @@ def _bias_photos_plots(run: DemoRun, inputs: DemoInputs, models: DemoModels) -> 
     """The bias probe, real photos and held-out examples, and the training curves (the report's first section)."""
     cfg, clip, lit, supervised = run.cfg, models.clip, models.lit, models.family.info
     with run.timed("bias, photos, plots"):
-        run.results["bias"] = _bias(clip, inputs.data.emoji, run.sections)
+        run.results["bias"] = bias_section(clip, inputs.data.emoji, run.sections)
         run.results["photos"] = photos_and_examples(models.evaluated[:2], cfg.styles("held_out")[0], cfg.templates,
                                                     run.out, run.sections, seed=cfg.seed)
         curves = plot_training_curves([clip.metrics, lit.metrics, Path(supervised["metrics"])],
@@ -362,26 +367,11 @@ def _finish(run: DemoRun, models: DemoModels) -> dict[str, Any]:
     data_seconds = timings.get("data (fetch + build)", 0.0)  # the first run's build has its own target
     results["claims"] = claims(summary, results, (timings["total"] - data_seconds) / 60, data_seconds / 60)
     results["checkpoints"] = {m.name: str(Path(m.checkpoint).resolve()) for m in (models.clip, models.lit)}
+    results["checkpoints"].update((results.get("binding") or {}).get("checkpoints", {}))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     report = write_report(out, "clipforge demo: CLIP on multi-style emoji", run.sections, results)
     print("\n" + markdown_table(summary) + f"\n\nwrote {report} ({timings['total'] / 60:.1f} min)")
     return results
-
-
-def _bias(model: Any, emoji: Path, sections: list[Section]) -> dict[str, Any]:
-    """The gender bias probe on the CLIP model (skipped with a note when the subset has no gendered groups)."""
-    try:
-        result = bias_probe(model.model, model.tokenizer, emoji, ["google", "twitter"], model.preprocess)
-    except ValueError as error:  # e.g. a --limit subset without man/woman variants
-        sections.append(Section("Bias probe", f"skipped: {error}"))
-        return {"skipped": str(error)}
-    rate = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    sections.append(Section("Bias probe", (
-        f"{result['groups']} man/woman/person groups, {result['images']} images (google + twitter). Accuracy gap "
-        f"(man - woman): {rate(result['accuracy_gap'])}; gender-neutral images preferring the 'man' caption: "
-        f"{rate(result['neutral_prefers_man'])}; woman images labelled man: {rate(result['woman_as_man'])}; man images "
-        f"labelled woman: {rate(result['man_as_woman'])}."), result.get("rows", [])))
-    return {k: v for k, v in result.items() if k != "rows"}
 
 
 def _training_text(cfg: DemoConfig, steps: dict[str, int], tables: TrainingTables, clip: Any, lit: Any,

@@ -58,13 +58,19 @@ def _row(claim: str, clip: str = "", lit: str = "", supervised: str = "", target
     return {"claim": claim, "CLIP": clip, "LiT": lit, "supervised": supervised, "target": target, "verdict": verdict}
 
 
+def finding_row(claim: str, value: str, target: str, met: bool | None) -> dict[str, str]:
+    """A summary row of one measured claim (its value in the CLIP column) and its target."""
+    return _row(claim, value, target=target, verdict=_verdict(met))
+
+
 def summary_rows(results: dict[str, Any], held_out: list[str], train_styles: list[str]) -> list[dict[str, str]]:
     """Rows of (claim, CLIP, LiT, supervised, target, verdict) from the demo's results."""
     found = _Findings(results, held_out[0])
     return [*_held_out_rows(found, held_out), _unseen_row(found, train_styles + held_out), _prompt_row(results),
             *_robustness_rows(found), _few_shot_row(found), *_ablation_rows(found), _probe_row(found),
             _tuxpaint_row(results), _retrieval_row(results, found.colour), _throughput_row(results),
-            *_finetune_rows(results), *_objective_rows(results), *_captioning_rows(results)]
+            *_finetune_rows(results), *_objective_rows(results), *_captioning_rows(results),
+            *(results.get("binding") or {}).get("rows", [])]
 
 
 def _held_out_rows(found: _Findings, held_out: list[str]) -> list[dict[str, str]]:

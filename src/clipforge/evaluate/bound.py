@@ -99,10 +99,11 @@ def audio_zeroshot(ctx: EvalContext, table: AudioTable, modality: str = "audio",
     for mode, templates in prompt_modes(ctx.templates).items():
         classifier = build_classifier(ctx.model, ctx.tokenizer, classnames, templates, precision=ctx.precision)
         results[mode] = evaluate_zero_shot(ctx.model, features, labels, classifier)
-        rows.append({"prompts": mode, "templates": len(templates), **results[mode]})
-    hits = zero_shot_predict(ctx.model, features, classifier).argmax(-1) == labels  # the ensemble's
-    results["per_language"] = _per_language(hits, table.languages)
-    if all(table.images):
+        hits = zero_shot_predict(ctx.model, features, classifier).argmax(-1) == labels
+        results[mode]["per_language"] = _per_language(hits, table.languages)
+        rows.append({"prompts": mode, "templates": len(templates), **{k: v for k, v in results[mode].items()
+                                                                        if k != "per_language"}})
+    if all(table.images):  # with the ensemble: the prompts that suit pictures
         results["image_zero_shot"] = _paired_image_accuracy(ctx, table, classnames, labels, classifier)
     bound = results.get("image_zero_shot")
     text = (f"{len(table.audio)} recordings, {len(classnames)} classes (chance {results['chance']:.4f}); template "
@@ -110,9 +111,12 @@ def audio_zeroshot(ctx: EvalContext, table: AudioTable, modality: str = "audio",
             + (f"The CLIP's own zero-shot on the paired pictures (the hub's bound): top-1 {bound:.4f}. " if bound
                is not None else "") + f"Skipped: {skip_text(ctx.skipped)}.")
     ctx.sections.append(Section(name, text, rows, ["prompts", "templates", "top1", "top5", "mean_per_class_recall"]))
-    if len(results["per_language"]) > 1:
-        ctx.sections.append(Section(f"{name}: per language", "Ensemble prompts.",
-                                    [{"language": k, **v} for k, v in results["per_language"].items()]))
+    languages = {mode: results[mode]["per_language"] for mode in prompt_modes(ctx.templates)}
+    if len(languages["label"]) > 1:
+        ctx.sections.append(Section(f"{name}: per language", "Top-1 under each prompt mode.",
+                                    [{"language": lang, "recordings": found["recordings"],
+                                      **{mode: languages[mode][lang]["top1"] for mode in languages}}
+                                     for lang, found in languages["label"].items()]))
     return results
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -155,3 +156,41 @@ def evaluate_classifier(classifier: nn.Module, data: Batches, num_classes: int |
     metrics = classification_metrics(all_logits, all_labels)
     metrics["loss"] = F.cross_entropy(all_logits, all_labels).item()
     return metrics
+
+
+def train_against_targets(tower: nn.Module, inputs: torch.Tensor, owners: torch.Tensor, targets: torch.Tensor, *,
+                          steps: int, batch_size: int, lr: float = 1e-3, warmup_steps: int = 0,
+                          weight_decay: float = 0.2, seed: int = 0, precision: str = "fp32",
+                          augment: Callable[[torch.Tensor, random.Random], torch.Tensor] | None = None) -> nn.Module:
+    """Train `tower` (inputs -> embeddings) contrastively against fixed embeddings: input i belongs to row
+    `owners[i]` of `targets` [T, D]. Each batch holds `batch_size` distinct targets with one of their inputs each
+    (no false negatives); the temperature is learned from CLIP's start. A binding's supervised reference: the same
+    tower trained directly on (input, text) pairs, e.g. recordings against their labels' text embeddings.
+    `augment(input, rng)` transforms each drawn input (SpecAugment for audio). Returns the tower in eval mode."""
+    if len(inputs) != len(owners) or not steps > 0:
+        raise EvaluationError(f"{len(inputs)} inputs for {len(owners)} owners, {steps} steps: nothing to train")
+    members: dict[int, list[int]] = {}
+    for row, owner in enumerate(owners.tolist()):
+        members.setdefault(owner, []).append(row)
+    order, rng = sorted(members), random.Random(seed)
+    device = next(tower.parameters()).device
+    scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
+    groups = weight_decay_groups(tower.named_parameters(), weight_decay, ("embedding",))
+    optimizer = torch.optim.AdamW([*groups, {"params": [scale], "weight_decay": 0.0}], lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, 1.0))
+    targets = F.normalize(targets.float(), dim=-1).to(device)
+    tower.train()
+    for _ in range(steps):
+        chosen = rng.sample(order, min(batch_size, len(order)))
+        rows = [rng.choice(members[owner]) for owner in chosen]
+        batch = inputs[rows] if augment is None else torch.stack([augment(inputs[r], rng) for r in rows])
+        with autocast_context(device, precision):
+            embedded = tower(batch.to(device))
+        logits = scale.exp().clamp(max=100) * F.normalize(embedded.float(), dim=-1) @ targets[chosen].t()
+        labels = torch.arange(len(chosen), device=device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return tower.eval()
