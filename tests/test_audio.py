@@ -72,6 +72,7 @@ def test_fixed_length_clips_crop_or_pad():
     ("empty_audio", lambda tmp: _encoded(np.zeros((0, 1), np.float32), 16000, "WAV")),
     ("empty_audio", lambda tmp: (lambda b: b[:len(b) // 2])(_encoded(_tone(2.0, 16000), 16000, "OGG"))),
     ("too_long", lambda tmp: _encoded(_tone(3.0, 8000), 8000, "WAV")),
+    ("corrupt_audio", lambda tmp: _encoded(_tone(1.0, 16000), 16000, "OGG")[:200]),  # a header cut short
 ])
 def test_every_bad_audio_kind_is_refused_with_its_reason(tmp_path, reason, make):
     source = make(tmp_path)

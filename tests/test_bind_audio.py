@@ -113,7 +113,11 @@ def _bad_recordings(root, table) -> dict[str, str]:
     flac = io.BytesIO()
     soundfile.write(flac, np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1, 16000,
                     format="FLAC")
-    files = {"empty_file": b"", "not_audio": b"no sound here\n" * 40, "truncated_audio": flac.getvalue()[:6000]}
+    ogg, silent = io.BytesIO(), io.BytesIO()
+    soundfile.write(ogg, np.zeros(16000, np.float32), 16000, format="OGG")
+    soundfile.write(silent, np.zeros(0, np.float32), 16000, format="WAV")
+    files = {"empty_file": b"", "not_audio": b"no sound here\n" * 40, "truncated_audio": flac.getvalue()[:6000],
+             "corrupt_audio": ogg.getvalue()[:200], "empty_audio": silent.getvalue()}
     cells = {}
     for reason, data in files.items():
         (root / "bad" / f"{reason}.flac").write_bytes(data)
