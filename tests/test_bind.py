@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import clipforge
+from binding_runs import check_killed_binding_resumes, losses
 from clipforge.bind import BindConfig, bind
 from clipforge.cli.main import main
 from clipforge.errors import ConfigError
-from clipforge.train import checkpoints
 from conftest import perturb_
 from synthetic import make_caption_set
 
@@ -46,11 +42,6 @@ def pairs(tmp_path_factory):
     return folder, root / "pairs.csv"
 
 
-def _losses(run) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 def test_bind_trains_a_tower_and_leaves_the_clip_bit_identical(pairs, tmp_path, capsys):
     folder, table = pairs
     out = tmp_path / "bind"
@@ -71,33 +62,16 @@ def test_bind_trains_a_tower_and_leaves_the_clip_bit_identical(pairs, tmp_path, 
     assert korean.vocab_size < 1000 and korean.context_length == 16
     with torch.no_grad():
         assert bound.encode("text-ko", korean(["빨간 원", "파란 사각형"])).shape == (2, 64)
-    losses = _losses(out / "run")
-    assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))  # the tower learned
+    run = losses(out / "run")
+    assert sum(run[s] for s in range(26, 31)) < sum(run[s] for s in range(1, 6))  # the tower learned
 
 
-def test_a_binding_killed_with_sigkill_resumes_to_the_uninterrupted_losses(pairs, tmp_path):
+def test_a_binding_killed_with_sigkill_resumes_to_the_uninterruptedlosses(pairs, tmp_path):
     folder, table = pairs
     base = dict(model=str(folder), modality="text-ko", train_data=str(table), key_column="key", steps=10,
                 batch_size=8, workers=0, warmup=2, lr=2e-3, vocab_size=600,
                 tower={"width": 32, "heads": 2, "layers": 1, "context_length": 16})
-    bind(BindConfig(**base, output_dir=str(tmp_path / "straight")))
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "clipforge.cli.main", "bind", "--model", str(folder), "--train-data", str(table),
-           "--key-column", "key", "--steps", "10", "--save-every", "1", "--output-dir", str(out), *FLAGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and len(checkpoints.list_checkpoints(out / "run")) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = int(checkpoints.resolve_resume(out / "run", "latest").name.split("-")[1])
-    assert resumed_from < 10, "the run finished before the kill: nothing was resumed"
-    summary = bind(BindConfig(**base, output_dir=str(out), resume="latest"))
-    straight, killed = _losses(tmp_path / "straight" / "run"), _losses(out / "run")
-    assert sorted(killed) == list(range(1, 11))
-    for step in range(resumed_from + 1, 11):
-        assert abs(straight[step] - killed[step]) <= 1e-6, step
-    assert clipforge.load(summary["bound"])[0].modalities == ("image", "text", "text-ko")
+    check_killed_binding_resumes(base, FLAGS, tmp_path)
 
 
 def test_bad_binding_settings_are_refused_before_anything_is_written(pairs, tmp_path):

@@ -8,10 +8,6 @@ import csv
 import io
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +16,9 @@ import soundfile
 import torch
 
 import clipforge
+from binding_runs import check_killed_binding_resumes, losses
 from clipforge.bind import BindConfig, bind
 from clipforge.cli.main import main
-from clipforge.train import checkpoints
 from conftest import perturb_
 from synthetic import make_audio_pairs, make_caption_set
 
@@ -42,11 +38,6 @@ def audio_pairs(tmp_path_factory):
     # an index of the images built with the CLIP before anything is bound to it
     assert main(["index", str(root / "images"), "--model", str(folder), "--out", str(root / "index"), "--quiet"]) == 0
     return folder, pairs
-
-
-def _losses(run) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +68,8 @@ def test_bind_audio_trains_a_tower_and_leaves_the_clip_bit_identical(audio_pairs
     clips = torch.stack([preprocess(table.parent / row["audio"]) for row in rows[:4]])
     with torch.no_grad():
         assert model.encode("audio", clips).shape == (4, 64)
-    losses = _losses(out / "run")
-    assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))  # the tower learned
+    run = losses(out / "run")
+    assert sum(run[s] for s in range(26, 31)) < sum(run[s] for s in range(1, 6))  # the tower learned
 
 
 def test_classify_audio_files_against_text_labels(audio_pairs, bound, capsys):
@@ -147,28 +138,11 @@ def test_bad_recordings_are_skipped_and_counted_by_reason(audio_pairs, tmp_path)
     assert summary["steps"] >= 5 and summary["bound"]
 
 
-def test_an_audio_binding_killed_with_sigkill_resumes_to_the_uninterrupted_losses(audio_pairs, tmp_path):
+def test_an_audio_binding_killed_with_sigkill_resumes_to_the_uninterruptedlosses(audio_pairs, tmp_path):
     folder, table = audio_pairs
     base = dict(model=str(folder), modality="audio", train_data=str(table), key_column="key", steps=10,
                 batch_size=8, workers=0, warmup=2, lr=2e-3, tower=TOWER)
-    bind(BindConfig(**base, output_dir=str(tmp_path / "straight")))
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "clipforge.cli.main", "bind", "--model", str(folder), "--train-data", str(table),
-           "--key-column", "key", "--steps", "10", "--save-every", "1", "--output-dir", str(out), *FLAGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and len(checkpoints.list_checkpoints(out / "run")) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = int(checkpoints.resolve_resume(out / "run", "latest").name.split("-")[1])
-    assert resumed_from < 10, "the run finished before the kill: nothing was resumed"
-    summary = bind(BindConfig(**base, output_dir=str(out), resume="latest"))
-    straight, killed = _losses(tmp_path / "straight" / "run"), _losses(out / "run")
-    assert sorted(killed) == list(range(1, 11))
-    for step in range(resumed_from + 1, 11):
-        assert abs(straight[step] - killed[step]) <= 1e-6, step
-    assert clipforge.load(summary["bound"])[0].modalities == ("image", "text", "audio")
+    check_killed_binding_resumes(base, FLAGS, tmp_path)
 
 
 def test_search_by_audio_over_an_index_built_before_the_binding(audio_pairs, bound, capsys, tmp_path):

@@ -331,18 +331,25 @@ def test_tuxpaint_from_stamps_folder(tmp_path):
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not on PATH")
 @pytest.mark.integration
-def test_tuxpaint_from_cached_deb(tmp_path, monkeypatch):
-    monkeypatch.setattr(tuxpaint, "INSTALLED", tmp_path / "not-installed")
+def fake_stamps_deb(tmp_path: Path, fill=make_fake_stamps) -> Path:
+    """A cache folder with a tuxpaint-stamps-default 1.0-1 .deb whose stamps folder `fill(folder)` writes; the
+    .deb's path."""
     package = tmp_path / "pkg"
-    make_fake_stamps(package / "usr" / "share" / "tuxpaint" / "stamps")
+    fill(package / "usr" / "share" / "tuxpaint" / "stamps")
     (package / "DEBIAN").mkdir()
     (package / "DEBIAN" / "control").write_text("Package: tuxpaint-stamps-default\nVersion: 1.0-1\nArchitecture: all\n"
                                                 "Maintainer: test <t@example.org>\nDescription: test stamps\n")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    deb = cache / "tuxpaint-stamps-default_1.0-1_all.deb"
+    (tmp_path / "cache").mkdir()
+    deb = tmp_path / "cache" / "tuxpaint-stamps-default_1.0-1_all.deb"
     subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "-b", str(package), str(deb)], check=True,
                    capture_output=True)
+    return deb
+
+
+def test_tuxpaint_from_cached_deb(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuxpaint, "INSTALLED", tmp_path / "not-installed")
+    deb = fake_stamps_deb(tmp_path)
+    cache = deb.parent
     manifest = build_tuxpaint(tmp_path / "root", cache=cache, progress=False)
     assert manifest["source"]["version"] == "1.0-1" and len(manifest["source"]["sha256"]) == 64
     assert manifest["stamps"] == 5

@@ -4,7 +4,6 @@ recordings decode through clipforge's audio policy."""
 from __future__ import annotations
 
 import csv
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from clipforge.cli.main import main
 from clipforge.corpora import tuxpaint
 from clipforge.corpora.tuxpaint_audio import stamp_split
 from clipforge.data.audio import decode_audio
-from test_datasets import make_fake_stamps
+from test_datasets import fake_stamps_deb, make_fake_stamps
 
 
 def _ogg(path, seconds=0.3):
@@ -63,15 +62,7 @@ def test_tuxpaint_audio_pairs_each_recording_with_its_stamp(tmp_path, capsys):
 
 def test_tuxpaint_audio_unpacks_the_recordings_from_the_package(tmp_path, monkeypatch):
     monkeypatch.setattr(tuxpaint, "INSTALLED", tmp_path / "not-installed")
-    package = tmp_path / "pkg"
-    _stamps_with_sounds(package / "usr" / "share" / "tuxpaint" / "stamps")
-    (package / "DEBIAN").mkdir()
-    (package / "DEBIAN" / "control").write_text("Package: tuxpaint-stamps-default\nVersion: 1.0-1\nArchitecture: all\n"
-                                                "Maintainer: test <t@example.org>\nDescription: test stamps\n")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "-b", str(package),
-                    str(cache / "tuxpaint-stamps-default_1.0-1_all.deb")], check=True, capture_output=True)
+    cache = fake_stamps_deb(tmp_path, _stamps_with_sounds).parent
     without = tuxpaint.build_tuxpaint(tmp_path / "root", cache=cache, progress=False)
     assert "audio" not in without
     manifest = tuxpaint.build_tuxpaint(tmp_path / "root", cache=cache, progress=False, audio=True)
