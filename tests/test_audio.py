@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 
+from clipforge.data import audio as audio_module
 from clipforge.data.audio import AudioPreprocess, SpecAugment, decode_audio, fit_length, log_mel
 from clipforge.errors import SampleError
 from clipforge.model.config import AudioConfig, get_audio_config, list_audio_towers
@@ -103,3 +105,29 @@ def test_the_registry_holds_imagebinds_audio_shape():
     assert get_audio_config("cpu-small", layers=2).layers == 2
     with pytest.raises(Exception, match="unknown audio tower"):
         get_audio_config("whisper")
+
+
+@pytest.mark.parity
+def test_log_mel_pads_long_frames_to_the_next_power_of_two():
+    """At 48 kHz a 25 ms frame is 1,200 samples: Kaldi's FFT is 2,048 points, never a truncating 512."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    config = AudioConfig(sample_rate=48000, clip_seconds=0.5, mel_bins=64)
+    signal = _tone(0.5, 48000)[:, 0].astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the lowest filters are narrower than an FFT bin
+        filters = mel_filter_bank(num_frequency_bins=1025, num_mel_filters=64, min_frequency=20, max_frequency=24000,
+                                  sampling_rate=48000, norm=None, mel_scale="kaldi", triangularize_in_mel_space=True)
+    reference = spectrogram(signal, window_function(1200, "hann", periodic=False), frame_length=1200, hop_length=480,
+                            fft_length=2048, power=2.0, center=False, preemphasis=0.97, mel_filters=filters,
+                            log_mel="log", mel_floor=1.192092955078125e-07, remove_dc_offset=True, dtype=np.float64)
+    np.testing.assert_allclose(log_mel(torch.from_numpy(signal), config).numpy(), reference, atol=1e-4, rtol=0)
+
+
+def test_a_file_that_decodes_to_too_many_samples_is_refused_from_its_header(monkeypatch):
+    monkeypatch.setattr(audio_module, "MAX_DECODED_SAMPLES", 20000)
+    wide = _encoded(_tone(0.5, 16000, channels=4), 16000, "WAV")  # 0.5 s, but 4 channels x 8,000 frames
+    with pytest.raises(SampleError) as caught:
+        decode_audio(wide, 16000)
+    assert caught.value.reason == "too_long" and "4 channels" in caught.value.detail
+    assert decode_audio(_encoded(_tone(0.5, 16000), 16000, "WAV"), 16000).shape == (8000,)

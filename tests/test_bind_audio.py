@@ -191,7 +191,8 @@ def test_serve_searches_by_uploaded_recording_with_the_bound_model(audio_pairs, 
             assert answer.status_code == status, answer.json()
         assert "/search/audio" in client.get("/openapi.json").json()["paths"]
         assert client.get("/search", params={"q": "a red circle", "modality": "text-ko"}).status_code == 422
-        assert "audio" in client.get("/healthz").json()["batches"]
+        health = client.get("/healthz").json()
+        assert "audio" in health["batches"] and health["limits"]["model"] == "bound"  # a name, never a server path
     with TestClient(create_app(index)) as client:  # the index's own model: no audio tower, no audio endpoint
         assert client.post("/search/audio", files={"file": ("clip.wav", clip.read_bytes())}).status_code in (404, 405)
 

@@ -63,7 +63,7 @@ def _tuxpaint(folder):
     return folder
 
 
-def test_stamps_join_emoji_concepts_by_name_and_recordings_are_held_out_stably(tmp_path):
+def test_stamps_join_emoji_concepts_by_name_and_recordings_are_held_out_stably(tmp_path, monkeypatch):
     tuxpaint = _tuxpaint(tmp_path / "tuxpaint")
     assert stamp_concepts(tuxpaint, CONCEPTS) == {"cow": "1f404", "apple2": "1f34e"}  # "dog" is not "dog face"
     emoji = tmp_path / "emoji"
@@ -79,7 +79,10 @@ def test_stamps_join_emoji_concepts_by_name_and_recordings_are_held_out_stably(t
     for path in pairs.test.audio + [r["audio"] for r in rows]:  # resampled once: 16 kHz mono WAV
         info = soundfile.info(path)
         assert (info.samplerate, info.channels, info.format) == (16000, 1, "WAV") and info.frames == 3200
-    again = audio_pairs(tuxpaint, emoji, CONCEPTS, ["google", "twitter"], tmp_path / "again")
+    monkeypatch.chdir(tmp_path)  # relative folders: the pairs file still names files that exist
+    again = audio_pairs(Path("tuxpaint"), Path("emoji"), CONCEPTS, ["google", "twitter"], Path("again"))
+    cells = list(csv.DictReader(open(again.train_csv)))
+    assert all(Path(r["audio"]).is_absolute() and Path(r["image"]).is_file() for r in cells)
     assert [Path(a).name for a in again.test.audio] == [Path(a).name for a in pairs.test.audio]
     with pytest.raises(DataError, match="no recording of an emoji concept"):
         audio_pairs(tuxpaint, emoji, CONCEPTS[2:], ["google"], tmp_path / "none")

@@ -24,12 +24,13 @@ def _ogg(path, seconds=0.3):
 
 def _stamps_with_sounds(folder):
     """make_fake_stamps plus recordings: cat's call, its French description, English one; a stamp cat_white with a
-    sound of its own beside it; a digit with its name in German."""
+    sound of its own beside it; cat_big.ogg (no stamp, and "big" is no language of cat's text); a digit with its
+    name in German."""
     make_fake_stamps(folder)
     mammals = folder / "animals" / "mammals"
     (mammals / "cat_white.png").write_bytes((mammals / "cat.png").read_bytes())
     (mammals / "cat_white.txt").write_text("A white cat.\n")
-    for name in ("cat", "cat_desc", "cat_desc_fr", "cat_white", "cat_mirror_desc_xx_bad"):
+    for name in ("cat", "cat_desc", "cat_desc_fr", "cat_white", "cat_mirror_desc_xx_bad", "cat_big"):
         _ogg(mammals / f"{name}.ogg")
     (folder / "symbols").mkdir()
     (folder / "symbols" / "0.png").write_bytes((mammals / "cat.png").read_bytes())

@@ -44,8 +44,9 @@ def stamp_split(key: str) -> str:
     return "test" if digest / 0xFFFFFFFF < TEST_SHARE else "train"
 
 
-def recordings_of(image: Path, stamp_stems: set[Path]) -> list[Recording]:
-    """The stamp's sound files (module docstring), sorted by file name."""
+def recordings_of(image: Path, stamp_stems: set[Path], languages: set[str] = frozenset()) -> list[Recording]:
+    """The stamp's sound files (module docstring), sorted by file name; a spoken name's suffix must be one of
+    `languages` (those of the stamp's text), so `cow_big.ogg` is not cow's name in a language "big"."""
     stem = image.with_suffix("")
     found = []
     for path in sorted(image.parent.glob(f"{glob_escape(stem.name)}*.ogg")):
@@ -56,7 +57,7 @@ def recordings_of(image: Path, stamp_stems: set[Path]) -> list[Recording]:
             found.append(Recording(path, "effect", ""))
         elif (match := _DESCRIPTION.match(rest)) is not None:
             found.append(Recording(path, "description", match.group(1) or "en"))
-        elif (match := _NAME.match(rest)) is not None:
+        elif (match := _NAME.match(rest)) is not None and match.group(1) in languages:
             found.append(Recording(path, "name", match.group(1)))
     return found
 
@@ -92,7 +93,7 @@ def write_stamp_audio(out: Path, stamps: Iterable[tuple[str, object]], stamp_ste
     rows, counts = [], Counter()
     for image_cell, stamp in stamps:
         texts = transcripts(stamp.path.with_suffix(".txt"))
-        for recording in recordings_of(stamp.path, stamp_stems):
+        for recording in recordings_of(stamp.path, stamp_stems, set(texts)):
             suffix = recording.path.stem[len(stamp.path.stem):]
             cell = f"audio/{stamp.category}/{stamp.name}{suffix}.ogg"
             (out / cell).parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ resampled to the tower's rate (scipy's polyphase filter). A file that cannot be 
 of AUDIO_ERROR_REASONS, so jobs skip and count it the way they count bad images.
 
 The front end is Kaldi's filter bank (what ImageBind and AST compute with torchaudio): 25 ms Hann frames every 10 ms,
-only whole frames, DC removed and pre-emphasis 0.97 per frame, a 512-point power spectrum, triangular filters
+only whole frames, DC removed and pre-emphasis 0.97 per frame, the power spectrum of the frame padded to a power of
+two (512 points at 16 kHz), triangular filters
 evenly spaced on the mel scale 1127 ln(1 + f/700) from 20 Hz to Nyquist, natural log floored at float32's epsilon.
 """
 from __future__ import annotations
@@ -36,7 +37,9 @@ AUDIO_SUFFIXES = frozenset(f".{e}" for e in AUDIO_EXTENSIONS)
 AUDIO_ERROR_REASONS = ("missing_file", "empty_file", "not_audio", "corrupt_audio", "truncated_audio", "empty_audio",
                        "too_long")
 DEFAULT_MAX_SECONDS = 600.0  # longer files are refused from the header, before decoding (an absurd length)
-_FFT_SIZE = 512
+# Decoded samples (all channels) a file may hold: 256 MB as float32; a tiny file of many channels at an absurd rate
+# is refused from its header too
+MAX_DECODED_SAMPLES = 64_000_000
 _PREEMPHASIS = 0.97
 _LOG_FLOOR = float(np.finfo(np.float32).eps)
 
@@ -70,6 +73,9 @@ def decode_audio(source: PathLike | bytes | IO[bytes], sample_rate: int, max_sec
             raise SampleError("corrupt_audio", f"{name}: {sound.samplerate} Hz, {sound.channels} channels")
         if sound.frames > max_seconds * sound.samplerate:
             raise SampleError("too_long", f"{name}: {sound.frames / sound.samplerate:.0f} s > {max_seconds:g} s")
+        if sound.frames * sound.channels > MAX_DECODED_SAMPLES:
+            raise SampleError("too_long", f"{name}: {sound.frames} frames x {sound.channels} channels decode to more "
+                              f"than {MAX_DECODED_SAMPLES} samples")
         try:
             samples = sound.read(dtype="float32", always_2d=True)
         except soundfile.LibsndfileError as error:
@@ -101,14 +107,19 @@ def fit_length(signal: np.ndarray, samples: int, rng: random.Random | None = Non
     return np.pad(signal, (0, samples - len(signal)))
 
 
+def fft_size(frame_length: int) -> int:
+    """Kaldi's FFT size: the frame padded to the next power of two (512 for 25 ms at 16 kHz)."""
+    return 1 << (frame_length - 1).bit_length()
+
+
 @lru_cache(maxsize=8)
-def mel_filters(sample_rate: int, mel_bins: int, low_hz: float = 20.0) -> torch.Tensor:
-    """Kaldi's triangular mel filters [FFT bins, mel_bins] (float64; the Nyquist bin gets no weight)."""
+def mel_filters(sample_rate: int, mel_bins: int, fft: int = 512, low_hz: float = 20.0) -> torch.Tensor:
+    """Kaldi's triangular mel filters [fft // 2 + 1, mel_bins] (float64; the Nyquist bin gets no weight)."""
     def mel(hz: torch.Tensor | float) -> torch.Tensor:
         return 1127.0 * torch.log1p(torch.as_tensor(hz, dtype=torch.float64) / 700.0)
 
-    bins = _FFT_SIZE // 2
-    freqs = mel(torch.arange(bins, dtype=torch.float64) * sample_rate / _FFT_SIZE)
+    bins = fft // 2
+    freqs = mel(torch.arange(bins, dtype=torch.float64) * sample_rate / fft)
     low, high = mel(low_hz), mel(sample_rate / 2)
     delta = (high - low) / (mel_bins + 1)
     left = low + delta * torch.arange(mel_bins, dtype=torch.float64)
@@ -126,8 +137,9 @@ def log_mel(signal: torch.Tensor, config: AudioConfig) -> torch.Tensor:
     frames = torch.cat([frames[..., :1] * (1 - _PREEMPHASIS),
                         frames[..., 1:] - _PREEMPHASIS * frames[..., :-1]], dim=-1)
     window = torch.hann_window(config.frame_length, periodic=False, dtype=torch.float64)
-    power = torch.fft.rfft(frames * window, n=_FFT_SIZE).abs().pow(2)
-    mel = power @ mel_filters(config.sample_rate, config.mel_bins)
+    fft = fft_size(config.frame_length)
+    power = torch.fft.rfft(frames * window, n=fft).abs().pow(2)
+    mel = power @ mel_filters(config.sample_rate, config.mel_bins, fft)
     return mel.clamp(min=_LOG_FLOOR).log().transpose(-1, -2).float()
 
 

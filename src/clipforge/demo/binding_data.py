@@ -3,7 +3,8 @@
 The demo's CLIP recognises emoji (its training styles) but not Tux Paint's photo stamps (its Tux Paint zero-shot is
 near chance), so a recording is paired with the *emoji* pictures of its stamp's concept, not with the stamp: a stamp
 joins an emoji concept when its English sentence ("A cow.") or its file name names the concept's label exactly.
-Held-out samples: a quarter of each concept's recordings (concepts with two or more), by a hash of the file.
+Held-out samples: a quarter, rounded down, of each concept's recordings (none of a concept with fewer than
+four), by a hash of the file.
 
 Korean names (CLDR, `clipforge data emoji --languages ko`) pair with the training styles' images of the seen
 concepts; a fifth of those concepts (by a hash of the key) are held out of the binding for the emergent
@@ -67,7 +68,7 @@ def resampled(sources: Sequence[str], folder: Path, sample_rate: int) -> dict[st
     folder.mkdir(parents=True, exist_ok=True)
     done = {}
     for source in sources:
-        target = folder / f"{hashlib.sha256(source.encode('utf-8')).hexdigest()[:16]}.wav"
+        target = folder / f"{hashlib.sha256(str(Path(source).resolve()).encode('utf-8')).hexdigest()[:16]}.wav"
         if not target.is_file():
             try:
                 signal = decode_audio(source, sample_rate)
@@ -75,7 +76,7 @@ def resampled(sources: Sequence[str], folder: Path, sample_rate: int) -> dict[st
                 continue
             with atomic_path(target) as tmp:  # a killed build leaves no half-written recording to reuse
                 soundfile.write(tmp, signal, sample_rate, subtype="PCM_16", format="WAV")
-        done[source] = str(target)
+        done[source] = str(target.resolve())  # absolute: the pairs file may live anywhere
     return done
 
 
@@ -102,7 +103,8 @@ def audio_pairs(tuxpaint: Path, emoji: Path, concepts: Sequence[dict[str, str]],
     wav = resampled([str(tuxpaint / r["audio"]) for _, r in train + test], out / "recordings", sample_rate)
     train, test = ([(h, r) for h, r in pairs if str(tuxpaint / r["audio"]) in wav] for pairs in (train, test))
     train_csv = out / "audio-pairs.csv"
-    pictures = {h: [str(p) for s in styles if (p := emoji / "images" / s / f"{h}.png").is_file()] for h in by_concept}
+    pictures = {h: [str(p.resolve()) for s in styles if (p := emoji / "images" / s / f"{h}.png").is_file()]
+                for h in by_concept}
     with open(train_csv, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "audio", "key"])

@@ -110,7 +110,8 @@ def add_routes(app: FastAPI, state: ServeState) -> None:
     async def healthz(state: State) -> dict[str, Any]:  # liveness, the index served, the limits, the batching
         index = state.index
         return {"status": "ok", "images": len(index), "dim": index.dim, "model": Path(str(index.model)).name,
-                "limits": asdict(state.config),
+                # the query model by name only: server paths are none of the client's business
+                "limits": {**asdict(state.config), "model": Path(state.config.model).name},
                 "batches": {n: {"batches": b.batches, "items": b.items} for n, b in state.batchers.items()}}
 
     app.add_api_route("/", home, response_class=HTMLResponse, include_in_schema=False)
