@@ -22,8 +22,7 @@ from clipforge.demo.config import DemoConfig
 from clipforge.demo.evaluation import Evaluated
 from clipforge.demo.summary import finding_row
 from clipforge.demo.training import TrainedModel
-from clipforge.errors import SampleError
-from clipforge.evaluate.bound import AudioTable, audio_zeroshot
+from clipforge.evaluate.bound import AudioTable, audio_zeroshot, decode_recordings
 from clipforge.evaluate.report import Section, plot_bars
 from clipforge.evaluate.supervised import train_against_targets
 from clipforge.evaluate.tasks import EvalContext
@@ -96,15 +95,8 @@ def audio_findings(cfg: DemoConfig, bound: Path, pairs: AudioPairs, out: Path,
 
 def _clips(model: torch.nn.Module, table: AudioTable) -> tuple[torch.Tensor, AudioTable]:
     """The table's recordings as evaluation log-mel clips (centre crops), and the rows that decoded."""
-    preprocess = bound_preprocess(model.config, "audio")
-    rows, clips = [], []
-    for row, path in enumerate(table.audio):
-        try:
-            clips.append(preprocess(path))
-            rows.append(row)
-        except SampleError:
-            continue
-    return torch.stack(clips), table.subset(rows)
+    clips, kept, _ = decode_recordings(table, bound_preprocess(model.config, "audio"))
+    return clips, kept
 
 
 def korean_findings(cfg: DemoConfig, bound: Path, pairs: KoreanPairs, clip: Evaluated, labels: dict[str, str],

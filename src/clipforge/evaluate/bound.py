@@ -13,7 +13,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -68,9 +68,8 @@ def read_audio_table(path: str | Path, label_column: str = "label", split: str |
                       images, [r.get("language", "") for r in rows])
 
 
-def embed_recordings(ctx: EvalContext, table: AudioTable, modality: str) -> tuple[torch.Tensor, AudioTable]:
-    """Normalised embeddings of the table's recordings that decode, and those rows; the rest go to the skip log."""
-    preprocess = bound_preprocess(ctx.model.config, modality)
+def decode_recordings(table: AudioTable, preprocess: Callable) -> tuple[torch.Tensor, AudioTable, list[SkippedFile]]:
+    """The table's recordings that decode, as a stack of preprocessed clips; those rows; the others, with reasons."""
     clips, kept, skipped = [], [], []
     for row, path in enumerate(table.audio):
         try:
@@ -78,12 +77,18 @@ def embed_recordings(ctx: EvalContext, table: AudioTable, modality: str) -> tupl
             kept.append(row)
         except SampleError as error:
             skipped.append(SkippedFile(path, error.reason))
-    ctx.note_skipped(skipped)
     if not clips:
         raise EvaluationError(f"none of the {len(table.audio)} recordings could be read ({skip_text(skipped)})")
+    return torch.stack(clips), table.subset(kept), skipped
+
+
+def embed_recordings(ctx: EvalContext, table: AudioTable, modality: str) -> tuple[torch.Tensor, AudioTable]:
+    """Normalised embeddings of the table's recordings that decode, and those rows; the rest go to the skip log."""
+    clips, table, skipped = decode_recordings(table, bound_preprocess(ctx.model.config, modality))
+    ctx.note_skipped(skipped)
     features = extract_bound_features(ctx.model, clips, lambda clip: clip, modality, ctx.batch_size,
                                       precision=ctx.precision)
-    return features, table.subset(kept)
+    return features, table
 
 
 def audio_zeroshot(ctx: EvalContext, table: AudioTable, modality: str = "audio",

@@ -52,16 +52,16 @@ def load_state(index_dir: str | Path, config: ServeConfig, encoder: Any = None) 
     for modality in getattr(encoder.model, "bound_text", {}):  # a bound model's text towers: their own batches
         embed = functools.partial(encoder.embed_texts, modality=modality)
         batchers[modality] = MicroBatcher(embed, config.max_batch, wait, name=f"{modality}-batcher")
-    towers = list(getattr(encoder.model, "bound_audio", {}))
     audio = None
-    if "audio" in towers or len(towers) == 1:  # recordings arrive as log-mel clips (decoded per request)
-        modality = "audio" if "audio" in towers else towers[0]
-        embed = functools.partial(encoder.embed_audio, modality=modality, preprocessed=True)
-        batchers["audio"] = MicroBatcher(embed, config.max_batch, wait, name="audio-batcher")
-        audio = replace(encoder.audio_preprocess(modality), max_seconds=config.max_audio_seconds)
-    elif towers:
-        warnings.warn(f"no POST /search/audio: the model has several audio towers ({', '.join(towers)}) and none "
-                      "named 'audio'", stacklevel=2)
+    if getattr(encoder.model, "bound_audio", None):  # recordings arrive as log-mel clips (decoded per request)
+        try:
+            modality = encoder.audio_modality()
+        except ConfigError as error:  # several audio towers, none named "audio": serve the rest
+            warnings.warn(f"no POST /search/audio: {error}", stacklevel=2)
+        else:
+            embed = functools.partial(encoder.embed_audio, modality=modality, preprocessed=True)
+            batchers["audio"] = MicroBatcher(embed, config.max_batch, wait, name="audio-batcher")
+            audio = replace(encoder.audio_preprocess(modality), max_seconds=config.max_audio_seconds)
     page = resources.files("clipforge.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     return ServeState(index, encoder, config, batchers, page, audio)
 
